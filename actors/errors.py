@@ -1,0 +1,84 @@
+"""Errors of the domain and of its hosting.
+
+    LedgerError                 a request the ledger refuses; nothing changed
+    ├── NoCredits               start with nothing left to spend
+    ├── SessionActive           start while a session is running
+    ├── SessionNotFound         unknown session id, or one of another user
+    ├── SessionEnded            heartbeat for a session that has ended
+    ├── UnknownPlan             a plan the plans file does not define
+    └── EventConflict           a delivery id reused for a different event
+    ShardError                  the shard could not do the work; nothing changed
+    ├── Unavailable             storage needed for a durable write is down
+    └── Overloaded              the shard's bound on pending calls is reached
+
+Every error carries a stable `code` (the API's problem `code`) and is
+picklable, so it crosses the Ray boundary intact; the gateway maps codes to
+HTTP statuses in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    """Base of every error the domain and its hosting raise on purpose."""
+
+    code: str = "error"
+
+    def __init__(self, detail: str, **fields: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fields = fields
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle their args only; keep the keyword fields across Ray.
+        return (_rebuild, (type(self), self.detail, self.fields))
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {key}={value!r}" for key, value in self.fields.items())
+        return f"{type(self).__name__}({self.detail!r}{extra})"
+
+
+def _rebuild(cls: type[DomainError], detail: str, fields: dict[str, Any]) -> DomainError:
+    return cls(detail, **fields)
+
+
+class LedgerError(DomainError):
+    """The ledger refused the request; its state is unchanged."""
+
+
+class NoCredits(LedgerError):
+    code = "no_credits"
+
+
+class SessionActive(LedgerError):
+    code = "session_active"
+
+
+class SessionNotFound(LedgerError):
+    code = "session_not_found"
+
+
+class SessionEnded(LedgerError):
+    code = "session_ended"
+
+
+class UnknownPlan(LedgerError):
+    code = "invalid_request"
+
+
+class EventConflict(LedgerError):
+    code = "idempotency_conflict"
+
+
+class ShardError(DomainError):
+    """The shard could not do the work; nothing was changed."""
+
+
+class Unavailable(ShardError):
+    code = "unavailable"
+
+
+class Overloaded(ShardError):
+    code = "unavailable"

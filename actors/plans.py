@@ -1,0 +1,170 @@
+"""Plans: how many minutes a period allows, read from a TOML file.
+
+The file's shape (see DESIGN.md):
+
+    default_plan = "free"
+    [plans.free]
+    minutes = 10
+    [plans.free.meters.generations]
+    limit = 5            # or "unlimited"
+    window = "day"       # or "period"
+    [plans.free.rate_limit]
+    requests_per_s = 5
+    burst = 10
+
+Parsing is strict: an unknown key, a negative amount or a `default_plan` that
+is not defined is a `PlansError` naming the offending entry, so a typo in an
+operator's file stops the server at start instead of silently granting
+minutes. Count meters and rate limits are parsed and validated here; they are
+enforced by the features that use them.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from actors.times import minutes_to_ms
+
+MeterWindow = Literal["day", "period"]
+
+BUILTIN_PLANS_TOML = """
+default_plan = "free"
+
+[plans.free]
+minutes = 10
+
+[plans.basic]
+minutes = 100
+
+[plans.pro]
+minutes = 500
+"""
+
+
+class PlansError(ValueError):
+    """The plans file is malformed; the message names the entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeterSpec:
+    limit: int | None  # None: unlimited
+    window: MeterWindow
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    requests_per_s: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    limit_ms: int
+    meters: Mapping[str, MeterSpec] = field(default_factory=dict)
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanCatalog:
+    plans: Mapping[str, Plan]
+    default_plan: str
+
+    def __post_init__(self) -> None:
+        assert self.default_plan in self.plans, "default plan must be defined"
+
+    def get(self, name: str) -> Plan | None:
+        return self.plans.get(name)
+
+    @property
+    def default(self) -> Plan:
+        return self.plans[self.default_plan]
+
+    @classmethod
+    def builtin(cls) -> PlanCatalog:
+        return parse_plans(BUILTIN_PLANS_TOML, source="built-in plans")
+
+    @classmethod
+    def from_file(cls, path: Path) -> PlanCatalog:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PlansError(f"cannot read plans file {path}: {exc.strerror}") from exc
+        return parse_plans(text, source=str(path))
+
+
+def parse_plans(text: str, *, source: str) -> PlanCatalog:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PlansError(f"{source}: not valid TOML: {exc}") from exc
+    _only_keys(document, {"default_plan", "plans"}, where=source)
+    raw_plans = document.get("plans")
+    if not isinstance(raw_plans, dict) or not raw_plans:
+        raise PlansError(f"{source}: [plans] must define at least one plan")
+    plans = {name: _parse_plan(name, body, source) for name, body in raw_plans.items()}
+    default_plan = document.get("default_plan", "free")
+    if not isinstance(default_plan, str) or default_plan not in plans:
+        raise PlansError(f"{source}: default_plan {default_plan!r} is not one of {sorted(plans)}")
+    return PlanCatalog(plans=plans, default_plan=default_plan)
+
+
+def _parse_plan(name: str, body: Any, source: str) -> Plan:
+    where = f"{source}: plans.{name}"
+    if not isinstance(body, dict):
+        raise PlansError(f"{where} must be a table")
+    _only_keys(body, {"minutes", "meters", "rate_limit"}, where=where)
+    minutes = body.get("minutes")
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not math.isfinite(minutes):
+        raise PlansError(f"{where}.minutes must be a number")
+    if minutes < 0:
+        raise PlansError(f"{where}.minutes must not be negative")
+    meters_raw = body.get("meters", {})
+    if not isinstance(meters_raw, dict):
+        raise PlansError(f"{where}.meters must be a table")
+    meters = {meter: _parse_meter(meter, spec, f"{where}.meters") for meter, spec in meters_raw.items()}
+    rate_limit = _parse_rate_limit(body["rate_limit"], where) if "rate_limit" in body else None
+    return Plan(name=name, limit_ms=minutes_to_ms(minutes), meters=meters, rate_limit=rate_limit)
+
+
+def _parse_meter(name: str, spec: Any, where: str) -> MeterSpec:
+    where = f"{where}.{name}"
+    if not isinstance(spec, dict):
+        raise PlansError(f"{where} must be a table")
+    _only_keys(spec, {"limit", "window"}, where=where)
+    limit = spec.get("limit")
+    if limit == "unlimited":
+        parsed_limit: int | None = None
+    elif isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
+        parsed_limit = limit
+    else:
+        raise PlansError(f'{where}.limit must be a non-negative integer or "unlimited"')
+    window = spec.get("window", "period")
+    if window not in ("day", "period"):
+        raise PlansError(f'{where}.window must be "day" or "period"')
+    return MeterSpec(limit=parsed_limit, window=window)
+
+
+def _parse_rate_limit(spec: Any, where: str) -> RateLimit:
+    where = f"{where}.rate_limit"
+    if not isinstance(spec, dict):
+        raise PlansError(f"{where} must be a table")
+    _only_keys(spec, {"requests_per_s", "burst"}, where=where)
+    rate = spec.get("requests_per_s")
+    burst = spec.get("burst")
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0:
+        raise PlansError(f"{where}.requests_per_s must be a positive number")
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise PlansError(f"{where}.burst must be a positive integer")
+    return RateLimit(requests_per_s=float(rate), burst=burst)
+
+
+def _only_keys(table: Mapping[str, Any], allowed: set[str], *, where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise PlansError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

@@ -1,0 +1,101 @@
+"""Views: the results the ledger hands back, in domain units (epoch ms, ms).
+
+They are plain frozen dataclasses so they pickle cheaply across Ray; the
+gateway turns them into the API's JSON (minutes, RFC 3339 times).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from actors.records import Difficulty, EndReason
+
+Warning = Literal["low_balance", "exhausted"]
+SessionState = Literal["active", "ended"]
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveSessionView:
+    session_id: str
+    started_at_ms: int
+    last_heartbeat_at_ms: int
+    used_ms: int
+    ends_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageView:
+    user_id: str
+    plan: str
+    period_start_ms: int
+    period_end_ms: int
+    limit_ms: int
+    used_ms: int
+    remaining_ms: int
+    purchased_ms: int
+    warning: Warning | None
+    active_session: ActiveSessionView | None
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UsageView:
+        session = data.get("active_session")
+        return cls(**{**data, "active_session": ActiveSessionView(**session) if session else None})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStarted:
+    session_id: str
+    started_at_ms: int
+    remaining_ms: int
+    ends_at_ms: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionProgress:
+    """The answer to a heartbeat or an end: the session's state and the user's balance."""
+
+    session_id: str
+    state: SessionState
+    end_reason: EndReason | None
+    session_used_ms: int
+    used_ms: int
+    remaining_ms: int
+    warning: Warning | None
+    ends_at_ms: int | None
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentSession:
+    session_id: str
+    started_at_ms: int
+    last_heartbeat_at_ms: int
+    used_ms: int
+    remaining_ms: int
+    ends_at_ms: int
+    topic: str | None
+    difficulty: Difficulty | None
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    session_id: str
+    started_at_ms: int
+    ended_at_ms: int | None
+    used_ms: int
+    topic: str | None
+    difficulty: Difficulty | None
+    end_reason: EndReason | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanChangeResult:
+    applied: bool
+    usage: UsageView

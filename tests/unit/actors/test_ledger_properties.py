@@ -1,0 +1,242 @@
+"""Property tests: random sequences of ledger operations keep the ledger's invariants.
+
+The state machine drives one `UserLedger` with starts, heartbeats (including
+duplicate and reordered `seq`), ends, plan events (including late and replayed
+ones), restores from its own snapshot, and a clock that jumps across period
+boundaries. After every step it checks:
+
+- at most one session is open;
+- billing never pushes the period's usage past its limit;
+- `version` never decreases, and grows whenever the durable state changes;
+- minutes are conserved: what sessions were billed equals what periods
+  recorded (plus whatever `reset_usage` wiped);
+- no session is billed for more time than it ran, and a stale session is
+  billed only to its last heartbeat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from actors.errors import LedgerError, SessionEnded, SessionNotFound
+from actors.ledger import LedgerPolicy, PlanChange, UserLedger
+from actors.plans import parse_plans
+from actors.records import LedgerSnapshot, PeriodRecord, SessionRecord, StoredLedger, UserRecord
+from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
+
+PLANS = parse_plans(
+    """
+    default_plan = "free"
+    [plans.free]
+    minutes = 3
+    [plans.basic]
+    minutes = 20
+    [plans.tiny]
+    minutes = 0.1
+    [plans.none]
+    minutes = 0
+    """,
+    source="property test",
+)
+POLICY = LedgerPolicy(plans=PLANS, stale_session_ms=2 * MS_PER_MINUTE, low_balance_ms=MS_PER_MINUTE)
+# Start an hour before a month ends, so boundaries are crossed often.
+START_MS = from_datetime(datetime(2026, 1, 31, 23, 0, tzinfo=UTC))
+
+clock_steps = st.one_of(
+    st.integers(min_value=0, max_value=5 * MS_PER_SECOND),
+    st.integers(min_value=0, max_value=3 * MS_PER_MINUTE),
+    st.integers(min_value=0, max_value=40 * 24 * 60 * MS_PER_MINUTE),
+)
+
+
+def _without_versions(
+    user: UserRecord, periods: dict[int, PeriodRecord], sessions: dict[str, SessionRecord]
+) -> tuple[object, ...]:
+    """What a store holds, minus version numbers: to tell whether anything durable changed."""
+    return (
+        replace(user, version=0),
+        tuple(replace(p, version=0) for _, p in sorted(periods.items())),
+        tuple(replace(x, version=0) for _, x in sorted(sessions.items())),
+    )
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = START_MS
+        self.ledger = UserLedger.new("u", POLICY, self.now)
+        self.counter = 0
+        self.known_sessions: list[str] = []
+        # The model: when each session last heard from its client, and its last accepted seq.
+        self.last_beat: dict[str, int] = {}
+        self.last_seq: dict[str, int] = {}
+        self.seq = 0
+        # Everything ever recorded, latest record per key (as a store would keep it).
+        self.periods: dict[int, PeriodRecord] = {}
+        self.sessions: dict[str, SessionRecord] = {}
+        self.reset_ms = 0
+        self.last_version = 0
+        self.last_content: tuple[object, ...] | None = None
+        self.used_before = self.ledger.used_ms
+        self.period_before = self.ledger.period.start_ms
+
+    # ------------------------------------------------------------------ rules
+
+    @rule(step=clock_steps)
+    def tick(self, step: int) -> None:
+        self.now += step
+        self.ledger.advance(self.now)
+
+    @rule(topic=st.none() | st.text(min_size=1, max_size=5))
+    def start(self, topic: str | None) -> None:
+        self.counter += 1
+        session_id = f"s{self.counter}"
+        try:
+            self.ledger.start_session(self.now, session_id, topic=topic)
+        except LedgerError:
+            return
+        self.known_sessions.append(session_id)
+        self.last_beat[session_id] = self.now
+
+    @rule(data=st.data(), seq_delta=st.none() | st.integers(min_value=-2, max_value=2))
+    @precondition(lambda self: bool(self.known_sessions))
+    def heartbeat(self, data: st.DataObject, seq_delta: int | None) -> None:
+        session_id = data.draw(st.sampled_from(self.known_sessions))
+        seq = None
+        if seq_delta is not None:
+            self.seq = max(0, self.seq + seq_delta)
+            seq = self.seq
+        try:
+            result = self.ledger.heartbeat(self.now, session_id, seq=seq)
+        except (SessionEnded, SessionNotFound):
+            return
+        assert result.session_id == session_id
+        if result.state != "active":
+            return
+        previous = self.last_seq.get(session_id)
+        if seq is None or previous is None or seq > previous:
+            self.last_beat[session_id] = self.now
+            if seq is not None:
+                self.last_seq[session_id] = seq
+
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self.known_sessions))
+    def end(self, data: st.DataObject) -> None:
+        session_id = data.draw(st.sampled_from(self.known_sessions))
+        first = self.ledger.end_session(self.now, session_id)
+        again = self.ledger.end_session(self.now, session_id)
+        assert first.session_id == again.session_id
+        assert first.end_reason == again.end_reason
+        assert first.session_used_ms == again.session_used_ms
+
+    @rule(
+        plan=st.sampled_from(["free", "basic", "tiny", "none"]),
+        action=st.sampled_from(["upgrade", "downgrade", "cancel"]),
+        age=st.integers(min_value=-10 * MS_PER_MINUTE, max_value=10 * MS_PER_MINUTE),
+        delivery=st.sampled_from(["a", "b", "c", "d"]),
+        reset=st.booleans(),
+    )
+    def change_plan(self, plan: str, action: str, age: int, delivery: str, reset: bool) -> None:
+        used = self.ledger.used_ms
+        period = self.ledger.period.start_ms
+        change = PlanChange(
+            plan=plan,
+            action=action,  # type: ignore[arg-type]
+            occurred_at_ms=self.now + age,
+            delivery_id=delivery,
+            reset_usage=reset,
+        )
+        applied = self.ledger.change_plan(self.now, change)
+        if applied and reset and self.ledger.period.start_ms == period:
+            self.reset_ms += used
+            self.used_before = 0  # the reset is not billing
+
+    @rule()
+    def crash_and_restore(self) -> None:
+        """Rebuild from a fully synced snapshot: the restored ledger must behave the same."""
+        snapshot = self.ledger.snapshot()
+        self._absorb(snapshot)
+        current = [p for p in snapshot.periods if not p.archived]
+        stored_periods = sorted(
+            (p for p in self.periods.values() if p.start_ms <= current[0].start_ms),
+            key=lambda p: -p.start_ms,
+        )[:2]
+        open_sessions = [s for s in snapshot.sessions if s.is_open]
+        stored = StoredLedger(
+            user=snapshot.user,
+            periods=tuple(stored_periods),
+            open_session=open_sessions[0] if open_sessions else None,
+        )
+        before_usage = self.ledger.usage(self.now)
+        before_deadline = self.ledger.next_deadline_ms()
+        self.ledger = UserLedger.restore(stored, POLICY, self.now)
+        assert self.ledger.usage(self.now) == before_usage
+        assert self.ledger.next_deadline_ms() == before_deadline
+        self.known_sessions = [s for s in self.known_sessions if s in {x.session_id for x in open_sessions}]
+
+    # ------------------------------------------------------------- invariants
+
+    def _absorb(self, snapshot: LedgerSnapshot) -> None:
+        for period in snapshot.periods:
+            kept = self.periods.get(period.start_ms)
+            if kept is None or kept.version <= period.version:
+                self.periods[period.start_ms] = period
+        for session in snapshot.sessions:
+            kept_session = self.sessions.get(session.session_id)
+            if kept_session is None or kept_session.version <= session.version:
+                self.sessions[session.session_id] = session
+        self.ledger.mark_synced(snapshot.version)
+
+    @invariant()
+    def checks(self) -> None:
+        snapshot = self.ledger.snapshot()
+        self._absorb(snapshot)
+
+        # version never decreases, and grows whenever anything durable changed
+        assert snapshot.version >= self.last_version
+        content = _without_versions(snapshot.user, self.periods, self.sessions)
+        if self.last_content is not None and content != self.last_content:
+            assert snapshot.version > self.last_version, "state changed without a version bump"
+        self.last_version = snapshot.version
+        self.last_content = content
+
+        # billing never pushes usage past the limit
+        if self.ledger.period.start_ms == self.period_before and self.ledger.used_ms > self.used_before:
+            assert self.ledger.used_ms <= self.ledger.limit_ms, "billed past the limit"
+        self.used_before = self.ledger.used_ms
+        self.period_before = self.ledger.period.start_ms
+
+        # at most one open session, and it is the ledger's active one
+        open_sessions = [s for s in self.sessions.values() if s.is_open]
+        assert len(open_sessions) <= 1
+        assert [s.session_id for s in open_sessions] == (
+            [self.ledger.active_session_id] if self.ledger.active_session_id else []
+        )
+
+        # minutes are conserved between sessions and periods
+        billed = sum(s.used_ms for s in self.sessions.values())
+        recorded = sum(p.used_ms for p in self.periods.values())
+        assert billed == recorded + self.reset_ms, (billed, recorded, self.reset_ms)
+
+        # no session billed for more than it ran; silence is never billed
+        for session in self.sessions.values():
+            end = session.ended_at_ms if session.ended_at_ms is not None else session.last_heartbeat_at_ms
+            assert 0 <= session.used_ms <= end - session.started_at_ms
+            if session.end_reason == "stale":
+                heard = self.last_beat[session.session_id]
+                assert session.ended_at_ms == session.last_heartbeat_at_ms == heard
+                assert session.used_ms <= heard - session.started_at_ms
+
+
+TestLedgerMachine = LedgerMachine.TestCase
+TestLedgerMachine.settings = settings(
+    max_examples=300,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
