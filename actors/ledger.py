@@ -319,6 +319,13 @@ class UserLedger:
         """The final record of a recently ended session, if this ledger still holds it."""
         return self._unsynced_sessions.get(session_id) or self._ended.get(session_id)
 
+    def resident_sessions(self) -> list[SessionRecord]:
+        """The sessions this ledger holds in memory: the running one and recently ended ones."""
+        records = {**self._ended, **self._unsynced_sessions}
+        if self._session is not None:
+            records[self._session.session_id] = self._session.record(self.user_id, version=self.version)
+        return list(records.values())
+
     def next_deadline_ms(self) -> int | None:
         """When the next alarm falls due (there is always the period's end)."""
         alarm = self._next_alarm()

@@ -1,0 +1,334 @@
+"""LedgerShard with a real in-memory store and a fake clock: no Ray, no Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+
+import pytest
+import pytest_asyncio
+
+from actors.errors import (
+    EventConflict,
+    NoCredits,
+    Overloaded,
+    SessionActive,
+    SessionEnded,
+    SessionNotFound,
+    Unavailable,
+)
+from actors.ledger import LedgerPolicy
+from actors.plans import parse_plans
+from actors.records import LedgerSnapshot, PlanEventRecord
+from actors.routing import shard_index
+from actors.shard import LedgerShard, PlanEvent, ShardConfig
+from actors.store import LedgerStore, MemoryStore
+from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
+
+PLANS = parse_plans(
+    """
+    default_plan = "free"
+    [plans.free]
+    minutes = 10
+    [plans.pro]
+    minutes = 500
+    [plans.tiny]
+    minutes = 0.1
+    """,
+    source="test",
+)
+STALE_MS = 10 * MS_PER_MINUTE
+POLICY = LedgerPolicy(plans=PLANS, stale_session_ms=STALE_MS, low_balance_ms=5 * MS_PER_MINUTE)
+T0 = from_datetime(datetime(2026, 11, 10, 12, 0, tzinfo=UTC))
+SEC = MS_PER_SECOND
+MIN = MS_PER_MINUTE
+SESSION_IDS = itertools.count(1)
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+
+class FakeClock:
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class HeldStore(MemoryStore):
+    """A MemoryStore whose writes wait until `release` is set (to observe work in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.release.set()
+        self.writing = asyncio.Event()
+
+    async def save(self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None) -> None:
+        self.writing.set()
+        await self.release.wait()
+        await super().save(snapshots, plan_event=plan_event)
+
+
+def make_shard(
+    store: LedgerStore, clock: FakeClock, *, index: int = 0, count: int = 1, max_pending_calls: int = 1000
+) -> LedgerShard:
+    async def factory() -> LedgerStore:
+        return store
+
+    config = ShardConfig(
+        shard_index=index,
+        shard_count=count,
+        policy=POLICY,
+        sync_interval_s=3600,
+        max_pending_calls=max_pending_calls,
+        start_wait_s=1,
+    )
+    return LedgerShard(config, factory, clock=clock, new_session_id=lambda: f"s{next(SESSION_IDS)}")
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def shard(store: MemoryStore, clock: FakeClock) -> AsyncIterator[LedgerShard]:
+    shard = make_shard(store, clock)
+    await shard.start()
+    yield shard
+    await shard.stop()
+
+
+async def store_calls(shard: LedgerShard) -> dict[str, int]:
+    return (await shard.stats()).store_calls
+
+
+class TestReads:
+    async def test_credit_check_on_warm_user_makes_no_store_call(self, shard: LedgerShard) -> None:
+        await shard.usage("u1")
+        before = await store_calls(shard)
+        for _ in range(100):
+            assert await shard.has_credits("u1")
+            await shard.usage("u1")
+        assert await store_calls(shard) == before
+
+    async def test_cold_user_is_loaded_once_however_many_ask(self, shard: LedgerShard) -> None:
+        before = (await store_calls(shard)).get("load", 0)
+        views = await asyncio.gather(*(shard.usage("u-cold") for _ in range(50)))
+        assert {view.user_id for view in views} == {"u-cold"}
+        assert (await store_calls(shard))["load"] == before + 1
+
+    async def test_unknown_user_gets_default_plan_without_a_write(
+        self, shard: LedgerShard, store: MemoryStore
+    ) -> None:
+        view = await shard.usage("new")
+        assert (view.plan, view.limit_ms, view.version) == ("free", 10 * MIN, 0)
+        assert "new" not in store.users
+        assert await shard.flush() == 0
+
+
+class TestDurableWrites:
+    async def test_session_start_is_durable_before_it_returns(self, shard: LedgerShard, store: MemoryStore) -> None:
+        started = await shard.start_session("u1", topic="verbs")
+        assert store.sessions[started.session_id].is_open
+        assert store.users["u1"].version == started.version
+
+    async def test_start_with_store_down_changes_nothing(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        await shard.usage("u1")
+        store.available = False
+        with pytest.raises(Unavailable):
+            await shard.start_session("u1")
+        view = await shard.usage("u1")
+        assert view.active_session is None
+        assert view.version == 0
+        store.available = True
+        started = await shard.start_session("u1")
+        assert started.version == 1
+
+    async def test_second_start_is_refused(self, shard: LedgerShard) -> None:
+        await shard.start_session("u1")
+        with pytest.raises(SessionActive):
+            await shard.start_session("u1")
+
+    async def test_end_is_durable_and_idempotent(self, shard: LedgerShard, store: MemoryStore, clock: FakeClock) -> None:
+        started = await shard.start_session("u1")
+        clock.now += 30 * SEC
+        ended = await shard.end_session("u1", started.session_id)
+        assert store.sessions[started.session_id].end_reason == "user_ended"
+        assert store.sessions[started.session_id].used_ms == 30 * SEC
+        saves = (await store_calls(shard))["save"]
+        again = await shard.end_session("u1", started.session_id)
+        assert again == ended
+        assert (await store_calls(shard))["save"] == saves
+
+    async def test_other_users_session_is_not_found(self, shard: LedgerShard) -> None:
+        started = await shard.start_session("u1")
+        with pytest.raises(SessionNotFound):
+            await shard.heartbeat("u2", started.session_id)
+        with pytest.raises(SessionNotFound):
+            await shard.end_session("u2", started.session_id)
+
+    async def test_durable_write_holds_that_user_only(self, store: MemoryStore, clock: FakeClock) -> None:
+        held = HeldStore()
+        shard = make_shard(held, clock)
+        await shard.start()
+        started = await shard.start_session("u1")
+        await shard.usage("u2")
+        held.release.clear()
+        held.writing.clear()
+        ending = asyncio.create_task(shard.end_session("u1", started.session_id))
+        await held.writing.wait()
+        beat = asyncio.create_task(shard.heartbeat("u1", started.session_id))
+        async with asyncio.timeout(1):
+            other = await shard.usage("u2")
+        assert other.user_id == "u2"
+        await asyncio.sleep(0.01)
+        assert not beat.done(), "a heartbeat must wait for the user's durable write"
+        held.release.set()
+        assert (await ending).end_reason == "user_ended"
+        with pytest.raises(SessionEnded):
+            await beat
+        await shard.stop()
+
+
+class TestWriteBehind:
+    async def test_heartbeats_are_written_by_one_batched_flush(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        sessions = {f"u{n}": (await shard.start_session(f"u{n}")).session_id for n in range(20)}
+        clock.now += 30 * SEC
+        for user_id, session_id in sessions.items():
+            await shard.heartbeat(user_id, session_id)
+        saves = (await store_calls(shard))["save"]
+        assert await shard.flush() == 20
+        assert (await store_calls(shard))["save"] == saves + 1
+        assert all(store.sessions[s].used_ms == 30 * SEC for s in sessions.values())
+        assert (await shard.stats()).dirty_users == 0
+
+    async def test_heartbeats_answer_from_memory_while_store_is_down(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        started = await shard.start_session("u1")
+        store.available = False
+        clock.now += 30 * SEC
+        beat = await shard.heartbeat("u1", started.session_id)
+        assert beat.session_used_ms == 30 * SEC
+        assert await shard.has_credits("u1")
+        with pytest.raises(Exception, match="switched off"):
+            await shard.flush()
+        assert (await shard.stats()).dirty_users == 1
+        store.available = True
+        assert await shard.flush() == 1
+        assert store.sessions[started.session_id].used_ms == 30 * SEC
+
+
+class TestAlarms:
+    async def test_limit_alarm_ends_session_exactly_at_limit(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
+        started = await shard.start_session("u1")
+        clock.now += 9 * SEC
+        assert shard.fire_due_alarms() == 1
+        await shard.flush()
+        record = store.sessions[started.session_id]
+        assert (record.end_reason, record.used_ms, record.ended_at_ms) == ("limit_reached", 6 * SEC, T0 + 6 * SEC)
+        with pytest.raises(NoCredits):
+            await shard.start_session("u1")
+
+    async def test_restarted_shard_ends_silent_session_stale(self, store: MemoryStore, clock: FakeClock) -> None:
+        first = make_shard(store, clock)
+        await first.start()
+        await first.change_plan("u1", PlanEvent("d1", "pro", "upgrade", T0))
+        started = await first.start_session("u1")
+        clock.now += 40 * SEC
+        await first.heartbeat("u1", started.session_id)
+        await first.flush()
+        # The process dies: no stop(), nothing more is written.
+        clock.now += STALE_MS + 5 * MIN
+        second = make_shard(store, clock)
+        await second.start()
+        stats = await second.stats()
+        assert (stats.resident_users, stats.alarms_fired, stats.active_sessions) == (1, 1, 0)
+        await second.flush()
+        record = store.sessions[started.session_id]
+        assert (record.end_reason, record.ended_at_ms, record.used_ms) == ("stale", T0 + 40 * SEC, 40 * SEC)
+        await second.stop()
+
+    async def test_restart_reactivates_only_this_shards_users(self, store: MemoryStore, clock: FakeClock) -> None:
+        users = [f"user-{n}" for n in range(12)]
+        for user_id in users:
+            home = make_shard(store, clock, index=shard_index(user_id, 3), count=3)
+            await home.start()
+            await home.start_session(user_id)
+            await home.stop()
+        mine = [u for u in users if shard_index(u, 3) == 1]
+        restarted = make_shard(store, clock, index=1, count=3)
+        await restarted.start()
+        assert (await restarted.stats()).resident_users == len(mine) > 0
+        await restarted.stop()
+
+
+class TestPlanEvents:
+    async def test_replayed_delivery_returns_first_answer_without_effect(
+        self, shard: LedgerShard, store: MemoryStore
+    ) -> None:
+        first = await shard.change_plan("u1", PlanEvent("d1", "pro", "upgrade", T0, reset_usage=True))
+        again = await shard.change_plan("u1", PlanEvent("d1", "pro", "upgrade", T0, reset_usage=True))
+        assert first.applied and again == first
+        assert len(store.plan_events) == 1
+
+    async def test_delivery_id_reused_for_another_event_conflicts(self, shard: LedgerShard) -> None:
+        await shard.change_plan("u1", PlanEvent("d1", "pro", "upgrade", T0))
+        with pytest.raises(EventConflict):
+            await shard.change_plan("u1", PlanEvent("d1", "free", "downgrade", T0))
+
+    async def test_late_event_is_recorded_not_applied(self, shard: LedgerShard, store: MemoryStore) -> None:
+        await shard.change_plan("u1", PlanEvent("d2", "pro", "upgrade", T0))
+        late = await shard.change_plan("u1", PlanEvent("d1", "free", "downgrade", T0 - MIN))
+        assert not late.applied
+        assert late.usage.plan == "pro"
+        assert store.plan_events["d1"].applied is False
+
+    async def test_concurrent_duplicates_apply_once(self, shard: LedgerShard, store: MemoryStore) -> None:
+        results = await asyncio.gather(
+            *(shard.change_plan("u1", PlanEvent("d9", "pro", "upgrade", T0)) for _ in range(10))
+        )
+        assert {r.applied for r in results} == {True}
+        assert len({r.usage.version for r in results}) == 1
+        assert store.users["u1"].version == results[0].usage.version
+
+
+class TestBounds:
+    async def test_calls_beyond_the_pending_bound_are_refused(self, clock: FakeClock) -> None:
+        held = HeldStore()
+        shard = make_shard(held, clock, max_pending_calls=1)
+        await shard.start()
+        await shard.usage("u1")
+        held.release.clear()
+        starting = asyncio.create_task(shard.start_session("u1"))
+        await held.writing.wait()
+        with pytest.raises(Overloaded):
+            await shard.usage("u2")
+        held.release.set()
+        await starting
+        await shard.stop()
+
+    async def test_stop_flushes_dirty_ledgers(self, store: MemoryStore, clock: FakeClock) -> None:
+        shard = make_shard(store, clock)
+        await shard.start()
+        started = await shard.start_session("u1")
+        clock.now += 20 * SEC
+        await shard.heartbeat("u1", started.session_id)
+        await shard.stop()
+        assert store.sessions[started.session_id].used_ms == 20 * SEC
