@@ -300,12 +300,16 @@ class LedgerShard:
         async with self._admitted():
             ledger = await self._ledger(user_id)
             try:
-                return ledger.heartbeat(self._clock(), session_id, seq=seq)
+                progress = ledger.heartbeat(self._clock(), session_id, seq=seq)
             except SessionNotFound:
                 record = await self._stored_ended_session(user_id, session_id)
-                return (await self._ledger(user_id)).heartbeat_after_end(session_id, record)
+                progress = (await self._ledger(user_id)).heartbeat_after_end(session_id, record)
             finally:
                 self._after_change(user_id, self._ledgers[user_id])
+            if progress.state == "ended" and self._ledgers[user_id].is_dirty:
+                # The client hears that its session is over: write the end first.
+                await self._write_through(user_id)
+            return progress
 
     async def end_session(self, user_id: str, session_id: str, *, request_id: str | None = None) -> SessionProgress:
         try:
@@ -540,6 +544,22 @@ class LedgerShard:
         draft.mark_synced(snapshot.version)
         self._ledgers[user_id] = draft
         self._after_change(user_id, draft)
+
+    async def _write_through(self, user_id: str) -> None:
+        """Write this user now. With the store down, leave it to the flush: alarm-made ends are
+        deterministic, so a crash before the retry recomputes the same end on recovery."""
+        ledger = self._ledgers[user_id]
+        snapshot = ledger.snapshot()
+        try:
+            await self._require_store().save([snapshot])
+        except StoreError as exc:
+            log.warning("write_through_deferred", user_id=user_id, error=repr(exc))
+            self._flush_soon.set()
+            return
+        current = self._ledgers[user_id]
+        current.mark_synced(snapshot.version)
+        if not current.is_dirty:
+            self._dirty.discard(user_id)
 
     async def _stored_ended_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         """A session this ledger no longer holds in memory, from the store (None if unknown or open)."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The composition root: settings, CLI, the FastAPI app, authentication, routing to shards, HTTP errors."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""HTTP routes, one module per resource."""

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Numbered SQL migrations (`NNNN_name.sql`), applied in order by `persistence.migrate`."""

@@ -332,3 +332,30 @@ class TestBounds:
         await shard.heartbeat("u1", started.session_id)
         await shard.stop()
         assert store.sessions[started.session_id].used_ms == 20 * SEC
+
+
+class TestHeartbeatThatEnds:
+    async def test_heartbeat_reporting_an_end_writes_it_first(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
+        started = await shard.start_session("u1")
+        clock.now += 7 * SEC
+        progress = await shard.heartbeat("u1", started.session_id)
+        assert (progress.state, progress.end_reason) == ("ended", "limit_reached")
+        assert store.sessions[started.session_id].end_reason == "limit_reached"
+        assert (await shard.stats()).dirty_users == 0
+
+    async def test_heartbeat_reporting_an_end_answers_while_store_is_down(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
+        started = await shard.start_session("u1")
+        store.available = False
+        clock.now += 7 * SEC
+        progress = await shard.heartbeat("u1", started.session_id)
+        assert progress.end_reason == "limit_reached"
+        assert store.sessions[started.session_id].is_open
+        store.available = True
+        await shard.flush()
+        assert store.sessions[started.session_id].end_reason == "limit_reached"

@@ -1,0 +1,114 @@
+"""create_app(settings): the FastAPI application and its lifespan.
+
+Middleware, outermost first: request id and canonical log line; the 16 KiB
+body bound; the internal-call signature check. Then routing, with every error
+answered as problem+json by `gateway.errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from actors.logsetup import configure_logging
+from gateway.auth import InternalSignatureMiddleware, TokenVerifier
+from gateway.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
+from gateway.metrics import Metrics
+from gateway.middleware import BodyLimitMiddleware, RequestLogMiddleware
+from gateway.routes import internal, ops, sessions, usage
+from gateway.runtime import Runtime
+from gateway.secrets import resolve_secrets
+from gateway.settings import Settings
+
+DESCRIPTION = """\
+A per-user usage ledger: one live ledger per user holds their minutes in
+memory, answers "may this user go on?" with no I/O, runs their heartbeat and
+stale-session alarms, and writes to Postgres in batches.
+
+User endpoints take a bearer JWT whose `sub` is the user id. Internal
+endpoints are signed with Standard Webhooks. Every error is
+`application/problem+json` with a stable `code`.
+"""
+
+
+def _package_version() -> str:
+    try:
+        return version("usage-ledger")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    configure_logging(log_format=settings.resolved_log_format, level=settings.log_level)
+    secrets = resolve_secrets(settings)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.start(settings, metrics=metrics)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="usage-ledger",
+        version=_package_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.token_verifier = TokenVerifier(
+        secret=secrets.jwt_secret,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        leeway_s=settings.jwt_leeway_s,
+    )
+    install_error_handlers(app)
+    for module in (usage, sessions, internal, ops):
+        app.include_router(module.router)
+    app.add_middleware(InternalSignatureMiddleware, secret=secrets.internal_secret)
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(RequestLogMiddleware, metrics=metrics)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            _problems_as_problem_json(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _problems_as_problem_json(schema: dict[str, Any]) -> None:
+    """Error answers are application/problem+json, not application/json; say so in the document."""
+    problem_ref = "#/components/schemas/Problem"
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                json_body = content.get("application/json")
+                if json_body and json_body.get("schema", {}).get("$ref") == problem_ref:
+                    content[PROBLEM_CONTENT_TYPE] = content.pop("application/json")
+            # FastAPI's own 422 entry describes its default body; ours is a Problem.
+            validation = operation.get("responses", {}).get("422")
+            if validation is not None:
+                validation["content"] = {PROBLEM_CONTENT_TYPE: {"schema": {"$ref": problem_ref}}}
+    schemas = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+
+
+__all__ = ["Runtime", "create_app"]

@@ -1,0 +1,186 @@
+"""The `usage-ledger` command.
+
+    usage-ledger serve                      run the server (embedded Postgres and local Ray by default)
+    usage-ledger migrate                    apply database migrations and exit
+    usage-ledger token USER_ID              print a user JWT the running configuration accepts
+    usage-ledger internal plan USER PLAN    make a signed plan-change call to a running server
+
+Configuration comes from `LEDGER_*` environment variables (see README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import httpx
+import typer
+from pydantic import ValidationError
+from standardwebhooks.webhooks import Webhook
+
+from gateway.settings import Settings
+
+app = typer.Typer(help="A per-user usage ledger server.", no_args_is_help=True, add_completion=False)
+internal_app = typer.Typer(help="Signed calls to a running server's internal API.", no_args_is_help=True)
+app.add_typer(internal_app, name="internal")
+
+# Uvicorn's own bounds, stated rather than inherited.
+UVICORN_LIMIT_CONCURRENCY = 4_096
+UVICORN_BACKLOG = 2_048
+UVICORN_KEEPALIVE_S = 5
+UVICORN_GRACEFUL_SHUTDOWN_S = 20
+UVICORN_MAX_HEADER_BYTES = 16 * 1024
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except (ValidationError, ValueError) as exc:
+        typer.echo(f"usage-ledger: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Overrides LEDGER_HOST.")] = None,
+    port: Annotated[int | None, typer.Option(help="Overrides LEDGER_PORT.")] = None,
+) -> None:
+    """Run the server until interrupted (SIGINT/SIGTERM flush every ledger before exit)."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings()
+    overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    application = create_app(settings)
+    where = f"http://{settings.host}:{settings.port}"
+    typer.echo(
+        f"usage-ledger {settings.env}: listening on {where}  "
+        f"(data dir {settings.data_dir.resolve()}, "
+        f"database {'from LEDGER_DATABASE_URL' if settings.database_url else 'embedded'}, "
+        f"ray {settings.ray_address or 'local'})",
+        err=True,
+    )
+    typer.echo(f"  try: curl -H \"Authorization: Bearer $(usage-ledger token demo)\" {where}/v1/usage", err=True)
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        limit_concurrency=UVICORN_LIMIT_CONCURRENCY,
+        backlog=UVICORN_BACKLOG,
+        timeout_keep_alive=UVICORN_KEEPALIVE_S,
+        timeout_graceful_shutdown=UVICORN_GRACEFUL_SHUTDOWN_S,
+        h11_max_incomplete_event_size=UVICORN_MAX_HEADER_BYTES,
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (the embedded database when LEDGER_DATABASE_URL is unset)."""
+    from actors.logsetup import configure_logging
+    from gateway.runtime import migrate_database, open_database
+
+    settings = _settings()
+    configure_logging(log_format=settings.resolved_log_format, level=settings.log_level)
+
+    async def run() -> list[int]:
+        database = await open_database(settings)
+        try:
+            return await migrate_database(database.dsn, settings)
+        finally:
+            if database.embedded is not None:
+                await asyncio.to_thread(database.embedded.stop)
+
+    applied = asyncio.run(run())
+    typer.echo(f"applied migrations: {applied}" if applied else "database is up to date")
+
+
+@app.command()
+def token(
+    user_id: Annotated[str, typer.Argument(help="The user id (the token's `sub`).")],
+    ttl_s: Annotated[int, typer.Option("--ttl-s", min=1, help="Lifetime in seconds.")] = 24 * 3600,
+) -> None:
+    """Print a user JWT that the server with this configuration accepts."""
+    from gateway.auth import USER_ID_MAX_LENGTH, issue_token
+    from gateway.secrets import resolve_secrets
+
+    if not 0 < len(user_id) <= USER_ID_MAX_LENGTH:
+        typer.echo(f"usage-ledger: USER_ID must be 1 to {USER_ID_MAX_LENGTH} characters", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    secrets = resolve_secrets(settings)
+    typer.echo(
+        issue_token(
+            secret=secrets.jwt_secret,
+            user_id=user_id,
+            ttl_s=ttl_s,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
+
+
+@internal_app.command("plan")
+def internal_plan(
+    user_id: Annotated[str, typer.Argument(help="The user whose plan changes.")],
+    plan: Annotated[str, typer.Argument(help="A plan from the plans file.")],
+    action: Annotated[Literal["upgrade", "downgrade", "cancel"], typer.Option(help="What billing did.")] = "upgrade",
+    reset_usage: Annotated[bool, typer.Option("--reset-usage", help="Zero this period's usage.")] = False,
+    occurred_at: Annotated[
+        str | None, typer.Option(help="When billing made the change (RFC 3339); default now.")
+    ] = None,
+    delivery_id: Annotated[
+        str | None, typer.Option(help="The webhook id (deduplicates retries); default a new one.")
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Server base URL; default from LEDGER_HOST/LEDGER_PORT.")] = None,
+) -> None:
+    """Change a user's plan through the signed internal API, and print the answer."""
+    from gateway.secrets import resolve_secrets
+
+    settings = _settings()
+    secrets = resolve_secrets(settings)
+    body = json.dumps(
+        {
+            "plan": plan,
+            "action": action,
+            "occurred_at": occurred_at or datetime.now(UTC).isoformat(),
+            "reset_usage": reset_usage,
+        }
+    )
+    message_id = delivery_id or f"msg_{uuid.uuid4().hex}"
+    timestamp = datetime.fromtimestamp(int(time.time()), tz=UTC)
+    signature = Webhook(secrets.internal_secret).sign(message_id, timestamp, body)
+    base = url or f"http://{settings.host}:{settings.port}"
+    response = httpx.post(
+        f"{base}/internal/v1/users/{user_id}/plan",
+        content=body,
+        headers={
+            "content-type": "application/json",
+            "webhook-id": message_id,
+            "webhook-timestamp": str(int(timestamp.timestamp())),
+            "webhook-signature": signature,
+        },
+        timeout=30,
+    )
+    typer.echo(json.dumps(response.json(), indent=2))
+    if response.status_code >= 400:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    # Ray's C++ failure-signal handler would catch SIGTERM, run uvicorn's handler,
+    # then kill the process before the lifespan has flushed the shards. It must
+    # be switched off before Ray is first imported; nothing above imports Ray.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    sys.exit(app())  # type: ignore[func-returns-value]

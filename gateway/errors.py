@@ -1,0 +1,134 @@
+"""HTTP errors: the one place that maps errors to statuses and problem+json bodies (RFC 9457).
+
+Every error answer is `application/problem+json` with
+`{"type", "title", "status", "detail", "code"}`; `code` is the stable,
+machine-readable part. Domain errors arrive from the shards carrying their
+`code`; this module decides their status.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from actors.errors import DomainError
+from actors.times import MS_PER_MINUTE
+
+log = structlog.get_logger("gateway.errors")
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+# A 503 tells the client when to retry: the shard or database is usually back within seconds.
+RETRY_AFTER_S = 1
+
+STATUS_BY_CODE: dict[str, int] = {
+    "no_credits": 403,
+    "session_active": 409,
+    "session_not_found": 404,
+    "session_ended": 409,
+    "invalid_request": 422,
+    "idempotency_conflict": 422,
+    "unavailable": 503,
+}
+
+
+class ApiError(Exception):
+    """An error the gateway itself answers (authentication, limits, malformed paths)."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, code={self.code!r}, detail={self.detail!r})"
+
+
+class Unauthorized(ApiError):
+    def __init__(self, detail: str, *, bearer: bool = True) -> None:
+        headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if bearer else {}
+        super().__init__(401, "unauthorized", detail, headers=headers)
+
+
+def problem(
+    status: int, code: str, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    body = {
+        "type": f"urn:usage-ledger:problem:{code}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_CONTENT_TYPE)
+
+
+def problem_bytes(status: int, code: str, detail: str, **extra: Any) -> bytes:
+    """The body of `problem(...)`, for ASGI middleware that answers before the app runs."""
+    return bytes(problem(status, code, detail, **extra).body)
+
+
+def _domain_extra(exc: DomainError) -> dict[str, Any]:
+    """Extension members a client can act on (never anything about another user)."""
+    extra: dict[str, Any] = {}
+    fields = exc.fields
+    if "session_id" in fields:
+        extra["session_id"] = fields["session_id"]
+    if "end_reason" in fields:
+        extra["end_reason"] = fields["end_reason"]
+    if "session_used_ms" in fields:
+        extra["session_minutes"] = round(fields["session_used_ms"] / MS_PER_MINUTE, 2)
+    return extra
+
+
+async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    status = STATUS_BY_CODE.get(exc.code, 500)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    if status >= 500:
+        log.warning("request_unavailable", error=repr(exc))
+    return problem(status, exc.code, exc.detail, headers=headers, **_domain_extra(exc))
+
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return problem(exc.status, exc.code, exc.detail, headers=exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # The offending input is not echoed back: it may be large or sensitive.
+    errors = [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+        for error in exc.errors()
+    ]
+    return problem(422, "invalid_request", "the request is not valid", errors=errors)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return problem(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request_failed", error=repr(exc))
+    return problem(500, "internal", "an unexpected error occurred; it has been logged")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _on_domain_error)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(Exception, _on_unexpected)

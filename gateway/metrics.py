@@ -1,0 +1,47 @@
+"""Prometheus metrics of one gateway process, in its own registry (one per app, so tests can build many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "ledger_http_requests", "HTTP requests answered", ("method", "route", "status"), registry=self.registry
+        )
+        self.request_latency = Histogram(
+            "ledger_http_request_duration_seconds",
+            "HTTP request latency",
+            ("method", "route"),
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.shard_calls = Histogram(
+            "ledger_shard_call_duration_seconds",
+            "Latency of calls from this gateway to shard actors",
+            ("method", "outcome"),
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.shard_gauges = {
+            name: Gauge(f"ledger_shard_{name}", help_text, ("shard",), registry=self.registry)
+            for name, help_text in (
+                ("resident_users", "Users whose ledger is in the shard's memory"),
+                ("active_sessions", "Sessions running on the shard"),
+                ("dirty_users", "Users with changes not yet written to Postgres"),
+                ("pending_calls", "Calls in progress on the shard"),
+                ("alarms_fired", "Alarms fired since the shard started"),
+                ("flush_failures", "Failed flushes since the shard started"),
+            )
+        }
+
+    def observe_request(self, method: str, route: str, status: int, duration_s: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.request_latency.labels(method, route).observe(duration_s)
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

@@ -1,0 +1,50 @@
+"""/internal/v1: signed calls from billing and ops (Standard Webhooks; see `gateway.auth`).
+
+A plan change is durable before it answers and is applied at most once per
+`webhook-id`; a replayed delivery gets its first answer again.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Security
+
+from actors.shard import PlanEvent
+from actors.times import from_datetime
+from gateway.auth import USER_ID_MAX_LENGTH, delivery_id, webhook_signature_scheme
+from gateway.routes.common import problems, request_id, runtime
+from gateway.runtime import Runtime
+from gateway.schemas import PlanChangeRequest, PlanChangeResponse, Usage
+
+router = APIRouter(
+    prefix="/internal/v1", tags=["internal"], dependencies=[Security(webhook_signature_scheme)]
+)
+
+UserIdPath = Annotated[str, Path(min_length=1, max_length=USER_ID_MAX_LENGTH)]
+
+
+@router.post("/users/{user_id}/plan", response_model=PlanChangeResponse, responses=problems(401, 413, 422, 503))
+async def change_plan(
+    user_id: UserIdPath,
+    body: PlanChangeRequest,
+    delivery: str = Depends(delivery_id),
+    rt: Runtime = Depends(runtime),
+    rid: str | None = Depends(request_id),
+) -> PlanChangeResponse:
+    event = PlanEvent(
+        delivery_id=delivery,
+        plan=body.plan,
+        action=body.action,
+        occurred_at_ms=from_datetime(body.occurred_at),
+        reset_usage=body.reset_usage,
+        period_start_ms=from_datetime(body.period_start) if body.period_start else None,
+        period_end_ms=from_datetime(body.period_end) if body.period_end else None,
+    )
+    result = await rt.router.call(user_id, "change_plan", user_id, event, request_id=rid)
+    return PlanChangeResponse(applied=result.applied, usage=Usage.from_view(result.usage))
+
+
+@router.get("/users/{user_id}/usage", response_model=Usage, responses=problems(401, 422, 503))
+async def get_user_usage(user_id: UserIdPath, rt: Runtime = Depends(runtime)) -> Usage:
+    return Usage.from_view(await rt.router.call(user_id, "usage", user_id))

@@ -1,0 +1,55 @@
+"""Operations: liveness, readiness (Ray shards and Postgres), Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from actors.shard import ShardStats
+from gateway.metrics import Metrics
+from gateway.routes.common import runtime
+from gateway.runtime import Runtime
+from gateway.schemas import Health, Readiness, ShardReadiness
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is up (says nothing about its dependencies)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(rt: Runtime = Depends(runtime)) -> JSONResponse:
+    """Ready when Postgres answers and every shard has started."""
+    database = await rt.database_ok()
+    shards = []
+    for index, result in enumerate(await rt.router.each("ready")):
+        if isinstance(result, ShardStats):
+            shards.append(
+                ShardReadiness(
+                    shard=index,
+                    ready=result.state == "running",
+                    resident_users=result.resident_users,
+                    active_sessions=result.active_sessions,
+                    dirty_users=result.dirty_users,
+                )
+            )
+        else:
+            shards.append(ShardReadiness(shard=index, ready=False, error=type(result).__name__))
+    ready = database and all(shard.ready for shard in shards) and rt.state == "running"
+    body = Readiness(status="ready" if ready else "unavailable", database=database, shards=shards)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request, rt: Runtime = Depends(runtime)) -> Response:
+    registry: Metrics = request.app.state.metrics
+    for result in await rt.router.stats():
+        if isinstance(result, ShardStats):
+            shard = str(result.shard_index)
+            for name, gauge in registry.shard_gauges.items():
+                gauge.labels(shard).set(getattr(result, name))
+    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

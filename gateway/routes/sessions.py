@@ -1,0 +1,109 @@
+"""/v1/sessions: start, heartbeat, end, the current session, history.
+
+Start and end are durable before they answer; heartbeats are billed in memory
+and written within one sync interval. A session id that is malformed or
+belongs to someone else is 404 `session_not_found`, never 403.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, Query
+
+from gateway.auth import current_user
+from gateway.errors import ApiError
+from gateway.routes.common import problems, request_id, runtime
+from gateway.runtime import Runtime
+from gateway.schemas import (
+    SESSIONS_PAGE_DEFAULT,
+    SESSIONS_PAGE_MAX,
+    CurrentSessionResponse,
+    EndSessionRequest,
+    EndSessionResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    SessionItem,
+    SessionList,
+    SessionStartedResponse,
+    StartSessionRequest,
+)
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+
+def session_id_path(session_id: str) -> str:
+    """The canonical form of a session id from the path; 404 when it cannot be one."""
+    try:
+        return str(uuid.UUID(session_id))
+    except ValueError:
+        raise ApiError(404, "session_not_found", "no such session") from None
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=SessionStartedResponse,
+    responses=problems(401, 403, 409, 413, 422, 503),
+)
+async def start_session(
+    body: StartSessionRequest | None = None,
+    user_id: str = Depends(current_user),
+    rt: Runtime = Depends(runtime),
+    rid: str | None = Depends(request_id),
+) -> SessionStartedResponse:
+    request = body or StartSessionRequest()
+    started = await rt.router.call(
+        user_id, "start_session", user_id, topic=request.topic, difficulty=request.difficulty, request_id=rid
+    )
+    return SessionStartedResponse.from_view(started)
+
+
+@router.post(
+    "/{session_id}/heartbeat",
+    response_model=HeartbeatResponse,
+    responses=problems(401, 404, 409, 413, 422, 503),
+)
+async def heartbeat(
+    body: HeartbeatRequest | None = None,
+    session_id: str = Depends(session_id_path),
+    user_id: str = Depends(current_user),
+    rt: Runtime = Depends(runtime),
+    rid: str | None = Depends(request_id),
+) -> HeartbeatResponse:
+    seq = body.seq if body is not None else None
+    progress = await rt.router.call(user_id, "heartbeat", user_id, session_id, seq=seq, request_id=rid)
+    return HeartbeatResponse.from_view(progress)
+
+
+@router.post(
+    "/{session_id}/end",
+    response_model=EndSessionResponse,
+    responses=problems(401, 404, 413, 422, 503),
+)
+async def end_session(
+    body: EndSessionRequest | None = None,
+    session_id: str = Depends(session_id_path),
+    user_id: str = Depends(current_user),
+    rt: Runtime = Depends(runtime),
+    rid: str | None = Depends(request_id),
+) -> EndSessionResponse:
+    ended = await rt.router.call(user_id, "end_session", user_id, session_id, request_id=rid)
+    return EndSessionResponse.from_view(ended)
+
+
+@router.get("/current", response_model=CurrentSessionResponse, responses=problems(401, 404, 503))
+async def current_session(
+    user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)
+) -> CurrentSessionResponse:
+    return CurrentSessionResponse.from_view(await rt.router.call(user_id, "current_session", user_id))
+
+
+@router.get("", response_model=SessionList, responses=problems(401, 422, 503))
+async def list_sessions(
+    limit: int = Query(default=SESSIONS_PAGE_DEFAULT, ge=1, le=SESSIONS_PAGE_MAX),
+    user_id: str = Depends(current_user),
+    rt: Runtime = Depends(runtime),
+) -> SessionList:
+    summaries = await rt.router.call(user_id, "list_sessions", user_id, limit)
+    return SessionList(sessions=[SessionItem.from_view(summary) for summary in summaries])

@@ -1,0 +1,241 @@
+"""Runtime: what a gateway process holds while it serves, started and stopped by the app's lifespan.
+
+Start, in order: the plans file; Postgres (the configured DSN, or an embedded
+server under the data dir); migrations; Ray (the configured cluster, or a
+local one this process owns); the named shard actors (got or created); a
+bounded wait until they are ready.
+
+Stop: every shard writes its dirty ledgers. If this process started Ray, the
+shards are drained and Ray is shut down; otherwise the shards keep running for
+the other gateways. Then the pool closes and an embedded Postgres stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import asyncpg
+import ray
+import structlog
+
+from actors.hosting import get_or_create_shards, other_shard_counts
+from actors.ledger import LedgerPolicy
+from actors.plans import PlanCatalog
+from actors.shard import ShardConfig
+from actors.times import MS_PER_MINUTE, MS_PER_SECOND
+from gateway.metrics import Metrics
+from gateway.settings import Settings, SettingsError
+from gateway.shards import ShardRouter
+from persistence.database import PoolLimits, create_pool
+from persistence.embedded import DATABASE_NAME, EmbeddedPostgres, ensure_database
+from persistence.migrate import migrate
+from persistence.store import PostgresStoreFactory
+
+log = structlog.get_logger("gateway.runtime")
+
+# How long start-up waits for every shard to report ready before serving anyway
+# (requests to a shard still starting get 503 and /readyz says so).
+SHARDS_READY_WAIT_S = 60.0
+# The gateway's own pool serves migrations and readiness checks only.
+GATEWAY_POOL_MAX_SIZE = 2
+# Bound on the final flush of each shard at shutdown.
+SHUTDOWN_FLUSH_TIMEOUT_S = 30.0
+# How long a shard call made at startup (ready) may take.
+READY_CALL_TIMEOUT_S = 15.0
+
+RuntimeState = Literal["running", "stopping", "stopped"]
+
+
+@dataclass(slots=True)
+class Database:
+    dsn: str
+    embedded: EmbeddedPostgres | None
+
+    def __repr__(self) -> str:
+        return f"Database(embedded={self.embedded is not None})"
+
+
+async def open_database(settings: Settings) -> Database:
+    """The configured database, or an embedded server under the data dir (started, with its database)."""
+    if settings.database_url is not None:
+        return Database(dsn=settings.database_url.get_secret_value(), embedded=None)
+    embedded = EmbeddedPostgres(settings.data_dir / "postgres")
+    admin_dsn = await asyncio.to_thread(embedded.start)
+    await ensure_database(admin_dsn, DATABASE_NAME)
+    return Database(dsn=embedded.dsn(DATABASE_NAME), embedded=embedded)
+
+
+async def migrate_database(dsn: str, settings: Settings) -> list[int]:
+    limits = PoolLimits(min_size=0, max_size=1, statement_timeout_s=max(settings.db_statement_timeout_s, 60.0))
+    pool = await create_pool(dsn, limits, role="migrate")
+    try:
+        async with pool.acquire() as connection:
+            return await migrate(connection)
+    finally:
+        await pool.close()
+
+
+def load_plans(settings: Settings) -> PlanCatalog:
+    return PlanCatalog.from_file(settings.plans_file) if settings.plans_file else PlanCatalog.builtin()
+
+
+def shard_configs(settings: Settings, plans: PlanCatalog) -> list[ShardConfig]:
+    policy = LedgerPolicy(
+        plans=plans,
+        stale_session_ms=round(settings.stale_session_s * MS_PER_SECOND),
+        low_balance_ms=round(settings.low_balance_minutes * MS_PER_MINUTE),
+    )
+    return [
+        ShardConfig(
+            shard_index=index,
+            shard_count=settings.shards,
+            policy=policy,
+            sync_interval_s=settings.sync_interval_s,
+            max_pending_calls=settings.shard_max_pending_calls,
+        )
+        for index in range(settings.shards)
+    ]
+
+
+def _connect_ray(settings: Settings) -> bool:
+    """Connect to Ray; True when this process started (and so owns) a local cluster. Blocking."""
+    if ray.is_initialized():
+        return False
+    if settings.ray_address:
+        ray.init(
+            address=settings.ray_address,
+            namespace=settings.ray_namespace,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        return False
+    ray.init(
+        address="local",
+        namespace=settings.ray_namespace,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+class Runtime:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        database: Database,
+        pool: asyncpg.Pool,
+        router: ShardRouter,
+        owns_ray: bool,
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.pool = pool
+        self.router = router
+        self.owns_ray = owns_ray
+        self.state: RuntimeState = "running"
+
+    @classmethod
+    async def start(cls, settings: Settings, *, metrics: Metrics) -> Runtime:
+        plans = await asyncio.to_thread(load_plans, settings)
+        if settings.ray_address and settings.database_url is None:
+            log.warning("embedded_postgres_with_cluster", hint="shards on other nodes cannot reach it")
+        database = await open_database(settings)
+        try:
+            applied = await migrate_database(database.dsn, settings)
+            pool = await create_pool(
+                database.dsn,
+                PoolLimits(min_size=1, max_size=GATEWAY_POOL_MAX_SIZE, statement_timeout_s=settings.db_statement_timeout_s),
+                role="gateway",
+            )
+        except BaseException:
+            if database.embedded is not None:
+                await asyncio.to_thread(database.embedded.stop)
+            raise
+        try:
+            owns_ray = await asyncio.to_thread(_connect_ray, settings)
+            handles = await asyncio.to_thread(_get_shards, settings, plans, database.dsn)
+        except BaseException:
+            await pool.close()
+            if database.embedded is not None:
+                await asyncio.to_thread(database.embedded.stop)
+            raise
+        router = ShardRouter(handles, call_timeout_s=settings.actor_call_timeout_s, metrics=metrics)
+        runtime = cls(settings=settings, database=database, pool=pool, router=router, owns_ray=owns_ray)
+        await runtime._wait_for_shards()
+        log.info(
+            "runtime_started",
+            shards=settings.shards,
+            migrations_applied=applied,
+            embedded_postgres=database.embedded is not None,
+            local_ray=owns_ray,
+        )
+        return runtime
+
+    async def _wait_for_shards(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHARDS_READY_WAIT_S
+        while True:
+            results = await self.router.each("ready")
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if not failures:
+                return
+            if loop.time() >= deadline:
+                log.warning("shards_not_ready", failing=len(failures), error=repr(failures[0]))
+                return
+            await asyncio.sleep(0.5)
+
+    async def database_ok(self) -> bool:
+        try:
+            async with asyncio.timeout(self.settings.db_statement_timeout_s):
+                async with self.pool.acquire() as connection:
+                    return bool(await connection.fetchval("select true"))
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+
+    async def stop(self) -> None:
+        if self.state != "running":
+            return
+        self.state = "stopping"
+        method = "stop" if self.owns_ray else "flush"
+        try:
+            async with asyncio.timeout(SHUTDOWN_FLUSH_TIMEOUT_S):
+                results = await self.router.each(method)
+            for index, result in enumerate(results):
+                if isinstance(result, BaseException):
+                    log.error("shard_final_flush_failed", shard=index, error=repr(result))
+        except TimeoutError:
+            log.error("shard_final_flush_timed_out", timeout_s=SHUTDOWN_FLUSH_TIMEOUT_S)
+        if self.owns_ray:
+            await asyncio.to_thread(ray.shutdown)
+        await self.pool.close()
+        if self.database.embedded is not None:
+            await asyncio.to_thread(self.database.embedded.stop)
+        self.state = "stopped"
+        log.info("runtime_stopped")
+
+
+def _get_shards(settings: Settings, plans: PlanCatalog, dsn: str) -> list[Any]:
+    others = other_shard_counts(settings.ray_namespace, settings.shards)
+    if others:
+        raise SettingsError(
+            f"shards for LEDGER_SHARDS={sorted(others)} are running in Ray namespace "
+            f"{settings.ray_namespace!r}; every gateway must use the same LEDGER_SHARDS "
+            f"(this one has {settings.shards}), or a user would have two writers"
+        )
+    factory = PostgresStoreFactory(
+        dsn=dsn,
+        limits=PoolLimits(
+            min_size=1, max_size=settings.db_pool_max_size, statement_timeout_s=settings.db_statement_timeout_s
+        ),
+    )
+    return get_or_create_shards(
+        namespace=settings.ray_namespace,
+        configs=shard_configs(settings, plans),
+        store_factory=factory,
+        log_format=settings.resolved_log_format,
+        log_level=settings.log_level,
+    )

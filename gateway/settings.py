@@ -1,0 +1,76 @@
+"""Settings: every `LEDGER_*` environment variable, read once into one typed object.
+
+Built by the CLI or by whoever calls `create_app`, never at import. Names
+carry their units. In production the validators refuse configurations that
+are only fit for a laptop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# A secret shorter than this is refused in production (RFC 7518 §3.2: an
+# HS256 key must be at least as long as the hash output, 32 bytes).
+SECRET_MIN_LENGTH_PRODUCTION = 32
+
+
+class SettingsError(ValueError):
+    """A setting is impossible or unsafe; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LEDGER_", frozen=True, validate_default=True)
+
+    env: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65_535)
+    data_dir: Path = Path(".usage-ledger")
+    database_url: SecretStr | None = None
+    ray_address: str | None = None
+    ray_namespace: str = Field(default="usage-ledger", min_length=1, max_length=64)
+    shards: int = Field(default=4, ge=1, le=1_024)
+    plans_file: Path | None = None
+
+    jwt_secret: SecretStr | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: float = Field(default=30.0, ge=0, le=300)
+    internal_secret: SecretStr | None = None
+
+    sync_interval_s: float = Field(default=30.0, gt=0, le=3_600)
+    stale_session_s: float = Field(default=600.0, gt=0, le=86_400)
+    low_balance_minutes: float = Field(default=5.0, ge=0)
+
+    actor_call_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    shard_max_pending_calls: int = Field(default=10_000, ge=1, le=1_000_000)
+    db_statement_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    db_pool_max_size: int = Field(default=4, ge=1, le=100)
+
+    log_format: Literal["console", "json"] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env != "production":
+            return self
+        for name in ("jwt_secret", "internal_secret"):
+            value: SecretStr | None = getattr(self, name)
+            if value is None:
+                raise SettingsError(
+                    f"LEDGER_{name.upper()} must be set in production (generated secrets are for development)"
+                )
+            if len(value.get_secret_value()) < SECRET_MIN_LENGTH_PRODUCTION:
+                raise SettingsError(
+                    f"LEDGER_{name.upper()} is shorter than {SECRET_MIN_LENGTH_PRODUCTION} characters"
+                )
+        return self
+
+    @property
+    def resolved_log_format(self) -> Literal["console", "json"]:
+        if self.log_format is not None:
+            return self.log_format
+        return "json" if self.env == "production" else "console"

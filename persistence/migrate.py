@@ -1,0 +1,80 @@
+"""Apply the numbered SQL migrations, safely when several processes start at once.
+
+A session-level advisory lock serializes migrators: the second process waits,
+then finds every migration already recorded in `schema_migrations` and does
+nothing. Each migration runs in its own transaction with its record.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+import structlog
+
+from persistence.errors import MigrationError, translate_errors
+
+log = structlog.get_logger("persistence.migrate")
+
+# pg_advisory_lock key: the bytes of "usageldg".
+MIGRATION_LOCK_KEY = int.from_bytes(b"usageldg", "big") & 0x7FFF_FFFF_FFFF_FFFF
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def discover() -> list[Migration]:
+    """The packaged migrations, in version order."""
+    found = []
+    for entry in resources.files("persistence.migrations").iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = _NAME.match(entry.name)
+        if match is None:
+            raise MigrationError("discover", f"migration file {entry.name!r} is not named NNNN_name.sql")
+        found.append(Migration(int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError("discover", f"duplicate migration versions in {versions}")
+    return found
+
+
+async def migrate(connection: asyncpg.Connection) -> list[int]:
+    """Apply what is missing; returns the versions applied by this call."""
+    applied_now: list[int] = []
+    with translate_errors("migrate"):
+        await connection.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        try:
+            await connection.execute(
+                """
+                create table if not exists schema_migrations (
+                    version     integer primary key,
+                    name        text not null,
+                    applied_at  timestamptz not null default now()
+                )
+                """
+            )
+            done = {row["version"] for row in await connection.fetch("select version from schema_migrations")}
+            for migration in discover():
+                if migration.version in done:
+                    continue
+                async with connection.transaction():
+                    await connection.execute(migration.sql)
+                    await connection.execute(
+                        "insert into schema_migrations (version, name) values ($1, $2)",
+                        migration.version,
+                        migration.name,
+                    )
+                applied_now.append(migration.version)
+                log.info("migration_applied", version=migration.version, name=migration.name)
+        finally:
+            await connection.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    return applied_now

@@ -1,0 +1,59 @@
+"""`plan_events`: every plan change billing delivered, applied or not, keyed by delivery id."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+
+from actors.records import PlanEventRecord
+from actors.times import from_datetime, to_datetime
+
+
+async def insert_plan_event(connection: asyncpg.Connection, *, event: PlanEventRecord) -> bool:
+    """Record the event; False when its delivery id is already recorded."""
+    status = await connection.execute(
+        """
+        insert into plan_events (
+            delivery_id, user_id, plan, action, occurred_at, reset_usage,
+            period_start, period_end, applied, response
+        ) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
+        on conflict (delivery_id) do nothing
+        """,
+        event.delivery_id,
+        event.user_id,
+        event.plan,
+        event.action,
+        to_datetime(event.occurred_at_ms),
+        event.reset_usage,
+        to_datetime(event.period_start_ms) if event.period_start_ms is not None else None,
+        to_datetime(event.period_end_ms) if event.period_end_ms is not None else None,
+        event.applied,
+        json.dumps(event.response),
+    )
+    return bool(status == "INSERT 0 1")
+
+
+async def fetch_plan_event(connection: asyncpg.Connection, *, delivery_id: str) -> PlanEventRecord | None:
+    row = await connection.fetchrow(
+        """
+        select delivery_id, user_id, plan, action, occurred_at, reset_usage,
+               period_start, period_end, applied, response::text as response
+        from plan_events where delivery_id = $1
+        """,
+        delivery_id,
+    )
+    if row is None:
+        return None
+    return PlanEventRecord(
+        delivery_id=row["delivery_id"],
+        user_id=row["user_id"],
+        plan=row["plan"],
+        action=row["action"],
+        occurred_at_ms=from_datetime(row["occurred_at"]),
+        reset_usage=row["reset_usage"],
+        period_start_ms=from_datetime(row["period_start"]) if row["period_start"] is not None else None,
+        period_end_ms=from_datetime(row["period_end"]) if row["period_end"] is not None else None,
+        applied=row["applied"],
+        response=json.loads(row["response"]),
+    )

@@ -1,0 +1,108 @@
+"""`usage_sessions`: one row per voice/AI session, upserted in batches, guarded by `version`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import asyncpg
+
+from actors.records import SessionRecord
+from actors.times import from_datetime, to_datetime
+
+_COLUMNS = """
+    id, user_id, started_at, last_heartbeat_at, ended_at, used_ms,
+    topic, difficulty, end_reason, last_seq, version
+"""
+
+
+def _record(row: asyncpg.Record) -> SessionRecord:
+    return SessionRecord(
+        session_id=str(row["id"]),
+        user_id=row["user_id"],
+        started_at_ms=from_datetime(row["started_at"]),
+        last_heartbeat_at_ms=from_datetime(row["last_heartbeat_at"]),
+        used_ms=row["used_ms"],
+        topic=row["topic"],
+        difficulty=row["difficulty"],
+        version=row["version"],
+        ended_at_ms=from_datetime(row["ended_at"]) if row["ended_at"] is not None else None,
+        end_reason=row["end_reason"],
+        last_seq=row["last_seq"],
+    )
+
+
+def _as_uuid(session_id: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(session_id)
+    except ValueError:
+        return None
+
+
+async def upsert_sessions(connection: asyncpg.Connection, *, sessions: Sequence[SessionRecord]) -> None:
+    await connection.execute(
+        f"""
+        insert into usage_sessions as s ({_COLUMNS})
+        select * from unnest(
+            $1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[],
+            $6::bigint[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[]
+        )
+        on conflict (id) do update
+            set last_heartbeat_at = excluded.last_heartbeat_at,
+                ended_at = excluded.ended_at,
+                used_ms = excluded.used_ms,
+                end_reason = excluded.end_reason,
+                last_seq = excluded.last_seq,
+                version = excluded.version,
+                updated_at = now()
+            where s.version < excluded.version and s.user_id = excluded.user_id
+        """,
+        [s.session_id for s in sessions],
+        [s.user_id for s in sessions],
+        [to_datetime(s.started_at_ms) for s in sessions],
+        [to_datetime(s.last_heartbeat_at_ms) for s in sessions],
+        [to_datetime(s.ended_at_ms) if s.ended_at_ms is not None else None for s in sessions],
+        [s.used_ms for s in sessions],
+        [s.topic for s in sessions],
+        [s.difficulty for s in sessions],
+        [s.end_reason for s in sessions],
+        [s.last_seq for s in sessions],
+        [s.version for s in sessions],
+    )
+
+
+async def fetch_open_sessions(
+    connection: asyncpg.Connection, *, user_ids: Sequence[str]
+) -> dict[str, SessionRecord]:
+    rows = await connection.fetch(
+        f"select {_COLUMNS} from usage_sessions where user_id = any($1::text[]) and ended_at is null",
+        list(user_ids),
+    )
+    return {row["user_id"]: _record(row) for row in rows}
+
+
+async def fetch_open_session_users(connection: asyncpg.Connection) -> list[str]:
+    rows = await connection.fetch("select user_id from usage_sessions where ended_at is null order by user_id")
+    return [row["user_id"] for row in rows]
+
+
+async def fetch_session(connection: asyncpg.Connection, *, user_id: str, session_id: str) -> SessionRecord | None:
+    key = _as_uuid(session_id)
+    if key is None:
+        return None
+    row = await connection.fetchrow(
+        f"select {_COLUMNS} from usage_sessions where id = $1 and user_id = $2", key, user_id
+    )
+    return _record(row) if row is not None else None
+
+
+async def fetch_sessions(connection: asyncpg.Connection, *, user_id: str, limit: int) -> list[SessionRecord]:
+    rows = await connection.fetch(
+        f"""
+        select {_COLUMNS} from usage_sessions
+        where user_id = $1 order by started_at desc, id limit $2
+        """,
+        user_id,
+        limit,
+    )
+    return [_record(row) for row in rows]

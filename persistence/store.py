@@ -1,0 +1,94 @@
+"""PostgresStore: the `LedgerStore` a shard uses in production.
+
+Each `save` is one transaction with one batched statement per table, so a
+flush of thousands of users costs a handful of round trips, and a durable
+single-user write (session start, plan change) is atomic with its plan event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from actors.records import LedgerSnapshot, PlanEventRecord, SessionRecord, StoredLedger
+from persistence import plan_events, sessions, users
+from persistence.database import PoolLimits, create_pool
+from persistence.errors import PersistenceError, translate_errors
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
+        with translate_errors("load"):
+            async with self._pool.acquire() as connection:
+                known = await users.fetch_users(connection, user_ids=user_ids)
+                if not known:
+                    return {}
+                ids = list(known)
+                periods = await users.fetch_recent_periods(connection, user_ids=ids)
+                open_sessions = await sessions.fetch_open_sessions(connection, user_ids=ids)
+        return {
+            user_id: StoredLedger(
+                user=user,
+                periods=tuple(periods.get(user_id, ())),
+                open_session=open_sessions.get(user_id),
+            )
+            for user_id, user in known.items()
+        }
+
+    async def open_session_users(self) -> list[str]:
+        with translate_errors("open_session_users"):
+            async with self._pool.acquire() as connection:
+                return await sessions.fetch_open_session_users(connection)
+
+    async def save(self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None) -> None:
+        if not snapshots and plan_event is None:
+            return
+        all_periods = [period for snapshot in snapshots for period in snapshot.periods]
+        all_sessions = [session for snapshot in snapshots for session in snapshot.sessions]
+        with translate_errors("save"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                await users.upsert_users(connection, users=[snapshot.user for snapshot in snapshots])
+                if all_periods:
+                    await users.upsert_periods(connection, periods=all_periods)
+                if all_sessions:
+                    await sessions.upsert_sessions(connection, sessions=all_sessions)
+                if plan_event is not None and not await plan_events.insert_plan_event(connection, event=plan_event):
+                    raise PersistenceError("save", f"plan event {plan_event.delivery_id!r} is already recorded")
+
+    async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
+        with translate_errors("find_session"):
+            async with self._pool.acquire() as connection:
+                return await sessions.fetch_session(connection, user_id=user_id, session_id=session_id)
+
+    async def list_sessions(self, user_id: str, limit: int) -> list[SessionRecord]:
+        with translate_errors("list_sessions"):
+            async with self._pool.acquire() as connection:
+                return await sessions.fetch_sessions(connection, user_id=user_id, limit=limit)
+
+    async def find_plan_event(self, delivery_id: str) -> PlanEventRecord | None:
+        with translate_errors("find_plan_event"):
+            async with self._pool.acquire() as connection:
+                return await plan_events.fetch_plan_event(connection, delivery_id=delivery_id)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresStoreFactory:
+    """Picklable recipe for a `PostgresStore`: the gateway hands it to each shard actor."""
+
+    dsn: str
+    limits: PoolLimits = field(default_factory=PoolLimits)
+
+    async def __call__(self) -> PostgresStore:
+        return PostgresStore(await create_pool(self.dsn, self.limits, role="shard"))
+
+    def __repr__(self) -> str:
+        # The DSN may carry a password; never print it.
+        return f"PostgresStoreFactory(limits={self.limits!r})"

@@ -1,0 +1,257 @@
+"""Real components for integration tests: Postgres, Ray, and the server over real HTTP.
+
+- Postgres: `LEDGER_TEST_DATABASE_URL` when set (a fresh database is created
+  on that server for the run and dropped after), otherwise an embedded server
+  in a temporary directory.
+- Ray: one local cluster for the whole run, started here and shut down at the end.
+- Servers: `create_app(settings)` served by uvicorn on a free loopback port,
+  in this process's event loop, reached with httpx over TCP. Each server gets
+  its own Ray namespace, so its shards are its own; they are killed at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+import ray
+import uvicorn
+from standardwebhooks.webhooks import Webhook
+
+from actors.hosting import kill_shards
+from gateway.app import create_app
+from gateway.auth import issue_token
+from gateway.settings import Settings
+from persistence.embedded import EmbeddedPostgres, ensure_database
+
+PLANS_FILE = Path(__file__).with_name("plans.toml")
+JWT_SECRET = "integration-test-jwt-secret-" + "x" * 16
+INTERNAL_SECRET = "whsec_" + "aW50ZWdyYXRpb24tdGVzdC1pbnRlcm5hbC1zZWNyZXQ="
+SYNC_INTERVAL_S = 1.0
+STALE_SESSION_S = 4.0
+
+pytestmark = pytest.mark.integration
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A DSN for an empty database that lives as long as the test run."""
+    external = os.environ.get("LEDGER_TEST_DATABASE_URL")
+    name = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    embedded: EmbeddedPostgres | None = None
+    if external:
+        admin_dsn = external
+    else:
+        embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+        admin_dsn = embedded.start()
+    asyncio.run(ensure_database(admin_dsn, name))
+    yield _with_database(admin_dsn, name) if external else embedded.dsn(name)  # type: ignore[union-attr]
+    if embedded is not None:
+        embedded.stop()
+    else:
+
+        async def drop() -> None:
+            connection = await asyncpg.connect(admin_dsn)
+            try:
+                await connection.execute(f'drop database if exists "{name}" with (force)')
+            finally:
+                await connection.close()
+
+        asyncio.run(drop())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray for the whole run; shut down at the end."""
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the test runner keeps Ctrl-C."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    settings: Settings
+    app: Any
+    server: _QuietServer
+    task: asyncio.Task[None]
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.state.runtime
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, timeout=30)
+
+    async def stop(self) -> None:
+        """Shut the server down as SIGTERM would: the lifespan flushes every shard."""
+        self.server.should_exit = True
+        await self.task
+
+    def shard_handles(self) -> list[Any]:
+        return list(self.runtime.router._handles)
+
+
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def start_server(
+    postgres_dsn: str, ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ServerFactory]:
+    """Start servers on demand; all are stopped and their shards killed at the end of the run."""
+    started: list[RunningServer] = []
+    namespaces: set[str] = set()
+
+    async def start(*, namespace: str | None = None, **overrides: Any) -> RunningServer:
+        fields: dict[str, Any] = {
+            "database_url": postgres_dsn,
+            "data_dir": tmp_path_factory.mktemp("data"),
+            "ray_namespace": namespace or f"test-{uuid.uuid4().hex[:8]}",
+            "shards": 2,
+            "plans_file": PLANS_FILE,
+            "jwt_secret": JWT_SECRET,
+            "internal_secret": INTERNAL_SECRET,
+            "sync_interval_s": SYNC_INTERVAL_S,
+            "stale_session_s": STALE_SESSION_S,
+            "log_level": "warning",
+        }
+        fields.update(overrides)
+        settings = Settings(**fields)
+        namespaces.add(settings.ray_namespace)
+        app = create_app(settings)
+        server = _QuietServer(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_config=None))
+        task = asyncio.get_running_loop().create_task(server.serve())
+        deadline = time.monotonic() + 120
+        while not server.started:
+            if task.done():
+                task.result()  # raises what startup raised
+                raise RuntimeError("server exited during startup")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start within 120 s")
+            await asyncio.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        running = RunningServer(f"http://127.0.0.1:{port}", settings, app, server, task)
+        started.append(running)
+        return running
+
+    yield start
+
+    for running in started:
+        if not running.task.done():
+            await running.stop()
+    for namespace in namespaces:
+        handles = [
+            ray.get_actor(entry["name"], namespace=namespace)
+            for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"] == namespace
+        ]
+        kill_shards(handles)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def server(start_server: ServerFactory) -> RunningServer:
+    """The shared server most tests use (each test uses its own user ids)."""
+    return await start_server()
+
+
+@pytest_asyncio.fixture
+async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with server.client() as http:
+        yield http
+
+
+@pytest_asyncio.fixture(scope="session")
+async def database(postgres_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection, for checking what the server wrote."""
+    connection = await asyncpg.connect(postgres_dsn)
+    yield connection
+    await connection.close()
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def new_user() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def auth(user_id: str, *, ttl_s: int = 600) -> dict[str, str]:
+    return {"Authorization": f"Bearer {issue_token(secret=JWT_SECRET, user_id=user_id, ttl_s=ttl_s)}"}
+
+
+def signed(
+    body: dict[str, Any] | str,
+    *,
+    webhook_id: str | None = None,
+    secret: str = INTERNAL_SECRET,
+    timestamp: datetime | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """A body and the Standard Webhooks headers that sign it."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    message_id = webhook_id or f"msg_{uuid.uuid4().hex}"
+    moment = timestamp or datetime.now(UTC)
+    signature = Webhook(secret).sign(message_id, moment, text)
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": message_id,
+        "webhook-timestamp": str(int(moment.timestamp())),
+        "webhook-signature": signature,
+    }
+    return text.encode(), headers
+
+
+async def change_plan(
+    http: httpx.AsyncClient, user_id: str, plan: str, *, webhook_id: str | None = None, **fields: Any
+) -> httpx.Response:
+    body = {"plan": plan, "action": fields.pop("action", "upgrade"), "occurred_at": datetime.now(UTC).isoformat()}
+    body.update(fields)
+    content, headers = signed(body, webhook_id=webhook_id)
+    return await http.post(f"/internal/v1/users/{user_id}/plan", content=content, headers=headers)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 15.0, every_s: float = 0.2) -> None:
+    """Poll `check` until it holds; fail with a clear message after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(every_s)

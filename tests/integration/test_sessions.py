@@ -1,0 +1,232 @@
+"""The voice-session path over real HTTP, real Ray shards and real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.integration.conftest import STALE_SESSION_S, RunningServer, auth, change_plan, eventually, new_user
+
+pytestmark = pytest.mark.integration
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM_JSON
+    body = response.json()
+    assert body["code"] == code
+    assert body["status"] == status
+    assert {"type", "title", "detail"} <= body.keys()
+    return body  # type: ignore[no-any-return]
+
+
+async def test_new_user_gets_free_plan_defaults(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    response = await client.get("/v1/usage", headers=auth(user))
+    assert response.status_code == 200
+    usage = response.json()
+    assert usage["user_id"] == user
+    assert (usage["plan"], usage["minutes_limit"], usage["minutes_used"]) == ("free", 10, 0)
+    assert (usage["minutes_remaining"], usage["percent_used"], usage["warning"]) == (10, 0, None)
+    assert usage["active_session"] is None
+    assert usage["period_start"].endswith("-01T00:00:00Z")
+
+
+async def test_start_heartbeat_end_bills_server_time(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    started = await client.post("/v1/sessions", json={"topic": "  travel  ", "difficulty": "advanced"}, headers=auth(user))
+    assert started.status_code == 201, started.text
+    session = started.json()
+    session_id = session["session_id"]
+    assert session["minutes_remaining"] == 10
+    await asyncio.sleep(1.3)
+    beat = await client.post(f"/v1/sessions/{session_id}/heartbeat", json={"seq": 1}, headers=auth(user))
+    assert beat.status_code == 200, beat.text
+    assert beat.json()["state"] == "active"
+    assert beat.json()["session_minutes"] >= 0.02
+    current = (await client.get("/v1/sessions/current", headers=auth(user))).json()
+    assert (current["session_id"], current["topic"], current["difficulty"]) == (session_id, "travel", "advanced")
+    ended = await client.post(f"/v1/sessions/{session_id}/end", json={}, headers=auth(user))
+    assert ended.status_code == 200
+    assert (ended.json()["state"], ended.json()["end_reason"]) == ("ended", "user_ended")
+    again = await client.post(f"/v1/sessions/{session_id}/end", headers=auth(user))
+    assert again.json() == ended.json()
+    assert_problem(await client.get("/v1/sessions/current", headers=auth(user)), 404, "session_not_found")
+    history = (await client.get("/v1/sessions", params={"limit": 5}, headers=auth(user))).json()["sessions"]
+    assert [(s["session_id"], s["end_reason"]) for s in history] == [(session_id, "user_ended")]
+
+
+async def test_second_start_while_active_is_session_active(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    first = (await client.post("/v1/sessions", headers=auth(user))).json()
+    body = assert_problem(await client.post("/v1/sessions", headers=auth(user)), 409, "session_active")
+    assert body["session_id"] == first["session_id"]
+
+
+async def test_concurrent_starts_open_exactly_one_session(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    answers = await asyncio.gather(*(client.post("/v1/sessions", headers=auth(user)) for _ in range(10)))
+    assert sorted(a.status_code for a in answers) == [201] + [409] * 9
+
+
+async def test_another_users_session_is_not_found(client: httpx.AsyncClient) -> None:
+    owner, intruder = new_user(), new_user()
+    session_id = (await client.post("/v1/sessions", headers=auth(owner))).json()["session_id"]
+    for path in (f"/v1/sessions/{session_id}/heartbeat", f"/v1/sessions/{session_id}/end"):
+        assert_problem(await client.post(path, headers=auth(intruder)), 404, "session_not_found")
+    still = (await client.get("/v1/sessions/current", headers=auth(owner))).json()
+    assert still["session_id"] == session_id
+    assert_problem(
+        await client.post(f"/v1/sessions/{uuid.uuid4()}/heartbeat", headers=auth(owner)), 404, "session_not_found"
+    )
+    assert_problem(await client.post("/v1/sessions/not-a-uuid/end", headers=auth(owner)), 404, "session_not_found")
+
+
+async def test_six_second_plan_ends_limit_reached_at_the_limit(
+    client: httpx.AsyncClient, database: asyncpg.Connection
+) -> None:
+    user = new_user()
+    assert (await change_plan(client, user, "tiny")).status_code == 200
+    session_id = (await client.post("/v1/sessions", headers=auth(user))).json()["session_id"]
+    last = None
+    for _ in range(20):  # heartbeat every 0.5 s until the server says it is over
+        await asyncio.sleep(0.5)
+        response = await client.post(f"/v1/sessions/{session_id}/heartbeat", headers=auth(user))
+        last = response.json()
+        if response.status_code != 200 or last["state"] == "ended":
+            break
+    assert last is not None and last["state"] == "ended" and last["end_reason"] == "limit_reached", last
+    assert last["session_minutes"] == 0.1
+    usage = (await client.get("/v1/usage", headers=auth(user))).json()
+    assert (usage["minutes_used"], usage["minutes_remaining"], usage["warning"]) == (0.1, 0, "exhausted")
+    assert_problem(await client.post("/v1/sessions", headers=auth(user)), 403, "no_credits")
+    row = await database.fetchrow("select used_ms, end_reason from usage_sessions where id = $1", uuid.UUID(session_id))
+    assert row is not None
+    assert (row["used_ms"], row["end_reason"]) == (6_000, "limit_reached")
+
+
+async def test_limit_alarm_ends_session_without_a_heartbeat_at_the_end(client: httpx.AsyncClient) -> None:
+    """Heartbeats stop a second before the limit; the shard's alarm ends the session at the limit."""
+    user = new_user()
+    await change_plan(client, user, "tiny")
+    session_id = (await client.post("/v1/sessions", headers=auth(user))).json()["session_id"]
+    for _ in range(5):
+        await asyncio.sleep(1.0)
+        beat = await client.post(f"/v1/sessions/{session_id}/heartbeat", headers=auth(user))
+        assert beat.json()["state"] == "active"
+
+    async def ended() -> bool:
+        history = (await client.get("/v1/sessions", headers=auth(user))).json()["sessions"]
+        return bool(history) and history[0]["end_reason"] == "limit_reached"
+
+    await eventually(ended, timeout_s=12)
+    history = (await client.get("/v1/sessions", headers=auth(user))).json()["sessions"]
+    started = datetime.fromisoformat(history[0]["started_at"])
+    finished = datetime.fromisoformat(history[0]["ended_at"])
+    assert (finished - started).total_seconds() == 6.0
+    assert history[0]["session_id"] == session_id and history[0]["minutes_used"] == 0.1
+
+
+async def test_silent_session_ends_stale_billed_to_last_heartbeat(
+    client: httpx.AsyncClient, database: asyncpg.Connection
+) -> None:
+    user = new_user()
+    session_id = (await client.post("/v1/sessions", headers=auth(user))).json()["session_id"]
+    await asyncio.sleep(1.0)
+    await client.post(f"/v1/sessions/{session_id}/heartbeat", headers=auth(user))
+    # ...and then silence, longer than LEDGER_STALE_SESSION_S.
+
+    async def stale() -> bool:
+        row = await database.fetchrow(
+            "select end_reason from usage_sessions where id = $1", uuid.UUID(session_id)
+        )
+        return row is not None and row["end_reason"] == "stale"
+
+    await eventually(stale, timeout_s=STALE_SESSION_S + 10)
+    row = await database.fetchrow(
+        "select started_at, last_heartbeat_at, ended_at, used_ms from usage_sessions where id = $1",
+        uuid.UUID(session_id),
+    )
+    assert row is not None
+    billed_ms = round((row["last_heartbeat_at"] - row["started_at"]).total_seconds() * 1000)
+    assert row["ended_at"] == row["last_heartbeat_at"]
+    assert row["used_ms"] == billed_ms >= 1000
+    body = assert_problem(
+        await client.post(f"/v1/sessions/{session_id}/heartbeat", headers=auth(user)), 409, "session_ended"
+    )
+    assert body["end_reason"] == "stale"
+
+
+async def test_bad_input_is_refused_and_changes_nothing(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    before = (await client.get("/v1/usage", headers=auth(user))).json()
+    for body in (
+        {"topic": "x", "unknown": 1},
+        {"topic": "   "},
+        {"topic": "x" * 1001},
+        {"difficulty": "expert"},
+        {"topic": 5},
+    ):
+        assert_problem(await client.post("/v1/sessions", json=body, headers=auth(user)), 422, "invalid_request")
+    assert_problem(
+        await client.post("/v1/sessions", content=b"{not json", headers={**auth(user), "content-type": "application/json"}),
+        422,
+        "invalid_request",
+    )
+    assert_problem(await client.get("/v1/sessions", params={"limit": 0}, headers=auth(user)), 422, "invalid_request")
+    assert_problem(await client.get("/v1/sessions", params={"limit": 101}, headers=auth(user)), 422, "invalid_request")
+    after = (await client.get("/v1/usage", headers=auth(user))).json()
+    assert after == before
+
+
+async def test_heartbeat_rejects_wrong_types(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    session_id = (await client.post("/v1/sessions", headers=auth(user))).json()["session_id"]
+    for body in ({"seq": "1"}, {"seq": -1}, {"seq": 1.5}, {"other": 1}):
+        assert_problem(
+            await client.post(f"/v1/sessions/{session_id}/heartbeat", json=body, headers=auth(user)),
+            422,
+            "invalid_request",
+        )
+
+
+async def test_body_over_16_kib_is_413(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    response = await client.post("/v1/sessions", json={"topic": "x" * (17 * 1024)}, headers=auth(user))
+    assert_problem(response, 413, "payload_too_large")
+    assert (await client.get("/v1/usage", headers=auth(user))).json()["active_session"] is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer not-a-jwt"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        auth("someone", ttl_s=-120),
+    ],
+    ids=["missing", "garbage", "basic", "expired"],
+)
+async def test_user_routes_need_a_valid_token(client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    response = await client.get("/v1/usage", headers=headers)
+    assert_problem(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_operations_endpoints(client: httpx.AsyncClient, server: RunningServer) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert len(ready.json()["shards"]) == server.settings.shards
+    metrics = await client.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'ledger_http_requests_total{method="GET",route="/readyz",status="200"}' in metrics.text
+    assert "ledger_shard_resident_users" in metrics.text
+    assert (await client.get("/no/such/route")).headers["content-type"] == PROBLEM_JSON
