@@ -1,0 +1,138 @@
+"""The `usage-ledger` command as a new user runs it: nothing configured, embedded Postgres, local Ray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent / "usage-ledger"
+START_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without any LEDGER_* or RAY_* setting: nothing configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEDGER_", "RAY_"))}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run([str(BIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"usage-ledger {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout.strip()
+
+
+class Serve:
+    def __init__(self, cwd: Path, env: dict[str, str], port: int) -> None:
+        self.log = (cwd / f"serve-{time.monotonic_ns()}.log").open("w")
+        self.process = subprocess.Popen(
+            [str(BIN), "serve"], cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self.base = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert self.process.poll() is None, f"serve exited early; see {self.log.name}"
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM, then check the drain ran to the end (uvicorn then re-raises the signal, by design)."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=STOP_TIMEOUT_S)
+        finally:
+            self.log.close()
+        assert code in (0, -signal.SIGTERM), f"serve exited with {code}"
+        log = Path(self.log.name).read_text()
+        assert "runtime_stopped" in log, "serve must flush and stop the runtime before exiting"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    # Whatever happened, leave no server behind (its Ray and embedded Postgres go with it).
+    for server in STARTED:
+        server.kill()
+    STARTED.clear()
+    subprocess.run(["pkill", "-f", f"postgres -D {tmp_path}"], check=False)
+
+
+STARTED: list[Serve] = []
+
+
+def serve(cwd: Path, env: dict[str, str], port: int) -> Serve:
+    server = Serve(cwd, env, port)
+    STARTED.append(server)
+    server.wait_ready()
+    return server
+
+
+def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> None:
+    port = free_port()
+    env = clean_env(LEDGER_PORT=str(port))
+    server = serve(workdir, env, port)
+    try:
+        token = run_cli("token", "alice", cwd=workdir, env=env)
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=server.base, headers=headers, timeout=30) as http:
+            started = http.post("/v1/sessions", json={"topic": "ordering coffee", "difficulty": "beginner"})
+            assert started.status_code == 201, started.text
+            session_id = started.json()["session_id"]
+            time.sleep(1.5)
+            beat = http.post(f"/v1/sessions/{session_id}/heartbeat", json={"seq": 1})
+            assert beat.status_code == 200 and beat.json()["state"] == "active"
+            ended = http.post(f"/v1/sessions/{session_id}/end")
+            assert ended.status_code == 200 and ended.json()["end_reason"] == "user_ended"
+            used = ended.json()["minutes_used"]
+            assert used >= 0.02
+        answer = run_cli("internal", "plan", "alice", "pro", "--url", server.base, cwd=workdir, env=env)
+        assert '"applied": true' in answer
+    finally:
+        server.stop()
+    assert (workdir / ".usage-ledger" / "dev-secrets.json").stat().st_mode & 0o077 == 0
+
+    again = serve(workdir, env, port)
+    try:
+        with httpx.Client(base_url=again.base, headers=headers, timeout=30) as http:
+            usage = http.get("/v1/usage").json()
+            assert (usage["plan"], usage["minutes_used"]) == ("pro", used)
+            history = http.get("/v1/sessions").json()["sessions"]
+            assert [(s["session_id"], s["topic"]) for s in history] == [(session_id, "ordering coffee")]
+    finally:
+        again.stop()
+
+
+def test_migrate_command_prepares_an_embedded_database(workdir: Path) -> None:
+    env = clean_env()
+    assert "applied migrations: [1]" in run_cli("migrate", cwd=workdir, env=env)
+    assert "up to date" in run_cli("migrate", cwd=workdir, env=env)

@@ -1,0 +1,137 @@
+"""Signed internal calls from billing: plan changes, replays, late events, signatures."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import httpx
+
+from tests.integration.conftest import auth, change_plan, new_user, signed
+from tests.integration.test_sessions import assert_problem
+
+
+async def test_signed_plan_change_is_visible_on_next_request(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    session_id = (await client.post("/v1/sessions", headers=auth(user))).json()["session_id"]
+    response = await change_plan(client, user, "pro")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["applied"] is True
+    assert (body["usage"]["plan"], body["usage"]["minutes_limit"]) == ("pro", 500)
+    usage = (await client.get("/v1/usage", headers=auth(user))).json()
+    assert (usage["plan"], usage["minutes_limit"], usage["version"]) == ("pro", 500, body["usage"]["version"])
+    current = (await client.get("/v1/sessions/current", headers=auth(user))).json()
+    assert current["session_id"] == session_id
+    assert current["minutes_remaining"] == 500
+
+
+async def test_replayed_delivery_returns_first_answer_with_no_new_effect(
+    client: httpx.AsyncClient, database: asyncpg.Connection
+) -> None:
+    user = new_user()
+    delivery = f"msg_{uuid.uuid4().hex}"
+    occurred = datetime.now(UTC).isoformat()
+    first = await change_plan(client, user, "basic", webhook_id=delivery, occurred_at=occurred, reset_usage=True)
+    await client.post("/v1/sessions", headers=auth(user))  # a change after the first delivery
+    replay = await change_plan(client, user, "basic", webhook_id=delivery, occurred_at=occurred, reset_usage=True)
+    assert replay.status_code == 200
+    assert replay.json() == first.json()
+    usage = (await client.get("/v1/usage", headers=auth(user))).json()
+    assert usage["active_session"] is not None, "the replay must not have reset anything"
+    assert usage["version"] == first.json()["usage"]["version"] + 1
+    count = await database.fetchval("select count(*) from plan_events where delivery_id = $1", delivery)
+    assert count == 1
+
+
+async def test_delivery_id_reused_with_another_body_is_a_conflict(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    delivery = f"msg_{uuid.uuid4().hex}"
+    await change_plan(client, user, "basic", webhook_id=delivery)
+    response = await change_plan(client, user, "pro", webhook_id=delivery)
+    assert_problem(response, 422, "idempotency_conflict")
+    assert (await client.get("/v1/usage", headers=auth(user))).json()["plan"] == "basic"
+
+
+async def test_older_event_arriving_late_is_recorded_not_applied(
+    client: httpx.AsyncClient, database: asyncpg.Connection
+) -> None:
+    user = new_user()
+    now = datetime.now(UTC)
+    newer = await change_plan(client, user, "pro", occurred_at=now.isoformat())
+    late_id = f"msg_{uuid.uuid4().hex}"
+    late = await change_plan(
+        client, user, "basic", action="downgrade", webhook_id=late_id, occurred_at=(now - timedelta(hours=1)).isoformat()
+    )
+    assert late.status_code == 200
+    assert late.json()["applied"] is False
+    assert late.json()["usage"]["plan"] == "pro"
+    assert late.json()["usage"]["version"] == newer.json()["usage"]["version"]
+    row = await database.fetchrow("select plan, applied from plan_events where delivery_id = $1", late_id)
+    assert row is not None and (row["plan"], row["applied"]) == ("basic", False)
+
+
+async def test_cancel_moves_to_free_and_unknown_user_is_created(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    created = await change_plan(client, user, "pro")
+    assert created.json()["usage"]["plan"] == "pro"
+    cancelled = await change_plan(client, user, "pro", action="cancel")
+    assert cancelled.json()["usage"]["plan"] == "free"
+    signed_get = signed("")
+    usage = await client.get(f"/internal/v1/users/{user}/usage", headers=signed_get[1])
+    assert usage.status_code == 200 and usage.json()["plan"] == "free"
+
+
+async def test_unknown_plan_and_bad_bodies_are_422_and_change_nothing(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    assert_problem(await change_plan(client, user, "platinum"), 422, "invalid_request")
+    for body in (
+        {"plan": "pro", "action": "upgrade"},
+        {"plan": "pro", "action": "promote", "occurred_at": datetime.now(UTC).isoformat()},
+        {"plan": "pro", "action": "upgrade", "occurred_at": "2026-11-01T00:00:00"},
+        {"plan": "pro", "action": "upgrade", "occurred_at": datetime.now(UTC).isoformat(), "minutes": 9999},
+        {
+            "plan": "pro",
+            "action": "upgrade",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "period_start": "2026-12-01T00:00:00Z",
+            "period_end": "2026-11-01T00:00:00Z",
+        },
+    ):
+        content, headers = signed(body)
+        response = await client.post(f"/internal/v1/users/{user}/plan", content=content, headers=headers)
+        assert_problem(response, 422, "invalid_request")
+    assert (await client.get("/v1/usage", headers=auth(user))).json()["version"] == 0
+
+
+async def test_bad_or_old_signatures_are_401(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    body = {"plan": "pro", "action": "upgrade", "occurred_at": datetime.now(UTC).isoformat()}
+    path = f"/internal/v1/users/{user}/plan"
+    content, good = signed(body)
+    cases = {
+        "wrong secret": signed(body, secret="whsec_" + "d3Jvbmctc2VjcmV0LXdyb25nLXNlY3JldA==")[1],
+        "old timestamp": signed(body, timestamp=datetime.now(UTC) - timedelta(minutes=6))[1],
+        "future timestamp": signed(body, timestamp=datetime.now(UTC) + timedelta(minutes=6))[1],
+        "no signature": {k: v for k, v in good.items() if k != "webhook-signature"},
+        "malformed signature": {**good, "webhook-signature": "garbage"},
+        "bad base64": {**good, "webhook-signature": "v1,@@@"},
+    }
+    for name, headers in cases.items():
+        response = await client.post(path, content=content, headers=headers)
+        assert response.status_code == 401, name
+        assert response.json()["code"] == "unauthorized", name
+    tampered = content.replace(b'"pro"', b'"bro"')
+    assert (await client.post(path, content=tampered, headers=good)).status_code == 401
+    # The same signature with a second, valid one alongside (secret rotation) is accepted.
+    rotated = {**good, "webhook-signature": f"v1,c29tZXRoaW5nLWVsc2U= {good['webhook-signature']}"}
+    assert (await client.post(path, content=content, headers=rotated)).status_code == 200
+    assert (await client.get("/v1/usage", headers=auth(user))).json()["plan"] == "pro"
+
+
+async def test_unsigned_call_learns_nothing_about_its_body(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        f"/internal/v1/users/{new_user()}/plan", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_problem(response, 401, "unauthorized")

@@ -1,0 +1,162 @@
+"""PostgresStore and migrations against a real Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from actors.ledger import LedgerPolicy, UserLedger
+from actors.plans import PlanCatalog
+from actors.records import PlanEventRecord
+from actors.times import MS_PER_MINUTE, from_datetime
+from persistence.database import PoolLimits, create_pool
+from persistence.errors import DatabaseUnavailable, PersistenceError
+from persistence.migrate import migrate
+from persistence.store import PostgresStore, PostgresStoreFactory
+
+POLICY = LedgerPolicy(plans=PlanCatalog.builtin(), stale_session_ms=10 * MS_PER_MINUTE, low_balance_ms=MS_PER_MINUTE)
+T0 = from_datetime(datetime(2026, 11, 30, 23, 50, tzinfo=UTC))
+
+
+@pytest.fixture(scope="module")
+async def store(postgres_dsn: str) -> AsyncIterator[PostgresStore]:
+    pool = await create_pool(postgres_dsn, PoolLimits(min_size=1, max_size=2))
+    async with pool.acquire() as connection:
+        await migrate(connection)
+    yield PostgresStore(pool)
+    await pool.close()
+
+
+def user_id() -> str:
+    return f"store-{uuid.uuid4().hex[:12]}"
+
+
+async def test_snapshot_round_trips_through_postgres(store: PostgresStore) -> None:
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0, plan="basic")
+    session_id = str(uuid.uuid4())
+    ledger.start_session(T0, session_id, topic="t", difficulty="beginner")
+    ledger.heartbeat(T0 + 5 * MS_PER_MINUTE, session_id, seq=3)
+    ledger.advance(T0 + 11 * MS_PER_MINUTE)  # crosses the month boundary with the session open
+    snapshot = ledger.snapshot()
+    await store.save([snapshot])
+    loaded = (await store.load([user, "nobody-" + user]))[user]
+    assert loaded.user == snapshot.user
+    assert loaded.open_session == next(s for s in snapshot.sessions if s.is_open)
+    assert sorted(loaded.periods, key=lambda p: p.start_ms) == sorted(snapshot.periods, key=lambda p: p.start_ms)
+    restored = UserLedger.restore(loaded, POLICY, T0 + 11 * MS_PER_MINUTE)
+    assert restored.usage(T0 + 11 * MS_PER_MINUTE) == ledger.usage(T0 + 11 * MS_PER_MINUTE)
+    assert user in await store.open_session_users()
+
+
+async def test_older_versions_never_overwrite_newer(store: PostgresStore) -> None:
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0)
+    session_id = str(uuid.uuid4())
+    ledger.start_session(T0, session_id)
+    older = ledger.snapshot()
+    ledger.end_session(T0 + MS_PER_MINUTE, session_id)
+    newer = ledger.snapshot()
+    await store.save([newer])
+    await store.save([older])  # a late, replayed flush
+    record = await store.find_session(user, session_id)
+    assert record is not None and record.end_reason == "user_ended" and record.used_ms == MS_PER_MINUTE
+    assert (await store.load([user]))[user].user.version == newer.version
+
+
+async def test_one_open_session_per_user_is_enforced(store: PostgresStore) -> None:
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0)
+    ledger.start_session(T0, str(uuid.uuid4()))
+    await store.save([ledger.snapshot()])
+    rogue = UserLedger.new(user, POLICY, T0)
+    rogue.version = 100
+    rogue.start_session(T0, str(uuid.uuid4()))
+    with pytest.raises(PersistenceError, match="ExclusionViolation"):
+        await store.save([rogue.snapshot()])
+
+
+async def test_closing_one_session_and_opening_the_next_in_one_batch(store: PostgresStore) -> None:
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    ledger.start_session(T0, first)
+    await store.save([ledger.snapshot()])
+    ledger.end_session(T0 + 1000, first)
+    ledger.start_session(T0 + 2000, second)
+    snapshot = ledger.snapshot()
+    # Put the open session first: the deferred constraint must not care about row order.
+    await store.save([replace(snapshot, sessions=tuple(reversed(snapshot.sessions)))])
+    assert [s.session_id for s in await store.list_sessions(user, 10)] == [second, first]
+
+
+async def test_plan_event_is_recorded_once(store: PostgresStore) -> None:
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0)
+    ledger.version = 1
+    event = PlanEventRecord(
+        delivery_id=f"msg_{uuid.uuid4().hex}",
+        user_id=user,
+        plan="pro",
+        action="upgrade",
+        occurred_at_ms=T0,
+        reset_usage=False,
+        period_start_ms=None,
+        period_end_ms=None,
+        applied=True,
+        response={"applied": True, "usage": {"plan": "pro"}},
+    )
+    await store.save([ledger.snapshot()], plan_event=event)
+    assert await store.find_plan_event(event.delivery_id) == event
+    with pytest.raises(PersistenceError, match="already recorded"):
+        await store.save([ledger.snapshot()], plan_event=event)
+
+
+async def test_malformed_session_id_is_simply_not_found(store: PostgresStore) -> None:
+    assert await store.find_session(user_id(), "not-a-uuid") is None
+
+
+async def test_unreachable_database_is_database_unavailable() -> None:
+    factory = PostgresStoreFactory(dsn="postgresql://nobody@127.0.0.1:1/none", limits=PoolLimits(connect_timeout_s=2))
+    with pytest.raises(DatabaseUnavailable):
+        await factory()
+    assert "nobody" not in repr(factory)
+
+
+async def test_concurrent_migrations_apply_once(postgres_dsn: str) -> None:
+    connections = [await asyncpg.connect(postgres_dsn) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(migrate(connection) for connection in connections))
+        assert all(result == [] for result in results)  # the module fixture migrated already
+        versions = await connections[0].fetch("select version from schema_migrations order by version")
+        assert [row["version"] for row in versions] == [1]
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+async def test_fresh_database_migrates_once_under_concurrency(postgres_dsn: str) -> None:
+    name = f"migrate_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres_dsn)
+    await admin.execute(f'create database "{name}"')
+    try:
+        dsn = postgres_dsn.rsplit("/", 1)[0] + f"/{name}" if "?" not in postgres_dsn else None
+        if dsn is None:  # a Unix-socket DSN keeps its query string
+            base, query = postgres_dsn.split("?", 1)
+            dsn = base.rsplit("/", 1)[0] + f"/{name}?{query}"
+        connections = [await asyncpg.connect(dsn) for _ in range(3)]
+        try:
+            results = await asyncio.gather(*(migrate(connection) for connection in connections))
+            assert sorted(len(r) for r in results) == [0, 0, 1]
+        finally:
+            for connection in connections:
+                await connection.close()
+    finally:
+        await admin.execute(f'drop database "{name}" with (force)')
+        await admin.close()
