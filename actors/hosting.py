@@ -49,7 +49,8 @@ class _HostedShard(LedgerShard):
         return os.getpid()
 
 
-ShardActor = ray.remote(
+# Ray's typed overloads list task options only; the actor options below are valid.
+ShardActor = ray.remote(  # type: ignore[call-overload]
     max_restarts=-1,
     max_task_retries=0,
     num_cpus=0,
@@ -69,7 +70,7 @@ def get_or_create_shards(
     handles = []
     for config in configs:
         assert config.shard_count == len(configs), "one config per shard"
-        handle = ShardActor.options(  # type: ignore[attr-defined]
+        handle = ShardActor.options(
             name=shard_name(config.shard_index, config.shard_count),
             namespace=namespace,
             lifetime="detached",

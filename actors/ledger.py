@@ -418,9 +418,7 @@ class UserLedger:
         """Apply a plan event unless an event at least as recent was applied. Returns whether applied."""
         self.advance(now_ms)
         target = (
-            self._policy.plans.default
-            if change.action == "cancel"
-            else self._policy.plans.get(change.plan)
+            self._policy.plans.default if change.action == "cancel" else self._policy.plans.get(change.plan)
         )
         if target is None:
             raise UnknownPlan(f"unknown plan {change.plan!r}", plan=change.plan)
@@ -482,7 +480,8 @@ class UserLedger:
         if self._prior is not None:
             periods.append(self._prior.record(self.user_id, archived=True, version=version))
         periods.extend(
-            record for start, record in self._unsynced_periods.items()
+            record
+            for start, record in self._unsynced_periods.items()
             if self._prior is None or start != self._prior.start_ms
         )
         # Ended sessions first: a store that allows one open session per user
@@ -586,7 +585,9 @@ class UserLedger:
     def _retire_prior(self) -> None:
         prior = self._prior
         assert prior is not None
-        self._unsynced_periods[prior.start_ms] = prior.record(self.user_id, archived=True, version=self.version)
+        self._unsynced_periods[prior.start_ms] = prior.record(
+            self.user_id, archived=True, version=self.version
+        )
         self._prior = None
 
     def _roll_over(self, now_ms: int) -> None:
@@ -599,7 +600,9 @@ class UserLedger:
             self._prior = old
             bounds = calendar_month(old.end_ms)
         else:
-            self._unsynced_periods[old.start_ms] = old.record(self.user_id, archived=True, version=self.version)
+            self._unsynced_periods[old.start_ms] = old.record(
+                self.user_id, archived=True, version=self.version
+            )
             # Nobody was using minutes: skip straight to the period containing now.
             bounds = calendar_month(max(now_ms, old.end_ms))
         self._period = _Period(bounds.start_ms, bounds.end_ms, self.plan, self._plan_limit_ms(), 0)

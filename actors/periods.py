@@ -32,5 +32,9 @@ def calendar_month(instant_ms: int) -> PeriodBounds:
     """The UTC calendar month containing `instant_ms`."""
     moment = to_datetime(instant_ms)
     start = _month_start(moment.year, moment.month)
-    end = _month_start(moment.year + 1, 1) if moment.month == 12 else _month_start(moment.year, moment.month + 1)
+    end = (
+        _month_start(moment.year + 1, 1)
+        if moment.month == 12
+        else _month_start(moment.year, moment.month + 1)
+    )
     return PeriodBounds(from_datetime(start), from_datetime(end))

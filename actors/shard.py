@@ -311,7 +311,9 @@ class LedgerShard:
                 await self._write_through(user_id)
             return progress
 
-    async def end_session(self, user_id: str, session_id: str, *, request_id: str | None = None) -> SessionProgress:
+    async def end_session(
+        self, user_id: str, session_id: str, *, request_id: str | None = None
+    ) -> SessionProgress:
         try:
             ended = await self._durable(user_id, lambda ledger, now: ledger.end_session(now, session_id))
         except SessionNotFound:
@@ -329,8 +331,11 @@ class LedgerShard:
         )
         return ended
 
-    async def change_plan(self, user_id: str, event: PlanEvent, *, request_id: str | None = None) -> PlanChangeResult:
-        """Apply a plan event once per delivery id; an event older than the last applied one is recorded only."""
+    async def change_plan(
+        self, user_id: str, event: PlanEvent, *, request_id: str | None = None
+    ) -> PlanChangeResult:
+        """Apply a plan event once per delivery id. An event older than the last applied one is
+        recorded, not applied."""
         async with self._admitted():
             store = await self._running()
             await self._activate(user_id)
@@ -341,7 +346,9 @@ class LedgerShard:
                     raise Unavailable("storage is unavailable") from exc
                 if known is not None:
                     if not known.same_event(_plan_event_record(user_id, event, applied=False, response={})):
-                        raise EventConflict("this delivery id was used for a different event", delivery_id=event.delivery_id)
+                        raise EventConflict(
+                            "this delivery id was used for a different event", delivery_id=event.delivery_id
+                        )
                     return PlanChangeResult(
                         applied=known.applied, usage=UsageView.from_dict(known.response["usage"])
                     )
@@ -634,7 +641,9 @@ def _summary(record: SessionRecord) -> SessionSummary:
     )
 
 
-def _plan_event_record(user_id: str, event: PlanEvent, *, applied: bool, response: dict[str, object]) -> PlanEventRecord:
+def _plan_event_record(
+    user_id: str, event: PlanEvent, *, applied: bool, response: dict[str, object]
+) -> PlanEventRecord:
     return PlanEventRecord(
         delivery_id=event.delivery_id,
         user_id=user_id,
@@ -647,4 +656,3 @@ def _plan_event_record(user_id: str, event: PlanEvent, *, applied: bool, respons
         applied=applied,
         response=dict(response),
     )
-

@@ -15,7 +15,14 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
-from actors.records import LedgerSnapshot, PeriodRecord, PlanEventRecord, SessionRecord, StoredLedger, UserRecord
+from actors.records import (
+    LedgerSnapshot,
+    PeriodRecord,
+    PlanEventRecord,
+    SessionRecord,
+    StoredLedger,
+    UserRecord,
+)
 
 
 class StoreError(Exception):
@@ -35,7 +42,9 @@ class LedgerStore(Protocol):
         """Users with a session that has not ended."""
         ...
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None) -> None:
+    async def save(
+        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
+    ) -> None:
         """Write snapshots (and a plan event) atomically; older versions never overwrite newer ones."""
         ...
 
@@ -84,7 +93,9 @@ class MemoryStore:
         self._check()
         return sorted({s.user_id for s in self.sessions.values() if s.is_open})
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None) -> None:
+    async def save(
+        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
+    ) -> None:
         self._check()
         users = dict(self.users)
         periods = dict(self.periods)
@@ -145,7 +156,9 @@ class CountingStore:
         self.calls["open_session_users"] += 1
         return await self.inner.open_session_users()
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None) -> None:
+    async def save(
+        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
+    ) -> None:
         self.calls["save"] += 1
         await self.inner.save(snapshots, plan_event=plan_event)
 

@@ -69,7 +69,9 @@ def serve(
         f"ray {settings.ray_address or 'local'})",
         err=True,
     )
-    typer.echo(f"  try: curl -H \"Authorization: Bearer $(usage-ledger token demo)\" {where}/v1/usage", err=True)
+    typer.echo(
+        f'  try: curl -H "Authorization: Bearer $(usage-ledger token demo)" {where}/v1/usage', err=True
+    )
     uvicorn.run(
         application,
         host=settings.host,
@@ -135,7 +137,9 @@ def token(
 def internal_plan(
     user_id: Annotated[str, typer.Argument(help="The user whose plan changes.")],
     plan: Annotated[str, typer.Argument(help="A plan from the plans file.")],
-    action: Annotated[Literal["upgrade", "downgrade", "cancel"], typer.Option(help="What billing did.")] = "upgrade",
+    action: Annotated[
+        Literal["upgrade", "downgrade", "cancel"], typer.Option(help="What billing did.")
+    ] = "upgrade",
     reset_usage: Annotated[bool, typer.Option("--reset-usage", help="Zero this period's usage.")] = False,
     occurred_at: Annotated[
         str | None, typer.Option(help="When billing made the change (RFC 3339); default now.")
@@ -143,7 +147,9 @@ def internal_plan(
     delivery_id: Annotated[
         str | None, typer.Option(help="The webhook id (deduplicates retries); default a new one.")
     ] = None,
-    url: Annotated[str | None, typer.Option(help="Server base URL; default from LEDGER_HOST/LEDGER_PORT.")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Server base URL; default from LEDGER_HOST/LEDGER_PORT.")
+    ] = None,
 ) -> None:
     """Change a user's plan through the signed internal API, and print the answer."""
     from gateway.secrets import resolve_secrets
@@ -183,4 +189,4 @@ def main() -> None:
     # then kill the process before the lifespan has flushed the shards. It must
     # be switched off before Ray is first imported; nothing above imports Ray.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    sys.exit(app())  # type: ignore[func-returns-value]
+    sys.exit(app())

@@ -40,9 +40,7 @@ STATUS_BY_CODE: dict[str, int] = {
 class ApiError(Exception):
     """An error the gateway itself answers (authentication, limits, malformed paths)."""
 
-    def __init__(
-        self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code

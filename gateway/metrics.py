@@ -11,7 +11,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "ledger_http_requests", "HTTP requests answered", ("method", "route", "status"), registry=self.registry
+            "ledger_http_requests",
+            "HTTP requests answered",
+            ("method", "route", "status"),
+            registry=self.registry,
         )
         self.request_latency = Histogram(
             "ledger_http_request_duration_seconds",

@@ -104,7 +104,9 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        body = problem_bytes(413, "payload_too_large", f"request bodies are limited to {self.max_bytes} bytes")
+        body = problem_bytes(
+            413, "payload_too_large", f"request bodies are limited to {self.max_bytes} bytes"
+        )
         await send(
             {
                 "type": "http.response.start",

@@ -69,7 +69,9 @@ async def open_database(settings: Settings) -> Database:
 
 
 async def migrate_database(dsn: str, settings: Settings) -> list[int]:
-    limits = PoolLimits(min_size=0, max_size=1, statement_timeout_s=max(settings.db_statement_timeout_s, 60.0))
+    limits = PoolLimits(
+        min_size=0, max_size=1, statement_timeout_s=max(settings.db_statement_timeout_s, 60.0)
+    )
     pool = await create_pool(dsn, limits, role="migrate")
     try:
         async with pool.acquire() as connection:
@@ -127,7 +129,7 @@ class Runtime:
         *,
         settings: Settings,
         database: Database,
-        pool: asyncpg.Pool,
+        pool: asyncpg.Pool[asyncpg.Record],
         router: ShardRouter,
         owns_ray: bool,
     ) -> None:
@@ -148,7 +150,11 @@ class Runtime:
             applied = await migrate_database(database.dsn, settings)
             pool = await create_pool(
                 database.dsn,
-                PoolLimits(min_size=1, max_size=GATEWAY_POOL_MAX_SIZE, statement_timeout_s=settings.db_statement_timeout_s),
+                PoolLimits(
+                    min_size=1,
+                    max_size=GATEWAY_POOL_MAX_SIZE,
+                    statement_timeout_s=settings.db_statement_timeout_s,
+                ),
                 role="gateway",
             )
         except BaseException:
@@ -229,7 +235,9 @@ def _get_shards(settings: Settings, plans: PlanCatalog, dsn: str) -> list[Any]:
     factory = PostgresStoreFactory(
         dsn=dsn,
         limits=PoolLimits(
-            min_size=1, max_size=settings.db_pool_max_size, statement_timeout_s=settings.db_statement_timeout_s
+            min_size=1,
+            max_size=settings.db_pool_max_size,
+            statement_timeout_s=settings.db_statement_timeout_s,
         ),
     )
     return get_or_create_shards(

@@ -33,6 +33,7 @@ from actors.views import (
     UsageView,
 )
 
+
 def rfc3339(value: datetime) -> str:
     """UTC with a `Z`, to the millisecond the ledger keeps (whole seconds print without a fraction)."""
     spec = "seconds" if value.microsecond == 0 else "milliseconds"
@@ -99,7 +100,11 @@ class PlanChangeRequest(RequestModel):
     def _period_is_whole(self) -> PlanChangeRequest:
         if (self.period_start is None) != (self.period_end is None):
             raise ValueError("period_start and period_end come together")
-        if self.period_start is not None and self.period_end is not None and self.period_start >= self.period_end:
+        if (
+            self.period_start is not None
+            and self.period_end is not None
+            and self.period_start >= self.period_end
+        ):
             raise ValueError("period_start must be before period_end")
         return self
 

@@ -10,6 +10,7 @@ server agree across restarts. Production refuses generated secrets (see
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -66,10 +67,8 @@ def _load_or_create(path: Path) -> dict[str, str]:
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             json.dump(data, handle)
-        try:
+        with contextlib.suppress(FileExistsError):  # another process won the race: use its secrets
             os.link(temporary, path)
-        except FileExistsError:
-            pass
     finally:
         temporary.unlink(missing_ok=True)
     stored = _read(path)

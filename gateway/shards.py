@@ -68,7 +68,8 @@ class ShardRouter:
         """Call `method` on every shard; each result is the value or the exception it raised."""
         return list(
             await asyncio.gather(
-                *(self._call(handle, method, *args, **kwargs) for handle in self._handles), return_exceptions=True
+                *(self._call(handle, method, *args, **kwargs) for handle in self._handles),
+                return_exceptions=True,
             )
         )
 

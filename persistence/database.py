@@ -7,10 +7,17 @@ Every pool states its sizes, a client-side timeout per call and a server-side
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 
 from persistence.errors import translate_errors
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # What the table modules accept: a connection, or one borrowed from a pool.
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 APPLICATION_NAME = "usage-ledger"
 
@@ -28,7 +35,7 @@ class PoolLimits:
         assert self.connect_timeout_s > 0 and self.statement_timeout_s > 0, "timeouts must be positive"
 
 
-async def create_pool(dsn: str, limits: PoolLimits, *, role: str = "app") -> asyncpg.Pool:
+async def create_pool(dsn: str, limits: PoolLimits, *, role: str = "app") -> asyncpg.Pool[asyncpg.Record]:
     """Open a pool; raises `DatabaseUnavailable` when Postgres cannot be reached."""
     with translate_errors("connect"):
         pool = await asyncpg.create_pool(

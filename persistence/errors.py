@@ -1,10 +1,10 @@
 """Errors of the persistence layer.
 
-    actors.store.StoreError
-    └── PersistenceError            a database operation failed; its transaction rolled back
-        ├── DatabaseUnavailable     (also a StoreUnavailable) cannot reach Postgres, timed out,
-        │                           server shutting down or out of connections: worth retrying
-        └── MigrationError          a migration file is malformed or failed to apply
+actors.store.StoreError
+└── PersistenceError            a database operation failed; its transaction rolled back
+    ├── DatabaseUnavailable     (also a StoreUnavailable) cannot reach Postgres, timed out,
+    │                           server shutting down or out of connections: worth retrying
+    └── MigrationError          a migration file is malformed or failed to apply
 """
 
 from __future__ import annotations

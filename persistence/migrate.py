@@ -10,11 +10,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
 
-import asyncpg
 import structlog
 
 from persistence.errors import MigrationError, translate_errors
+
+if TYPE_CHECKING:
+    from persistence.database import Connection
 
 log = structlog.get_logger("persistence.migrate")
 
@@ -47,7 +50,7 @@ def discover() -> list[Migration]:
     return found
 
 
-async def migrate(connection: asyncpg.Connection) -> list[int]:
+async def migrate(connection: Connection) -> list[int]:
     """Apply what is missing; returns the versions applied by this call."""
     applied_now: list[int] = []
     with translate_errors("migrate"):

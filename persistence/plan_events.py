@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from actors.records import PlanEventRecord
 from actors.times import from_datetime, to_datetime
 
+if TYPE_CHECKING:
+    from persistence.database import Connection
 
-async def insert_plan_event(connection: asyncpg.Connection, *, event: PlanEventRecord) -> bool:
+
+async def insert_plan_event(connection: Connection, *, event: PlanEventRecord) -> bool:
     """Record the event; False when its delivery id is already recorded."""
     status = await connection.execute(
         """
@@ -34,7 +36,7 @@ async def insert_plan_event(connection: asyncpg.Connection, *, event: PlanEventR
     return bool(status == "INSERT 0 1")
 
 
-async def fetch_plan_event(connection: asyncpg.Connection, *, delivery_id: str) -> PlanEventRecord | None:
+async def fetch_plan_event(connection: Connection, *, delivery_id: str) -> PlanEventRecord | None:
     row = await connection.fetchrow(
         """
         select delivery_id, user_id, plan, action, occurred_at, reset_usage,

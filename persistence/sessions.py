@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from actors.records import SessionRecord
 from actors.times import from_datetime, to_datetime
+
+if TYPE_CHECKING:
+    from persistence.database import Connection
 
 _COLUMNS = """
     id, user_id, started_at, last_heartbeat_at, ended_at, used_ms,
@@ -39,7 +43,7 @@ def _as_uuid(session_id: str) -> uuid.UUID | None:
         return None
 
 
-async def upsert_sessions(connection: asyncpg.Connection, *, sessions: Sequence[SessionRecord]) -> None:
+async def upsert_sessions(connection: Connection, *, sessions: Sequence[SessionRecord]) -> None:
     await connection.execute(
         f"""
         insert into usage_sessions as s ({_COLUMNS})
@@ -71,9 +75,7 @@ async def upsert_sessions(connection: asyncpg.Connection, *, sessions: Sequence[
     )
 
 
-async def fetch_open_sessions(
-    connection: asyncpg.Connection, *, user_ids: Sequence[str]
-) -> dict[str, SessionRecord]:
+async def fetch_open_sessions(connection: Connection, *, user_ids: Sequence[str]) -> dict[str, SessionRecord]:
     rows = await connection.fetch(
         f"select {_COLUMNS} from usage_sessions where user_id = any($1::text[]) and ended_at is null",
         list(user_ids),
@@ -81,12 +83,14 @@ async def fetch_open_sessions(
     return {row["user_id"]: _record(row) for row in rows}
 
 
-async def fetch_open_session_users(connection: asyncpg.Connection) -> list[str]:
-    rows = await connection.fetch("select user_id from usage_sessions where ended_at is null order by user_id")
+async def fetch_open_session_users(connection: Connection) -> list[str]:
+    rows = await connection.fetch(
+        "select user_id from usage_sessions where ended_at is null order by user_id"
+    )
     return [row["user_id"] for row in rows]
 
 
-async def fetch_session(connection: asyncpg.Connection, *, user_id: str, session_id: str) -> SessionRecord | None:
+async def fetch_session(connection: Connection, *, user_id: str, session_id: str) -> SessionRecord | None:
     key = _as_uuid(session_id)
     if key is None:
         return None
@@ -96,7 +100,7 @@ async def fetch_session(connection: asyncpg.Connection, *, user_id: str, session
     return _record(row) if row is not None else None
 
 
-async def fetch_sessions(connection: asyncpg.Connection, *, user_id: str, limit: int) -> list[SessionRecord]:
+async def fetch_sessions(connection: Connection, *, user_id: str, limit: int) -> list[SessionRecord]:
     rows = await connection.fetch(
         f"""
         select {_COLUMNS} from usage_sessions

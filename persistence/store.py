@@ -19,7 +19,7 @@ from persistence.errors import PersistenceError, translate_errors
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
         self._pool = pool
 
     async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
@@ -45,7 +45,9 @@ class PostgresStore:
             async with self._pool.acquire() as connection:
                 return await sessions.fetch_open_session_users(connection)
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None) -> None:
+    async def save(
+        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
+    ) -> None:
         if not snapshots and plan_event is None:
             return
         all_periods = [period for snapshot in snapshots for period in snapshot.periods]
@@ -57,8 +59,12 @@ class PostgresStore:
                     await users.upsert_periods(connection, periods=all_periods)
                 if all_sessions:
                     await sessions.upsert_sessions(connection, sessions=all_sessions)
-                if plan_event is not None and not await plan_events.insert_plan_event(connection, event=plan_event):
-                    raise PersistenceError("save", f"plan event {plan_event.delivery_id!r} is already recorded")
+                if plan_event is not None and not await plan_events.insert_plan_event(
+                    connection, event=plan_event
+                ):
+                    raise PersistenceError(
+                        "save", f"plan event {plan_event.delivery_id!r} is already recorded"
+                    )
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         with translate_errors("find_session"):

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from actors.records import PeriodRecord, UserRecord
 from actors.times import from_datetime, to_datetime
+
+if TYPE_CHECKING:
+    from persistence.database import Connection
 
 
 def _ms_or_none(value: object) -> int | None:
     return from_datetime(value) if value is not None else None  # type: ignore[arg-type]
 
 
-async def upsert_users(connection: asyncpg.Connection, *, users: Sequence[UserRecord]) -> None:
+async def upsert_users(connection: Connection, *, users: Sequence[UserRecord]) -> None:
     await connection.execute(
         """
         insert into usage_users as u (user_id, plan, plan_event_at, plan_event_id, version)
@@ -40,7 +42,7 @@ async def upsert_users(connection: asyncpg.Connection, *, users: Sequence[UserRe
     )
 
 
-async def upsert_periods(connection: asyncpg.Connection, *, periods: Sequence[PeriodRecord]) -> None:
+async def upsert_periods(connection: Connection, *, periods: Sequence[PeriodRecord]) -> None:
     await connection.execute(
         """
         insert into usage_periods as p
@@ -70,7 +72,7 @@ async def upsert_periods(connection: asyncpg.Connection, *, periods: Sequence[Pe
     )
 
 
-async def fetch_users(connection: asyncpg.Connection, *, user_ids: Sequence[str]) -> dict[str, UserRecord]:
+async def fetch_users(connection: Connection, *, user_ids: Sequence[str]) -> dict[str, UserRecord]:
     rows = await connection.fetch(
         """
         select user_id, plan, plan_event_at, plan_event_id, version
@@ -91,7 +93,7 @@ async def fetch_users(connection: asyncpg.Connection, *, user_ids: Sequence[str]
 
 
 async def fetch_recent_periods(
-    connection: asyncpg.Connection, *, user_ids: Sequence[str], per_user: int = 2
+    connection: Connection, *, user_ids: Sequence[str], per_user: int = 2
 ) -> dict[str, list[PeriodRecord]]:
     """Each user's newest `per_user` periods, newest first."""
     rows = await connection.fetch(

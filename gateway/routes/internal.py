@@ -24,7 +24,9 @@ router = APIRouter(
 UserIdPath = Annotated[str, Path(min_length=1, max_length=USER_ID_MAX_LENGTH)]
 
 
-@router.post("/users/{user_id}/plan", response_model=PlanChangeResponse, responses=problems(401, 413, 422, 503))
+@router.post(
+    "/users/{user_id}/plan", response_model=PlanChangeResponse, responses=problems(401, 413, 422, 503)
+)
 async def change_plan(
     user_id: UserIdPath,
     body: PlanChangeRequest,

@@ -240,13 +240,19 @@ def signed(
 async def change_plan(
     http: httpx.AsyncClient, user_id: str, plan: str, *, webhook_id: str | None = None, **fields: Any
 ) -> httpx.Response:
-    body = {"plan": plan, "action": fields.pop("action", "upgrade"), "occurred_at": datetime.now(UTC).isoformat()}
+    body = {
+        "plan": plan,
+        "action": fields.pop("action", "upgrade"),
+        "occurred_at": datetime.now(UTC).isoformat(),
+    }
     body.update(fields)
     content, headers = signed(body, webhook_id=webhook_id)
     return await http.post(f"/internal/v1/users/{user_id}/plan", content=content, headers=headers)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 15.0, every_s: float = 0.2) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout_s: float = 15.0, every_s: float = 0.2
+) -> None:
     """Poll `check` until it holds; fail with a clear message after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:

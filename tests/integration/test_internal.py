@@ -33,9 +33,13 @@ async def test_replayed_delivery_returns_first_answer_with_no_new_effect(
     user = new_user()
     delivery = f"msg_{uuid.uuid4().hex}"
     occurred = datetime.now(UTC).isoformat()
-    first = await change_plan(client, user, "basic", webhook_id=delivery, occurred_at=occurred, reset_usage=True)
+    first = await change_plan(
+        client, user, "basic", webhook_id=delivery, occurred_at=occurred, reset_usage=True
+    )
     await client.post("/v1/sessions", headers=auth(user))  # a change after the first delivery
-    replay = await change_plan(client, user, "basic", webhook_id=delivery, occurred_at=occurred, reset_usage=True)
+    replay = await change_plan(
+        client, user, "basic", webhook_id=delivery, occurred_at=occurred, reset_usage=True
+    )
     assert replay.status_code == 200
     assert replay.json() == first.json()
     usage = (await client.get("/v1/usage", headers=auth(user))).json()
@@ -62,7 +66,12 @@ async def test_older_event_arriving_late_is_recorded_not_applied(
     newer = await change_plan(client, user, "pro", occurred_at=now.isoformat())
     late_id = f"msg_{uuid.uuid4().hex}"
     late = await change_plan(
-        client, user, "basic", action="downgrade", webhook_id=late_id, occurred_at=(now - timedelta(hours=1)).isoformat()
+        client,
+        user,
+        "basic",
+        action="downgrade",
+        webhook_id=late_id,
+        occurred_at=(now - timedelta(hours=1)).isoformat(),
     )
     assert late.status_code == 200
     assert late.json()["applied"] is False
@@ -132,6 +141,8 @@ async def test_bad_or_old_signatures_are_401(client: httpx.AsyncClient) -> None:
 
 async def test_unsigned_call_learns_nothing_about_its_body(client: httpx.AsyncClient) -> None:
     response = await client.post(
-        f"/internal/v1/users/{new_user()}/plan", content=b"{not json", headers={"content-type": "application/json"}
+        f"/internal/v1/users/{new_user()}/plan",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
     )
     assert_problem(response, 401, "unauthorized")

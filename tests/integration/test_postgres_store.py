@@ -20,7 +20,9 @@ from persistence.errors import DatabaseUnavailable, PersistenceError
 from persistence.migrate import migrate
 from persistence.store import PostgresStore, PostgresStoreFactory
 
-POLICY = LedgerPolicy(plans=PlanCatalog.builtin(), stale_session_ms=10 * MS_PER_MINUTE, low_balance_ms=MS_PER_MINUTE)
+POLICY = LedgerPolicy(
+    plans=PlanCatalog.builtin(), stale_session_ms=10 * MS_PER_MINUTE, low_balance_ms=MS_PER_MINUTE
+)
 T0 = from_datetime(datetime(2026, 11, 30, 23, 50, tzinfo=UTC))
 
 
@@ -49,7 +51,9 @@ async def test_snapshot_round_trips_through_postgres(store: PostgresStore) -> No
     loaded = (await store.load([user, "nobody-" + user]))[user]
     assert loaded.user == snapshot.user
     assert loaded.open_session == next(s for s in snapshot.sessions if s.is_open)
-    assert sorted(loaded.periods, key=lambda p: p.start_ms) == sorted(snapshot.periods, key=lambda p: p.start_ms)
+    assert sorted(loaded.periods, key=lambda p: p.start_ms) == sorted(
+        snapshot.periods, key=lambda p: p.start_ms
+    )
     restored = UserLedger.restore(loaded, POLICY, T0 + 11 * MS_PER_MINUTE)
     assert restored.usage(T0 + 11 * MS_PER_MINUTE) == ledger.usage(T0 + 11 * MS_PER_MINUTE)
     assert user in await store.open_session_users()
@@ -123,7 +127,9 @@ async def test_malformed_session_id_is_simply_not_found(store: PostgresStore) ->
 
 
 async def test_unreachable_database_is_database_unavailable() -> None:
-    factory = PostgresStoreFactory(dsn="postgresql://nobody@127.0.0.1:1/none", limits=PoolLimits(connect_timeout_s=2))
+    factory = PostgresStoreFactory(
+        dsn="postgresql://nobody@127.0.0.1:1/none", limits=PoolLimits(connect_timeout_s=2)
+    )
     with pytest.raises(DatabaseUnavailable):
         await factory()
     assert "nobody" not in repr(factory)

@@ -41,7 +41,9 @@ async def test_new_user_gets_free_plan_defaults(client: httpx.AsyncClient) -> No
 
 async def test_start_heartbeat_end_bills_server_time(client: httpx.AsyncClient) -> None:
     user = new_user()
-    started = await client.post("/v1/sessions", json={"topic": "  travel  ", "difficulty": "advanced"}, headers=auth(user))
+    started = await client.post(
+        "/v1/sessions", json={"topic": "  travel  ", "difficulty": "advanced"}, headers=auth(user)
+    )
     assert started.status_code == 201, started.text
     session = started.json()
     session_id = session["session_id"]
@@ -52,7 +54,11 @@ async def test_start_heartbeat_end_bills_server_time(client: httpx.AsyncClient) 
     assert beat.json()["state"] == "active"
     assert beat.json()["session_minutes"] >= 0.02
     current = (await client.get("/v1/sessions/current", headers=auth(user))).json()
-    assert (current["session_id"], current["topic"], current["difficulty"]) == (session_id, "travel", "advanced")
+    assert (current["session_id"], current["topic"], current["difficulty"]) == (
+        session_id,
+        "travel",
+        "advanced",
+    )
     ended = await client.post(f"/v1/sessions/{session_id}/end", json={}, headers=auth(user))
     assert ended.status_code == 200
     assert (ended.json()["state"], ended.json()["end_reason"]) == ("ended", "user_ended")
@@ -84,9 +90,13 @@ async def test_another_users_session_is_not_found(client: httpx.AsyncClient) -> 
     still = (await client.get("/v1/sessions/current", headers=auth(owner))).json()
     assert still["session_id"] == session_id
     assert_problem(
-        await client.post(f"/v1/sessions/{uuid.uuid4()}/heartbeat", headers=auth(owner)), 404, "session_not_found"
+        await client.post(f"/v1/sessions/{uuid.uuid4()}/heartbeat", headers=auth(owner)),
+        404,
+        "session_not_found",
     )
-    assert_problem(await client.post("/v1/sessions/not-a-uuid/end", headers=auth(owner)), 404, "session_not_found")
+    assert_problem(
+        await client.post("/v1/sessions/not-a-uuid/end", headers=auth(owner)), 404, "session_not_found"
+    )
 
 
 async def test_six_second_plan_ends_limit_reached_at_the_limit(
@@ -107,7 +117,9 @@ async def test_six_second_plan_ends_limit_reached_at_the_limit(
     usage = (await client.get("/v1/usage", headers=auth(user))).json()
     assert (usage["minutes_used"], usage["minutes_remaining"], usage["warning"]) == (0.1, 0, "exhausted")
     assert_problem(await client.post("/v1/sessions", headers=auth(user)), 403, "no_credits")
-    row = await database.fetchrow("select used_ms, end_reason from usage_sessions where id = $1", uuid.UUID(session_id))
+    row = await database.fetchrow(
+        "select used_ms, end_reason from usage_sessions where id = $1", uuid.UUID(session_id)
+    )
     assert row is not None
     assert (row["used_ms"], row["end_reason"]) == (6_000, "limit_reached")
 
@@ -174,14 +186,22 @@ async def test_bad_input_is_refused_and_changes_nothing(client: httpx.AsyncClien
         {"difficulty": "expert"},
         {"topic": 5},
     ):
-        assert_problem(await client.post("/v1/sessions", json=body, headers=auth(user)), 422, "invalid_request")
+        assert_problem(
+            await client.post("/v1/sessions", json=body, headers=auth(user)), 422, "invalid_request"
+        )
     assert_problem(
-        await client.post("/v1/sessions", content=b"{not json", headers={**auth(user), "content-type": "application/json"}),
+        await client.post(
+            "/v1/sessions", content=b"{not json", headers={**auth(user), "content-type": "application/json"}
+        ),
         422,
         "invalid_request",
     )
-    assert_problem(await client.get("/v1/sessions", params={"limit": 0}, headers=auth(user)), 422, "invalid_request")
-    assert_problem(await client.get("/v1/sessions", params={"limit": 101}, headers=auth(user)), 422, "invalid_request")
+    assert_problem(
+        await client.get("/v1/sessions", params={"limit": 0}, headers=auth(user)), 422, "invalid_request"
+    )
+    assert_problem(
+        await client.get("/v1/sessions", params={"limit": 101}, headers=auth(user)), 422, "invalid_request"
+    )
     after = (await client.get("/v1/usage", headers=auth(user))).json()
     assert after == before
 

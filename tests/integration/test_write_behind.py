@@ -61,7 +61,8 @@ async def test_postgres_agrees_with_the_api_after_one_sync_interval(
         user,
     )
     session = await database.fetchrow(
-        "select minutes_used, ended_at, last_heartbeat_at from usage_sessions where id = $1", uuid.UUID(session_id)
+        "select minutes_used, ended_at, last_heartbeat_at from usage_sessions where id = $1",
+        uuid.UUID(session_id),
     )
     assert period is not None and session is not None
     assert period["plan"] == usage["plan"]
@@ -72,7 +73,9 @@ async def test_postgres_agrees_with_the_api_after_one_sync_interval(
     assert period["period_start"] == datetime.fromisoformat(usage["period_start"])
     assert session["minutes_used"] == Decimal(str(usage["active_session"]["minutes_used"]))
     assert session["ended_at"] is None
-    assert session["last_heartbeat_at"] == datetime.fromisoformat(usage["active_session"]["last_heartbeat_at"])
+    assert session["last_heartbeat_at"] == datetime.fromisoformat(
+        usage["active_session"]["last_heartbeat_at"]
+    )
 
 
 async def test_restarted_shard_ends_a_silent_session_stale(
@@ -89,7 +92,9 @@ async def test_restarted_shard_ends_a_silent_session_stale(
     ray.kill(shard, no_restart=False)  # the process dies at once, as with SIGKILL
 
     async def stale() -> bool:
-        row = await database.fetchrow("select end_reason from usage_sessions where id = $1", uuid.UUID(session_id))
+        row = await database.fetchrow(
+            "select end_reason from usage_sessions where id = $1", uuid.UUID(session_id)
+        )
         return row is not None and row["end_reason"] == "stale"
 
     await eventually(stale, timeout_s=30)

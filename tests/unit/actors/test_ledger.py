@@ -367,11 +367,17 @@ class TestPeriods:
         current = next(p for p in snapshot.periods if p.start_ms == DEC_1)
         open_session = next(s for s in snapshot.sessions if s.is_open)
         twin = UserLedger.restore(
-            StoredLedger(user=snapshot.user, periods=(current, squeezed), open_session=open_session), POLICY, DEC_1
+            StoredLedger(user=snapshot.user, periods=(current, squeezed), open_session=open_session),
+            POLICY,
+            DEC_1,
         )
         assert twin.next_deadline_ms() == DEC_1 - 3 * MIN
         result = twin.heartbeat(DEC_1 + MIN, "s1")
-        assert (result.state, result.end_reason, result.session_used_ms) == ("ended", "limit_reached", 2 * MIN)
+        assert (result.state, result.end_reason, result.session_used_ms) == (
+            "ended",
+            "limit_reached",
+            2 * MIN,
+        )
         assert twin.used_ms == 0
 
     def test_silent_session_across_boundary_bills_nothing_after_last_heartbeat(self) -> None:

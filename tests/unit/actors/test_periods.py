@@ -44,4 +44,4 @@ def test_millisecond_round_trip() -> None:
 
 def test_naive_datetime_is_refused() -> None:
     with pytest.raises(ValueError, match="naive"):
-        from_datetime(datetime(2026, 1, 1))  # noqa: DTZ001
+        from_datetime(datetime(2026, 1, 1))

@@ -66,7 +66,9 @@ class HeldStore(MemoryStore):
         self.release.set()
         self.writing = asyncio.Event()
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None) -> None:
+    async def save(
+        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
+    ) -> None:
         self.writing.set()
         await self.release.wait()
         await super().save(snapshots, plan_event=plan_event)
@@ -136,7 +138,9 @@ class TestReads:
 
 
 class TestDurableWrites:
-    async def test_session_start_is_durable_before_it_returns(self, shard: LedgerShard, store: MemoryStore) -> None:
+    async def test_session_start_is_durable_before_it_returns(
+        self, shard: LedgerShard, store: MemoryStore
+    ) -> None:
         started = await shard.start_session("u1", topic="verbs")
         assert store.sessions[started.session_id].is_open
         assert store.users["u1"].version == started.version
@@ -160,7 +164,9 @@ class TestDurableWrites:
         with pytest.raises(SessionActive):
             await shard.start_session("u1")
 
-    async def test_end_is_durable_and_idempotent(self, shard: LedgerShard, store: MemoryStore, clock: FakeClock) -> None:
+    async def test_end_is_durable_and_idempotent(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
         started = await shard.start_session("u1")
         clock.now += 30 * SEC
         ended = await shard.end_session("u1", started.session_id)
@@ -242,11 +248,17 @@ class TestAlarms:
         assert shard.fire_due_alarms() == 1
         await shard.flush()
         record = store.sessions[started.session_id]
-        assert (record.end_reason, record.used_ms, record.ended_at_ms) == ("limit_reached", 6 * SEC, T0 + 6 * SEC)
+        assert (record.end_reason, record.used_ms, record.ended_at_ms) == (
+            "limit_reached",
+            6 * SEC,
+            T0 + 6 * SEC,
+        )
         with pytest.raises(NoCredits):
             await shard.start_session("u1")
 
-    async def test_restarted_shard_ends_silent_session_stale(self, store: MemoryStore, clock: FakeClock) -> None:
+    async def test_restarted_shard_ends_silent_session_stale(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
         first = make_shard(store, clock)
         await first.start()
         await first.change_plan("u1", PlanEvent("d1", "pro", "upgrade", T0))
@@ -265,7 +277,9 @@ class TestAlarms:
         assert (record.end_reason, record.ended_at_ms, record.used_ms) == ("stale", T0 + 40 * SEC, 40 * SEC)
         await second.stop()
 
-    async def test_restart_reactivates_only_this_shards_users(self, store: MemoryStore, clock: FakeClock) -> None:
+    async def test_restart_reactivates_only_this_shards_users(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
         users = [f"user-{n}" for n in range(12)]
         for user_id in users:
             home = make_shard(store, clock, index=shard_index(user_id, 3), count=3)
