@@ -618,7 +618,9 @@ class LedgerShard:
                 retry_s = 0.0
                 if written:
                     log.debug("flushed", shard=self._config.shard_index, users=written)
-            except StoreError as exc:
+            except Exception as exc:
+                # Whatever went wrong, the loop must survive it: dirty state stays dirty
+                # and the next attempt comes with backoff.
                 retry_s = min(max(retry_s * 2, RETRY_DELAY_MIN_S * 5), interval_s)
                 log.warning(
                     "flush_failed",
@@ -626,6 +628,7 @@ class LedgerShard:
                     dirty_users=len(self._dirty),
                     retry_in_s=retry_s,
                     error=repr(exc),
+                    exc_info=not isinstance(exc, StoreError),
                 )
 
 

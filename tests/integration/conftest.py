@@ -45,7 +45,12 @@ INTERNAL_SECRET = "whsec_" + "aW50ZWdyYXRpb24tdGVzdC1pbnRlcm5hbC1zZWNyZXQ="
 SYNC_INTERVAL_S = 1.0
 STALE_SESSION_S = 4.0
 
-pytestmark = pytest.mark.integration
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 def _with_database(dsn: str, database: str) -> str:

@@ -12,8 +12,6 @@ import pytest
 
 from tests.integration.conftest import STALE_SESSION_S, RunningServer, auth, change_plan, eventually, new_user
 
-pytestmark = pytest.mark.integration
-
 PROBLEM_JSON = "application/problem+json"
 
 
