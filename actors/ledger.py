@@ -319,6 +319,10 @@ class UserLedger:
         """The final record of a recently ended session, if this ledger still holds it."""
         return self._unsynced_sessions.get(session_id) or self._ended.get(session_id)
 
+    def unsynced_sessions(self) -> list[SessionRecord]:
+        """Session records changed since the last durable write (ended sessions, mostly)."""
+        return list(self._unsynced_sessions.values())
+
     def resident_sessions(self) -> list[SessionRecord]:
         """The sessions this ledger holds in memory: the running one and recently ended ones."""
         records = {**self._ended, **self._unsynced_sessions}
@@ -427,6 +431,15 @@ class UserLedger:
             if (change.occurred_at_ms, change.delivery_id) <= last:
                 return False
         self._bump()
+        session = self._session
+        if session is not None and not change.reset_usage:
+            left_after = max(0, target.limit_ms - self._period.used_ms)
+            if left_after < now_ms - session.last_heartbeat_at_ms:
+                # The old plan covered the session up to this change; the new one
+                # leaves nothing for the time since: the session ends now, at the
+                # limit that applied until now (as the limit alarm would have).
+                exhausted_at = self._bill(now_ms)
+                self._end(exhausted_at if exhausted_at is not None else now_ms, "limit_reached")
         self.plan = target.name
         self.plan_event_at_ms = change.occurred_at_ms
         self.plan_event_id = change.delivery_id
@@ -434,7 +447,7 @@ class UserLedger:
         self._period.limit_ms = target.limit_ms
         if change.reset_usage:
             self._period.used_ms = 0
-        # A downgrade may leave nothing to spend: the running session ends now.
+        # A downgrade may leave nothing to spend: a session still running ends now.
         self.advance(now_ms)
         return True
 

@@ -22,6 +22,14 @@ Guarantees:
 - **Restart.** On start the shard activates every user with an open session
   and re-arms their alarms, so a session that went silent while the shard was
   down still ends `stale`, billed to its last heartbeat.
+- **Bounded.** A durable operation waits at most `wait_budget_s` to begin and
+  `write_timeout_s` for its write. A write that failed in a way that leaves
+  its outcome unknown is resolved by reading the stored version back: if it
+  landed, the operation succeeded; if that cannot be read either, the user is
+  *in doubt* and every operation on them answers `Unavailable` until the store
+  answers again (then the ledger is adopted from the store or kept as it is).
+- **Isolated failures.** A user whose rows the store refuses outright (not an
+  outage) is set aside by the flush, so the other users' writes go through.
 """
 
 from __future__ import annotations
@@ -37,9 +45,9 @@ import structlog
 
 from actors.errors import EventConflict, Overloaded, SessionNotFound, Unavailable
 from actors.ledger import LedgerPolicy, PlanChange, UserLedger
-from actors.records import Difficulty, PlanAction, PlanEventRecord, SessionRecord
+from actors.records import Difficulty, LedgerSnapshot, PlanAction, PlanEventRecord, SessionRecord
 from actors.routing import shard_index
-from actors.store import CountingStore, LedgerStore, StoreError
+from actors.store import CountingStore, LedgerStore, StoreError, StoreOutcomeUnknown, StoreUnavailable
 from actors.timers import DeadlineHeap
 from actors.times import wall_clock_ms
 from actors.views import (
@@ -69,6 +77,8 @@ RETRY_DELAY_MAX_S = 5.0
 ACTIVATION_BATCH_USERS = 500
 # Users written per store call by one flush.
 FLUSH_BATCH_USERS = 5_000
+# An alarm for a user whose last write is in doubt is retried this much later.
+DOUBT_RETRY_MS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +88,27 @@ class ShardConfig:
     policy: LedgerPolicy
     sync_interval_s: float = 30.0
     max_pending_calls: int = 10_000
-    start_wait_s: float = 10.0
+    start_wait_s: float = 3.0
+    # A durable operation: time to begin (start, activation, the user's gate),
+    # then time for its write, then time to read back a write that failed
+    # ambiguously. Their sum stays below the gateway's call timeout, so the
+    # shard gives up (and says so) before the caller stops listening.
+    wait_budget_s: float = 3.0
+    write_timeout_s: float = 6.0
+    resolve_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         assert 0 <= self.shard_index < self.shard_count, "shard_index out of range"
         assert self.sync_interval_s > 0, "sync_interval_s must be positive"
         assert self.max_pending_calls > 0, "max_pending_calls must be positive"
+        assert min(self.wait_budget_s, self.write_timeout_s, self.resolve_timeout_s) > 0, (
+            "budgets must be positive"
+        )
+
+    @property
+    def durable_call_max_s(self) -> float:
+        """The longest a durable operation can take inside the shard."""
+        return self.wait_budget_s + self.write_timeout_s + self.resolve_timeout_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +138,8 @@ class ShardStats:
     flushes: int
     flush_failures: int
     last_flush_at_ms: int | None
+    users_in_doubt: int = 0
+    unwritable_users: int = 0
     store_calls: dict[str, int] = field(default_factory=dict)
 
 
@@ -148,6 +175,10 @@ class LedgerShard:
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._gates: dict[str, _Gate] = {}
         self._dirty: set[str] = set()
+        # Users whose last durable write has an unknown outcome (user -> its version).
+        self._in_doubt: dict[str, int] = {}
+        # Users whose rows the store refuses outright; kept out of flushes.
+        self._unwritable: set[str] = set()
         self._timers = DeadlineHeap()
         self._pending_calls = 0
         self._alarms_fired = 0
@@ -164,9 +195,13 @@ class LedgerShard:
 
     async def start(self) -> None:
         """Connect the store, re-activate users with open sessions, start timers and flushes. Idempotent."""
-        if self._start_task is None:
-            self._start_task = asyncio.get_running_loop().create_task(self._start())
-        await asyncio.shield(self._start_task)
+        task = self._start_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            if self._state != "starting":
+                raise Unavailable("shard is shutting down")
+            # First start, or a start that failed on an unexpected error: try again.
+            task = self._start_task = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(task)
 
     async def _start(self) -> None:
         self._store = CountingStore(await self._retrying("store_connect", self._store_factory))
@@ -188,7 +223,7 @@ class LedgerShard:
         while True:
             try:
                 return await operation()
-            except (StoreError, OSError) as exc:
+            except (StoreError, OSError, Unavailable) as exc:
                 log.warning("shard_start_retry", shard=self._config.shard_index, step=what, error=repr(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_DELAY_MAX_S)
@@ -208,9 +243,12 @@ class LedgerShard:
         if self._state in ("draining", "stopped"):
             return
         self._state = "draining"
-        for task in self._background:
+        tasks = list(self._background)
+        if self._start_task is not None and not self._start_task.done():
+            tasks.append(self._start_task)  # still retrying its way up: give up
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._store is not None:
             try:
                 await self.flush()
@@ -229,7 +267,12 @@ class LedgerShard:
                 await self.start()
         except TimeoutError:
             raise Unavailable("shard is still starting (storage unreachable?)") from None
+        if not self._is_running():  # the state may have moved on while we waited
+            raise Unavailable("shard is shutting down")
         return self._require_store()
+
+    def _is_running(self) -> bool:
+        return self._state == "running"
 
     def _require_store(self) -> CountingStore:
         assert self._store is not None, "store used before start"
@@ -321,6 +364,9 @@ class LedgerShard:
             if record is None:
                 raise
             return (await self._ledger(user_id)).progress_of(record)
+        if self._ledgers[user_id].ended_session(session_id) in self._ledgers[user_id].unsynced_sessions():
+            # Ended earlier by an alarm and not written yet: write it before answering.
+            await self._write_through(user_id)
         log.info(
             "session_ended",
             user_id=user_id,
@@ -336,38 +382,34 @@ class LedgerShard:
     ) -> PlanChangeResult:
         """Apply a plan event once per delivery id. An event older than the last applied one is
         recorded, not applied."""
-        async with self._admitted():
-            store = await self._running()
-            await self._activate(user_id)
-            async with self._gate(user_id):
-                try:
-                    known = await store.find_plan_event(event.delivery_id)
-                except StoreError as exc:
-                    raise Unavailable("storage is unavailable") from exc
-                if known is not None:
-                    if not known.same_event(_plan_event_record(user_id, event, applied=False, response={})):
-                        raise EventConflict(
-                            "this delivery id was used for a different event", delivery_id=event.delivery_id
-                        )
-                    return PlanChangeResult(
-                        applied=known.applied, usage=UsageView.from_dict(known.response["usage"])
+        async with self._admitted(), self._durable_entry(user_id):
+            try:
+                known = await self._require_store().find_plan_event(event.delivery_id)
+            except StoreError as exc:
+                raise Unavailable("storage is unavailable") from exc
+            if known is not None:
+                if not known.same_event(_plan_event_record(user_id, event, applied=False, response={})):
+                    raise EventConflict(
+                        "this delivery id was used for a different event", delivery_id=event.delivery_id
                     )
-                ledger = self._ledgers[user_id]
-                draft = ledger.clone()
-                now = self._clock()
-                change = PlanChange(
-                    plan=event.plan,
-                    action=event.action,
-                    occurred_at_ms=event.occurred_at_ms,
-                    delivery_id=event.delivery_id,
-                    reset_usage=event.reset_usage,
+                return PlanChangeResult(
+                    applied=known.applied, usage=UsageView.from_dict(known.response["usage"])
                 )
-                applied = draft.change_plan(now, change)
-                usage = draft.usage(now)
-                record = _plan_event_record(
-                    user_id, event, applied=applied, response={"applied": applied, "usage": usage.to_dict()}
-                )
-                await self._write_and_commit(user_id, draft, plan_event=record)
+            draft = self._ledgers[user_id].clone()
+            now = self._clock()
+            change = PlanChange(
+                plan=event.plan,
+                action=event.action,
+                occurred_at_ms=event.occurred_at_ms,
+                delivery_id=event.delivery_id,
+                reset_usage=event.reset_usage,
+            )
+            applied = draft.change_plan(now, change)
+            usage = draft.usage(now)
+            record = _plan_event_record(
+                user_id, event, applied=applied, response={"applied": applied, "usage": usage.to_dict()}
+            )
+            await self._write_and_commit(user_id, draft, plan_event=record)
         log.info(
             "plan_event",
             user_id=user_id,
@@ -382,29 +424,51 @@ class LedgerShard:
 
     async def flush(self) -> int:
         """Write every dirty ledger now, in batches of one store call each. Returns users written."""
-        store = self._require_store()
         written = 0
         async with self._flush_lock:
-            users = [user_id for user_id in self._dirty if self._ledgers[user_id].is_dirty]
+            held_back = self._unwritable | self._in_doubt.keys()
+            users = [u for u in self._dirty if u not in held_back and self._ledgers[u].is_dirty]
             for begin in range(0, len(users), FLUSH_BATCH_USERS):
                 batch = users[begin : begin + FLUSH_BATCH_USERS]
                 snapshots = [self._ledgers[user_id].snapshot() for user_id in batch]
                 try:
-                    await store.save(snapshots)
+                    saved = await self._save_isolating_failures(snapshots)
                 except StoreError:
                     self._flush_failures += 1
                     raise
-                for snapshot in snapshots:
+                for snapshot in saved:
                     user_id = snapshot.user.user_id
                     ledger = self._ledgers[user_id]
                     ledger.mark_synced(snapshot.version)
                     if not ledger.is_dirty:
                         self._dirty.discard(user_id)
-                written += len(snapshots)
+                written += len(saved)
             self._dirty = {user_id for user_id in self._dirty if self._ledgers[user_id].is_dirty}
             self._flushes += 1
             self._last_flush_at_ms = self._clock()
         return written
+
+    async def _save_isolating_failures(self, snapshots: list[LedgerSnapshot]) -> list[LedgerSnapshot]:
+        """Save a batch; if the store refuses it outright, halve it until the refused users are found.
+
+        An outage (`StoreUnavailable`) is raised as is: the whole batch is retried later.
+        """
+        try:
+            await self._require_store().save(snapshots)
+            return snapshots
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            if len(snapshots) == 1:
+                user_id = snapshots[0].user.user_id
+                self._unwritable.add(user_id)
+                log.error("user_unwritable", shard=self._config.shard_index, user_id=user_id, error=repr(exc))
+                return []
+        middle = len(snapshots) // 2
+        return [
+            *await self._save_isolating_failures(snapshots[:middle]),
+            *await self._save_isolating_failures(snapshots[middle:]),
+        ]
 
     def fire_due_alarms(self) -> int:
         """Fire every alarm due now. The timer loop calls this; tests with a fake clock may too."""
@@ -417,7 +481,15 @@ class LedgerShard:
             if user_id in self._gates:
                 self._timers.arm(user_id, now + GATE_RETRY_MS)
                 continue
-            fired += self._advance(user_id, ledger, now)
+            if user_id in self._in_doubt:
+                self._timers.arm(user_id, now + DOUBT_RETRY_MS)
+                continue
+            try:
+                fired += self._advance(user_id, ledger, now)
+            except Exception:
+                # One user's failure must not cost the others their alarms.
+                log.exception("alarm_failed", shard=self._config.shard_index, user_id=user_id)
+                self._timers.arm(user_id, now + DOUBT_RETRY_MS)
         return fired
 
     def _advance(self, user_id: str, ledger: UserLedger, now: int) -> int:
@@ -454,6 +526,8 @@ class LedgerShard:
             flushes=self._flushes,
             flush_failures=self._flush_failures,
             last_flush_at_ms=self._last_flush_at_ms,
+            users_in_doubt=len(self._in_doubt),
+            unwritable_users=len(self._unwritable),
             store_calls=dict(store.calls) if store is not None else {},
         )
 
@@ -466,6 +540,9 @@ class LedgerShard:
 
     @contextlib.asynccontextmanager
     async def _admitted(self) -> AsyncIterator[None]:
+        if self._state in ("draining", "stopped"):
+            # After the final flush nothing may change in memory only.
+            raise Unavailable("shard is shutting down")
         if self._pending_calls >= self._config.max_pending_calls:
             raise Overloaded("shard has too many pending calls", limit=self._config.max_pending_calls)
         self._pending_calls += 1
@@ -480,6 +557,9 @@ class LedgerShard:
         while user_id in self._gates:
             async with self._gate(user_id):
                 pass
+        if user_id in self._in_doubt:
+            async with self._gate(user_id):
+                await self._resolve_doubt(user_id)
         return self._ledgers[user_id]
 
     async def _activate(self, user_id: str) -> None:
@@ -514,43 +594,121 @@ class LedgerShard:
             self._advance(user_id, ledger, now)
 
     @contextlib.asynccontextmanager
-    async def _gate(self, user_id: str) -> AsyncIterator[None]:
+    async def _gate(self, user_id: str, *, wait_s: float | None = None) -> AsyncIterator[None]:
+        """Hold the user's gate; waiting for it longer than `wait_s` raises TimeoutError."""
         gate = self._gates.get(user_id)
         if gate is None:
             gate = self._gates[user_id] = _Gate()
         gate.users += 1
         try:
-            async with gate.lock:
+            async with asyncio.timeout(wait_s):
+                await gate.lock.acquire()
+            try:
                 yield
+            finally:
+                gate.lock.release()
         finally:
             gate.users -= 1
             if gate.users == 0:
                 del self._gates[user_id]
 
+    @contextlib.asynccontextmanager
+    async def _durable_entry(self, user_id: str) -> AsyncIterator[None]:
+        """Begin a durable operation within `wait_budget_s`: started, user loaded, gate held, no doubt."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.wait_budget_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._running()
+                await self._activate(user_id)
+            gate = self._gate(user_id, wait_s=max(0.0, deadline - loop.time()))
+            await gate.__aenter__()
+        except TimeoutError:
+            raise Unavailable("the shard is too busy to begin this operation; nothing was changed") from None
+        try:
+            if user_id in self._in_doubt:
+                await self._resolve_doubt(user_id)
+            yield
+        except BaseException as exc:
+            if not await gate.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            await gate.__aexit__(None, None, None)
+
     async def _durable(self, user_id: str, operate: Callable[[UserLedger, int], T]) -> T:
         """Run `operate` on a clone, make the clone durable, then swap it in."""
-        async with self._admitted():
-            await self._running()
-            await self._activate(user_id)
-            async with self._gate(user_id):
-                ledger = self._ledgers[user_id]
-                draft = ledger.clone()
-                result = operate(draft, self._clock())
-                if draft.version != ledger.version:
-                    await self._write_and_commit(user_id, draft)
-                return result
+        async with self._admitted(), self._durable_entry(user_id):
+            ledger = self._ledgers[user_id]
+            draft = ledger.clone()
+            result = operate(draft, self._clock())
+            if draft.version != ledger.version:
+                await self._write_and_commit(user_id, draft)
+            return result
 
     async def _write_and_commit(
         self, user_id: str, draft: UserLedger, *, plan_event: PlanEventRecord | None = None
     ) -> None:
         snapshot = draft.snapshot()
         try:
-            await self._require_store().save([snapshot], plan_event=plan_event)
+            async with asyncio.timeout(self._config.write_timeout_s):
+                await self._require_store().save([snapshot], plan_event=plan_event)
+        except StoreOutcomeUnknown as exc:
+            await self._settle_unknown_outcome(user_id, snapshot.version, exc)
         except StoreError as exc:
             raise Unavailable("storage is unavailable; nothing was changed") from exc
+        except TimeoutError as exc:
+            # Our own bound fired: how far the write got is unknown.
+            await self._settle_unknown_outcome(user_id, snapshot.version, exc)
         draft.mark_synced(snapshot.version)
         self._ledgers[user_id] = draft
         self._after_change(user_id, draft)
+
+    async def _settle_unknown_outcome(self, user_id: str, version: int, exc: BaseException) -> None:
+        """Return if the write landed after all; otherwise raise `Unavailable`. When even that
+        cannot be read, the user is in doubt until it can."""
+        stored = await self._stored_version(user_id)
+        if stored is None:
+            self._in_doubt[user_id] = version
+            log.warning("write_in_doubt", user_id=user_id, version=version, error=repr(exc))
+            raise Unavailable("storage failed during the write; retry shortly") from exc
+        if stored < version:
+            raise Unavailable("storage is unavailable; nothing was changed") from exc
+        log.warning("write_landed_despite_error", user_id=user_id, version=version, error=repr(exc))
+
+    async def _stored_version(self, user_id: str) -> int | None:
+        """The version the store holds for this user (0 if none), or None if it cannot be read now."""
+        try:
+            async with asyncio.timeout(self._config.resolve_timeout_s):
+                stored = await self._require_store().load([user_id])
+        except (StoreError, TimeoutError):
+            return None
+        found = stored.get(user_id)
+        return found.user.version if found is not None else 0
+
+    async def _resolve_doubt(self, user_id: str) -> None:
+        """Settle a write of unknown outcome: adopt the store's state if it landed.
+
+        The caller holds the user's gate."""
+        version = self._in_doubt.get(user_id)
+        if version is None:
+            return
+        try:
+            async with asyncio.timeout(self._config.resolve_timeout_s):
+                stored = await self._require_store().load([user_id])
+        except (StoreError, TimeoutError) as exc:
+            raise Unavailable("this user's last write is still unresolved; retry shortly") from exc
+        found = stored.get(user_id)
+        if found is not None and found.user.version >= version:
+            # It landed. Nothing changed this user since (everything waited on the doubt),
+            # so the stored state is the whole truth.
+            ledger = UserLedger.restore(found, self._policy, self._clock())
+            self._ledgers[user_id] = ledger
+            self._dirty.discard(user_id)
+            self._advance(user_id, ledger, self._clock())
+            log.info("write_in_doubt_landed", user_id=user_id, version=version)
+        else:
+            log.info("write_in_doubt_lost", user_id=user_id, version=version)
+        del self._in_doubt[user_id]
 
     async def _write_through(self, user_id: str) -> None:
         """Write this user now. With the store down, leave it to the flush: alarm-made ends are

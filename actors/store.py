@@ -30,7 +30,15 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError):
-    """The store cannot be reached right now (connection refused, timed out, shutting down)."""
+    """The store cannot be reached right now (connection refused, timed out, shutting down).
+
+    Nothing was written: the failure came before the write was committed.
+    """
+
+
+class StoreOutcomeUnknown(StoreUnavailable):
+    """The commit itself failed (the connection broke or timed out during COMMIT): the write may
+    or may not have landed. Read it back before deciding."""
 
 
 class LedgerStore(Protocol):
@@ -64,6 +72,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.available = True
+        # Set to make the next save apply and then fail as a lost COMMIT reply would.
+        self.lose_next_commit_reply = False
         self.users: dict[str, UserRecord] = {}
         self.periods: dict[tuple[str, int], PeriodRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
@@ -122,6 +132,9 @@ class MemoryStore:
         self.users, self.periods, self.sessions = users, periods, sessions
         if plan_event is not None:
             self.plan_events[plan_event.delivery_id] = plan_event
+        if self.lose_next_commit_reply:
+            self.lose_next_commit_reply = False
+            raise StoreOutcomeUnknown("the write landed but its acknowledgement was lost")
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         self._check()

@@ -15,6 +15,7 @@ body would have been valid.
 from __future__ import annotations
 
 import binascii
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import Unauthorized, problem
 
 USER_ID_MAX_LENGTH = 255
+# A user id: 1-255 characters, none of them control characters (Postgres text cannot hold NUL,
+# and log lines should not carry the others).
+USER_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,255}$"
 WEBHOOK_ID_MAX_LENGTH = 255
+_USER_ID = re.compile(USER_ID_PATTERN)
 JWT_ALGORITHMS = ("HS256",)
 INTERNAL_PATH_PREFIX = "/internal/"
 
@@ -68,7 +73,7 @@ class TokenVerifier:
         except jwt.InvalidTokenError:
             raise Unauthorized("invalid token") from None
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not 0 < len(subject) <= USER_ID_MAX_LENGTH:
+        if not isinstance(subject, str) or _USER_ID.match(subject) is None:
             raise Unauthorized("invalid token")
         return subject
 

@@ -27,7 +27,7 @@ from actors.plans import PlanCatalog
 from actors.shard import ShardConfig
 from actors.times import MS_PER_MINUTE, MS_PER_SECOND
 from gateway.metrics import Metrics
-from gateway.settings import Settings, SettingsError
+from gateway.settings import CALL_MARGIN_S, RESOLVE_TIMEOUT_S, WRITE_SLACK_S, Settings, SettingsError
 from gateway.shards import ShardRouter
 from persistence.database import PoolLimits, create_pool
 from persistence.embedded import DATABASE_NAME, EmbeddedPostgres, ensure_database
@@ -90,16 +90,24 @@ def shard_configs(settings: Settings, plans: PlanCatalog) -> list[ShardConfig]:
         stale_session_ms=round(settings.stale_session_s * MS_PER_SECOND),
         low_balance_ms=round(settings.low_balance_minutes * MS_PER_MINUTE),
     )
-    return [
+    write_timeout_s = settings.db_statement_timeout_s + WRITE_SLACK_S
+    wait_budget_s = settings.actor_call_timeout_s - write_timeout_s - RESOLVE_TIMEOUT_S - CALL_MARGIN_S
+    configs = [
         ShardConfig(
             shard_index=index,
             shard_count=settings.shards,
             policy=policy,
             sync_interval_s=settings.sync_interval_s,
             max_pending_calls=settings.shard_max_pending_calls,
+            start_wait_s=wait_budget_s,
+            wait_budget_s=wait_budget_s,
+            write_timeout_s=write_timeout_s,
+            resolve_timeout_s=RESOLVE_TIMEOUT_S,
         )
         for index in range(settings.shards)
     ]
+    assert configs[0].durable_call_max_s < settings.actor_call_timeout_s
+    return configs
 
 
 def _connect_ray(settings: Settings) -> bool:

@@ -47,7 +47,13 @@ Timestamp = Annotated[
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 WarningKind = Literal["low_balance", "exhausted"]
-Topic = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
+# Free text, but no control characters other than tab and line breaks (Postgres text cannot hold NUL).
+Topic = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=1000, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+    ),
+]
 PlanName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 SESSIONS_PAGE_DEFAULT = 20

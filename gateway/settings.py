@@ -16,6 +16,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # A secret shorter than this is refused in production (RFC 7518 §3.2: an
 # HS256 key must be at least as long as the hash output, 32 bytes).
 SECRET_MIN_LENGTH_PRODUCTION = 32
+# Inside one gateway->shard call, a durable operation gets: at least 0.5 s to begin, the
+# statement timeout + 1 s to write, 2 s to read back an ambiguous write, 1 s of margin.
+WRITE_SLACK_S = 1.0
+RESOLVE_TIMEOUT_S = 2.0
+CALL_MARGIN_S = 1.0
+WAIT_BUDGET_MIN_S = 0.5
+DURABLE_OVERHEAD_S = WRITE_SLACK_S + RESOLVE_TIMEOUT_S + CALL_MARGIN_S + WAIT_BUDGET_MIN_S
 
 
 class SettingsError(ValueError):
@@ -45,13 +52,25 @@ class Settings(BaseSettings):
     stale_session_s: float = Field(default=600.0, gt=0, le=86_400)
     low_balance_minutes: float = Field(default=5.0, ge=0)
 
-    actor_call_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    actor_call_timeout_s: float = Field(default=12.0, gt=0, le=300)
     shard_max_pending_calls: int = Field(default=10_000, ge=1, le=1_000_000)
     db_statement_timeout_s: float = Field(default=5.0, gt=0, le=600)
     db_pool_max_size: int = Field(default=4, ge=1, le=100)
 
     log_format: Literal["console", "json"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _durable_writes_fit_in_a_call(self) -> Settings:
+        # A durable write may take the statement timeout plus a read-back; the shard must give up
+        # (and say nothing changed) before the gateway stops waiting for it.
+        needed = self.db_statement_timeout_s + DURABLE_OVERHEAD_S
+        if self.actor_call_timeout_s < needed:
+            raise SettingsError(
+                f"LEDGER_ACTOR_CALL_TIMEOUT_S must be at least LEDGER_DB_STATEMENT_TIMEOUT_S + "
+                f"{DURABLE_OVERHEAD_S:g} (= {needed:g}); it is {self.actor_call_timeout_s:g}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

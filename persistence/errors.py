@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import asyncpg
 
-from actors.store import StoreError, StoreUnavailable
+from actors.store import StoreError, StoreOutcomeUnknown, StoreUnavailable
 
 
 class PersistenceError(StoreError):
@@ -31,12 +31,16 @@ class DatabaseUnavailable(PersistenceError, StoreUnavailable):
     pass
 
 
+class CommitOutcomeUnknown(DatabaseUnavailable, StoreOutcomeUnknown):
+    pass
+
+
 class MigrationError(PersistenceError):
     pass
 
 
 # Failures that say "Postgres is not there right now", not "this statement is wrong".
-_TRANSIENT = (
+TRANSIENT_ERRORS = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
@@ -53,7 +57,7 @@ def translate_errors(operation: str) -> Iterator[None]:
         yield
     except PersistenceError:
         raise
-    except _TRANSIENT as exc:
+    except TRANSIENT_ERRORS as exc:
         raise DatabaseUnavailable(operation, f"{type(exc).__name__}: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise PersistenceError(operation, f"{type(exc).__name__}: {exc}") from exc

@@ -7,24 +7,31 @@ single-user write (session start, plan change) is atomic with its plan event.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
 from actors.records import LedgerSnapshot, PlanEventRecord, SessionRecord, StoredLedger
 from persistence import plan_events, sessions, users
 from persistence.database import PoolLimits, create_pool
-from persistence.errors import PersistenceError, translate_errors
+from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, PersistenceError, translate_errors
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
+    def __init__(self, pool: asyncpg.Pool[asyncpg.Record], *, acquire_timeout_s: float = 5.0) -> None:
         self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+
+    def _connection(self) -> Any:
+        """A pooled connection, waiting at most `acquire_timeout_s` for one."""
+        return self._pool.acquire(timeout=self._acquire_timeout_s)
 
     async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
         with translate_errors("load"):
-            async with self._pool.acquire() as connection:
+            async with self._connection() as connection:
                 known = await users.fetch_users(connection, user_ids=user_ids)
                 if not known:
                     return {}
@@ -42,7 +49,7 @@ class PostgresStore:
 
     async def open_session_users(self) -> list[str]:
         with translate_errors("open_session_users"):
-            async with self._pool.acquire() as connection:
+            async with self._connection() as connection:
                 return await sessions.fetch_open_session_users(connection)
 
     async def save(
@@ -53,32 +60,44 @@ class PostgresStore:
         all_periods = [period for snapshot in snapshots for period in snapshot.periods]
         all_sessions = [session for snapshot in snapshots for session in snapshot.sessions]
         with translate_errors("save"):
-            async with self._pool.acquire() as connection, connection.transaction():
-                await users.upsert_users(connection, users=[snapshot.user for snapshot in snapshots])
-                if all_periods:
-                    await users.upsert_periods(connection, periods=all_periods)
-                if all_sessions:
-                    await sessions.upsert_sessions(connection, sessions=all_sessions)
-                if plan_event is not None and not await plan_events.insert_plan_event(
-                    connection, event=plan_event
-                ):
-                    raise PersistenceError(
-                        "save", f"plan event {plan_event.delivery_id!r} is already recorded"
-                    )
+            async with self._connection() as connection:
+                transaction = connection.transaction()
+                await transaction.start()
+                try:
+                    await users.upsert_users(connection, users=[snapshot.user for snapshot in snapshots])
+                    if all_periods:
+                        await users.upsert_periods(connection, periods=all_periods)
+                    if all_sessions:
+                        await sessions.upsert_sessions(connection, sessions=all_sessions)
+                    if plan_event is not None and not await plan_events.insert_plan_event(
+                        connection, event=plan_event
+                    ):
+                        detail = f"plan event {plan_event.delivery_id!r} is already recorded"
+                        raise PersistenceError("save", detail)
+                except BaseException:
+                    # Before COMMIT nothing is written (a broken connection rolls back by itself).
+                    with contextlib.suppress(Exception):
+                        await transaction.rollback()
+                    raise
+                try:
+                    await transaction.commit()
+                except TRANSIENT_ERRORS as exc:
+                    detail = f"COMMIT got no answer: {type(exc).__name__}: {exc}"
+                    raise CommitOutcomeUnknown("save", detail) from exc
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         with translate_errors("find_session"):
-            async with self._pool.acquire() as connection:
+            async with self._connection() as connection:
                 return await sessions.fetch_session(connection, user_id=user_id, session_id=session_id)
 
     async def list_sessions(self, user_id: str, limit: int) -> list[SessionRecord]:
         with translate_errors("list_sessions"):
-            async with self._pool.acquire() as connection:
+            async with self._connection() as connection:
                 return await sessions.fetch_sessions(connection, user_id=user_id, limit=limit)
 
     async def find_plan_event(self, delivery_id: str) -> PlanEventRecord | None:
         with translate_errors("find_plan_event"):
-            async with self._pool.acquire() as connection:
+            async with self._connection() as connection:
                 return await plan_events.fetch_plan_event(connection, delivery_id=delivery_id)
 
     async def close(self) -> None:
@@ -93,7 +112,8 @@ class PostgresStoreFactory:
     limits: PoolLimits = field(default_factory=PoolLimits)
 
     async def __call__(self) -> PostgresStore:
-        return PostgresStore(await create_pool(self.dsn, self.limits, role="shard"))
+        pool = await create_pool(self.dsn, self.limits, role="shard")
+        return PostgresStore(pool, acquire_timeout_s=self.limits.connect_timeout_s)
 
     def __repr__(self) -> str:
         # The DSN may carry a password; never print it.

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Path, Security
 
 from actors.shard import PlanEvent
 from actors.times import from_datetime
-from gateway.auth import USER_ID_MAX_LENGTH, delivery_id, webhook_signature_scheme
+from gateway.auth import USER_ID_MAX_LENGTH, USER_ID_PATTERN, delivery_id, webhook_signature_scheme
 from gateway.routes.common import problems, request_id, runtime
 from gateway.runtime import Runtime
 from gateway.schemas import PlanChangeRequest, PlanChangeResponse, Usage
@@ -21,7 +21,7 @@ router = APIRouter(
     prefix="/internal/v1", tags=["internal"], dependencies=[Security(webhook_signature_scheme)]
 )
 
-UserIdPath = Annotated[str, Path(min_length=1, max_length=USER_ID_MAX_LENGTH)]
+UserIdPath = Annotated[str, Path(min_length=1, max_length=USER_ID_MAX_LENGTH, pattern=USER_ID_PATTERN)]
 
 
 @router.post(

@@ -112,6 +112,11 @@ async def test_unknown_plan_and_bad_bodies_are_422_and_change_nothing(client: ht
         response = await client.post(f"/internal/v1/users/{user}/plan", content=content, headers=headers)
         assert_problem(response, 422, "invalid_request")
     assert (await client.get("/v1/usage", headers=auth(user))).json()["version"] == 0
+    content, headers = signed(
+        {"plan": "pro", "action": "upgrade", "occurred_at": datetime.now(UTC).isoformat()}
+    )
+    response = await client.post("/internal/v1/users/bad%00id/plan", content=content, headers=headers)
+    assert_problem(response, 422, "invalid_request")
 
 
 async def test_bad_or_old_signatures_are_401(client: httpx.AsyncClient) -> None:

@@ -183,6 +183,7 @@ async def test_bad_input_is_refused_and_changes_nothing(client: httpx.AsyncClien
         {"topic": "x" * 1001},
         {"difficulty": "expert"},
         {"topic": 5},
+        {"topic": "nul\u0000inside"},
     ):
         assert_problem(
             await client.post("/v1/sessions", json=body, headers=auth(user)), 422, "invalid_request"

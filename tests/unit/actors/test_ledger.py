@@ -297,18 +297,28 @@ class TestPlans:
         assert user.version == 0
         assert user.plan_event_at_ms is None
 
-    def test_downgrade_below_usage_ends_running_session_without_billing_more(self) -> None:
+    def test_downgrade_below_usage_ends_running_session_at_the_change(self) -> None:
+        """The time since the last heartbeat ran under the old plan: billed, and the session ends now."""
         user = ledger("pro")
         user.start_session(T0, "s1")
         user.heartbeat(T0 + 9 * MIN, "s1")
         user.heartbeat(T0 + 18 * MIN, "s1")
-        user.change_plan(T0 + 19 * MIN, change("free", T0 + 19 * MIN, action="downgrade"))
+        user.change_plan(T0 + 18 * MIN + 20 * SEC, change("free", T0, action="downgrade"))
         record = user.ended_session("s1")
         assert record is not None
         assert record.end_reason == "limit_reached"
-        assert record.ended_at_ms == T0 + 18 * MIN
-        assert user.used_ms == 18 * MIN
+        assert record.ended_at_ms == T0 + 18 * MIN + 20 * SEC
+        assert user.used_ms == 18 * MIN + 20 * SEC
         assert user.usage(T0 + 19 * MIN).warning == "exhausted"
+
+    def test_downgrade_that_leaves_room_bills_nothing_at_the_change(self) -> None:
+        user = ledger("pro")
+        user.start_session(T0, "s1")
+        user.heartbeat(T0 + 2 * MIN, "s1")
+        user.change_plan(T0 + 2 * MIN + 20 * SEC, change("free", T0, action="downgrade"))
+        assert user.active_session_id == "s1"
+        assert user.used_ms == 2 * MIN
+        assert user.next_deadline_ms() == T0 + 10 * MIN  # the free plan's limit, from the last heartbeat
 
 
 class TestPeriods:

@@ -143,6 +143,7 @@ class LedgerMachine(RuleBasedStateMachine):
     )
     def change_plan(self, plan: str, action: str, age: int, delivery: str, reset: bool) -> None:
         used = self.ledger.used_ms
+        limit = self.ledger.limit_ms
         period = self.ledger.period.start_ms
         change = PlanChange(
             plan=plan,
@@ -152,9 +153,12 @@ class LedgerMachine(RuleBasedStateMachine):
             reset_usage=reset,
         )
         applied = self.ledger.change_plan(self.now, change)
+        if self.ledger.period.start_ms == period and self.ledger.used_ms > used:
+            # A change that ends the session bills under the limit that applied until then.
+            assert self.ledger.used_ms <= limit, "billed past the old limit at a plan change"
         if applied and reset and self.ledger.period.start_ms == period:
             self.reset_ms += used
-            self.used_before = 0  # the reset is not billing
+        self.used_before = self.ledger.used_ms
 
     @rule()
     def crash_and_restore(self) -> None:

@@ -21,10 +21,10 @@ from actors.errors import (
 )
 from actors.ledger import LedgerPolicy
 from actors.plans import parse_plans
-from actors.records import LedgerSnapshot, PlanEventRecord
+from actors.records import LedgerSnapshot, PlanEventRecord, StoredLedger
 from actors.routing import shard_index
 from actors.shard import LedgerShard, PlanEvent, ShardConfig
-from actors.store import LedgerStore, MemoryStore
+from actors.store import LedgerStore, MemoryStore, StoreError, StoreUnavailable
 from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
 
 PLANS = parse_plans(
@@ -372,4 +372,124 @@ class TestHeartbeatThatEnds:
         assert store.sessions[started.session_id].is_open
         store.available = True
         await shard.flush()
+        assert store.sessions[started.session_id].end_reason == "limit_reached"
+
+
+class FlakyStore(MemoryStore):
+    """A MemoryStore whose first `load_failures` loads fail as an outage would."""
+
+    def __init__(self, load_failures: int) -> None:
+        super().__init__()
+        self.load_failures = load_failures
+
+    async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
+        if self.load_failures > 0:
+            self.load_failures -= 1
+            raise StoreUnavailable("load failed")
+        return await super().load(user_ids)
+
+
+class TestFaults:
+    async def test_start_survives_a_failed_load_while_reactivating(self, clock: FakeClock) -> None:
+        seeded = MemoryStore()
+        first = make_shard(seeded, clock)
+        await first.start()
+        await first.start_session("u1")
+        await first.stop()
+        flaky = FlakyStore(load_failures=2)
+        flaky.users, flaky.periods, flaky.sessions = seeded.users, seeded.periods, seeded.sessions
+        second = make_shard(flaky, clock)
+        await second.start()
+        assert (await second.stats()).active_sessions == 1
+        await second.stop()
+
+    async def test_lost_commit_reply_is_settled_by_reading_back(
+        self, shard: LedgerShard, store: MemoryStore
+    ) -> None:
+        await shard.usage("u1")
+        store.lose_next_commit_reply = True
+        started = await shard.start_session("u1")  # landed; the read-back says so
+        assert store.sessions[started.session_id].is_open
+        assert (await shard.current_session("u1")).session_id == started.session_id
+
+    async def test_unresolvable_write_holds_the_user_until_the_store_answers(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        await shard.usage("u2")  # another user, to show they are not held
+        await shard.usage("u1")
+
+        store.lose_next_commit_reply = True
+        original_load = store.load
+
+        async def failing_load(user_ids: Sequence[str]) -> dict[str, StoredLedger]:
+            raise StoreUnavailable("down right after the commit")
+
+        store.load = failing_load  # type: ignore[method-assign]
+        with pytest.raises(Unavailable, match="retry shortly"):
+            await shard.start_session("u1")
+        assert (await shard.stats()).users_in_doubt == 1
+        with pytest.raises(Unavailable):
+            await shard.usage("u1")
+        assert (await shard.usage("u2")).user_id == "u2"
+        store.load = original_load  # type: ignore[method-assign]
+        usage = await shard.usage("u1")
+        assert usage.active_session is not None, "the write had landed: the stored state is adopted"
+        assert (await shard.stats()).users_in_doubt == 0
+
+    async def test_refused_user_does_not_block_the_others(
+        self, shard: LedgerShard, store: MemoryStore
+    ) -> None:
+        class Refusing(MemoryStore):
+            async def save(
+                self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
+            ) -> None:
+                if any(s.user.user_id == "bad" for s in snapshots):
+                    raise StoreError("row refused")
+                await super().save(snapshots, plan_event=plan_event)
+
+        refusing = Refusing()
+        shard2 = make_shard(refusing, FakeClock())
+        await shard2.start()
+        for user_id in ("a", "b", "bad", "c", "d"):
+            await shard2.usage(user_id)
+            shard2._ledgers[user_id].advance(T0 + 40 * 24 * 60 * MIN)  # roll the period: dirty
+            shard2._dirty.add(user_id)
+        assert await shard2.flush() == 4
+        assert set(refusing.users) == {"a", "b", "c", "d"}
+        stats = await shard2.stats()
+        assert (stats.unwritable_users, stats.dirty_users) == (1, 1)
+        assert await shard2.flush() == 0  # the refused user is not retried in every flush
+        await shard2.stop()
+
+    async def test_nothing_is_admitted_once_draining(self, store: MemoryStore, clock: FakeClock) -> None:
+        shard = make_shard(store, clock)
+        await shard.start()
+        started = await shard.start_session("u1")
+        await shard.stop()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await shard.heartbeat("u1", started.session_id)
+
+    async def test_stop_while_start_is_still_retrying(self, clock: FakeClock) -> None:
+        store = MemoryStore()
+        store.available = False
+        shard = make_shard(store, clock)
+        starting = asyncio.create_task(shard.start())
+        await asyncio.sleep(0.05)
+        await shard.stop()
+        assert starting.done()
+        store.available = True
+        await asyncio.sleep(0.3)
+        assert (await shard.stats()).state == "stopped"
+
+    async def test_end_of_a_session_an_alarm_ended_is_written_before_answering(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
+        started = await shard.start_session("u1")
+        clock.now += 7 * SEC
+        shard.fire_due_alarms()
+        shard._flush_soon.clear()  # keep the background flush out of this test
+        assert store.sessions[started.session_id].is_open
+        ended = await shard.end_session("u1", started.session_id)
+        assert ended.end_reason == "limit_reached"
         assert store.sessions[started.session_id].end_reason == "limit_reached"

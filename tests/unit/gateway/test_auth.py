@@ -1,0 +1,82 @@
+"""User tokens: what is accepted and what is refused (no server needed)."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from gateway.auth import TokenVerifier, issue_token
+from gateway.errors import Unauthorized
+
+SECRET = "unit-test-secret-" + "s" * 48
+verifier = TokenVerifier(secret=SECRET, leeway_s=5)
+
+
+def test_issued_token_is_accepted() -> None:
+    assert verifier.user_id(issue_token(secret=SECRET, user_id="u-1", ttl_s=60)) == "u-1"
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        (issue_token(secret=SECRET, user_id="u", ttl_s=-60), "token expired"),
+        (issue_token(secret="another-secret-" + "x" * 20, user_id="u", ttl_s=60), "invalid token"),
+        (jwt.encode({"sub": "u"}, SECRET, algorithm="HS256"), "invalid token"),  # no exp
+        (jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256"), "invalid token"),  # no sub
+        (jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, SECRET, algorithm="HS512"), "invalid token"),
+        (jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, None, algorithm="none"), "invalid token"),
+        (
+            jwt.encode({"sub": "u\x00x", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
+            "invalid token",
+        ),
+        (jwt.encode({"sub": "", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"), "invalid token"),
+        (
+            jwt.encode({"sub": "u" * 256, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
+            "invalid token",
+        ),
+        ("not.a.token", "invalid token"),
+    ],
+    ids=[
+        "expired",
+        "wrong-key",
+        "no-exp",
+        "no-sub",
+        "hs512",
+        "alg-none",
+        "nul-in-sub",
+        "empty-sub",
+        "long-sub",
+        "junk",
+    ],
+)
+def test_bad_tokens_are_refused(token: str, reason: str) -> None:
+    with pytest.raises(Unauthorized, match=reason):
+        verifier.user_id(token)
+
+
+def test_audience_and_issuer_are_checked_when_configured() -> None:
+    strict = TokenVerifier(secret=SECRET, audience="ledger", issuer="https://auth.example")
+    good = issue_token(secret=SECRET, user_id="u", ttl_s=60, audience="ledger", issuer="https://auth.example")
+    assert strict.user_id(good) == "u"
+    for wrong in (
+        issue_token(secret=SECRET, user_id="u", ttl_s=60, audience="other", issuer="https://auth.example"),
+        issue_token(secret=SECRET, user_id="u", ttl_s=60, audience="ledger", issuer="https://evil.example"),
+        issue_token(secret=SECRET, user_id="u", ttl_s=60),
+    ):
+        with pytest.raises(Unauthorized):
+            strict.user_id(wrong)
+
+
+def test_leeway_allows_small_clock_skew_only() -> None:
+    now = int(time.time())
+    just_expired = issue_token(secret=SECRET, user_id="u", ttl_s=1, now_s=now - 3)
+    assert verifier.user_id(just_expired) == "u"
+    long_expired = issue_token(secret=SECRET, user_id="u", ttl_s=1, now_s=now - 30)
+    with pytest.raises(Unauthorized, match="expired"):
+        verifier.user_id(long_expired)
+
+
+def test_secret_never_appears_in_repr() -> None:
+    assert SECRET not in repr(verifier)

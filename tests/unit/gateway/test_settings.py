@@ -1,0 +1,76 @@
+"""Settings: defaults, units, and what production refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.secrets import resolve_secrets
+from gateway.settings import Settings
+
+STRONG = "x" * 40
+
+
+def test_defaults_match_the_documented_table(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert (settings.host, settings.port, settings.shards) == ("127.0.0.1", 8080, 4)
+    assert (settings.sync_interval_s, settings.stale_session_s, settings.low_balance_minutes) == (30, 600, 5)
+    assert settings.database_url is None and settings.ray_address is None
+    assert settings.resolved_log_format == "console"
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEDGER_SHARDS", "8")
+    monkeypatch.setenv("LEDGER_SYNC_INTERVAL_S", "2.5")
+    settings = Settings()
+    assert (settings.shards, settings.sync_interval_s) == (8, 2.5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"shards": 0},
+        {"sync_interval_s": 0},
+        {"port": 70_000},
+        {"stale_session_s": -1},
+        {"actor_call_timeout_s": 6, "db_statement_timeout_s": 5},
+    ],
+)
+def test_impossible_values_are_refused(fields: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({}, "LEDGER_JWT_SECRET"),
+        ({"jwt_secret": STRONG}, "LEDGER_INTERNAL_SECRET"),
+        ({"jwt_secret": "short", "internal_secret": STRONG}, "LEDGER_JWT_SECRET is shorter"),
+    ],
+)
+def test_production_refuses_generated_or_short_secrets(fields: dict[str, str], named: str) -> None:
+    with pytest.raises(ValidationError, match=named):
+        Settings(env="production", **fields)  # type: ignore[arg-type]
+
+
+def test_production_with_strong_secrets_logs_json() -> None:
+    settings = Settings(env="production", jwt_secret=STRONG, internal_secret=STRONG)  # type: ignore[arg-type]
+    assert settings.resolved_log_format == "json"
+
+
+def test_development_secrets_are_generated_once_and_private(tmp_path: Path) -> None:
+    first = resolve_secrets(Settings(data_dir=tmp_path))
+    second = resolve_secrets(Settings(data_dir=tmp_path))
+    assert first == second
+    assert first.internal_secret.startswith("whsec_")
+    assert (tmp_path / "dev-secrets.json").stat().st_mode & 0o077 == 0
+    assert first.jwt_secret not in repr(first)
+
+
+def test_configured_secrets_win_over_generated(tmp_path: Path) -> None:
+    secrets = resolve_secrets(Settings(data_dir=tmp_path, jwt_secret=STRONG))  # type: ignore[arg-type]
+    assert secrets.jwt_secret == STRONG
+    assert secrets.internal_secret.startswith("whsec_")
