@@ -24,8 +24,9 @@ import jwt
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.asgi import read_body, replaying
 from gateway.errors import Unauthorized, problem
 
 USER_ID_MAX_LENGTH = 255
@@ -127,30 +128,18 @@ class InternalSignatureMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith(INTERNAL_PATH_PREFIX):
             await self.app(scope, receive, send)
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            body.extend(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
+        if body is None:
+            return  # the client went away
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         webhook_id = headers.get("webhook-id", "")
         try:
             if len(webhook_id) > WEBHOOK_ID_MAX_LENGTH:
                 raise WebhookVerificationError("webhook-id too long")
-            self._webhook.verify(bytes(body), headers, json_parse=False)
+            self._webhook.verify(body, headers, json_parse=False)
         except (WebhookVerificationError, ValueError, binascii.Error, UnicodeDecodeError):
             response = problem(401, "unauthorized", "missing or invalid webhook signature")
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["webhook_id"] = webhook_id
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)

@@ -14,12 +14,16 @@ import uuid
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.asgi import BodyTooLarge, read_body, replaying
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem_bytes
 from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.request")
 
 MAX_BODY_BYTES = 16 * 1024
+# An oversized body that streams in is read (and dropped) up to this much more, so the
+# client is still listening when the 413 arrives; past it the connection is simply closed.
+DRAIN_BYTES_MAX = 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -81,27 +85,15 @@ class BodyLimitMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._refuse(send)
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body.extend(message.get("body", b""))
-            if len(body) > self.max_bytes:
-                await self._refuse(send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        try:
+            body = await read_body(receive, max_bytes=self.max_bytes)
+        except BodyTooLarge:
+            await _drain(receive, DRAIN_BYTES_MAX)
+            await self._refuse(send)
+            return
+        if body is None:
+            return  # the client went away
+        await self.app(scope, replaying(body, receive), send)
 
     async def _refuse(self, send: Send) -> None:
         body = problem_bytes(
@@ -119,6 +111,15 @@ class BodyLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive: Receive, limit_bytes: int) -> None:
+    seen = 0
+    while seen <= limit_bytes:
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import asyncpg
@@ -221,6 +222,22 @@ async def test_body_over_16_kib_is_413(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/sessions", json={"topic": "x" * (17 * 1024)}, headers=auth(user))
     assert_problem(response, 413, "payload_too_large")
     assert (await client.get("/v1/usage", headers=auth(user))).json()["active_session"] is None
+
+
+async def test_chunked_body_over_16_kib_is_413(client: httpx.AsyncClient) -> None:
+    """No Content-Length: the bound is enforced while the body streams in."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"topic": "'
+        for _ in range(20):
+            yield b"x" * 1024
+        yield b'"}'
+
+    user = new_user()
+    response = await client.post(
+        "/v1/sessions", content=chunks(), headers={**auth(user), "content-type": "application/json"}
+    )
+    assert_problem(response, 413, "payload_too_large")
 
 
 @pytest.mark.parametrize(

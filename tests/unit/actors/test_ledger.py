@@ -8,31 +8,10 @@ from datetime import UTC, datetime
 import pytest
 
 from actors.errors import NoCredits, SessionActive, SessionEnded, SessionNotFound, UnknownPlan
-from actors.ledger import LedgerPolicy, PlanChange, UserLedger
-from actors.plans import parse_plans
+from actors.ledger import PlanChange, UserLedger
 from actors.records import StoredLedger
-from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
-
-PLANS = parse_plans(
-    """
-    default_plan = "free"
-    [plans.free]
-    minutes = 10
-    [plans.basic]
-    minutes = 100
-    [plans.pro]
-    minutes = 500
-    [plans.tiny]
-    minutes = 0.1
-    """,
-    source="test",
-)
-STALE_MS = 10 * MS_PER_MINUTE
-POLICY = LedgerPolicy(plans=PLANS, stale_session_ms=STALE_MS, low_balance_ms=5 * MS_PER_MINUTE)
-T0 = from_datetime(datetime(2026, 11, 10, 12, 0, tzinfo=UTC))
-DEC_1 = from_datetime(datetime(2026, 12, 1, tzinfo=UTC))
-MIN = MS_PER_MINUTE
-SEC = MS_PER_SECOND
+from actors.times import from_datetime
+from tests.unit.actors.support import DEC_1, MIN, POLICY, SEC, STALE_MS, T0
 
 
 def ledger(plan: str | None = None, now: int = T0) -> UserLedger:

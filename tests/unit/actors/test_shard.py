@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 
 import pytest
 import pytest_asyncio
@@ -19,42 +18,15 @@ from actors.errors import (
     SessionNotFound,
     Unavailable,
 )
-from actors.ledger import LedgerPolicy
-from actors.plans import parse_plans
 from actors.records import LedgerSnapshot, PlanEventRecord, StoredLedger
 from actors.routing import shard_index
 from actors.shard import LedgerShard, PlanEvent, ShardConfig
 from actors.store import LedgerStore, MemoryStore, StoreError, StoreUnavailable
-from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
+from tests.unit.actors.support import MIN, POLICY, SEC, STALE_MS, T0, FakeClock
 
-PLANS = parse_plans(
-    """
-    default_plan = "free"
-    [plans.free]
-    minutes = 10
-    [plans.pro]
-    minutes = 500
-    [plans.tiny]
-    minutes = 0.1
-    """,
-    source="test",
-)
-STALE_MS = 10 * MS_PER_MINUTE
-POLICY = LedgerPolicy(plans=PLANS, stale_session_ms=STALE_MS, low_balance_ms=5 * MS_PER_MINUTE)
-T0 = from_datetime(datetime(2026, 11, 10, 12, 0, tzinfo=UTC))
-SEC = MS_PER_SECOND
-MIN = MS_PER_MINUTE
 SESSION_IDS = itertools.count(1)
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
-
-
-class FakeClock:
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 class HeldStore(MemoryStore):
