@@ -41,9 +41,14 @@ UVICORN_MAX_HEADER_BYTES = 16 * 1024
 def _settings() -> Settings:
     try:
         return Settings()
-    except (ValidationError, ValueError) as exc:
-        typer.echo(f"usage-ledger: invalid configuration: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    except ValidationError as exc:
+        # Name each bad setting and why, never its value: it may be a secret.
+        for error in exc.errors(include_input=False, include_url=False):
+            where = "_".join(str(part) for part in error["loc"]).upper()
+            name = f"LEDGER_{where}: " if where else ""
+            reason = error["msg"].removeprefix("Value error, ")
+            typer.echo(f"usage-ledger: invalid configuration: {name}{reason}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

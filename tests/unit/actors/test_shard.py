@@ -384,29 +384,25 @@ class TestFaults:
         assert store.sessions[started.session_id].is_open
         assert (await shard.current_session("u1")).session_id == started.session_id
 
-    async def test_unresolvable_write_holds_the_user_until_the_store_answers(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
-    ) -> None:
+    async def test_unresolvable_write_holds_the_user_until_the_store_answers(self, clock: FakeClock) -> None:
+        store = FlakyStore(load_failures=0)
+        shard = make_shard(store, clock)
+        await shard.start()
         await shard.usage("u2")  # another user, to show they are not held
         await shard.usage("u1")
-
         store.lose_next_commit_reply = True
-        original_load = store.load
-
-        async def failing_load(user_ids: Sequence[str]) -> dict[str, StoredLedger]:
-            raise StoreUnavailable("down right after the commit")
-
-        store.load = failing_load  # type: ignore[method-assign]
+        store.load_failures = 1_000  # ...and the store goes away right after the commit
         with pytest.raises(Unavailable, match="retry shortly"):
             await shard.start_session("u1")
         assert (await shard.stats()).users_in_doubt == 1
         with pytest.raises(Unavailable):
             await shard.usage("u1")
         assert (await shard.usage("u2")).user_id == "u2"
-        store.load = original_load  # type: ignore[method-assign]
+        store.load_failures = 0
         usage = await shard.usage("u1")
         assert usage.active_session is not None, "the write had landed: the stored state is adopted"
         assert (await shard.stats()).users_in_doubt == 0
+        await shard.stop()
 
     async def test_refused_user_does_not_block_the_others(
         self, shard: LedgerShard, store: MemoryStore
