@@ -329,7 +329,7 @@ class LedgerShard:
         request_id: str | None = None,
     ) -> SessionStarted:
         session_id = self._new_session_id()
-        started = await self._durable(
+        started, _ = await self._durable(
             user_id,
             lambda ledger, now: ledger.start_session(now, session_id, topic=topic, difficulty=difficulty),
         )
@@ -358,7 +358,9 @@ class LedgerShard:
         self, user_id: str, session_id: str, *, request_id: str | None = None
     ) -> SessionProgress:
         try:
-            ended = await self._durable(user_id, lambda ledger, now: ledger.end_session(now, session_id))
+            ended, changed = await self._durable(
+                user_id, lambda ledger, now: ledger.end_session(now, session_id)
+            )
         except SessionNotFound:
             record = await self._stored_ended_session(user_id, session_id)
             if record is None:
@@ -367,6 +369,8 @@ class LedgerShard:
         if self._ledgers[user_id].ended_session(session_id) in self._ledgers[user_id].unsynced_sessions():
             # Ended earlier by an alarm and not written yet: write it before answering.
             await self._write_through(user_id)
+        if not changed:
+            return ended  # ended before: nothing new to log
         log.info(
             "session_ended",
             user_id=user_id,
@@ -635,15 +639,18 @@ class LedgerShard:
         else:
             await gate.__aexit__(None, None, None)
 
-    async def _durable(self, user_id: str, operate: Callable[[UserLedger, int], T]) -> T:
-        """Run `operate` on a clone, make the clone durable, then swap it in."""
+    async def _durable(self, user_id: str, operate: Callable[[UserLedger, int], T]) -> tuple[T, bool]:
+        """Run `operate` on a clone, make the clone durable, then swap it in.
+
+        Returns the result and whether anything changed (and was written)."""
         async with self._admitted(), self._durable_entry(user_id):
             ledger = self._ledgers[user_id]
             draft = ledger.clone()
             result = operate(draft, self._clock())
-            if draft.version != ledger.version:
+            changed = draft.version != ledger.version
+            if changed:
                 await self._write_and_commit(user_id, draft)
-            return result
+            return result, changed
 
     async def _write_and_commit(
         self, user_id: str, draft: UserLedger, *, plan_event: PlanEventRecord | None = None
