@@ -319,10 +319,6 @@ class UserLedger:
         """The final record of a recently ended session, if this ledger still holds it."""
         return self._unsynced_sessions.get(session_id) or self._ended.get(session_id)
 
-    def unsynced_sessions(self) -> list[SessionRecord]:
-        """Session records changed since the last durable write (ended sessions, mostly)."""
-        return list(self._unsynced_sessions.values())
-
     def resident_sessions(self) -> list[SessionRecord]:
         """The sessions this ledger holds in memory: the running one and recently ended ones."""
         records = {**self._ended, **self._unsynced_sessions}

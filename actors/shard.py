@@ -204,7 +204,8 @@ class LedgerShard:
         await asyncio.shield(task)
 
     async def _start(self) -> None:
-        self._store = CountingStore(await self._retrying("store_connect", self._store_factory))
+        if self._store is None:  # a retried start keeps the store it already opened
+            self._store = CountingStore(await self._retrying("store_connect", self._store_factory))
         await self._retrying("reactivate_open_sessions", self._reactivate_open_sessions)
         self._state = "running"
         self._background = [
@@ -249,13 +250,15 @@ class LedgerShard:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._store is not None:
-            try:
-                await self.flush()
-            finally:
-                await self._store.close()
-        self._state = "stopped"
-        log.info("shard_stopped", shard=self._config.shard_index)
+        try:
+            if self._store is not None:
+                try:
+                    await self.flush()
+                finally:
+                    await self._store.close()
+        finally:
+            self._state = "stopped"
+            log.info("shard_stopped", shard=self._config.shard_index, dirty_users_left=len(self._dirty))
 
     async def _running(self) -> CountingStore:
         if self._state == "running":
@@ -366,10 +369,10 @@ class LedgerShard:
             if record is None:
                 raise
             return (await self._ledger(user_id)).progress_of(record)
-        if self._ledgers[user_id].ended_session(session_id) in self._ledgers[user_id].unsynced_sessions():
-            # Ended earlier by an alarm and not written yet: write it before answering.
-            await self._write_through(user_id)
         if not changed:
+            if self._ledgers[user_id].is_dirty:
+                # Ended earlier by an alarm and not written yet: write it before answering.
+                await self._write_through(user_id)
             return ended  # ended before: nothing new to log
         log.info(
             "session_ended",
