@@ -5,7 +5,8 @@
     ├── SessionActive           start while a session is running
     ├── SessionNotFound         unknown session id, or one of another user
     ├── SessionEnded            heartbeat for a session that has ended
-    ├── UnknownPlan             a plan the plans file does not define
+    ├── UnknownPlan             a plan the plans file does not define (or an impossible period)
+    ├── MeterNotFound           a count meter the user's plan does not have
     └── EventConflict           a delivery id reused for a different event
     ShardError                  the shard could not do the work; nothing changed
     ├── Unavailable             storage needed for a durable write is down
@@ -66,6 +67,10 @@ class SessionEnded(LedgerError):
 
 class UnknownPlan(LedgerError):
     code = "invalid_request"
+
+
+class MeterNotFound(LedgerError):
+    code = "meter_not_found"
 
 
 class EventConflict(LedgerError):

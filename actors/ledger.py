@@ -1,4 +1,4 @@
-"""The per-user ledger: a pure state machine over one user's minutes.
+"""The per-user ledger: a pure state machine over one user's minutes and counts.
 
 `UserLedger` is the single writer of a user's state. It does no I/O, imports
 neither Ray nor a database driver, and never reads a clock: every operation
@@ -6,27 +6,40 @@ takes `now_ms`. That makes it deterministic: the same operations at the same
 instants give the same state, which is what lets a restarted shard rebuild a
 user from Postgres and reach the same alarms.
 
+Balances (DESIGN.md, *Plans, periods, credits*):
+
+- Two minute buckets: the plan's allowance for the current period (it resets
+  at each period start) and purchased minutes (never expire). Consumption
+  takes the allowance first, then purchased minutes, so a session runs on
+  into purchased minutes without a gap.
+- Count meters from the plan (`limit` or unlimited, per UTC day or per
+  period); a use that would pass the limit is refused whole.
+- Every change to a balance is an entry in the credit ledger (`CreditBook`).
+
 Time accounting (DESIGN.md, *Time accounting*):
 
 - A running session is billed from its start to its last heartbeat; each
   heartbeat bills the time since the previous one. `last_heartbeat_at_ms` is
   therefore also "billed through".
-- Billing never takes the period past its limit. When the balance runs out
-  the session ends `limit_reached` at that exact instant (the *limit* alarm),
+- Billing never takes more than the balance. When the balance runs out the
+  session ends `limit_reached` at that exact instant (the *limit* alarm),
   whether or not a heartbeat arrives.
 - No heartbeat for `stale_session_ms` ends the session `stale`, billed to its
   last heartbeat (the *stale* alarm): silence is never billed.
 - At the period's end (the *period* alarm) the period is archived and a new
-  one starts. A session running across the boundary has its time split at the
-  boundary: the part before is billed to the old period (kept as `_prior`
-  until the session's billing passes the boundary), the part after to the new.
+  one starts (a calendar month, or the billing anchor's period). A session
+  running across the boundary has its time split at the boundary: the part
+  before is billed to the old period (kept as `_prior` until the session's
+  billing passes the boundary), the part after to the new.
 
 Every mutation increments `version` exactly once. Operations first fire every
 alarm due at `now_ms` (`advance`), in time order, so the outcome never depends
 on whether a shard's timer or a request got there first.
 
-Guarantees: at most one active session; billing never pushes `used_ms` past
-the limit; `version` strictly increases with every change.
+Guarantees: at most one active session; billing never takes the allowance
+below zero or purchased minutes below zero; `version` strictly increases with
+every change; for each bucket and window, the credit ledger's deltas add up to
+the balance.
 """
 
 from __future__ import annotations
@@ -34,22 +47,33 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from actors.errors import NoCredits, SessionActive, SessionEnded, SessionNotFound, UnknownPlan
-from actors.periods import PeriodBounds, calendar_month
-from actors.plans import PlanCatalog
+from actors.credits import CreditBook, CreditKey
+from actors.errors import MeterNotFound, NoCredits, SessionActive, SessionEnded, SessionNotFound, UnknownPlan
+from actors.periods import PeriodAnchor, PeriodBounds, period_containing, utc_day
+from actors.plans import MeterSpec, Plan, PlanCatalog
 from actors.records import (
+    METER_BUCKET_PREFIX,
+    MONTHLY_BUCKET,
+    PURCHASED_BUCKET,
+    CreditReason,
     Difficulty,
     EndReason,
     LedgerSnapshot,
+    MeterRecord,
     PeriodRecord,
     PlanAction,
+    PurchaseReason,
     SessionRecord,
     StoredLedger,
     UserRecord,
 )
 from actors.views import (
     ActiveSessionView,
+    CreditsView,
     CurrentSession,
+    MeterConsumed,
+    MeterView,
+    PeriodSummary,
     SessionProgress,
     SessionStarted,
     UsageView,
@@ -89,13 +113,19 @@ class Alarm:
 
 @dataclass(frozen=True, slots=True)
 class PlanChange:
-    """A plan event from billing. `delivery_id` orders events with equal `occurred_at_ms`."""
+    """A plan event from billing. `delivery_id` orders events with equal `occurred_at_ms`.
+
+    `period_start_ms`/`period_end_ms`, when given, are the subscription's current
+    period: from then on the user's periods follow that anchor.
+    """
 
     plan: str
     action: PlanAction
     occurred_at_ms: int
     delivery_id: str
     reset_usage: bool = False
+    period_start_ms: int | None = None
+    period_end_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -104,7 +134,8 @@ class _Period:
     end_ms: int
     plan: str
     limit_ms: int
-    used_ms: int
+    used_ms: int  # taken from the allowance
+    purchased_used_ms: int = 0  # taken from purchased minutes during this period
 
     @property
     def remaining_ms(self) -> int:
@@ -120,6 +151,7 @@ class _Period:
             limit_ms=self.limit_ms,
             archived=archived,
             version=version,
+            purchased_used_ms=self.purchased_used_ms,
         )
 
 
@@ -147,20 +179,35 @@ class _Session:
         )
 
 
+@dataclass(slots=True)
+class _Meter:
+    window_start_ms: int
+    window_end_ms: int
+    used: int
+
+
+def _meter_key(meter: str, window_start_ms: int) -> CreditKey:
+    return (METER_BUCKET_PREFIX + meter, window_start_ms)
+
+
 class UserLedger:
-    """One user's plan, period, running session and version. See the module docstring."""
+    """One user's plan, period, balances, meters, running session and version. See the module docstring."""
 
     __slots__ = (
+        "_book",
         "_ended",
+        "_meters",
         "_period",
         "_policy",
         "_prior",
         "_session",
         "_unsynced_periods",
         "_unsynced_sessions",
+        "anchor",
         "plan",
         "plan_event_at_ms",
         "plan_event_id",
+        "purchased_ms",
         "synced_version",
         "user_id",
         "version",
@@ -178,18 +225,26 @@ class UserLedger:
         prior: _Period | None = None,
         plan_event_at_ms: int | None = None,
         plan_event_id: str | None = None,
+        purchased_ms: int = 0,
+        anchor: PeriodAnchor | None = None,
+        meters: dict[str, _Meter] | None = None,
+        book: CreditBook | None = None,
     ) -> None:
         self.user_id = user_id
         self.plan = plan
         self.version = version
         self.plan_event_at_ms = plan_event_at_ms
         self.plan_event_id = plan_event_id
+        self.purchased_ms = purchased_ms
+        self.anchor = anchor
         # The newest version known durable; a ledger restored from a store starts clean.
         self.synced_version = version
         self._policy = policy
         self._period = period
         self._session = session
         self._prior = prior
+        self._meters: dict[str, _Meter] = meters if meters is not None else {}
+        self._book = book if book is not None else CreditBook(user_id)
         # Ended sessions kept for idempotent ends (bounded), and records not yet durable.
         self._ended: dict[str, SessionRecord] = {}
         self._unsynced_sessions: dict[str, SessionRecord] = {}
@@ -203,23 +258,29 @@ class UserLedger:
         chosen = policy.plans.get(plan) if plan is not None else policy.plans.default
         if chosen is None:
             raise UnknownPlan(f"unknown plan {plan!r}", plan=plan)
-        bounds = calendar_month(now_ms)
+        bounds = period_containing(None, now_ms)
         period = _Period(bounds.start_ms, bounds.end_ms, chosen.name, chosen.limit_ms, 0)
-        return cls(user_id=user_id, policy=policy, plan=chosen.name, period=period, version=0)
+        ledger = cls(user_id=user_id, policy=policy, plan=chosen.name, period=period, version=0)
+        ledger._open_period_entry(now_ms)
+        return ledger
 
     @classmethod
     def restore(cls, stored: StoredLedger, policy: LedgerPolicy, now_ms: int) -> UserLedger:
         """Rebuild a ledger from what a store holds. Call `advance` next to fire what fell due."""
         user = stored.user
-        versions = [user.version, *(p.version for p in stored.periods)]
+        versions = [user.version, *(p.version for p in stored.periods), *(m.version for m in stored.meters)]
         if stored.open_session is not None:
             versions.append(stored.open_session.version)
+        anchor = None
+        if user.anchor_start_ms is not None:
+            anchor = PeriodAnchor(
+                start_ms=user.anchor_start_ms, months=user.anchor_months, duration_ms=user.anchor_duration_ms
+            )
         if stored.periods:
-            newest = stored.periods[0]
-            period = _Period(newest.start_ms, newest.end_ms, newest.plan, newest.limit_ms, newest.used_ms)
+            period = _period_from(stored.periods[0])
         else:
             plan = policy.plans.get(user.plan) or policy.plans.default
-            bounds = calendar_month(now_ms)
+            bounds = period_containing(anchor, now_ms)
             period = _Period(bounds.start_ms, bounds.end_ms, user.plan, plan.limit_ms, 0)
         session = None
         prior = None
@@ -234,8 +295,9 @@ class UserLedger:
                 last_seq=open_session.last_seq,
             )
             older = stored.periods[1] if len(stored.periods) > 1 else None
-            if older is not None and session.last_heartbeat_at_ms < period.start_ms:
-                prior = _Period(older.start_ms, older.end_ms, older.plan, older.limit_ms, older.used_ms)
+            if older is not None and older.start_ms <= session.last_heartbeat_at_ms < older.end_ms:
+                prior = _period_from(older)  # the session's unbilled time starts in that period
+        meters = {m.meter: _Meter(m.window_start_ms, m.window_end_ms, m.used) for m in stored.meters}
         return cls(
             user_id=user.user_id,
             policy=policy,
@@ -246,6 +308,10 @@ class UserLedger:
             prior=prior,
             plan_event_at_ms=user.plan_event_at_ms,
             plan_event_id=user.plan_event_id,
+            purchased_ms=user.purchased_ms,
+            anchor=anchor,
+            meters=meters,
+            book=CreditBook(user.user_id, next_seq=user.next_entry_seq),
         )
 
     def clone(self) -> UserLedger:
@@ -260,6 +326,10 @@ class UserLedger:
             prior=replace(self._prior) if self._prior is not None else None,
             plan_event_at_ms=self.plan_event_at_ms,
             plan_event_id=self.plan_event_id,
+            purchased_ms=self.purchased_ms,
+            anchor=self.anchor,
+            meters={name: replace(meter) for name, meter in self._meters.items()},
+            book=self._book.clone(),
         )
         twin.synced_version = self.synced_version
         twin._ended = dict(self._ended)
@@ -275,6 +345,7 @@ class UserLedger:
 
     @property
     def used_ms(self) -> int:
+        """Time taken from the allowance this period."""
         return self._period.used_ms
 
     @property
@@ -283,7 +354,8 @@ class UserLedger:
 
     @property
     def remaining_ms(self) -> int:
-        return self._period.remaining_ms
+        """Allowance left this period plus purchased minutes."""
+        return self._period.remaining_ms + self.purchased_ms
 
     @property
     def active_session_id(self) -> str | None:
@@ -292,11 +364,29 @@ class UserLedger:
     def has_credits(self, now_ms: int) -> bool:
         """May this user go on? Answered from memory."""
         self.advance(now_ms)
-        return self._period.remaining_ms > 0
+        return self.remaining_ms > 0
 
     def usage(self, now_ms: int) -> UsageView:
         self.advance(now_ms)
         return self._usage_view()
+
+    def credits(self, now_ms: int) -> CreditsView:
+        """Both minute buckets and every meter of the plan, as of `now_ms`."""
+        self.advance(now_ms)
+        plan = self._current_plan()
+        meters = {}
+        if plan is not None:
+            for name, spec in plan.meters.items():
+                window, used = self._meter_window(name, spec, now_ms)
+                remaining = None if spec.limit is None else max(0, spec.limit - used)
+                meters[name] = MeterView(spec.limit, used, remaining, spec.window, window.end_ms)
+        return CreditsView(
+            allowance_remaining_ms=self._period.remaining_ms,
+            purchased_ms=self.purchased_ms,
+            remaining_ms=self.remaining_ms,
+            meters=meters,
+            version=self.version,
+        )
 
     def current_session(self, now_ms: int) -> CurrentSession:
         self.advance(now_ms)
@@ -308,7 +398,7 @@ class UserLedger:
             started_at_ms=session.started_at_ms,
             last_heartbeat_at_ms=session.last_heartbeat_at_ms,
             used_ms=session.used_ms,
-            remaining_ms=self._period.remaining_ms,
+            remaining_ms=self.remaining_ms,
             ends_at_ms=self._ends_at_ms(),
             topic=session.topic,
             difficulty=session.difficulty,
@@ -325,6 +415,31 @@ class UserLedger:
         if self._session is not None:
             records[self._session.session_id] = self._session.record(self.user_id, version=self.version)
         return list(records.values())
+
+    def resident_periods(self) -> list[PeriodSummary]:
+        """The periods this ledger holds in memory: current, prior, archived but not yet written."""
+        records = [self._period.record(self.user_id, archived=False, version=self.version)]
+        if self._prior is not None:
+            records.append(self._prior.record(self.user_id, archived=True, version=self.version))
+        records.extend(self._unsynced_periods.values())
+        return [_period_summary(record) for record in records]
+
+    def balances(self, now_ms: int) -> dict[CreditKey, int]:
+        """The live balance of every bucket the credit ledger tracks now (for reconciliation)."""
+        self.advance(now_ms)
+        found: dict[CreditKey, int] = {
+            (MONTHLY_BUCKET, self._period.start_ms): self._period.remaining_ms,
+            (PURCHASED_BUCKET, None): self.purchased_ms,
+        }
+        if self._prior is not None:
+            found[(MONTHLY_BUCKET, self._prior.start_ms)] = self._prior.remaining_ms
+        plan = self._current_plan()
+        for name, meter in self._meters.items():
+            spec = plan.meters.get(name) if plan is not None else None
+            in_window = meter.window_start_ms <= now_ms < meter.window_end_ms
+            if spec is not None and spec.limit is not None and in_window:
+                found[_meter_key(name, meter.window_start_ms)] = max(0, spec.limit - meter.used)
+        return found
 
     def next_deadline_ms(self) -> int | None:
         """When the next alarm falls due (there is always the period's end)."""
@@ -344,7 +459,7 @@ class UserLedger:
         self.advance(now_ms)
         if self._session is not None:
             raise SessionActive("a session is already active", session_id=self._session.session_id)
-        if self._period.remaining_ms <= 0:
+        if self.remaining_ms <= 0:
             raise NoCredits("no minutes left in this period", period_end_ms=self._period.end_ms)
         assert session_id not in self._ended, "session ids are never reused"
         self._bump()
@@ -352,7 +467,7 @@ class UserLedger:
         return SessionStarted(
             session_id=session_id,
             started_at_ms=now_ms,
-            remaining_ms=self._period.remaining_ms,
+            remaining_ms=self.remaining_ms,
             ends_at_ms=self._ends_at_ms(),
             version=self.version,
         )
@@ -412,6 +527,68 @@ class UserLedger:
             session_used_ms=record.used_ms,
         )
 
+    # ------------------------------------------------------------ credits, meters
+
+    def add_credits(
+        self, now_ms: int, amount_ms: int, *, reason: PurchaseReason, reference: str | None
+    ) -> int:
+        """Add purchased minutes (they never expire). Returns the purchased balance."""
+        assert amount_ms > 0, "callers validate the amount"
+        self.advance(now_ms)
+        self._bump()
+        self._materialize()
+        self.purchased_ms += amount_ms
+        self._record(
+            (PURCHASED_BUCKET, None),
+            delta=amount_ms,
+            balance_after=self.purchased_ms,
+            reason=reason,
+            at_ms=now_ms,
+            reference=reference,
+        )
+        return self.purchased_ms
+
+    def consume_meter(self, now_ms: int, meter: str, amount: int) -> MeterConsumed:
+        """Use `amount` of a count meter, all of it or (past the limit) none of it."""
+        assert amount > 0, "callers validate the amount"
+        self.advance(now_ms)
+        plan = self._current_plan()
+        spec = plan.meters.get(meter) if plan is not None else None
+        if spec is None:
+            raise MeterNotFound(f"the plan has no meter {meter!r}", meter=meter)
+        window, used = self._meter_window(meter, spec, now_ms)
+        if spec.limit is not None and used + amount > spec.limit:
+            raise NoCredits(
+                f"meter {meter!r} allows {spec.limit} per {spec.window}",
+                meter=meter,
+                remaining=max(0, spec.limit - used),
+                resets_at_ms=window.end_ms,
+            )
+        self._bump()
+        state = self._meters.get(meter)
+        if state is None or state.window_start_ms != window.start_ms:
+            self._materialize()  # the old window's open uses, while its balance is still known
+            state = self._meters[meter] = _Meter(window.start_ms, window.end_ms, 0)
+            if spec.limit is not None:
+                key = _meter_key(meter, window.start_ms)
+                self._record(key, delta=spec.limit, balance_after=spec.limit, reason="reset", at_ms=now_ms)
+        state.used += amount
+        if spec.limit is not None:
+            self._book.consume(_meter_key(meter, window.start_ms), amount, now_ms)
+        return MeterConsumed(
+            meter=meter,
+            remaining=None if spec.limit is None else spec.limit - state.used,
+            resets_at_ms=window.end_ms,
+            version=self.version,
+        )
+
+    def _meter_window(self, meter: str, spec: MeterSpec, now_ms: int) -> tuple[PeriodBounds, int]:
+        """The meter's current window and the uses counted in it."""
+        window = utc_day(now_ms) if spec.window == "day" else self.period
+        state = self._meters.get(meter)
+        used = state.used if state is not None and state.window_start_ms == window.start_ms else 0
+        return window, used
+
     # -------------------------------------------------------------------- plans
 
     def change_plan(self, now_ms: int, change: PlanChange) -> bool:
@@ -422,30 +599,111 @@ class UserLedger:
         )
         if target is None:
             raise UnknownPlan(f"unknown plan {change.plan!r}", plan=change.plan)
+        anchor = None
+        if change.period_start_ms is not None and change.period_end_ms is not None:
+            anchor = PeriodAnchor.from_subscription(change.period_start_ms, change.period_end_ms)
+            if anchor.shortest_period_ms < 2 * self._policy.stale_session_ms:
+                raise UnknownPlan(
+                    "the subscription period is too short: it must last twice the stale-session timeout",
+                    plan=change.plan,
+                )
         if self.plan_event_at_ms is not None:
             last = (self.plan_event_at_ms, self.plan_event_id or "")
             if (change.occurred_at_ms, change.delivery_id) <= last:
                 return False
         self._bump()
-        session = self._session
-        if session is not None and not change.reset_usage:
-            left_after = max(0, target.limit_ms - self._period.used_ms)
-            if left_after < now_ms - session.last_heartbeat_at_ms:
-                # The old plan covered the session up to this change; the new one
-                # leaves nothing for the time since: the session ends now, at the
-                # limit that applied until now (as the limit alarm would have).
-                exhausted_at = self._bill(now_ms)
-                self._end(exhausted_at if exhausted_at is not None else now_ms, "limit_reached")
+        self._materialize()  # open consumption is booked against the balances before the change
+        old_plan = self._current_plan()
+        switched = False
+        if anchor is not None and anchor != self.anchor:
+            self.anchor = anchor
+            bounds = period_containing(anchor, now_ms)
+            in_place = (
+                bounds.start_ms == self._period.start_ms
+                or now_ms == self._period.start_ms
+                # A session straddling a boundary has billed nothing to the current period yet:
+                # renew it rather than put a second boundary inside the session's unbilled time.
+                or self._prior is not None
+            )
+            if in_place:
+                # The same period (or one that began this instant): renewed to the subscription's end.
+                self._period.end_ms = bounds.end_ms
+            else:
+                # The current period closes now and the anchored one opens now; the ones after it
+                # follow the anchor exactly. Period starts only ever grow, so no two share a start.
+                self._switch_period(now_ms, PeriodBounds(now_ms, bounds.end_ms), target)
+                switched = True
+        if not switched:
+            self._apply_plan_to_period(now_ms, target, reset_usage=change.reset_usage)
         self.plan = target.name
         self.plan_event_at_ms = change.occurred_at_ms
         self.plan_event_id = change.delivery_id
-        self._period.plan = target.name
-        self._period.limit_ms = target.limit_ms
-        if change.reset_usage:
-            self._period.used_ms = 0
+        self._adjust_meters(now_ms, old_plan, target)
         # A downgrade may leave nothing to spend: a session still running ends now.
         self.advance(now_ms)
         return True
+
+    def _apply_plan_to_period(self, now_ms: int, target: Plan, *, reset_usage: bool) -> None:
+        session = self._session
+        if session is not None and not reset_usage:
+            left_after = max(0, target.limit_ms - self._period.used_ms) + self.purchased_ms
+            if left_after < now_ms - session.last_heartbeat_at_ms:
+                # The old plan covered the session up to this change; the new one
+                # leaves nothing for the time since: the session ends now, at the
+                # balance that applied until now (as the limit alarm would have).
+                exhausted_at = self._bill(now_ms)
+                self._end(exhausted_at if exhausted_at is not None else now_ms, "limit_reached")
+                self._materialize()
+        before = self._period.remaining_ms
+        self._period.plan = target.name
+        self._period.limit_ms = target.limit_ms
+        if reset_usage:
+            self._period.used_ms = 0
+        if self._period.remaining_ms != before:
+            self._record(
+                (MONTHLY_BUCKET, self._period.start_ms),
+                delta=self._period.remaining_ms - before,
+                balance_after=self._period.remaining_ms,
+                reason="adjust",
+                at_ms=now_ms,
+            )
+
+    def _switch_period(self, now_ms: int, bounds: PeriodBounds, target: Plan) -> None:
+        """Billing anchored the user to a new period: the current one closes now, the new one opens."""
+        assert bounds.start_ms == now_ms > self._period.start_ms, "a switch opens the new period now"
+        old = self._period
+        old.end_ms = now_ms
+        session = self._session
+        if session is not None and session.last_heartbeat_at_ms < old.end_ms:
+            assert self._prior is None, "a switch while a session straddles renews in place"
+            self._prior = old  # the running session's time until now belongs to the old period
+        else:
+            self._archive(old)
+        self._period = _Period(bounds.start_ms, bounds.end_ms, target.name, target.limit_ms, 0)
+        self._open_period_entry(now_ms)
+
+    def _adjust_meters(self, now_ms: int, old_plan: Plan | None, target: Plan) -> None:
+        """Keep each meter's credit-ledger balance in its current window right when its limit changes."""
+        for name, state in self._meters.items():
+            old_spec = old_plan.meters.get(name) if old_plan is not None else None
+            new_spec = target.meters.get(name)
+            old_limit = old_spec.limit if old_spec is not None else None
+            new_limit = new_spec.limit if new_spec is not None else None
+            if old_limit == new_limit:
+                continue
+            if now_ms >= state.window_end_ms:
+                continue  # a past window: the next use starts a new one
+            key = _meter_key(name, state.window_start_ms)
+            old_balance = max(0, old_limit - state.used) if old_limit is not None else None
+            new_balance = max(0, new_limit - state.used) if new_limit is not None else None
+            if old_balance is None and new_balance is not None:
+                self._record(key, delta=new_balance, balance_after=new_balance, reason="reset", at_ms=now_ms)
+            elif old_balance is not None:
+                after = new_balance if new_balance is not None else 0
+                if after != old_balance:
+                    self._record(
+                        key, delta=after - old_balance, balance_after=after, reason="adjust", at_ms=now_ms
+                    )
 
     # ------------------------------------------------------------------- alarms
 
@@ -484,6 +742,7 @@ class UserLedger:
 
     def snapshot(self) -> LedgerSnapshot:
         """Everything a write must make durable, at the current version."""
+        self._materialize()
         version = self.version
         periods = [self._period.record(self.user_id, archived=False, version=version)]
         if self._prior is not None:
@@ -498,14 +757,30 @@ class UserLedger:
         sessions = list(self._unsynced_sessions.values())
         if self._session is not None:
             sessions.append(self._session.record(self.user_id, version=version))
+        anchor = self.anchor
         user = UserRecord(
             user_id=self.user_id,
             plan=self.plan,
             version=version,
             plan_event_at_ms=self.plan_event_at_ms,
             plan_event_id=self.plan_event_id,
+            purchased_ms=self.purchased_ms,
+            anchor_start_ms=anchor.start_ms if anchor is not None else None,
+            anchor_months=anchor.months if anchor is not None else 0,
+            anchor_duration_ms=anchor.duration_ms if anchor is not None else 0,
+            next_entry_seq=self._book.next_seq,
         )
-        return LedgerSnapshot(user=user, periods=tuple(periods), sessions=tuple(sessions))
+        meters = tuple(
+            MeterRecord(self.user_id, name, m.window_start_ms, m.window_end_ms, m.used, version)
+            for name, m in self._meters.items()
+        )
+        return LedgerSnapshot(
+            user=user,
+            periods=tuple(periods),
+            sessions=tuple(sessions),
+            meters=meters,
+            entries=self._book.pending,
+        )
 
     def mark_synced(self, version: int) -> None:
         """A snapshot taken at `version` is durable: forget records it covered."""
@@ -515,6 +790,7 @@ class UserLedger:
         self._unsynced_periods = {
             key: record for key, record in self._unsynced_periods.items() if record.version > version
         }
+        self._book.mark_synced(version)
         self.synced_version = max(self.synced_version, version)
 
     # ---------------------------------------------------------------- internals
@@ -522,29 +798,113 @@ class UserLedger:
     def _bump(self) -> None:
         self.version += 1
 
+    def _current_plan(self) -> Plan | None:
+        return self._policy.plans.get(self.plan)
+
     def _require_session(self) -> _Session:
         assert self._session is not None
         return self._session
 
+    def _materialize(self) -> None:
+        """Book open consumption as entries. Call before any change to a balance other than
+        consumption, so each `consume` entry carries the balance it left."""
+        self._book.materialize(version=self.version, balance_of=self._balance_of)
+
+    def _record(
+        self,
+        key: CreditKey,
+        *,
+        delta: int,
+        balance_after: int,
+        reason: CreditReason,
+        at_ms: int,
+        reference: str | None = None,
+    ) -> None:
+        self._book.record(
+            key,
+            delta=delta,
+            balance_after=balance_after,
+            reason=reason,
+            at_ms=at_ms,
+            version=self.version,
+            balance_of=self._balance_of,
+            reference=reference,
+        )
+
+    def _balance_of(self, key: CreditKey) -> int:
+        """A bucket's balance now (consumption is only ever open for buckets the ledger holds)."""
+        bucket, window = key
+        if bucket == PURCHASED_BUCKET:
+            return self.purchased_ms
+        if bucket == MONTHLY_BUCKET:
+            for period in (self._period, self._prior):
+                if period is not None and period.start_ms == window:
+                    return period.remaining_ms
+            raise AssertionError(f"no resident period starts at {window}")
+        meter = bucket.removeprefix(METER_BUCKET_PREFIX)
+        state = self._meters[meter]
+        plan = self._current_plan()
+        spec = plan.meters.get(meter) if plan is not None else None
+        assert spec is not None and spec.limit is not None and state.window_start_ms == window
+        return max(0, spec.limit - state.used)
+
+    def _open_period_entry(self, now_ms: int) -> None:
+        """The allowance of a period that just started (the `reset` of the monthly bucket)."""
+        period = self._period
+        self._record(
+            (MONTHLY_BUCKET, period.start_ms),
+            delta=period.remaining_ms,
+            balance_after=period.remaining_ms,
+            reason="reset",
+            at_ms=max(now_ms, period.start_ms),
+        )
+
+    def _budget_in_current_period(self) -> tuple[int, int]:
+        """Where billing of the running session resumes in the current period, and the
+        purchased minutes left then; for a session straddling the boundary, after the
+        old period's part. (If the balance runs out before the boundary, `_exhaustion_ms`
+        answers first.)"""
+        at = self._require_session().last_heartbeat_at_ms
+        purchased = self.purchased_ms
+        if (prior := self._prior) is not None:
+            spent_from_purchased = max(0, (prior.end_ms - at) - prior.remaining_ms)
+            purchased = max(0, purchased - spent_from_purchased)
+            at = prior.end_ms
+        return at, purchased
+
     def _exhaustion_ms(self) -> int:
         """When the balance runs out if the running session goes on (within the current period)."""
         at = self._require_session().last_heartbeat_at_ms
-        if (prior := self._prior) is not None:
-            if at + prior.remaining_ms < prior.end_ms:
-                return at + prior.remaining_ms
-            at = prior.end_ms
-        return at + self._period.remaining_ms
+        if (prior := self._prior) is not None and at + prior.remaining_ms + self.purchased_ms < prior.end_ms:
+            return at + prior.remaining_ms + self.purchased_ms
+        start, purchased = self._budget_in_current_period()
+        return start + self._period.remaining_ms + purchased
 
     def _ends_at_ms(self) -> int:
         """`ends_at` as the API shows it: past the period's end, the next allowance counts too."""
         exhaustion = self._exhaustion_ms()
-        if exhaustion > self._period.end_ms:
-            return self._period.end_ms + self._plan_limit_ms()
-        return exhaustion
+        if exhaustion <= self._period.end_ms:
+            return exhaustion
+        start, purchased = self._budget_in_current_period()
+        spent_from_purchased = max(0, (self._period.end_ms - start) - self._period.remaining_ms)
+        return self._period.end_ms + self._plan_limit_ms() + max(0, purchased - spent_from_purchased)
 
     def _plan_limit_ms(self) -> int:
-        plan = self._policy.plans.get(self.plan)
+        plan = self._current_plan()
         return plan.limit_ms if plan is not None else self._period.limit_ms
+
+    def _take(self, period: _Period, duration_ms: int, at_ms: int) -> int:
+        """Bill up to `duration_ms` of session time to `period`: allowance first, then purchased."""
+        session = self._require_session()
+        from_allowance = min(duration_ms, period.remaining_ms)
+        from_purchased = min(duration_ms - from_allowance, self.purchased_ms)
+        period.used_ms += from_allowance
+        period.purchased_used_ms += from_purchased
+        self.purchased_ms -= from_purchased
+        session.used_ms += from_allowance + from_purchased
+        self._book.consume((MONTHLY_BUCKET, period.start_ms), from_allowance, at_ms)
+        self._book.consume((PURCHASED_BUCKET, None), from_purchased, at_ms)
+        return from_allowance + from_purchased
 
     def _bill(self, to_ms: int) -> int | None:
         """Bill the running session through `to_ms`, capped by the balance.
@@ -556,11 +916,9 @@ class UserLedger:
         to_ms = max(to_ms, at)  # a clock stepping back bills nothing
         if (prior := self._prior) is not None:
             segment_end = min(to_ms, prior.end_ms)
-            taken = min(segment_end - at, prior.remaining_ms)
-            prior.used_ms += taken
-            session.used_ms += taken
-            ran_out_inside = prior.remaining_ms == 0 and segment_end < prior.end_ms
-            if at + taken < segment_end or ran_out_inside:
+            taken = self._take(prior, segment_end - at, segment_end)
+            nothing_left = prior.remaining_ms + self.purchased_ms == 0
+            if at + taken < segment_end or (nothing_left and segment_end < prior.end_ms):
                 session.last_heartbeat_at_ms = at + taken
                 return at + taken
             at = segment_end
@@ -569,11 +927,9 @@ class UserLedger:
                 return None
             # Whatever was left of the old allowance at the boundary is gone; the new one starts.
             self._retire_prior()
-        taken = min(to_ms - at, self._period.remaining_ms)
-        self._period.used_ms += taken
-        session.used_ms += taken
+        taken = self._take(self._period, to_ms - at, to_ms)
         session.last_heartbeat_at_ms = at + taken
-        if at + taken < to_ms or self._period.remaining_ms == 0:
+        if at + taken < to_ms or self.remaining_ms == 0:
             return at + taken
         return None
 
@@ -594,30 +950,38 @@ class UserLedger:
     def _retire_prior(self) -> None:
         prior = self._prior
         assert prior is not None
-        self._unsynced_periods[prior.start_ms] = prior.record(
+        self._archive(prior)
+        self._prior = None
+
+    def _archive(self, period: _Period) -> None:
+        """Close a period: its open consumption becomes entries while its balance is still known."""
+        self._materialize()
+        self._unsynced_periods[period.start_ms] = period.record(
             self.user_id, archived=True, version=self.version
         )
-        self._prior = None
 
     def _roll_over(self, now_ms: int) -> None:
         old = self._period
         session = self._session
         straddling = session is not None and session.last_heartbeat_at_ms < old.end_ms
-        if straddling:
-            # The stale alarm ends a silent session long before a second boundary.
-            assert self._prior is None, "a session cannot straddle two period boundaries"
+        if straddling and self._prior is not None:
+            # A second boundary inside one unbilled gap (only a period shortened by a switch is
+            # that short): the current period got none of the session's time; it closes, and the
+            # session's time after the first boundary goes to the next period.
+            self._archive(old)
+            bounds = period_containing(self.anchor, old.end_ms)
+        elif straddling:
             self._prior = old
-            bounds = calendar_month(old.end_ms)
+            bounds = period_containing(self.anchor, old.end_ms)
         else:
-            self._unsynced_periods[old.start_ms] = old.record(
-                self.user_id, archived=True, version=self.version
-            )
+            self._archive(old)
             # Nobody was using minutes: skip straight to the period containing now.
-            bounds = calendar_month(max(now_ms, old.end_ms))
+            bounds = period_containing(self.anchor, max(now_ms, old.end_ms))
         self._period = _Period(bounds.start_ms, bounds.end_ms, self.plan, self._plan_limit_ms(), 0)
+        self._open_period_entry(now_ms)
 
     def _warning(self) -> Warning | None:
-        remaining = self._period.remaining_ms
+        remaining = self.remaining_ms
         if remaining <= 0:
             return "exhausted"
         if remaining <= self._policy.low_balance_ms:
@@ -641,9 +1005,10 @@ class UserLedger:
             period_start_ms=self._period.start_ms,
             period_end_ms=self._period.end_ms,
             limit_ms=self._period.limit_ms,
-            used_ms=self._period.used_ms,
-            remaining_ms=self._period.remaining_ms,
-            purchased_ms=0,
+            used_ms=self._period.used_ms + self._period.purchased_used_ms,
+            allowance_remaining_ms=self._period.remaining_ms,
+            purchased_ms=self.purchased_ms,
+            remaining_ms=self.remaining_ms,
             warning=self._warning(),
             active_session=active,
             version=self.version,
@@ -655,8 +1020,8 @@ class UserLedger:
             state="active",
             end_reason=None,
             session_used_ms=session.used_ms,
-            used_ms=self._period.used_ms,
-            remaining_ms=self._period.remaining_ms,
+            used_ms=self._period.used_ms + self._period.purchased_used_ms,
+            remaining_ms=self.remaining_ms,
             warning=self._warning(),
             ends_at_ms=self._ends_at_ms(),
             version=self.version,
@@ -668,9 +1033,26 @@ class UserLedger:
             state="ended",
             end_reason=record.end_reason,
             session_used_ms=record.used_ms,
-            used_ms=self._period.used_ms,
-            remaining_ms=self._period.remaining_ms,
+            used_ms=self._period.used_ms + self._period.purchased_used_ms,
+            remaining_ms=self.remaining_ms,
             warning=self._warning(),
             ends_at_ms=None,
             version=self.version,
         )
+
+
+def _period_from(record: PeriodRecord) -> _Period:
+    return _Period(
+        record.start_ms, record.end_ms, record.plan, record.limit_ms, record.used_ms, record.purchased_used_ms
+    )
+
+
+def _period_summary(record: PeriodRecord) -> PeriodSummary:
+    return PeriodSummary(
+        period_start_ms=record.start_ms,
+        period_end_ms=record.end_ms,
+        plan=record.plan,
+        used_ms=record.total_used_ms,
+        limit_ms=record.limit_ms,
+        archived=record.archived,
+    )

@@ -13,6 +13,14 @@ from typing import Any, Literal
 Difficulty = Literal["beginner", "intermediate", "advanced"]
 EndReason = Literal["user_ended", "limit_reached", "timeout", "error", "stale"]
 PlanAction = Literal["upgrade", "downgrade", "cancel"]
+CreditReason = Literal["grant", "purchase", "refund", "consume", "reset", "adjust"]
+PurchaseReason = Literal["purchase", "grant", "refund"]
+
+# Credit-ledger buckets: the plan's allowance for one period, purchased minutes, and one per
+# count meter and window ("meter:<name>"). Minute buckets count milliseconds; meters count uses.
+MONTHLY_BUCKET = "monthly"
+PURCHASED_BUCKET = "purchased"
+METER_BUCKET_PREFIX = "meter:"
 
 DIFFICULTIES: tuple[Difficulty, ...] = ("beginner", "intermediate", "advanced")
 END_REASONS: tuple[EndReason, ...] = ("user_ended", "limit_reached", "timeout", "error", "stale")
@@ -25,6 +33,13 @@ class UserRecord:
     version: int
     plan_event_at_ms: int | None = None
     plan_event_id: str | None = None
+    purchased_ms: int = 0
+    # The billing anchor (all None/0: calendar months).
+    anchor_start_ms: int | None = None
+    anchor_months: int = 0
+    anchor_duration_ms: int = 0
+    # The sequence number the user's next credit-ledger entry will get.
+    next_entry_seq: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +51,45 @@ class PeriodRecord:
     used_ms: int
     limit_ms: int
     archived: bool
+    version: int
+    # Time taken from purchased minutes during this period (`used_ms` is the allowance's).
+    purchased_used_ms: int = 0
+
+    @property
+    def total_used_ms(self) -> int:
+        return self.used_ms + self.purchased_used_ms
+
+
+@dataclass(frozen=True, slots=True)
+class MeterRecord:
+    """A count meter's use in its current window."""
+
+    user_id: str
+    meter: str
+    window_start_ms: int
+    window_end_ms: int
+    used: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreditEntry:
+    """One change to one balance, in the append-only credit ledger.
+
+    `(user_id, seq)` identifies it: writing it again changes nothing. For a
+    bucket and window, the deltas of its entries add up to its balance, and
+    each entry's `balance_after` is that running sum.
+    """
+
+    user_id: str
+    seq: int
+    occurred_at_ms: int
+    bucket: str
+    window_start_ms: int | None  # the period (monthly) or window (meters); None for purchased
+    delta: int
+    balance_after: int
+    reason: CreditReason
+    reference: str | None
     version: int
 
 
@@ -95,12 +149,38 @@ class PlanEventRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CreditPurchaseRecord:
+    """Minutes billing added (purchase, grant or refund), keyed by its delivery id; `response` is
+    the first answer given."""
+
+    delivery_id: str
+    user_id: str
+    minutes_ms: int
+    reason: PurchaseReason
+    reference: str | None
+    response: dict[str, Any]
+
+    def same_request(self, other: CreditPurchaseRecord) -> bool:
+        return (self.user_id, self.minutes_ms, self.reason, self.reference) == (
+            other.user_id,
+            other.minutes_ms,
+            other.reason,
+            other.reference,
+        )
+
+
+Delivery = PlanEventRecord | CreditPurchaseRecord
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerSnapshot:
     """Everything about one user that a write must make durable."""
 
     user: UserRecord
     periods: tuple[PeriodRecord, ...]
     sessions: tuple[SessionRecord, ...]
+    meters: tuple[MeterRecord, ...] = ()
+    entries: tuple[CreditEntry, ...] = ()
 
     @property
     def version(self) -> int:
@@ -112,5 +192,8 @@ class StoredLedger:
     """What a store knows of one user: enough to rebuild the ledger."""
 
     user: UserRecord
-    periods: tuple[PeriodRecord, ...]  # newest first, at most two
+    # The current period (the one not archived), then, for an open session whose last heartbeat
+    # falls in an archived period, that period (its unbilled time starts there).
+    periods: tuple[PeriodRecord, ...]
     open_session: SessionRecord | None
+    meters: tuple[MeterRecord, ...] = ()

@@ -38,21 +38,38 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
 import structlog
 
 from actors.errors import EventConflict, Overloaded, SessionNotFound, Unavailable
 from actors.ledger import LedgerPolicy, PlanChange, UserLedger
-from actors.records import Difficulty, LedgerSnapshot, PlanAction, PlanEventRecord, SessionRecord
+from actors.records import (
+    CreditEntry,
+    CreditPurchaseRecord,
+    Delivery,
+    Difficulty,
+    LedgerSnapshot,
+    PeriodRecord,
+    PlanAction,
+    PlanEventRecord,
+    PurchaseReason,
+    SessionRecord,
+)
 from actors.routing import shard_index
 from actors.store import CountingStore, LedgerStore, StoreError, StoreOutcomeUnknown, StoreUnavailable
 from actors.timers import DeadlineHeap
 from actors.times import wall_clock_ms
 from actors.views import (
+    BalanceCheck,
+    CreditsAdded,
+    CreditsView,
     CurrentSession,
+    MeterConsumed,
+    PeriodSummary,
     PlanChangeResult,
+    Reconciliation,
     SessionProgress,
     SessionStarted,
     SessionSummary,
@@ -62,6 +79,8 @@ from actors.views import (
 log = structlog.get_logger("actors.shard")
 
 T = TypeVar("T")
+R = TypeVar("R")
+D = TypeVar("D", PlanEventRecord, CreditPurchaseRecord)
 ShardState = Literal["starting", "running", "draining", "stopped"]
 
 # A timer sleep never exceeds this, so a stepped wall clock is noticed soon.
@@ -79,6 +98,8 @@ ACTIVATION_BATCH_USERS = 500
 FLUSH_BATCH_USERS = 5_000
 # An alarm for a user whose last write is in doubt is retried this much later.
 DOUBT_RETRY_MS = 1_000
+# Streams waiting for a change, per shard (each holds one pending `watch` call).
+MAX_WATCHERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +146,16 @@ class PlanEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Purchase:
+    """Minutes billing added; `delivery_id` is the webhook id that deduplicates retries."""
+
+    delivery_id: str
+    minutes_ms: int
+    reason: PurchaseReason
+    reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ShardStats:
     shard_index: int
     shard_count: int
@@ -140,6 +171,7 @@ class ShardStats:
     last_flush_at_ms: int | None
     users_in_doubt: int = 0
     unwritable_users: int = 0
+    watchers: int = 0
     store_calls: dict[str, int] = field(default_factory=dict)
 
 
@@ -180,6 +212,9 @@ class LedgerShard:
         # Users whose rows the store refuses outright; kept out of flushes.
         self._unwritable: set[str] = set()
         self._timers = DeadlineHeap()
+        # Streams waiting for a user's next change: one event per user, replaced when it fires.
+        self._watchers: dict[str, asyncio.Event] = {}
+        self._watcher_count = 0
         self._pending_calls = 0
         self._alarms_fired = 0
         self._flushes = 0
@@ -389,43 +424,194 @@ class LedgerShard:
     ) -> PlanChangeResult:
         """Apply a plan event once per delivery id. An event older than the last applied one is
         recorded, not applied."""
-        async with self._admitted(), self._durable_entry(user_id):
-            try:
-                known = await self._require_store().find_plan_event(event.delivery_id)
-            except StoreError as exc:
-                raise Unavailable("storage is unavailable") from exc
-            if known is not None:
-                if not known.same_event(_plan_event_record(user_id, event, applied=False, response={})):
-                    raise EventConflict(
-                        "this delivery id was used for a different event", delivery_id=event.delivery_id
-                    )
-                return PlanChangeResult(
-                    applied=known.applied, usage=UsageView.from_dict(known.response["usage"])
-                )
-            draft = self._ledgers[user_id].clone()
-            now = self._clock()
+        asked = _plan_event_record(user_id, event, applied=False, response={})
+
+        def apply(draft: UserLedger, now: int) -> tuple[PlanChangeResult, PlanEventRecord]:
             change = PlanChange(
                 plan=event.plan,
                 action=event.action,
                 occurred_at_ms=event.occurred_at_ms,
                 delivery_id=event.delivery_id,
                 reset_usage=event.reset_usage,
+                period_start_ms=event.period_start_ms,
+                period_end_ms=event.period_end_ms,
             )
             applied = draft.change_plan(now, change)
             usage = draft.usage(now)
-            record = _plan_event_record(
-                user_id, event, applied=applied, response={"applied": applied, "usage": usage.to_dict()}
-            )
-            await self._write_and_commit(user_id, draft, plan_event=record)
+            response = {"applied": applied, "usage": usage.to_dict()}
+            return PlanChangeResult(applied, usage), replace(asked, applied=applied, response=response)
+
+        result = await self._deliver(
+            user_id,
+            event.delivery_id,
+            find=lambda store: store.find_plan_event(event.delivery_id),
+            same=lambda known: known.same_event(asked),
+            replay=lambda known: PlanChangeResult(
+                known.applied, UsageView.from_dict(known.response["usage"])
+            ),
+            apply=apply,
+        )
         log.info(
             "plan_event",
             user_id=user_id,
             delivery_id=event.delivery_id,
-            plan=usage.plan,
-            applied=applied,
+            plan=result.usage.plan,
+            applied=result.applied,
             request_id=request_id,
         )
-        return PlanChangeResult(applied=applied, usage=usage)
+        return result
+
+    async def add_credits(
+        self, user_id: str, purchase: Purchase, *, request_id: str | None = None
+    ) -> CreditsAdded:
+        """Add purchased minutes once per delivery id, durably before answering."""
+        asked = CreditPurchaseRecord(
+            delivery_id=purchase.delivery_id,
+            user_id=user_id,
+            minutes_ms=purchase.minutes_ms,
+            reason=purchase.reason,
+            reference=purchase.reference,
+            response={},
+        )
+
+        def apply(draft: UserLedger, now: int) -> tuple[CreditsAdded, CreditPurchaseRecord]:
+            balance = draft.add_credits(
+                now, purchase.minutes_ms, reason=purchase.reason, reference=purchase.reference
+            )
+            usage = draft.usage(now)
+            response = {"purchased_ms": balance, "usage": usage.to_dict()}
+            return CreditsAdded(balance, usage), replace(asked, response=response)
+
+        result = await self._deliver(
+            user_id,
+            purchase.delivery_id,
+            find=lambda store: store.find_purchase(purchase.delivery_id),
+            same=lambda known: known.same_request(asked),
+            replay=lambda known: CreditsAdded(
+                known.response["purchased_ms"], UsageView.from_dict(known.response["usage"])
+            ),
+            apply=apply,
+        )
+        log.info(
+            "credits_added",
+            user_id=user_id,
+            delivery_id=purchase.delivery_id,
+            minutes_ms=purchase.minutes_ms,
+            reason=purchase.reason,
+            request_id=request_id,
+        )
+        return result
+
+    async def _deliver(
+        self,
+        user_id: str,
+        delivery_id: str,
+        *,
+        find: Callable[[CountingStore], Awaitable[D | None]],
+        same: Callable[[D], bool],
+        replay: Callable[[D], R],
+        apply: Callable[[UserLedger, int], tuple[R, D]],
+    ) -> R:
+        """Apply a delivery from billing at most once: a retry gets the first answer again."""
+        async with self._admitted(), self._durable_entry(user_id):
+            try:
+                known = await find(self._require_store())
+            except StoreError as exc:
+                raise Unavailable("storage is unavailable") from exc
+            if known is not None:
+                if not same(known):
+                    raise EventConflict(
+                        "this delivery id was used for a different request", delivery_id=delivery_id
+                    )
+                return replay(known)
+            draft = self._ledgers[user_id].clone()
+            result, record = apply(draft, self._clock())
+            await self._write_and_commit(user_id, draft, delivery=record)
+            return result
+
+    async def consume_meter(self, user_id: str, meter: str, amount: int) -> MeterConsumed:
+        """Use a count meter: decided in memory, written behind."""
+        async with self._admitted():
+            ledger = await self._ledger(user_id)
+            try:
+                return ledger.consume_meter(self._clock(), meter, amount)
+            finally:
+                self._after_change(user_id, ledger)
+
+    async def credits(self, user_id: str) -> CreditsView:
+        async with self._admitted():
+            ledger = await self._ledger(user_id)
+            view = ledger.credits(self._clock())
+            self._after_change(user_id, ledger)
+            return view
+
+    async def usage_history(self, user_id: str, periods: int) -> list[PeriodSummary]:
+        """Newest first: the store's periods with this shard's newer, not yet written ones on top."""
+        async with self._admitted():
+            store = await self._running()
+            await self._ledger(user_id)
+            try:
+                stored = await store.list_periods(user_id, periods)
+            except StoreError as exc:
+                raise Unavailable("usage history is unavailable") from exc
+            ledger = await self._ledger(user_id)
+            ledger.advance(self._clock())
+            self._after_change(user_id, ledger)
+            merged = {record.start_ms: _stored_period_summary(record) for record in stored}
+            for summary in ledger.resident_periods():
+                merged[summary.period_start_ms] = summary
+            return sorted(merged.values(), key=lambda p: -p.period_start_ms)[:periods]
+
+    async def credit_history(self, user_id: str, limit: int) -> list[CreditEntry]:
+        """Newest first. The user is written first, so consumption still open is in it."""
+        async with self._admitted(), self._durable_entry(user_id):
+            await self._write_user(user_id)
+            try:
+                return await self._require_store().credit_history(user_id, limit)
+            except StoreError as exc:
+                raise Unavailable("credit history is unavailable") from exc
+
+    async def reconcile(self, user_id: str) -> Reconciliation:
+        """Compare the live balances with what the credit ledger's entries add up to."""
+        async with self._admitted(), self._durable_entry(user_id):
+            await self._write_user(user_id, even_if_clean=True)
+            try:
+                derived = await self._require_store().credit_balances(user_id)
+            except StoreError as exc:
+                raise Unavailable("the credit ledger is unavailable") from exc
+            ledger = self._ledgers[user_id]
+            checks = tuple(
+                BalanceCheck(
+                    bucket=bucket,
+                    window_start_ms=window,
+                    live=live,
+                    derived=derived.get((bucket, window), (0, 0))[0],
+                    recorded=derived.get((bucket, window), (0, 0))[1],
+                )
+                for (bucket, window), live in sorted(
+                    ledger.balances(self._clock()).items(), key=lambda item: str(item[0])
+                )
+            )
+            return Reconciliation(user_id=user_id, checks=checks, version=ledger.version)
+
+    async def watch(self, user_id: str, after_version: int, timeout_s: float) -> UsageView | None:
+        """The usage object once its version is above `after_version`; None if `timeout_s` passes first."""
+        if self._watcher_count >= MAX_WATCHERS:
+            raise Overloaded("too many streams on this shard", limit=MAX_WATCHERS)
+        view = await self.usage(user_id)
+        if view.version > after_version:
+            return view
+        event = self._watchers.setdefault(user_id, asyncio.Event())
+        self._watcher_count += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+        except TimeoutError:
+            return None
+        finally:
+            self._watcher_count -= 1
+        view = await self.usage(user_id)
+        return view if view.version > after_version else None
 
     # ------------------------------------------------------------- operations
 
@@ -433,7 +619,9 @@ class LedgerShard:
         """Write every dirty ledger now, in batches of one store call each. Returns users written."""
         written = 0
         async with self._flush_lock:
-            held_back = self._unwritable | self._in_doubt.keys()
+            # Users with a durable write in flight are written by it (their entries are numbered
+            # in its draft); unwritable and in-doubt users wait for their own resolution.
+            held_back = self._unwritable | self._in_doubt.keys() | self._gates.keys()
             users = [u for u in self._dirty if u not in held_back and self._ledgers[u].is_dirty]
             for begin in range(0, len(users), FLUSH_BATCH_USERS):
                 batch = users[begin : begin + FLUSH_BATCH_USERS]
@@ -535,6 +723,7 @@ class LedgerShard:
             last_flush_at_ms=self._last_flush_at_ms,
             users_in_doubt=len(self._in_doubt),
             unwritable_users=len(self._unwritable),
+            watchers=self._watcher_count,
             store_calls=dict(store.calls) if store is not None else {},
         )
 
@@ -656,12 +845,12 @@ class LedgerShard:
             return result, changed
 
     async def _write_and_commit(
-        self, user_id: str, draft: UserLedger, *, plan_event: PlanEventRecord | None = None
+        self, user_id: str, draft: UserLedger, *, delivery: Delivery | None = None
     ) -> None:
         snapshot = draft.snapshot()
         try:
             async with asyncio.timeout(self._config.write_timeout_s):
-                await self._require_store().save([snapshot], plan_event=plan_event)
+                await self._require_store().save([snapshot], delivery=delivery)
         except StoreOutcomeUnknown as exc:
             await self._settle_unknown_outcome(user_id, snapshot.version, exc)
         except StoreError as exc:
@@ -684,6 +873,20 @@ class LedgerShard:
         if stored < version:
             raise Unavailable("storage is unavailable; nothing was changed") from exc
         log.warning("write_landed_despite_error", user_id=user_id, version=version, error=repr(exc))
+
+    async def _write_user(self, user_id: str, *, even_if_clean: bool = False) -> None:
+        """Make this user's state durable now (the caller holds the user's gate)."""
+        ledger = self._ledgers[user_id]
+        if not (ledger.is_dirty or even_if_clean):
+            return
+        snapshot = ledger.snapshot()
+        try:
+            await self._require_store().save([snapshot])
+        except StoreError as exc:
+            raise Unavailable("storage is unavailable") from exc
+        ledger.mark_synced(snapshot.version)
+        if not ledger.is_dirty:
+            self._dirty.discard(user_id)
 
     async def _stored_version(self, user_id: str) -> int | None:
         """The version the store holds for this user (0 if none), or None if it cannot be read now."""
@@ -747,6 +950,9 @@ class LedgerShard:
     def _after_change(self, user_id: str, ledger: UserLedger) -> None:
         if ledger.is_dirty:
             self._dirty.add(user_id)
+        if user_id in self._watchers:
+            # Wake every stream of this user; each checks whether the version moved.
+            self._watchers.pop(user_id).set()
         if self._timers.arm(user_id, ledger.next_deadline_ms()):
             self._timer_wakeup.set()
 
@@ -809,6 +1015,17 @@ def _summary(record: SessionRecord) -> SessionSummary:
         topic=record.topic,
         difficulty=record.difficulty,
         end_reason=record.end_reason,
+    )
+
+
+def _stored_period_summary(record: PeriodRecord) -> PeriodSummary:
+    return PeriodSummary(
+        period_start_ms=record.start_ms,
+        period_end_ms=record.end_ms,
+        plan=record.plan,
+        used_ms=record.total_used_ms,
+        limit_ms=record.limit_ms,
+        archived=record.archived,
     )
 
 

@@ -3,20 +3,25 @@
 `LedgerStore` is what `persistence.PostgresStore` implements; the shard knows
 nothing else about storage. `MemoryStore` keeps the same guarantees in a
 process (version-guarded writes, at most one open session per user, one
-record per plan delivery) and can be switched off to play a storage outage;
-unit tests and the in-process property tests use it. `CountingStore` counts
-calls per operation, which the shard reports so anyone can see how many
-storage round trips a workload cost.
+record per delivery id, credit-ledger entries written once) and can be
+switched off to play a storage outage; unit tests and the in-process property
+tests use it. `CountingStore` counts calls per operation, which the shard
+reports so anyone can see how many storage round trips a workload cost.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from actors.credits import CreditKey
 from actors.records import (
+    CreditEntry,
+    CreditPurchaseRecord,
+    Delivery,
     LedgerSnapshot,
+    MeterRecord,
     PeriodRecord,
     PlanEventRecord,
     SessionRecord,
@@ -50,10 +55,9 @@ class LedgerStore(Protocol):
         """Users with a session that has not ended."""
         ...
 
-    async def save(
-        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
-    ) -> None:
-        """Write snapshots (and a plan event) atomically; older versions never overwrite newer ones."""
+    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
+        """Write snapshots (and a delivery record) atomically; older versions never overwrite newer
+        ones, and a credit-ledger entry already written is not written again."""
         ...
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None: ...
@@ -62,13 +66,27 @@ class LedgerStore(Protocol):
         """The user's sessions, newest first."""
         ...
 
+    async def list_periods(self, user_id: str, limit: int) -> list[PeriodRecord]:
+        """The user's periods, newest first."""
+        ...
+
+    async def credit_history(self, user_id: str, limit: int) -> list[CreditEntry]:
+        """The user's credit-ledger entries, newest first."""
+        ...
+
+    async def credit_balances(self, user_id: str) -> dict[CreditKey, tuple[int, int]]:
+        """Per bucket and window: the sum of the entries' deltas, and the last `balance_after`."""
+        ...
+
     async def find_plan_event(self, delivery_id: str) -> PlanEventRecord | None: ...
+
+    async def find_purchase(self, delivery_id: str) -> CreditPurchaseRecord | None: ...
 
     async def close(self) -> None: ...
 
 
 class MemoryStore:
-    """A `LedgerStore` in a dict. Set `available = False` to make every call fail as an outage would."""
+    """A `LedgerStore` in dicts. Set `available = False` to make every call fail as an outage would."""
 
     def __init__(self) -> None:
         self.available = True
@@ -77,7 +95,10 @@ class MemoryStore:
         self.users: dict[str, UserRecord] = {}
         self.periods: dict[tuple[str, int], PeriodRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
+        self.meters: dict[tuple[str, str], MeterRecord] = {}
+        self.entries: dict[tuple[str, int], CreditEntry] = {}
         self.plan_events: dict[str, PlanEventRecord] = {}
+        self.purchases: dict[str, CreditPurchaseRecord] = {}
 
     def _check(self) -> None:
         if not self.available:
@@ -90,12 +111,17 @@ class MemoryStore:
             user = self.users.get(user_id)
             if user is None:
                 continue
-            periods = sorted(
-                (p for (owner, _), p in self.periods.items() if owner == user_id), key=lambda p: -p.start_ms
-            )[:2]
+            mine = [p for (owner, _), p in self.periods.items() if owner == user_id]
             open_sessions = [s for s in self.sessions.values() if s.user_id == user_id and s.is_open]
+            periods = [p for p in mine if not p.archived][:1]
+            if open_sessions:
+                heard = open_sessions[0].last_heartbeat_at_ms
+                periods += [p for p in mine if p.archived and p.start_ms <= heard < p.end_ms][:1]
             found[user_id] = StoredLedger(
-                user=user, periods=tuple(periods), open_session=open_sessions[0] if open_sessions else None
+                user=user,
+                periods=tuple(periods),
+                open_session=open_sessions[0] if open_sessions else None,
+                meters=tuple(m for (owner, _), m in self.meters.items() if owner == user_id),
             )
         return found
 
@@ -103,38 +129,41 @@ class MemoryStore:
         self._check()
         return sorted({s.user_id for s in self.sessions.values() if s.is_open})
 
-    async def save(
-        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
-    ) -> None:
+    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
         self._check()
-        users = dict(self.users)
-        periods = dict(self.periods)
-        sessions = dict(self.sessions)
+        users, periods, sessions = dict(self.users), dict(self.periods), dict(self.sessions)
+        meters, entries = dict(self.meters), dict(self.entries)
         for snapshot in snapshots:
-            user = snapshot.user
-            if (kept := users.get(user.user_id)) is None or kept.version < user.version:
-                users[user.user_id] = user
+            _keep_newer(users, snapshot.user.user_id, snapshot.user)
             for period in snapshot.periods:
-                key = (period.user_id, period.start_ms)
-                if (kept_period := periods.get(key)) is None or kept_period.version < period.version:
-                    periods[key] = period
+                _keep_newer(periods, (period.user_id, period.start_ms), period)
             for session in snapshot.sessions:
-                kept_session = sessions.get(session.session_id)
-                if kept_session is None or kept_session.version < session.version:
-                    sessions[session.session_id] = session
+                _keep_newer(sessions, session.session_id, session)
+            for meter in snapshot.meters:
+                _keep_newer(meters, (meter.user_id, meter.meter), meter)
+            for entry in snapshot.entries:
+                entries.setdefault((entry.user_id, entry.seq), entry)
         for user_id in {s.user.user_id for s in snapshots}:
             open_count = sum(1 for s in sessions.values() if s.user_id == user_id and s.is_open)
             if open_count > 1:
                 raise StoreError(f"user {user_id} would have {open_count} open sessions")
-        if plan_event is not None and plan_event.delivery_id in self.plan_events:
-            raise StoreError(f"plan event {plan_event.delivery_id} already recorded")
+        if delivery is not None and delivery.delivery_id in self._deliveries_of(delivery):
+            raise StoreError(f"delivery {delivery.delivery_id} already recorded")
         # All checks passed: apply atomically.
         self.users, self.periods, self.sessions = users, periods, sessions
-        if plan_event is not None:
-            self.plan_events[plan_event.delivery_id] = plan_event
+        self.meters, self.entries = meters, entries
+        if isinstance(delivery, PlanEventRecord):
+            self.plan_events[delivery.delivery_id] = delivery
+        elif isinstance(delivery, CreditPurchaseRecord):
+            self.purchases[delivery.delivery_id] = delivery
         if self.lose_next_commit_reply:
             self.lose_next_commit_reply = False
             raise StoreOutcomeUnknown("the write landed but its acknowledgement was lost")
+
+    def _deliveries_of(
+        self, delivery: Delivery
+    ) -> dict[str, PlanEventRecord] | dict[str, CreditPurchaseRecord]:
+        return self.plan_events if isinstance(delivery, PlanEventRecord) else self.purchases
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         self._check()
@@ -146,12 +175,47 @@ class MemoryStore:
         mine = [s for s in self.sessions.values() if s.user_id == user_id]
         return sorted(mine, key=lambda s: (-s.started_at_ms, s.session_id))[:limit]
 
+    async def list_periods(self, user_id: str, limit: int) -> list[PeriodRecord]:
+        self._check()
+        mine = [p for (owner, _), p in self.periods.items() if owner == user_id]
+        return sorted(mine, key=lambda p: -p.start_ms)[:limit]
+
+    async def credit_history(self, user_id: str, limit: int) -> list[CreditEntry]:
+        self._check()
+        mine = [e for (owner, _), e in self.entries.items() if owner == user_id]
+        return sorted(mine, key=lambda e: -e.seq)[:limit]
+
+    async def credit_balances(self, user_id: str) -> dict[CreditKey, tuple[int, int]]:
+        self._check()
+        chains: dict[CreditKey, list[CreditEntry]] = defaultdict(list)
+        for (owner, _), entry in self.entries.items():
+            if owner == user_id:
+                chains[(entry.bucket, entry.window_start_ms)].append(entry)
+        return {
+            key: (sum(e.delta for e in chain), max(chain, key=lambda e: e.seq).balance_after)
+            for key, chain in chains.items()
+        }
+
     async def find_plan_event(self, delivery_id: str) -> PlanEventRecord | None:
         self._check()
         return self.plan_events.get(delivery_id)
 
+    async def find_purchase(self, delivery_id: str) -> CreditPurchaseRecord | None:
+        self._check()
+        return self.purchases.get(delivery_id)
+
     async def close(self) -> None:
         return None
+
+
+_Key = TypeVar("_Key")
+_Versioned = TypeVar("_Versioned", UserRecord, PeriodRecord, SessionRecord, MeterRecord)
+
+
+def _keep_newer(table: dict[_Key, _Versioned], key: _Key, record: _Versioned) -> None:
+    kept = table.get(key)
+    if kept is None or kept.version < record.version:
+        table[key] = record
 
 
 class CountingStore:
@@ -169,11 +233,9 @@ class CountingStore:
         self.calls["open_session_users"] += 1
         return await self.inner.open_session_users()
 
-    async def save(
-        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
-    ) -> None:
+    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
         self.calls["save"] += 1
-        await self.inner.save(snapshots, plan_event=plan_event)
+        await self.inner.save(snapshots, delivery=delivery)
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         self.calls["find_session"] += 1
@@ -183,9 +245,25 @@ class CountingStore:
         self.calls["list_sessions"] += 1
         return await self.inner.list_sessions(user_id, limit)
 
+    async def list_periods(self, user_id: str, limit: int) -> list[PeriodRecord]:
+        self.calls["list_periods"] += 1
+        return await self.inner.list_periods(user_id, limit)
+
+    async def credit_history(self, user_id: str, limit: int) -> list[CreditEntry]:
+        self.calls["credit_history"] += 1
+        return await self.inner.credit_history(user_id, limit)
+
+    async def credit_balances(self, user_id: str) -> dict[CreditKey, tuple[int, int]]:
+        self.calls["credit_balances"] += 1
+        return await self.inner.credit_balances(user_id)
+
     async def find_plan_event(self, delivery_id: str) -> PlanEventRecord | None:
         self.calls["find_plan_event"] += 1
         return await self.inner.find_plan_event(delivery_id)
+
+    async def find_purchase(self, delivery_id: str) -> CreditPurchaseRecord | None:
+        self.calls["find_purchase"] += 1
+        return await self.inner.find_purchase(delivery_id)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -26,14 +26,17 @@ class ActiveSessionView:
 
 @dataclass(frozen=True, slots=True)
 class UsageView:
+    """The period's figures: `used_ms` counts both buckets; `remaining_ms` = allowance left + purchased."""
+
     user_id: str
     plan: str
     period_start_ms: int
     period_end_ms: int
     limit_ms: int
     used_ms: int
-    remaining_ms: int
+    allowance_remaining_ms: int
     purchased_ms: int
+    remaining_ms: int
     warning: Warning | None
     active_session: ActiveSessionView | None
     version: int
@@ -99,3 +102,75 @@ class SessionSummary:
 class PlanChangeResult:
     applied: bool
     usage: UsageView
+
+
+@dataclass(frozen=True, slots=True)
+class CreditsAdded:
+    purchased_ms: int
+    usage: UsageView
+
+
+@dataclass(frozen=True, slots=True)
+class MeterView:
+    limit: int | None  # None: unlimited
+    used: int
+    remaining: int | None
+    window: Literal["day", "period"]
+    resets_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreditsView:
+    allowance_remaining_ms: int
+    purchased_ms: int
+    remaining_ms: int
+    meters: dict[str, MeterView]
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeterConsumed:
+    meter: str
+    remaining: int | None
+    resets_at_ms: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodSummary:
+    period_start_ms: int
+    period_end_ms: int
+    plan: str
+    used_ms: int
+    limit_ms: int
+    archived: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceCheck:
+    """One balance as the live ledger has it and as the credit ledger's entries add up."""
+
+    bucket: str
+    window_start_ms: int | None
+    live: int
+    derived: int  # the sum of the entries' deltas
+    recorded: int  # the last entry's balance_after
+
+    @property
+    def drift(self) -> int:
+        return self.live - self.derived
+
+    @property
+    def consistent(self) -> bool:
+        return self.live == self.derived == self.recorded
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    user_id: str
+    checks: tuple[BalanceCheck, ...]
+    version: int
+
+    @property
+    def drifting(self) -> tuple[BalanceCheck, ...]:
+        return tuple(check for check in self.checks if not check.consistent)

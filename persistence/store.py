@@ -14,8 +14,18 @@ from typing import Any
 
 import asyncpg
 
-from actors.records import LedgerSnapshot, PlanEventRecord, SessionRecord, StoredLedger
-from persistence import plan_events, sessions, users
+from actors.credits import CreditKey
+from actors.records import (
+    CreditEntry,
+    CreditPurchaseRecord,
+    Delivery,
+    LedgerSnapshot,
+    PeriodRecord,
+    PlanEventRecord,
+    SessionRecord,
+    StoredLedger,
+)
+from persistence import credit_ledger, meters, plan_events, sessions, users
 from persistence.database import PoolLimits, create_pool
 from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, PersistenceError, translate_errors
 
@@ -38,11 +48,13 @@ class PostgresStore:
                 ids = list(known)
                 periods = await users.fetch_recent_periods(connection, user_ids=ids)
                 open_sessions = await sessions.fetch_open_sessions(connection, user_ids=ids)
+                user_meters = await meters.fetch_meters(connection, user_ids=ids)
         return {
             user_id: StoredLedger(
                 user=user,
                 periods=tuple(periods.get(user_id, ())),
                 open_session=open_sessions.get(user_id),
+                meters=tuple(user_meters.get(user_id, ())),
             )
             for user_id, user in known.items()
         }
@@ -52,13 +64,13 @@ class PostgresStore:
             async with self._connection() as connection:
                 return await sessions.fetch_open_session_users(connection)
 
-    async def save(
-        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
-    ) -> None:
-        if not snapshots and plan_event is None:
+    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
+        if not snapshots and delivery is None:
             return
         all_periods = [period for snapshot in snapshots for period in snapshot.periods]
         all_sessions = [session for snapshot in snapshots for session in snapshot.sessions]
+        all_meters = [meter for snapshot in snapshots for meter in snapshot.meters]
+        all_entries = [entry for snapshot in snapshots for entry in snapshot.entries]
         with translate_errors("save"):
             async with self._connection() as connection:
                 transaction = connection.transaction()
@@ -69,11 +81,14 @@ class PostgresStore:
                         await users.upsert_periods(connection, periods=all_periods)
                     if all_sessions:
                         await sessions.upsert_sessions(connection, sessions=all_sessions)
-                    if plan_event is not None and not await plan_events.insert_plan_event(
-                        connection, event=plan_event
-                    ):
-                        detail = f"plan event {plan_event.delivery_id!r} is already recorded"
-                        raise PersistenceError("save", detail)
+                    if all_meters:
+                        await meters.upsert_meters(connection, meters=all_meters)
+                    if all_entries:
+                        await credit_ledger.insert_entries(connection, entries=all_entries)
+                    if delivery is not None and not await _record_delivery(connection, delivery):
+                        raise PersistenceError(
+                            "save", f"delivery {delivery.delivery_id!r} is already recorded"
+                        )
                 except BaseException:
                     # Before COMMIT nothing is written (a broken connection rolls back by itself).
                     with contextlib.suppress(Exception):
@@ -95,6 +110,26 @@ class PostgresStore:
             async with self._connection() as connection:
                 return await sessions.fetch_sessions(connection, user_id=user_id, limit=limit)
 
+    async def list_periods(self, user_id: str, limit: int) -> list[PeriodRecord]:
+        with translate_errors("list_periods"):
+            async with self._connection() as connection:
+                return await users.fetch_periods(connection, user_id=user_id, limit=limit)
+
+    async def credit_history(self, user_id: str, limit: int) -> list[CreditEntry]:
+        with translate_errors("credit_history"):
+            async with self._connection() as connection:
+                return await credit_ledger.fetch_entries(connection, user_id=user_id, limit=limit)
+
+    async def credit_balances(self, user_id: str) -> dict[CreditKey, tuple[int, int]]:
+        with translate_errors("credit_balances"):
+            async with self._connection() as connection:
+                return await credit_ledger.fetch_balances(connection, user_id=user_id)
+
+    async def find_purchase(self, delivery_id: str) -> CreditPurchaseRecord | None:
+        with translate_errors("find_purchase"):
+            async with self._connection() as connection:
+                return await credit_ledger.fetch_purchase(connection, delivery_id=delivery_id)
+
     async def find_plan_event(self, delivery_id: str) -> PlanEventRecord | None:
         with translate_errors("find_plan_event"):
             async with self._connection() as connection:
@@ -102,6 +137,12 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+async def _record_delivery(connection: Any, delivery: Delivery) -> bool:
+    if isinstance(delivery, PlanEventRecord):
+        return await plan_events.insert_plan_event(connection, event=delivery)
+    return await credit_ledger.insert_purchase(connection, purchase=delivery)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from actors.records import PeriodRecord, UserRecord
 from actors.times import from_datetime, to_datetime
 
@@ -21,24 +23,44 @@ def _ms_or_none(value: object) -> int | None:
     return from_datetime(value) if value is not None else None  # type: ignore[arg-type]
 
 
+def _time_or_none(ms: int | None) -> object:
+    return to_datetime(ms) if ms is not None else None
+
+
 async def upsert_users(connection: Connection, *, users: Sequence[UserRecord]) -> None:
     await connection.execute(
         """
-        insert into usage_users as u (user_id, plan, plan_event_at, plan_event_id, version)
-        select * from unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::bigint[])
+        insert into usage_users as u (
+            user_id, plan, plan_event_at, plan_event_id, version,
+            purchased_ms, anchor_start, anchor_months, anchor_duration_ms, next_entry_seq
+        )
+        select * from unnest(
+            $1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::bigint[],
+            $6::bigint[], $7::timestamptz[], $8::integer[], $9::bigint[], $10::bigint[]
+        )
         on conflict (user_id) do update
             set plan = excluded.plan,
                 plan_event_at = excluded.plan_event_at,
                 plan_event_id = excluded.plan_event_id,
                 version = excluded.version,
+                purchased_ms = excluded.purchased_ms,
+                anchor_start = excluded.anchor_start,
+                anchor_months = excluded.anchor_months,
+                anchor_duration_ms = excluded.anchor_duration_ms,
+                next_entry_seq = excluded.next_entry_seq,
                 updated_at = now()
             where u.version < excluded.version
         """,
         [u.user_id for u in users],
         [u.plan for u in users],
-        [to_datetime(u.plan_event_at_ms) if u.plan_event_at_ms is not None else None for u in users],
+        [_time_or_none(u.plan_event_at_ms) for u in users],
         [u.plan_event_id for u in users],
         [u.version for u in users],
+        [u.purchased_ms for u in users],
+        [_time_or_none(u.anchor_start_ms) for u in users],
+        [u.anchor_months for u in users],
+        [u.anchor_duration_ms for u in users],
+        [u.next_entry_seq for u in users],
     )
 
 
@@ -46,10 +68,10 @@ async def upsert_periods(connection: Connection, *, periods: Sequence[PeriodReco
     await connection.execute(
         """
         insert into usage_periods as p
-            (user_id, period_start, period_end, plan, used_ms, limit_ms, archived, version)
+            (user_id, period_start, period_end, plan, used_ms, limit_ms, archived, version, purchased_used_ms)
         select * from unnest(
             $1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[],
-            $5::bigint[], $6::bigint[], $7::boolean[], $8::bigint[]
+            $5::bigint[], $6::bigint[], $7::boolean[], $8::bigint[], $9::bigint[]
         )
         on conflict (user_id, period_start) do update
             set period_end = excluded.period_end,
@@ -58,6 +80,7 @@ async def upsert_periods(connection: Connection, *, periods: Sequence[PeriodReco
                 limit_ms = excluded.limit_ms,
                 archived = excluded.archived,
                 version = excluded.version,
+                purchased_used_ms = excluded.purchased_used_ms,
                 synced_at = now()
             where p.version < excluded.version
         """,
@@ -69,13 +92,15 @@ async def upsert_periods(connection: Connection, *, periods: Sequence[PeriodReco
         [p.limit_ms for p in periods],
         [p.archived for p in periods],
         [p.version for p in periods],
+        [p.purchased_used_ms for p in periods],
     )
 
 
 async def fetch_users(connection: Connection, *, user_ids: Sequence[str]) -> dict[str, UserRecord]:
     rows = await connection.fetch(
         """
-        select user_id, plan, plan_event_at, plan_event_id, version
+        select user_id, plan, plan_event_at, plan_event_id, version,
+               purchased_ms, anchor_start, anchor_months, anchor_duration_ms, next_entry_seq
         from usage_users where user_id = any($1::text[])
         """,
         list(user_ids),
@@ -87,40 +112,64 @@ async def fetch_users(connection: Connection, *, user_ids: Sequence[str]) -> dic
             version=row["version"],
             plan_event_at_ms=_ms_or_none(row["plan_event_at"]),
             plan_event_id=row["plan_event_id"],
+            purchased_ms=row["purchased_ms"],
+            anchor_start_ms=_ms_or_none(row["anchor_start"]),
+            anchor_months=row["anchor_months"],
+            anchor_duration_ms=row["anchor_duration_ms"],
+            next_entry_seq=row["next_entry_seq"],
         )
         for row in rows
     }
 
 
 async def fetch_recent_periods(
-    connection: Connection, *, user_ids: Sequence[str], per_user: int = 2
+    connection: Connection, *, user_ids: Sequence[str]
 ) -> dict[str, list[PeriodRecord]]:
-    """Each user's newest `per_user` periods, newest first."""
+    """Each user's current period, then the archived period holding the open session's last
+    heartbeat (if there is such a session and period)."""
     rows = await connection.fetch(
         """
-        select user_id, period_start, period_end, plan, used_ms, limit_ms, archived, version
-        from (
-            select p.*, row_number() over (partition by user_id order by period_start desc) as rank
-            from usage_periods p where user_id = any($1::text[])
-        ) ranked
-        where rank <= $2
-        order by user_id, period_start desc
+        select p.user_id, p.period_start, p.period_end, p.plan, p.used_ms, p.limit_ms, p.archived,
+               p.version, p.purchased_used_ms
+        from usage_periods p
+        left join usage_sessions s on s.user_id = p.user_id and s.ended_at is null
+        where p.user_id = any($1::text[])
+          and (not p.archived
+               or (s.id is not null
+                   and p.period_start <= s.last_heartbeat_at and s.last_heartbeat_at < p.period_end))
+        order by p.user_id, p.archived
         """,
         list(user_ids),
-        per_user,
     )
     found: dict[str, list[PeriodRecord]] = defaultdict(list)
     for row in rows:
-        found[row["user_id"]].append(
-            PeriodRecord(
-                user_id=row["user_id"],
-                start_ms=from_datetime(row["period_start"]),
-                end_ms=from_datetime(row["period_end"]),
-                plan=row["plan"],
-                used_ms=row["used_ms"],
-                limit_ms=row["limit_ms"],
-                archived=row["archived"],
-                version=row["version"],
-            )
-        )
+        found[row["user_id"]].append(_period(row))
     return found
+
+
+async def fetch_periods(connection: Connection, *, user_id: str, limit: int) -> list[PeriodRecord]:
+    """The user's newest `limit` periods, newest first (usage history)."""
+    rows = await connection.fetch(
+        """
+        select user_id, period_start, period_end, plan, used_ms, limit_ms, archived, version,
+               purchased_used_ms
+        from usage_periods where user_id = $1 order by period_start desc limit $2
+        """,
+        user_id,
+        limit,
+    )
+    return [_period(row) for row in rows]
+
+
+def _period(row: asyncpg.Record) -> PeriodRecord:
+    return PeriodRecord(
+        user_id=row["user_id"],
+        start_ms=from_datetime(row["period_start"]),
+        end_ms=from_datetime(row["period_end"]),
+        plan=row["plan"],
+        used_ms=row["used_ms"],
+        limit_ms=row["limit_ms"],
+        archived=row["archived"],
+        version=row["version"],
+        purchased_used_ms=row["purchased_used_ms"],
+    )

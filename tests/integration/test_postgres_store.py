@@ -116,10 +116,10 @@ async def test_plan_event_is_recorded_once(store: PostgresStore) -> None:
         applied=True,
         response={"applied": True, "usage": {"plan": "pro"}},
     )
-    await store.save([ledger.snapshot()], plan_event=event)
+    await store.save([ledger.snapshot()], delivery=event)
     assert await store.find_plan_event(event.delivery_id) == event
     with pytest.raises(PersistenceError, match="already recorded"):
-        await store.save([ledger.snapshot()], plan_event=event)
+        await store.save([ledger.snapshot()], delivery=event)
 
 
 async def test_malformed_session_id_is_simply_not_found(store: PostgresStore) -> None:

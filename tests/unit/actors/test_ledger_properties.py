@@ -9,13 +9,18 @@ boundaries. After every step it checks:
 - billing never pushes the period's usage past its limit;
 - `version` never decreases, and grows whenever the durable state changes;
 - minutes are conserved: what sessions were billed equals what periods
-  recorded (plus whatever `reset_usage` wiped);
+  recorded (plus whatever `reset_usage` wiped), and equals the `consume`
+  entries of the credit ledger's minute buckets;
+- every balance equals the sum of its credit-ledger entries, each entry's
+  `balance_after` is the running sum, and sequence numbers have no gaps;
+- no bucket goes negative;
 - no session is billed for more time than it ran, and a stale session is
   billed only to its last heartbeat.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -26,7 +31,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from actors.errors import LedgerError, SessionEnded, SessionNotFound
 from actors.ledger import LedgerPolicy, PlanChange, UserLedger
 from actors.plans import parse_plans
-from actors.records import LedgerSnapshot, PeriodRecord, SessionRecord, StoredLedger, UserRecord
+from actors.records import (
+    MONTHLY_BUCKET,
+    PURCHASED_BUCKET,
+    CreditEntry,
+    LedgerSnapshot,
+    MeterRecord,
+    PeriodRecord,
+    SessionRecord,
+    StoredLedger,
+    UserRecord,
+)
 from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
 
 PLANS = parse_plans(
@@ -34,8 +49,17 @@ PLANS = parse_plans(
     default_plan = "free"
     [plans.free]
     minutes = 3
+    [plans.free.meters.g]
+    limit = 3
+    window = "day"
     [plans.basic]
     minutes = 20
+    [plans.basic.meters.g]
+    limit = "unlimited"
+    window = "day"
+    [plans.basic.meters.p]
+    limit = 2
+    window = "period"
     [plans.tiny]
     minutes = 0.1
     [plans.none]
@@ -79,6 +103,8 @@ class LedgerMachine(RuleBasedStateMachine):
         # Everything ever recorded, latest record per key (as a store would keep it).
         self.periods: dict[int, PeriodRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
+        self.meters: dict[str, MeterRecord] = {}
+        self.entries: dict[int, CreditEntry] = {}
         self.reset_ms = 0
         self.last_version = 0
         self.last_content: tuple[object, ...] | None = None
@@ -134,25 +160,55 @@ class LedgerMachine(RuleBasedStateMachine):
         assert first.end_reason == again.end_reason
         assert first.session_used_ms == again.session_used_ms
 
+    @rule(minutes=st.integers(min_value=1, max_value=5))
+    def purchase(self, minutes: int) -> None:
+        before = self.ledger.purchased_ms
+        assert self.ledger.add_credits(
+            self.now, minutes * MS_PER_MINUTE, reason="purchase", reference=None
+        ) == (before + minutes * MS_PER_MINUTE)
+
+    @rule(meter=st.sampled_from(["g", "p", "x"]), amount=st.integers(min_value=1, max_value=3))
+    def consume(self, meter: str, amount: int) -> None:
+        try:
+            self.ledger.consume_meter(self.now, meter, amount)
+        except LedgerError:
+            return
+
     @rule(
         plan=st.sampled_from(["free", "basic", "tiny", "none"]),
         action=st.sampled_from(["upgrade", "downgrade", "cancel"]),
         age=st.integers(min_value=-10 * MS_PER_MINUTE, max_value=10 * MS_PER_MINUTE),
         delivery=st.sampled_from(["a", "b", "c", "d"]),
         reset=st.booleans(),
+        anchor=st.none()
+        | st.tuples(
+            st.integers(min_value=-40 * 24 * 60, max_value=0),
+            st.sampled_from([7 * 24 * 60, 30 * 24 * 60, 45]),
+        ),
     )
-    def change_plan(self, plan: str, action: str, age: int, delivery: str, reset: bool) -> None:
+    def change_plan(
+        self, plan: str, action: str, age: int, delivery: str, reset: bool, anchor: tuple[int, int] | None
+    ) -> None:
         used = self.ledger.used_ms
         limit = self.ledger.limit_ms
         period = self.ledger.period.start_ms
+        period_start = period_end = None
+        if anchor is not None:
+            period_start = self.now + anchor[0] * MS_PER_MINUTE
+            period_end = period_start + anchor[1] * MS_PER_MINUTE
         change = PlanChange(
             plan=plan,
             action=action,  # type: ignore[arg-type]
             occurred_at_ms=self.now + age,
             delivery_id=delivery,
             reset_usage=reset,
+            period_start_ms=period_start,
+            period_end_ms=period_end,
         )
-        applied = self.ledger.change_plan(self.now, change)
+        try:
+            applied = self.ledger.change_plan(self.now, change)
+        except LedgerError:
+            return  # (a subscription period too short for the stale timeout)
         if self.ledger.period.start_ms == period and self.ledger.used_ms > used:
             # A change that ends the session bills under the limit that applied until then.
             assert self.ledger.used_ms <= limit, "billed past the old limit at a plan change"
@@ -165,16 +221,18 @@ class LedgerMachine(RuleBasedStateMachine):
         """Rebuild from a fully synced snapshot: the restored ledger must behave the same."""
         snapshot = self.ledger.snapshot()
         self._absorb(snapshot)
-        current = [p for p in snapshot.periods if not p.archived]
-        stored_periods = sorted(
-            (p for p in self.periods.values() if p.start_ms <= current[0].start_ms),
-            key=lambda p: -p.start_ms,
-        )[:2]
         open_sessions = [s for s in snapshot.sessions if s.is_open]
+        stored_periods = [p for p in snapshot.periods if not p.archived]
+        if open_sessions:
+            heard = open_sessions[0].last_heartbeat_at_ms
+            stored_periods += [
+                p for p in self.periods.values() if p.archived and p.start_ms <= heard < p.end_ms
+            ]
         stored = StoredLedger(
             user=snapshot.user,
             periods=tuple(stored_periods),
             open_session=open_sessions[0] if open_sessions else None,
+            meters=tuple(self.meters.values()),
         )
         before_usage = self.ledger.usage(self.now)
         before_deadline = self.ledger.next_deadline_ms()
@@ -194,6 +252,12 @@ class LedgerMachine(RuleBasedStateMachine):
             kept_session = self.sessions.get(session.session_id)
             if kept_session is None or kept_session.version <= session.version:
                 self.sessions[session.session_id] = session
+        for meter in snapshot.meters:
+            kept_meter = self.meters.get(meter.meter)
+            if kept_meter is None or kept_meter.version <= meter.version:
+                self.meters[meter.meter] = meter
+        for entry in snapshot.entries:
+            assert self.entries.setdefault(entry.seq, entry) == entry, "an entry never changes once written"
         self.ledger.mark_synced(snapshot.version)
 
     @invariant()
@@ -222,10 +286,31 @@ class LedgerMachine(RuleBasedStateMachine):
             [self.ledger.active_session_id] if self.ledger.active_session_id else []
         )
 
-        # minutes are conserved between sessions and periods
+        # minutes are conserved between sessions, periods and the credit ledger
         billed = sum(s.used_ms for s in self.sessions.values())
-        recorded = sum(p.used_ms for p in self.periods.values())
+        recorded = sum(p.total_used_ms for p in self.periods.values())
         assert billed == recorded + self.reset_ms, (billed, recorded, self.reset_ms)
+        consumed = sum(
+            -e.delta
+            for e in self.entries.values()
+            if e.reason == "consume" and e.bucket in (MONTHLY_BUCKET, PURCHASED_BUCKET)
+        )
+        assert consumed == billed
+
+        # every balance is what its entries add up to; running sums and sequence numbers hold
+        assert sorted(self.entries) == list(range(1, len(self.entries) + 1))
+        chains: dict[tuple[str, int | None], list[CreditEntry]] = defaultdict(list)
+        for seq in sorted(self.entries):
+            entry = self.entries[seq]
+            chains[(entry.bucket, entry.window_start_ms)].append(entry)
+        for chain in chains.values():
+            running = 0
+            for entry in chain:
+                running += entry.delta
+                assert entry.balance_after == running >= 0, entry
+        for key, live in self.ledger.balances(self.now).items():
+            assert sum(e.delta for e in chains.get(key, [])) == live, key
+        assert self.ledger.purchased_ms >= 0
 
         # no session billed for more than it ran; silence is never billed
         for session in self.sessions.values():

@@ -18,7 +18,7 @@ from actors.errors import (
     SessionNotFound,
     Unavailable,
 )
-from actors.records import LedgerSnapshot, PlanEventRecord, StoredLedger
+from actors.records import Delivery, LedgerSnapshot, StoredLedger
 from actors.routing import shard_index
 from actors.shard import LedgerShard, PlanEvent, ShardConfig
 from actors.store import LedgerStore, MemoryStore, StoreError, StoreUnavailable
@@ -38,12 +38,10 @@ class HeldStore(MemoryStore):
         self.release.set()
         self.writing = asyncio.Event()
 
-    async def save(
-        self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
-    ) -> None:
+    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
         self.writing.set()
         await self.release.wait()
-        await super().save(snapshots, plan_event=plan_event)
+        await super().save(snapshots, delivery=delivery)
 
 
 def make_shard(
@@ -409,11 +407,11 @@ class TestFaults:
     ) -> None:
         class Refusing(MemoryStore):
             async def save(
-                self, snapshots: Sequence[LedgerSnapshot], *, plan_event: PlanEventRecord | None = None
+                self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None
             ) -> None:
                 if any(s.user.user_id == "bad" for s in snapshots):
                     raise StoreError("row refused")
-                await super().save(snapshots, plan_event=plan_event)
+                await super().save(snapshots, delivery=delivery)
 
         refusing = Refusing()
         shard2 = make_shard(refusing, FakeClock())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import jwt
 import pytest
@@ -18,25 +19,23 @@ def test_issued_token_is_accepted() -> None:
     assert verifier.user_id(issue_token(secret=SECRET, user_id="u-1", ttl_s=60)) == "u-1"
 
 
+def _claims(**claims: object) -> dict[str, object]:
+    return {"exp": int(time.time()) + 60, **claims}
+
+
 @pytest.mark.parametrize(
-    ("token", "reason"),
+    ("make_token", "reason"),
     [
-        (issue_token(secret=SECRET, user_id="u", ttl_s=-60), "token expired"),
-        (issue_token(secret="another-secret-" + "x" * 20, user_id="u", ttl_s=60), "invalid token"),
-        (jwt.encode({"sub": "u"}, SECRET, algorithm="HS256"), "invalid token"),  # no exp
-        (jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256"), "invalid token"),  # no sub
-        (jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, SECRET, algorithm="HS512"), "invalid token"),
-        (jwt.encode({"sub": "u", "exp": int(time.time()) + 60}, None, algorithm="none"), "invalid token"),
-        (
-            jwt.encode({"sub": "u\x00x", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
-            "invalid token",
-        ),
-        (jwt.encode({"sub": "", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"), "invalid token"),
-        (
-            jwt.encode({"sub": "u" * 256, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
-            "invalid token",
-        ),
-        ("not.a.token", "invalid token"),
+        (lambda: issue_token(secret=SECRET, user_id="u", ttl_s=-60), "token expired"),
+        (lambda: issue_token(secret="another-secret-" + "x" * 50, user_id="u", ttl_s=60), "invalid token"),
+        (lambda: jwt.encode({"sub": "u"}, SECRET, algorithm="HS256"), "invalid token"),
+        (lambda: jwt.encode(_claims(), SECRET, algorithm="HS256"), "invalid token"),
+        (lambda: jwt.encode(_claims(sub="u"), SECRET, algorithm="HS512"), "invalid token"),
+        (lambda: jwt.encode(_claims(sub="u"), None, algorithm="none"), "invalid token"),
+        (lambda: jwt.encode(_claims(sub="u\x00x"), SECRET, algorithm="HS256"), "invalid token"),
+        (lambda: jwt.encode(_claims(sub=""), SECRET, algorithm="HS256"), "invalid token"),
+        (lambda: jwt.encode(_claims(sub="u" * 256), SECRET, algorithm="HS256"), "invalid token"),
+        (lambda: "not.a.token", "invalid token"),
     ],
     ids=[
         "expired",
@@ -51,9 +50,9 @@ def test_issued_token_is_accepted() -> None:
         "junk",
     ],
 )
-def test_bad_tokens_are_refused(token: str, reason: str) -> None:
+def test_bad_tokens_are_refused(make_token: Callable[[], str], reason: str) -> None:
     with pytest.raises(Unauthorized, match=reason):
-        verifier.user_id(token)
+        verifier.user_id(make_token())
 
 
 def test_audience_and_issuer_are_checked_when_configured() -> None:

@@ -1,0 +1,119 @@
+"""`credit_ledger` (append-only entries), its `credit_balances` view, and `credit_purchases`.
+
+Entries are keyed by `(user_id, seq)` and inserted with `on conflict do
+nothing`: a write repeated after a lost reply, or a late flush, adds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from actors.credits import CreditKey
+from actors.records import CreditEntry, CreditPurchaseRecord
+from actors.times import from_datetime, to_datetime
+
+if TYPE_CHECKING:
+    from persistence.database import Connection
+
+_ENTRY_COLUMNS = "user_id, seq, occurred_at, bucket, window_start, delta, balance_after, reason, reference"
+
+
+async def insert_entries(connection: Connection, *, entries: Sequence[CreditEntry]) -> None:
+    await connection.execute(
+        f"""
+        insert into credit_ledger ({_ENTRY_COLUMNS})
+        select * from unnest(
+            $1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::timestamptz[],
+            $6::bigint[], $7::bigint[], $8::text[], $9::text[]
+        )
+        on conflict (user_id, seq) do nothing
+        """,
+        [e.user_id for e in entries],
+        [e.seq for e in entries],
+        [to_datetime(e.occurred_at_ms) for e in entries],
+        [e.bucket for e in entries],
+        [to_datetime(e.window_start_ms) if e.window_start_ms is not None else None for e in entries],
+        [e.delta for e in entries],
+        [e.balance_after for e in entries],
+        [e.reason for e in entries],
+        [e.reference for e in entries],
+    )
+
+
+async def fetch_entries(connection: Connection, *, user_id: str, limit: int) -> list[CreditEntry]:
+    """The user's newest `limit` entries, newest first."""
+    rows = await connection.fetch(
+        f"select {_ENTRY_COLUMNS} from credit_ledger where user_id = $1 order by seq desc limit $2",
+        user_id,
+        limit,
+    )
+    return [
+        CreditEntry(
+            user_id=row["user_id"],
+            seq=row["seq"],
+            occurred_at_ms=from_datetime(row["occurred_at"]),
+            bucket=row["bucket"],
+            window_start_ms=from_datetime(row["window_start"]) if row["window_start"] is not None else None,
+            delta=row["delta"],
+            balance_after=row["balance_after"],
+            reason=row["reason"],
+            reference=row["reference"],
+            version=0,
+        )
+        for row in rows
+    ]
+
+
+async def fetch_balances(connection: Connection, *, user_id: str) -> dict[CreditKey, tuple[int, int]]:
+    """Per bucket and window: the sum of the deltas and the last recorded running sum."""
+    rows = await connection.fetch(
+        "select bucket, window_start, balance, last_balance_after from credit_balances where user_id = $1",
+        user_id,
+    )
+    return {
+        (row["bucket"], from_datetime(row["window_start"]) if row["window_start"] is not None else None): (
+            int(row["balance"]),
+            int(row["last_balance_after"]),
+        )
+        for row in rows
+    }
+
+
+async def insert_purchase(connection: Connection, *, purchase: CreditPurchaseRecord) -> bool:
+    """Record the purchase; False when its delivery id is already recorded."""
+    status = await connection.execute(
+        """
+        insert into credit_purchases (delivery_id, user_id, minutes_ms, reason, reference, response)
+        values ($1, $2, $3, $4, $5, $6::jsonb)
+        on conflict (delivery_id) do nothing
+        """,
+        purchase.delivery_id,
+        purchase.user_id,
+        purchase.minutes_ms,
+        purchase.reason,
+        purchase.reference,
+        json.dumps(purchase.response),
+    )
+    return bool(status == "INSERT 0 1")
+
+
+async def fetch_purchase(connection: Connection, *, delivery_id: str) -> CreditPurchaseRecord | None:
+    row = await connection.fetchrow(
+        """
+        select delivery_id, user_id, minutes_ms, reason, reference, response::text as response
+        from credit_purchases where delivery_id = $1
+        """,
+        delivery_id,
+    )
+    if row is None:
+        return None
+    return CreditPurchaseRecord(
+        delivery_id=row["delivery_id"],
+        user_id=row["user_id"],
+        minutes_ms=row["minutes_ms"],
+        reason=row["reason"],
+        reference=row["reference"],
+        response=json.loads(row["response"]),
+    )
