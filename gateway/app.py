@@ -20,7 +20,7 @@ from gateway.auth import InternalSignatureMiddleware, TokenVerifier
 from gateway.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
 from gateway.metrics import Metrics
 from gateway.middleware import BodyLimitMiddleware, RequestLogMiddleware
-from gateway.routes import internal, ops, sessions, usage
+from gateway.routes import credits, internal, ops, sessions, usage
 from gateway.runtime import Runtime
 from gateway.secrets import resolve_secrets
 from gateway.settings import Settings
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         leeway_s=settings.jwt_leeway_s,
     )
     install_error_handlers(app)
-    for module in (usage, sessions, internal, ops):
+    for module in (usage, sessions, credits, internal, ops):
         app.include_router(module.router)
     app.add_middleware(InternalSignatureMiddleware, secret=secrets.internal_secret)
     app.add_middleware(BodyLimitMiddleware)

@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from actors.errors import DomainError
-from actors.times import MS_PER_MINUTE
+from actors.times import MS_PER_MINUTE, to_datetime
+from gateway.timefmt import rfc3339
 
 log = structlog.get_logger("gateway.errors")
 
@@ -30,6 +31,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "no_credits": 403,
     "session_active": 409,
     "session_not_found": 404,
+    "meter_not_found": 404,
     "session_ended": 409,
     "invalid_request": 422,
     "idempotency_conflict": 422,
@@ -86,6 +88,12 @@ def _domain_extra(exc: DomainError) -> dict[str, Any]:
         extra["end_reason"] = fields["end_reason"]
     if "session_used_ms" in fields:
         extra["session_minutes"] = round(fields["session_used_ms"] / MS_PER_MINUTE, 2)
+    if "meter" in fields:
+        extra["meter"] = fields["meter"]
+    if "remaining" in fields:
+        extra["remaining"] = fields["remaining"]
+    if "resets_at_ms" in fields:
+        extra["resets_at"] = rfc3339(to_datetime(fields["resets_at_ms"]))
     return extra
 
 

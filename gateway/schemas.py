@@ -22,23 +22,31 @@ from pydantic import (
     model_validator,
 )
 
-from actors.records import Difficulty, EndReason, PlanAction
+from actors.records import (
+    METER_BUCKET_PREFIX,
+    CreditEntry,
+    CreditReason,
+    Difficulty,
+    EndReason,
+    PlanAction,
+    PurchaseReason,
+)
 from actors.times import MS_PER_MINUTE, to_datetime
 from actors.views import (
     ActiveSessionView,
+    BalanceCheck,
+    CreditsView,
     CurrentSession,
+    MeterConsumed,
+    MeterView,
+    PeriodSummary,
+    Reconciliation,
     SessionProgress,
     SessionStarted,
     SessionSummary,
     UsageView,
 )
-
-
-def rfc3339(value: datetime) -> str:
-    """UTC with a `Z`, to the millisecond the ledger keeps (whole seconds print without a fraction)."""
-    spec = "seconds" if value.microsecond == 0 else "milliseconds"
-    return value.isoformat(timespec=spec).replace("+00:00", "Z")
-
+from gateway.timefmt import rfc3339
 
 # A time in a response: RFC 3339, UTC.
 Timestamp = Annotated[
@@ -58,16 +66,25 @@ PlanName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 SESSIONS_PAGE_DEFAULT = 20
 SESSIONS_PAGE_MAX = 100
+HISTORY_PERIODS_DEFAULT = 6
+HISTORY_PERIODS_MAX = 60
+CREDIT_HISTORY_DEFAULT = 50
+CREDIT_HISTORY_MAX = 500
+METER_AMOUNT_MAX = 1_000_000
+PURCHASE_MINUTES_MAX = 1_000_000
+Reference = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 
 def minutes(ms: int) -> float:
     return round(ms / MS_PER_MINUTE, 2)
 
 
-def percent(used_ms: int, limit_ms: int) -> float:
-    if limit_ms <= 0:
+def percent(used_ms: int, remaining_ms: int) -> float:
+    """How much of what this period offered (allowance and purchased minutes) has been used."""
+    available = used_ms + remaining_ms
+    if available <= 0:
         return 100.0
-    return min(100.0, round(used_ms * 100 / limit_ms, 2))
+    return round(used_ms * 100 / available, 2)
 
 
 class RequestModel(BaseModel):
@@ -92,6 +109,16 @@ class HeartbeatRequest(RequestModel):
 
 class EndSessionRequest(RequestModel):
     pass
+
+
+class MeterConsumeRequest(RequestModel):
+    amount: Annotated[int, Field(ge=1, le=METER_AMOUNT_MAX)]
+
+
+class CreditsRequest(RequestModel):
+    minutes: Annotated[float, Field(gt=0, le=PURCHASE_MINUTES_MAX, allow_inf_nan=False)]
+    reason: PurchaseReason
+    reference: Reference | None = None
 
 
 class PlanChangeRequest(RequestModel):
@@ -159,9 +186,9 @@ class Usage(ResponseModel):
             period_end=to_datetime(view.period_end_ms),
             minutes_limit=minutes(view.limit_ms),
             minutes_used=minutes(view.used_ms),
-            minutes_remaining=minutes(view.remaining_ms + view.purchased_ms),
+            minutes_remaining=minutes(view.remaining_ms),
             purchased_minutes=minutes(view.purchased_ms),
-            percent_used=percent(view.used_ms, view.limit_ms),
+            percent_used=percent(view.used_ms, view.remaining_ms),
             warning=view.warning,
             active_session=ActiveSession.from_view(view.active_session) if view.active_session else None,
             version=view.version,
@@ -290,6 +317,167 @@ class SessionList(ResponseModel):
 class PlanChangeResponse(ResponseModel):
     applied: bool
     usage: Usage
+
+
+class CreditsResponse(ResponseModel):
+    purchased_minutes: float
+    usage: Usage
+
+
+class MeterState(ResponseModel):
+    limit: int | Literal["unlimited"]
+    used: int
+    remaining: int | None  # None when unlimited
+    window: Literal["day", "period"]
+    resets_at: Timestamp
+
+    @classmethod
+    def from_view(cls, view: MeterView) -> MeterState:
+        return cls(
+            limit=view.limit if view.limit is not None else "unlimited",
+            used=view.used,
+            remaining=view.remaining,
+            window=view.window,
+            resets_at=to_datetime(view.resets_at_ms),
+        )
+
+
+class Credits(ResponseModel):
+    monthly_remaining_minutes: float
+    purchased_minutes: float
+    total_remaining_minutes: float
+    meters: dict[str, MeterState]
+    version: int
+
+    @classmethod
+    def from_view(cls, view: CreditsView) -> Credits:
+        return cls(
+            monthly_remaining_minutes=minutes(view.allowance_remaining_ms),
+            purchased_minutes=minutes(view.purchased_ms),
+            total_remaining_minutes=minutes(view.remaining_ms),
+            meters={name: MeterState.from_view(meter) for name, meter in view.meters.items()},
+            version=view.version,
+        )
+
+
+class MeterConsumeResponse(ResponseModel):
+    allowed: Literal[True]
+    remaining: int | None  # None when unlimited
+    resets_at: Timestamp
+    version: int
+
+    @classmethod
+    def from_view(cls, view: MeterConsumed) -> MeterConsumeResponse:
+        return cls(
+            allowed=True,
+            remaining=view.remaining,
+            resets_at=to_datetime(view.resets_at_ms),
+            version=view.version,
+        )
+
+
+class PeriodItem(ResponseModel):
+    period_start: Timestamp
+    period_end: Timestamp
+    plan: str
+    minutes_used: float
+    minutes_limit: float
+    archived: bool
+
+    @classmethod
+    def from_view(cls, view: PeriodSummary) -> PeriodItem:
+        return cls(
+            period_start=to_datetime(view.period_start_ms),
+            period_end=to_datetime(view.period_end_ms),
+            plan=view.plan,
+            minutes_used=minutes(view.used_ms),
+            minutes_limit=minutes(view.limit_ms),
+            archived=view.archived,
+        )
+
+
+class UsageHistory(ResponseModel):
+    periods: list[PeriodItem]
+
+
+class CreditHistoryEntry(ResponseModel):
+    """One credit-ledger entry. Minute buckets count minutes (rounded to two decimals, with the
+    exact milliseconds alongside, since rounded entries need not add up); a meter's bucket counts uses."""
+
+    id: int
+    occurred_at: Timestamp
+    bucket: str
+    window_start: Timestamp | None
+    unit: Literal["minutes", "count"]
+    delta: float
+    balance_after: float
+    delta_ms: int | None
+    balance_after_ms: int | None
+    reason: CreditReason
+    reference: str | None
+
+    @classmethod
+    def from_record(cls, entry: CreditEntry) -> CreditHistoryEntry:
+        counts = entry.bucket.startswith(METER_BUCKET_PREFIX)
+        scale = (lambda value: float(value)) if counts else minutes
+        return cls(
+            id=entry.seq,
+            occurred_at=to_datetime(entry.occurred_at_ms),
+            bucket=entry.bucket,
+            window_start=to_datetime(entry.window_start_ms) if entry.window_start_ms is not None else None,
+            unit="count" if counts else "minutes",
+            delta=scale(entry.delta),
+            balance_after=scale(entry.balance_after),
+            delta_ms=None if counts else entry.delta,
+            balance_after_ms=None if counts else entry.balance_after,
+            reason=entry.reason,
+            reference=entry.reference,
+        )
+
+
+class CreditHistory(ResponseModel):
+    entries: list[CreditHistoryEntry]
+
+
+class BalanceCheckItem(ResponseModel):
+    """A balance as the live ledger has it, as its credit-ledger entries add up to, and as the last
+    entry recorded it (milliseconds for minute buckets, uses for meters)."""
+
+    bucket: str
+    window_start: Timestamp | None
+    live: int
+    derived: int
+    recorded: int
+    drift: int
+    consistent: bool
+
+    @classmethod
+    def from_view(cls, check: BalanceCheck) -> BalanceCheckItem:
+        return cls(
+            bucket=check.bucket,
+            window_start=to_datetime(check.window_start_ms) if check.window_start_ms is not None else None,
+            live=check.live,
+            derived=check.derived,
+            recorded=check.recorded,
+            drift=check.drift,
+            consistent=check.consistent,
+        )
+
+
+class ReconciliationReport(ResponseModel):
+    user_id: str
+    drift_found: bool
+    checks: list[BalanceCheckItem]
+    version: int
+
+    @classmethod
+    def from_view(cls, view: Reconciliation) -> ReconciliationReport:
+        return cls(
+            user_id=view.user_id,
+            drift_found=bool(view.drifting),
+            checks=[BalanceCheckItem.from_view(check) for check in view.checks],
+            version=view.version,
+        )
 
 
 class Problem(BaseModel):

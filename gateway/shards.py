@@ -36,16 +36,24 @@ class ShardRouter:
     def shard_count(self) -> int:
         return len(self._handles)
 
-    async def call(self, user_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call `method` on the shard that owns `user_id`."""
-        handle = self._handles[shard_index(user_id, len(self._handles))]
-        return await self._call(handle, method, *args, **kwargs)
+    @property
+    def call_timeout_s(self) -> float:
+        return self._timeout_s
 
-    async def _call(self, handle: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    async def call(
+        self, user_id: str, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any
+    ) -> Any:
+        """Call `method` on the shard that owns `user_id` (within `timeout_s`, default the router's)."""
+        handle = self._handles[shard_index(user_id, len(self._handles))]
+        return await self._call(handle, method, *args, timeout_s=timeout_s, **kwargs)
+
+    async def _call(
+        self, handle: Any, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any
+    ) -> Any:
         started = time.perf_counter()
         outcome = "ok"
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s if timeout_s is not None else self._timeout_s):
                 return await getattr(handle, method).remote(*args, **kwargs)
         except TimeoutError:
             outcome = "timeout"

@@ -10,12 +10,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Security
 
-from actors.shard import PlanEvent
-from actors.times import from_datetime
+from actors.shard import PlanEvent, Purchase
+from actors.times import from_datetime, minutes_to_ms
 from gateway.auth import USER_ID_MAX_LENGTH, USER_ID_PATTERN, delivery_id, webhook_signature_scheme
 from gateway.routes.common import problems, request_id, runtime
 from gateway.runtime import Runtime
-from gateway.schemas import PlanChangeRequest, PlanChangeResponse, Usage
+from gateway.schemas import (
+    CreditsRequest,
+    CreditsResponse,
+    PlanChangeRequest,
+    PlanChangeResponse,
+    ReconciliationReport,
+    Usage,
+    minutes,
+)
 
 router = APIRouter(
     prefix="/internal/v1", tags=["internal"], dependencies=[Security(webhook_signature_scheme)]
@@ -45,6 +53,35 @@ async def change_plan(
     )
     result = await rt.router.call(user_id, "change_plan", user_id, event, request_id=rid)
     return PlanChangeResponse(applied=result.applied, usage=Usage.from_view(result.usage))
+
+
+@router.post(
+    "/users/{user_id}/credits", response_model=CreditsResponse, responses=problems(401, 413, 422, 503)
+)
+async def add_credits(
+    user_id: UserIdPath,
+    body: CreditsRequest,
+    delivery: str = Depends(delivery_id),
+    rt: Runtime = Depends(runtime),
+    rid: str | None = Depends(request_id),
+) -> CreditsResponse:
+    """Add purchased minutes (they never expire), once per `webhook-id`, durably before answering."""
+    purchase = Purchase(
+        delivery_id=delivery,
+        minutes_ms=minutes_to_ms(body.minutes),
+        reason=body.reason,
+        reference=body.reference,
+    )
+    added = await rt.router.call(user_id, "add_credits", user_id, purchase, request_id=rid)
+    return CreditsResponse(purchased_minutes=minutes(added.purchased_ms), usage=Usage.from_view(added.usage))
+
+
+@router.get(
+    "/users/{user_id}/reconcile", response_model=ReconciliationReport, responses=problems(401, 422, 503)
+)
+async def reconcile(user_id: UserIdPath, rt: Runtime = Depends(runtime)) -> ReconciliationReport:
+    """Compare the user's live balances with what the credit ledger's entries add up to."""
+    return ReconciliationReport.from_view(await rt.router.call(user_id, "reconcile", user_id))
 
 
 @router.get("/users/{user_id}/usage", response_model=Usage, responses=problems(401, 422, 503))

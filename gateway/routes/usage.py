@@ -1,17 +1,94 @@
-"""GET /v1/usage: the caller's usage object, answered from the shard's memory."""
+"""/v1/usage: the usage object, the history of periods, and a live stream of changes.
+
+The stream is Server-Sent Events: the usage object on connect and after every
+change to the user (session ticks included), `id:` = version, with comment
+lines to keep idle connections open. It long-polls the user's shard, so it
+works through any gateway process. A client that reconnects gets the current
+state first and can drop buffered events whose version is not newer.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+import asyncio
+import json
+from collections.abc import AsyncIterator
 
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from actors.errors import ShardError
+from actors.views import UsageView
 from gateway.auth import current_user
 from gateway.routes.common import problems, runtime
 from gateway.runtime import Runtime
-from gateway.schemas import Usage
+from gateway.schemas import HISTORY_PERIODS_DEFAULT, HISTORY_PERIODS_MAX, PeriodItem, Usage, UsageHistory
 
 router = APIRouter(tags=["usage"])
+
+# A comment line goes out at least this often on an idle stream.
+STREAM_KEEPALIVE_S = 15.0
+# After the shard was unreachable, the stream tries again this much later.
+STREAM_RETRY_S = 1.0
 
 
 @router.get("/v1/usage", response_model=Usage, responses=problems(401, 503))
 async def get_usage(user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)) -> Usage:
     return Usage.from_view(await rt.router.call(user_id, "usage", user_id))
+
+
+@router.get("/v1/usage/history", response_model=UsageHistory, responses=problems(401, 422, 503))
+async def usage_history(
+    periods: int = Query(default=HISTORY_PERIODS_DEFAULT, ge=1, le=HISTORY_PERIODS_MAX),
+    user_id: str = Depends(current_user),
+    rt: Runtime = Depends(runtime),
+) -> UsageHistory:
+    """Newest first, the current period included."""
+    summaries = await rt.router.call(user_id, "usage_history", user_id, periods)
+    return UsageHistory(periods=[PeriodItem.from_view(summary) for summary in summaries])
+
+
+@router.get(
+    "/v1/usage/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `event: usage`, `id: <version>`, `data: <usage object>`",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **problems(401, 503),
+    },
+)
+async def usage_stream(
+    request: Request, user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)
+) -> StreamingResponse:
+    first: UsageView = await rt.router.call(user_id, "usage", user_id)  # errors answer before streaming
+    watch_timeout_s = STREAM_KEEPALIVE_S + rt.router.call_timeout_s
+
+    async def events() -> AsyncIterator[str]:
+        version = first.version
+        yield _frame(first)
+        while not await request.is_disconnected():
+            try:
+                changed = await rt.router.call(
+                    user_id, "watch", user_id, version, STREAM_KEEPALIVE_S, timeout_s=watch_timeout_s
+                )
+            except ShardError:
+                yield ": shard unavailable; retrying\n\n"
+                await asyncio.sleep(STREAM_RETRY_S)
+                continue
+            if changed is None:
+                yield ": keep-alive\n\n"
+            else:
+                version = changed.version
+                yield _frame(changed)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _frame(view: UsageView) -> str:
+    data = json.dumps(Usage.from_view(view).model_dump(mode="json"), separators=(",", ":"))
+    return f"event: usage\nid: {view.version}\ndata: {data}\n\n"

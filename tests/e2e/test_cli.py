@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from persistence.migrate import discover
+
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent / "usage-ledger"
@@ -134,5 +136,6 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
 
 def test_migrate_command_prepares_an_embedded_database(workdir: Path) -> None:
     env = clean_env()
-    assert "applied migrations: [1]" in run_cli("migrate", cwd=workdir, env=env)
+    versions = [migration.version for migration in discover()]
+    assert f"applied migrations: {versions}" in run_cli("migrate", cwd=workdir, env=env)
     assert "up to date" in run_cli("migrate", cwd=workdir, env=env)
