@@ -67,6 +67,7 @@ from actors.views import (
     CreditsView,
     CurrentSession,
     MeterConsumed,
+    Page,
     PeriodSummary,
     PlanChangeResult,
     Reconciliation,
@@ -340,7 +341,7 @@ class LedgerShard:
             finally:
                 self._after_change(user_id, ledger)
 
-    async def list_sessions(self, user_id: str, limit: int) -> list[SessionSummary]:
+    async def list_sessions(self, user_id: str, limit: int) -> Page[SessionSummary]:
         """Newest first: the store's history with this shard's newer, not yet written state on top."""
         async with self._admitted():
             store = await self._running()
@@ -354,7 +355,7 @@ class LedgerShard:
             for record in ledger.resident_sessions():
                 merged[record.session_id] = record
             newest = sorted(merged.values(), key=lambda r: (-r.started_at_ms, r.session_id))[:limit]
-            return [_summary(record) for record in newest]
+            return Page([_summary(record) for record in newest], ledger.version)
 
     # ----------------------------------------------------------- user writes
 
@@ -545,7 +546,7 @@ class LedgerShard:
             self._after_change(user_id, ledger)
             return view
 
-    async def usage_history(self, user_id: str, periods: int) -> list[PeriodSummary]:
+    async def usage_history(self, user_id: str, periods: int) -> Page[PeriodSummary]:
         """Newest first: the store's periods with this shard's newer, not yet written ones on top."""
         async with self._admitted():
             store = await self._running()
@@ -560,16 +561,18 @@ class LedgerShard:
             merged = {record.start_ms: _stored_period_summary(record) for record in stored}
             for summary in ledger.resident_periods():
                 merged[summary.period_start_ms] = summary
-            return sorted(merged.values(), key=lambda p: -p.period_start_ms)[:periods]
+            newest = sorted(merged.values(), key=lambda p: -p.period_start_ms)[:periods]
+            return Page(newest, ledger.version)
 
-    async def credit_history(self, user_id: str, limit: int) -> list[CreditEntry]:
+    async def credit_history(self, user_id: str, limit: int) -> Page[CreditEntry]:
         """Newest first. The user is written first, so consumption still open is in it."""
         async with self._admitted(), self._durable_entry(user_id):
             await self._write_user(user_id)
             try:
-                return await self._require_store().credit_history(user_id, limit)
+                entries = await self._require_store().credit_history(user_id, limit)
             except StoreError as exc:
                 raise Unavailable("credit history is unavailable") from exc
+            return Page(entries, self._ledgers[user_id].version)
 
     async def reconcile(self, user_id: str) -> Reconciliation:
         """Compare the live balances with what the credit ledger's entries add up to."""

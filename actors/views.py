@@ -7,11 +7,12 @@ gateway turns them into the API's JSON (minutes, RFC 3339 times).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from actors.records import Difficulty, EndReason
 
 Warning = Literal["low_balance", "exhausted"]
+Item = TypeVar("Item")
 SessionState = Literal["active", "ended"]
 
 
@@ -96,6 +97,14 @@ class SessionSummary:
     topic: str | None
     difficulty: Difficulty | None
     end_reason: EndReason | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[Item]):
+    """A list read for a user, with the user's version when it was read."""
+
+    items: list[Item]
+    version: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -312,6 +312,7 @@ class SessionItem(ResponseModel):
 
 class SessionList(ResponseModel):
     sessions: list[SessionItem]
+    version: int
 
 
 class PlanChangeResponse(ResponseModel):
@@ -398,6 +399,7 @@ class PeriodItem(ResponseModel):
 
 class UsageHistory(ResponseModel):
     periods: list[PeriodItem]
+    version: int
 
 
 class CreditHistoryEntry(ResponseModel):
@@ -437,6 +439,7 @@ class CreditHistoryEntry(ResponseModel):
 
 class CreditHistory(ResponseModel):
     entries: list[CreditHistoryEntry]
+    version: int
 
 
 class BalanceCheckItem(ResponseModel):

@@ -40,8 +40,10 @@ async def credit_history(
     rt: Runtime = Depends(runtime),
 ) -> CreditHistory:
     """Newest first. Consumption still open in the ledger is written first, so it is included."""
-    entries = await rt.router.call(user_id, "credit_history", user_id, limit)
-    return CreditHistory(entries=[CreditHistoryEntry.from_record(entry) for entry in entries])
+    page = await rt.router.call(user_id, "credit_history", user_id, limit)
+    return CreditHistory(
+        entries=[CreditHistoryEntry.from_record(entry) for entry in page.items], version=page.version
+    )
 
 
 @router.post(

@@ -105,5 +105,7 @@ async def list_sessions(
     user_id: str = Depends(current_user),
     rt: Runtime = Depends(runtime),
 ) -> SessionList:
-    summaries = await rt.router.call(user_id, "list_sessions", user_id, limit)
-    return SessionList(sessions=[SessionItem.from_view(summary) for summary in summaries])
+    page = await rt.router.call(user_id, "list_sessions", user_id, limit)
+    return SessionList(
+        sessions=[SessionItem.from_view(summary) for summary in page.items], version=page.version
+    )

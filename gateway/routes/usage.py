@@ -43,8 +43,10 @@ async def usage_history(
     rt: Runtime = Depends(runtime),
 ) -> UsageHistory:
     """Newest first, the current period included."""
-    summaries = await rt.router.call(user_id, "usage_history", user_id, periods)
-    return UsageHistory(periods=[PeriodItem.from_view(summary) for summary in summaries])
+    page = await rt.router.call(user_id, "usage_history", user_id, periods)
+    return UsageHistory(
+        periods=[PeriodItem.from_view(summary) for summary in page.items], version=page.version
+    )
 
 
 @router.get(

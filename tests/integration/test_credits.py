@@ -18,7 +18,15 @@ import asyncpg
 import httpx
 
 from actors.hosting import kill_shards
-from tests.integration.conftest import ServerFactory, auth, change_plan, eventually, new_user, signed
+from tests.integration.conftest import (
+    RunningServer,
+    ServerFactory,
+    auth,
+    change_plan,
+    eventually,
+    new_user,
+    signed,
+)
 from tests.integration.test_sessions import assert_problem
 
 PERIOD_S = 16
@@ -352,3 +360,26 @@ async def test_reconciliation_finds_no_drift_after_a_random_mix_and_finds_a_tamp
     drifting = [c for c in report["checks"] if not c["consistent"]]
     assert [c["bucket"] for c in drifting] == ["monthly"]
     assert drifting[0]["drift"] == 60000
+
+
+async def test_stream_through_another_gateway_sees_changes_made_through_the_first(
+    client: httpx.AsyncClient, server: RunningServer, start_server: ServerFactory
+) -> None:
+    """Two gateway processes on the same shards: the stream lives on the shard, not the gateway."""
+    second = await start_server(namespace=server.settings.ray_namespace, shards=server.settings.shards)
+    user = new_user()
+    async with second.client() as other, other.stream("GET", "/v1/usage/stream", headers=auth(user)) as response:
+        lines = response.aiter_lines()
+        first = await _next_event(lines)
+        bought = await buy(client, user, 2)  # through the first gateway
+        assert bought.status_code == 200
+        changed = await asyncio.wait_for(_next_event(lines), timeout=5)
+    assert changed["purchased_minutes"] == 2 and changed["version"] > first["version"]
+    await second.stop()
+
+
+async def _next_event(lines: Any) -> dict[str, Any]:
+    async for line in lines:
+        if line.startswith("data:"):
+            return json.loads(line.partition(":")[2])  # type: ignore[no-any-return]
+    raise AssertionError("the stream ended")
