@@ -368,7 +368,10 @@ async def test_stream_through_another_gateway_sees_changes_made_through_the_firs
     """Two gateway processes on the same shards: the stream lives on the shard, not the gateway."""
     second = await start_server(namespace=server.settings.ray_namespace, shards=server.settings.shards)
     user = new_user()
-    async with second.client() as other, other.stream("GET", "/v1/usage/stream", headers=auth(user)) as response:
+    async with (
+        second.client() as other,
+        other.stream("GET", "/v1/usage/stream", headers=auth(user)) as response,
+    ):
         lines = response.aiter_lines()
         first = await _next_event(lines)
         bought = await buy(client, user, 2)  # through the first gateway
