@@ -4,6 +4,8 @@
     usage-ledger migrate                    apply database migrations and exit
     usage-ledger token USER_ID              print a user JWT the running configuration accepts
     usage-ledger internal plan USER PLAN    make a signed plan-change call to a running server
+    usage-ledger internal credits USER MIN  add purchased minutes through a signed call
+    usage-ledger internal reconcile USER    compare a user's balances with the credit ledger
 
 Configuration comes from `LEDGER_*` environment variables (see README).
 """
@@ -149,6 +151,10 @@ def internal_plan(
     occurred_at: Annotated[
         str | None, typer.Option(help="When billing made the change (RFC 3339); default now.")
     ] = None,
+    period_start: Annotated[
+        str | None, typer.Option(help="The subscription's period start (RFC 3339).")
+    ] = None,
+    period_end: Annotated[str | None, typer.Option(help="The subscription's period end (RFC 3339).")] = None,
     delivery_id: Annotated[
         str | None, typer.Option(help="The webhook id (deduplicates retries); default a new one.")
     ] = None,
@@ -157,25 +163,72 @@ def internal_plan(
     ] = None,
 ) -> None:
     """Change a user's plan through the signed internal API, and print the answer."""
+    body: dict[str, object] = {
+        "plan": plan,
+        "action": action,
+        "occurred_at": occurred_at or datetime.now(UTC).isoformat(),
+        "reset_usage": reset_usage,
+    }
+    if period_start is not None or period_end is not None:
+        body.update(period_start=period_start, period_end=period_end)
+    _signed("POST", f"/internal/v1/users/{user_id}/plan", body, url=url, delivery_id=delivery_id)
+
+
+@internal_app.command("credits")
+def internal_credits(
+    user_id: Annotated[str, typer.Argument(help="The user who gets the minutes.")],
+    minutes: Annotated[float, typer.Argument(help="Minutes to add (they never expire).")],
+    reason: Annotated[Literal["purchase", "grant", "refund"], typer.Option(help="Why.")] = "purchase",
+    reference: Annotated[str | None, typer.Option(help="Your reference, e.g. an order id.")] = None,
+    delivery_id: Annotated[
+        str | None, typer.Option(help="The webhook id (deduplicates retries); default a new one.")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Server base URL; default from LEDGER_HOST/LEDGER_PORT.")
+    ] = None,
+) -> None:
+    """Add purchased minutes through the signed internal API, and print the answer."""
+    body: dict[str, object] = {"minutes": minutes, "reason": reason}
+    if reference is not None:
+        body["reference"] = reference
+    _signed("POST", f"/internal/v1/users/{user_id}/credits", body, url=url, delivery_id=delivery_id)
+
+
+@internal_app.command("reconcile")
+def internal_reconcile(
+    user_id: Annotated[str, typer.Argument(help="The user to check.")],
+    url: Annotated[
+        str | None, typer.Option(help="Server base URL; default from LEDGER_HOST/LEDGER_PORT.")
+    ] = None,
+) -> None:
+    """Compare a user's live balances with the credit ledger; exit 1 when they drift."""
+    answer = _signed("GET", f"/internal/v1/users/{user_id}/reconcile", None, url=url, delivery_id=None)
+    if answer.get("drift_found"):
+        raise typer.Exit(1)
+
+
+def _signed(
+    method: Literal["GET", "POST"],
+    path: str,
+    body: dict[str, object] | None,
+    *,
+    url: str | None,
+    delivery_id: str | None,
+) -> dict[str, object]:
+    """Make a Standard Webhooks-signed call, print the JSON answer, exit 1 on an error status."""
     from gateway.secrets import resolve_secrets
 
     settings = _settings()
     secrets = resolve_secrets(settings)
-    body = json.dumps(
-        {
-            "plan": plan,
-            "action": action,
-            "occurred_at": occurred_at or datetime.now(UTC).isoformat(),
-            "reset_usage": reset_usage,
-        }
-    )
+    content = json.dumps(body) if body is not None else ""
     message_id = delivery_id or f"msg_{uuid.uuid4().hex}"
     timestamp = datetime.fromtimestamp(int(time.time()), tz=UTC)
-    signature = Webhook(secrets.internal_secret).sign(message_id, timestamp, body)
+    signature = Webhook(secrets.internal_secret).sign(message_id, timestamp, content)
     base = url or f"http://{settings.host}:{settings.port}"
-    response = httpx.post(
-        f"{base}/internal/v1/users/{user_id}/plan",
-        content=body,
+    response = httpx.request(
+        method,
+        f"{base}{path}",
+        content=content,
         headers={
             "content-type": "application/json",
             "webhook-id": message_id,
@@ -184,9 +237,11 @@ def internal_plan(
         },
         timeout=30,
     )
-    typer.echo(json.dumps(response.json(), indent=2))
+    answer = response.json()
+    typer.echo(json.dumps(answer, indent=2))
     if response.status_code >= 400:
         raise typer.Exit(1)
+    return answer  # type: ignore[no-any-return]
 
 
 def main() -> None:

@@ -119,6 +119,21 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
             assert used >= 0.02
         answer = run_cli("internal", "plan", "alice", "pro", "--url", server.base, cwd=workdir, env=env)
         assert '"applied": true' in answer
+        bought = run_cli(
+            "internal",
+            "credits",
+            "alice",
+            "30",
+            "--reference",
+            "order-1",
+            "--url",
+            server.base,
+            cwd=workdir,
+            env=env,
+        )
+        assert '"purchased_minutes": 30.0' in bought
+        checked = run_cli("internal", "reconcile", "alice", "--url", server.base, cwd=workdir, env=env)
+        assert '"drift_found": false' in checked
     finally:
         server.stop()
     assert (workdir / ".usage-ledger" / "dev-secrets.json").stat().st_mode & 0o077 == 0
@@ -127,7 +142,7 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
     try:
         with httpx.Client(base_url=again.base, headers=headers, timeout=30) as http:
             usage = http.get("/v1/usage").json()
-            assert (usage["plan"], usage["minutes_used"]) == ("pro", used)
+            assert (usage["plan"], usage["minutes_used"], usage["purchased_minutes"]) == ("pro", used, 30)
             history = http.get("/v1/sessions").json()["sessions"]
             assert [(s["session_id"], s["topic"]) for s in history] == [(session_id, "ordering coffee")]
     finally:
