@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
@@ -213,9 +214,10 @@ class LedgerShard:
         # Users whose rows the store refuses outright; kept out of flushes.
         self._unwritable: set[str] = set()
         self._timers = DeadlineHeap()
-        # Streams waiting for a user's next change: one event per user, replaced when it fires.
+        # Streams waiting for a user's next change: one event per user, replaced when it fires,
+        # and how many streams wait on each user (the last one out removes a quiet user's event).
         self._watchers: dict[str, asyncio.Event] = {}
-        self._watcher_count = 0
+        self._waiting: Counter[str] = Counter()
         self._pending_calls = 0
         self._alarms_fired = 0
         self._flushes = 0
@@ -599,20 +601,24 @@ class LedgerShard:
 
     async def watch(self, user_id: str, after_version: int, timeout_s: float) -> UsageView | None:
         """The usage object once its version is above `after_version`; None if `timeout_s` passes first."""
-        if self._watcher_count >= MAX_WATCHERS:
+        if self._waiting.total() >= MAX_WATCHERS:
             raise Overloaded("too many streams on this shard", limit=MAX_WATCHERS)
         view = await self.usage(user_id)
         if view.version > after_version:
             return view
         event = self._watchers.setdefault(user_id, asyncio.Event())
-        self._watcher_count += 1
+        self._waiting[user_id] += 1
         try:
             async with asyncio.timeout(timeout_s):
                 await event.wait()
         except TimeoutError:
             return None
         finally:
-            self._watcher_count -= 1
+            self._waiting[user_id] -= 1
+            if self._waiting[user_id] == 0:
+                del self._waiting[user_id]
+                if self._watchers.get(user_id) is event:
+                    del self._watchers[user_id]
         view = await self.usage(user_id)
         return view if view.version > after_version else None
 
@@ -726,7 +732,7 @@ class LedgerShard:
             last_flush_at_ms=self._last_flush_at_ms,
             users_in_doubt=len(self._in_doubt),
             unwritable_users=len(self._unwritable),
-            watchers=self._watcher_count,
+            watchers=self._waiting.total(),
             store_calls=dict(store.calls) if store is not None else {},
         )
 

@@ -459,3 +459,26 @@ class TestFaults:
         ended = await shard.end_session("u1", started.session_id)
         assert ended.end_reason == "limit_reached"
         assert store.sessions[started.session_id].end_reason == "limit_reached"
+
+
+class TestWatch:
+    async def test_watch_returns_the_next_change_and_cleans_up(self, shard: LedgerShard) -> None:
+        first = await shard.usage("u1")
+        waiting = asyncio.create_task(shard.watch("u1", first.version, 5))
+        await asyncio.sleep(0.01)
+        assert (await shard.stats()).watchers == 1
+        await shard.start_session("u1")
+        changed = await asyncio.wait_for(waiting, 1)
+        assert changed is not None and changed.version > first.version
+        assert changed.active_session is not None
+        assert (await shard.stats()).watchers == 0
+
+    async def test_watch_times_out_with_none_and_leaves_nothing_behind(self, shard: LedgerShard) -> None:
+        first = await shard.usage("u1")
+        assert await shard.watch("u1", first.version, 0.05) is None
+        assert (await shard.stats()).watchers == 0
+        assert "u1" not in shard._watchers
+
+    async def test_watch_answers_at_once_when_already_newer(self, shard: LedgerShard) -> None:
+        await shard.start_session("u1")
+        assert (await shard.watch("u1", 0, 5)) is not None
