@@ -31,7 +31,7 @@ from actors.records import (
     PlanAction,
     PurchaseReason,
 )
-from actors.times import MS_PER_MINUTE, to_datetime
+from actors.times import MS_PER_MINUTE, minutes_to_ms, to_datetime
 from actors.views import (
     ActiveSessionView,
     BalanceCheck,
@@ -119,6 +119,12 @@ class CreditsRequest(RequestModel):
     minutes: Annotated[float, Field(gt=0, le=PURCHASE_MINUTES_MAX, allow_inf_nan=False)]
     reason: PurchaseReason
     reference: Reference | None = None
+
+    @model_validator(mode="after")
+    def _at_least_a_millisecond(self) -> CreditsRequest:
+        if minutes_to_ms(self.minutes) < 1:
+            raise ValueError("minutes is below the ledger's resolution (one millisecond)")
+        return self
 
 
 class PlanChangeRequest(RequestModel):

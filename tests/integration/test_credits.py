@@ -154,8 +154,10 @@ async def test_purchase_retried_with_the_same_delivery_id_adds_once(
     assert_problem(other_body, 422, "idempotency_conflict")
     for bad in (
         {"minutes": 0, "reason": "purchase"},
+        {"minutes": 0.000001, "reason": "purchase"},
         {"minutes": 1, "reason": "gift"},
         {"minutes": "1", "reason": "grant"},
+        {"minutes": 1, "reason": "grant", "extra": True},
     ):
         content, headers = signed(bad)
         response = await client.post(f"/internal/v1/users/{user}/credits", content=content, headers=headers)
