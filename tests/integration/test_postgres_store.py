@@ -166,3 +166,31 @@ async def test_fresh_database_migrates_once_under_concurrency(postgres_dsn: str)
     finally:
         await admin.execute(f'drop database "{name}" with (force)')
         await admin.close()
+
+
+async def test_credit_entries_written_twice_are_kept_once(store: PostgresStore, postgres_dsn: str) -> None:
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0)
+    ledger.add_credits(T0, 5 * MS_PER_MINUTE, reason="purchase", reference="o-1")
+    snapshot = ledger.snapshot()
+    await store.save([snapshot])
+    await store.save([snapshot])  # a replayed write
+    history = await store.credit_history(user, 10)
+    assert [(e.seq, e.reason, e.delta) for e in history] == [
+        (2, "purchase", 5 * MS_PER_MINUTE),
+        (1, "reset", 10 * MS_PER_MINUTE),
+    ]
+    balances = await store.credit_balances(user)
+    assert balances[("purchased", None)] == (5 * MS_PER_MINUTE, 5 * MS_PER_MINUTE)
+
+
+async def test_one_current_period_per_user_is_enforced(store: PostgresStore) -> None:
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0)
+    ledger.add_credits(T0, MS_PER_MINUTE, reason="grant", reference=None)
+    snapshot = ledger.snapshot()
+    await store.save([snapshot])
+    current = next(p for p in snapshot.periods if not p.archived)
+    rogue = replace(current, start_ms=current.start_ms - 86_400_000, version=current.version + 1)
+    with pytest.raises(PersistenceError, match="ExclusionViolation"):
+        await store.save([replace(snapshot, periods=(rogue,), entries=())])
