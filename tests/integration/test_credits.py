@@ -388,3 +388,32 @@ async def _next_event(lines: Any) -> dict[str, Any]:
         if line.startswith("data:"):
             return json.loads(line.partition(":")[2])  # type: ignore[no-any-return]
     raise AssertionError("the stream ended")
+
+
+async def test_rollover_happens_at_the_boundary_for_a_user_who_makes_no_request(
+    client: httpx.AsyncClient, database: asyncpg.Connection
+) -> None:
+    """Only Postgres is watched after the boundary: the shard's timer rolls the period over and writes it."""
+    user = new_user()
+    boundary = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    await anchor(client, user, "basic", boundary - timedelta(seconds=PERIOD_S))
+    await client.post("/v1/meters/generations/consume", json={"amount": 1}, headers=auth(user))
+
+    async def rolled_in_postgres() -> bool:
+        rows = await database.fetch(
+            "select period_start, archived from usage_periods where user_id = $1 order by period_start", user
+        )
+        return [(r["period_start"], r["archived"]) for r in rows[-2:]] == [
+            (rows[-2]["period_start"], True),
+            (boundary, False),
+        ]
+
+    await eventually(rolled_in_postgres, timeout_s=15)
+    assert (
+        await database.fetchval(
+            "select count(*) from credit_ledger where user_id = $1 and reason = 'reset' and window_start = $2",
+            user,
+            boundary,
+        )
+        == 1
+    ), "the new period's allowance is in the credit ledger"
