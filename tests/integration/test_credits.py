@@ -411,7 +411,8 @@ async def test_rollover_happens_at_the_boundary_for_a_user_who_makes_no_request(
     await eventually(rolled_in_postgres, timeout_s=15)
     assert (
         await database.fetchval(
-            "select count(*) from credit_ledger where user_id = $1 and reason = 'reset' and window_start = $2",
+            "select count(*) from credit_ledger"
+            " where user_id = $1 and reason = 'reset' and window_start = $2",
             user,
             boundary,
         )
