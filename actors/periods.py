@@ -53,11 +53,17 @@ class PeriodAnchor:
 
     @classmethod
     def from_subscription(cls, start_ms: int, end_ms: int) -> PeriodAnchor:
-        """The anchor of a subscription period: month-stepped when [start, end) is whole months."""
+        """The anchor of a subscription period: month-stepped when [start, end) is whole months.
+
+        A period that starts on a clamped month end ([Feb 28, Mar 31), anchored on the 31st) is
+        whole months counted back from its end, so the end carries the anchor's true day.
+        """
         assert start_ms < end_ms, "a subscription period must have a positive length"
         for months in range(1, MONTHS_PER_PERIOD_MAX + 1):
             if add_months(start_ms, months) == end_ms:
                 return cls(start_ms=start_ms, months=months)
+            if add_months(end_ms, -months) == start_ms:
+                return cls(start_ms=end_ms, months=months)
         return cls(start_ms=start_ms, duration_ms=end_ms - start_ms)
 
     @property

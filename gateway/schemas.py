@@ -31,7 +31,7 @@ from actors.records import (
     PlanAction,
     PurchaseReason,
 )
-from actors.times import MS_PER_MINUTE, minutes_to_ms, to_datetime
+from actors.times import MS_PER_MINUTE, from_datetime, minutes_to_ms, to_datetime
 from actors.views import (
     ActiveSessionView,
     BalanceCheck,
@@ -139,12 +139,11 @@ class PlanChangeRequest(RequestModel):
     def _period_is_whole(self) -> PlanChangeRequest:
         if (self.period_start is None) != (self.period_end is None):
             raise ValueError("period_start and period_end come together")
-        if (
-            self.period_start is not None
-            and self.period_end is not None
-            and self.period_start >= self.period_end
-        ):
-            raise ValueError("period_start must be before period_end")
+        # Compared as the ledger keeps them: in whole milliseconds.
+        start = from_datetime(self.period_start) if self.period_start is not None else None
+        end = from_datetime(self.period_end) if self.period_end is not None else None
+        if start is not None and end is not None and start >= end:
+            raise ValueError("period_start must be before period_end (by at least a millisecond)")
         return self
 
 

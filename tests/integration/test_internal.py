@@ -107,6 +107,13 @@ async def test_unknown_plan_and_bad_bodies_are_422_and_change_nothing(client: ht
             "period_start": "2026-12-01T00:00:00Z",
             "period_end": "2026-11-01T00:00:00Z",
         },
+        {
+            "plan": "pro",
+            "action": "upgrade",
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "period_start": "2026-12-01T00:00:00.0001Z",
+            "period_end": "2026-12-01T00:00:00.0009Z",
+        },
     ):
         content, headers = signed(body)
         response = await client.post(f"/internal/v1/users/{user}/plan", content=content, headers=headers)

@@ -129,3 +129,28 @@ def test_millisecond_round_trip() -> None:
 def test_naive_datetime_is_refused() -> None:
     with pytest.raises(ValueError, match="naive"):
         from_datetime(datetime(2026, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "renewals"),
+    [
+        (ms(2027, 2, 28), ms(2027, 3, 31), ["2027-04-30", "2027-05-31", "2027-06-30"]),
+        (ms(2027, 4, 30), ms(2027, 5, 31), ["2027-06-30", "2027-07-31", "2027-08-31"]),
+        (ms(2024, 2, 29), ms(2024, 3, 31), ["2024-04-30", "2024-05-31", "2024-06-30"]),
+        (ms(2027, 2, 28), ms(2027, 3, 29), ["2027-04-29", "2027-05-29", "2027-06-29"]),
+    ],
+)
+def test_a_period_starting_on_a_clamped_month_end_keeps_its_true_anchor_day(
+    start: int, end: int, renewals: list[str]
+) -> None:
+    """Billing sends [Feb 28, Mar 31) for a subscription anchored on the 31st: that is monthly."""
+    anchor = PeriodAnchor.from_subscription(start, end)
+    assert anchor.months == 1
+    assert period_containing(anchor, start) == period_containing(anchor, end - 1)
+    ends = []
+    instant = end
+    for _ in range(3):
+        bounds = period_containing(anchor, instant)
+        ends.append(to_datetime(bounds.end_ms).date().isoformat())
+        instant = bounds.end_ms
+    assert ends == renewals
