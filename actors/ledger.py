@@ -90,6 +90,12 @@ _ALARM_PRIORITY: dict[AlarmKind, int] = {"stale": 0, "limit": 1, "period_end": 2
 # larger count means the state machine is looping, which is a bug.
 MAX_ALARMS_PER_ADVANCE = 16
 
+# A ledger rebuilt from a store continues this far above the stored version.
+# Changes not yet written when a shard died had versions above the stored one
+# that clients may have seen; no user makes 2^20 changes within one sync
+# interval, so every version after a restore is newer than any before it.
+RESTORE_VERSION_GAP = 1 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class LedgerPolicy:
@@ -298,7 +304,7 @@ class UserLedger:
             if older is not None and older.start_ms <= session.last_heartbeat_at_ms < older.end_ms:
                 prior = _period_from(older)  # the session's unbilled time starts in that period
         meters = {m.meter: _Meter(m.window_start_ms, m.window_end_ms, m.used) for m in stored.meters}
-        return cls(
+        ledger = cls(
             user_id=user.user_id,
             policy=policy,
             plan=user.plan,
@@ -313,6 +319,10 @@ class UserLedger:
             meters=meters,
             book=CreditBook(user.user_id, next_seq=user.next_entry_seq),
         )
+        # Clean (nothing to write yet), but numbered above anything seen before the restore.
+        ledger.version += RESTORE_VERSION_GAP
+        ledger.synced_version = ledger.version
+        return ledger
 
     def clone(self) -> UserLedger:
         """An independent copy: mutate it, make it durable, then swap it in (or drop it)."""

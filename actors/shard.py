@@ -59,7 +59,15 @@ from actors.records import (
     SessionRecord,
 )
 from actors.routing import shard_index
-from actors.store import CountingStore, LedgerStore, StoreError, StoreOutcomeUnknown, StoreUnavailable
+from actors.store import (
+    CountingStore,
+    LedgerStore,
+    StoreError,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+    WriteOutcome,
+    WriteReceipt,
+)
 from actors.timers import DeadlineHeap
 from actors.times import wall_clock_ms
 from actors.views import (
@@ -209,14 +217,15 @@ class LedgerShard:
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._gates: dict[str, _Gate] = {}
         self._dirty: set[str] = set()
-        # Users whose last durable write has an unknown outcome (user -> its version).
-        self._in_doubt: dict[str, int] = {}
+        # Users whose last durable write has an unknown outcome (user -> its write's receipt).
+        self._in_doubt: dict[str, WriteReceipt] = {}
         # Users whose rows the store refuses outright; kept out of flushes.
         self._unwritable: set[str] = set()
         self._timers = DeadlineHeap()
-        # Streams waiting for a user's next change: one event per user, replaced when it fires,
-        # and how many streams wait on each user (the last one out removes a quiet user's event).
-        self._watchers: dict[str, asyncio.Event] = {}
+        # Streams waiting for a user's next change: one event per user with the version its
+        # waiters have seen (only a newer one wakes them), replaced when it fires; and how many
+        # streams wait on each user (the last one out removes a quiet user's event).
+        self._watchers: dict[str, tuple[asyncio.Event, int]] = {}
         self._waiting: Counter[str] = Counter()
         self._pending_calls = 0
         self._alarms_fired = 0
@@ -579,6 +588,9 @@ class LedgerShard:
     async def reconcile(self, user_id: str) -> Reconciliation:
         """Compare the live balances with what the credit ledger's entries add up to."""
         async with self._admitted(), self._durable_entry(user_id):
+            # Alarms due now fire first, so the state written is the state compared.
+            now = self._clock()
+            self._advance(user_id, self._ledgers[user_id], now)
             await self._write_user(user_id, even_if_clean=True)
             try:
                 derived = await self._require_store().credit_balances(user_id)
@@ -594,7 +606,7 @@ class LedgerShard:
                     recorded=derived.get((bucket, window), (0, 0))[1],
                 )
                 for (bucket, window), live in sorted(
-                    ledger.balances(self._clock()).items(), key=lambda item: str(item[0])
+                    ledger.balances(now).items(), key=lambda item: str(item[0])
                 )
             )
             return Reconciliation(user_id=user_id, checks=checks, version=ledger.version)
@@ -606,7 +618,7 @@ class LedgerShard:
         view = await self.usage(user_id)
         if view.version > after_version:
             return view
-        event = self._watchers.setdefault(user_id, asyncio.Event())
+        event, _ = self._watchers.setdefault(user_id, (asyncio.Event(), view.version))
         self._waiting[user_id] += 1
         try:
             async with asyncio.timeout(timeout_s):
@@ -617,7 +629,7 @@ class LedgerShard:
             self._waiting[user_id] -= 1
             if self._waiting[user_id] == 0:
                 del self._waiting[user_id]
-                if self._watchers.get(user_id) is event:
+                if user_id in self._watchers and self._watchers[user_id][0] is event:
                     del self._watchers[user_id]
         view = await self.usage(user_id)
         return view if view.version > after_version else None
@@ -628,12 +640,12 @@ class LedgerShard:
         """Write every dirty ledger now, in batches of one store call each. Returns users written."""
         written = 0
         async with self._flush_lock:
-            # Users with a durable write in flight are written by it (their entries are numbered
-            # in its draft); unwritable and in-doubt users wait for their own resolution.
-            held_back = self._unwritable | self._in_doubt.keys() | self._gates.keys()
+            held_back = self._unwritable | self._in_doubt.keys()
             users = [u for u in self._dirty if u not in held_back and self._ledgers[u].is_dirty]
             for begin in range(0, len(users), FLUSH_BATCH_USERS):
-                batch = users[begin : begin + FLUSH_BATCH_USERS]
+                # Users with a durable write in flight are written by it: their credit entries are
+                # numbered in its draft. Checked per batch, as such a write may begin meanwhile.
+                batch = [u for u in users[begin : begin + FLUSH_BATCH_USERS] if u not in self._gates]
                 snapshots = [self._ledgers[user_id].snapshot() for user_id in batch]
                 try:
                     saved = await self._save_isolating_failures(snapshots)
@@ -857,31 +869,66 @@ class LedgerShard:
         self, user_id: str, draft: UserLedger, *, delivery: Delivery | None = None
     ) -> None:
         snapshot = draft.snapshot()
+        receipt = WriteReceipt()
         try:
             async with asyncio.timeout(self._config.write_timeout_s):
-                await self._require_store().save([snapshot], delivery=delivery)
+                await self._require_store().save([snapshot], delivery=delivery, receipt=receipt)
         except StoreOutcomeUnknown as exc:
-            await self._settle_unknown_outcome(user_id, snapshot.version, exc)
+            await self._settle(user_id, receipt, exc)
         except StoreError as exc:
             raise Unavailable("storage is unavailable; nothing was changed") from exc
         except TimeoutError as exc:
-            # Our own bound fired: how far the write got is unknown.
-            await self._settle_unknown_outcome(user_id, snapshot.version, exc)
+            # Our own bound fired: how far the write got is for its transaction to tell.
+            await self._settle(user_id, receipt, exc)
         draft.mark_synced(snapshot.version)
         self._ledgers[user_id] = draft
         self._after_change(user_id, draft)
 
-    async def _settle_unknown_outcome(self, user_id: str, version: int, exc: BaseException) -> None:
-        """Return if the write landed after all; otherwise raise `Unavailable`. When even that
-        cannot be read, the user is in doubt until it can."""
-        stored = await self._stored_version(user_id)
-        if stored is None:
-            self._in_doubt[user_id] = version
-            log.warning("write_in_doubt", user_id=user_id, version=version, error=repr(exc))
-            raise Unavailable("storage failed during the write; retry shortly") from exc
-        if stored < version:
+    async def _settle(self, user_id: str, receipt: WriteReceipt, exc: BaseException) -> None:
+        """A write's answer was lost: return if its transaction committed, raise `Unavailable` if
+        it did not. When that cannot be told yet, the user is in doubt until it can."""
+        outcome = await self._outcome(receipt)
+        if outcome == "committed":
+            log.warning("write_committed_despite_error", user_id=user_id, error=repr(exc))
+            return
+        if outcome == "aborted":
             raise Unavailable("storage is unavailable; nothing was changed") from exc
-        log.warning("write_landed_despite_error", user_id=user_id, version=version, error=repr(exc))
+        self._in_doubt[user_id] = receipt
+        log.warning("write_in_doubt", user_id=user_id, transaction=receipt.transaction_id, error=repr(exc))
+        raise Unavailable("storage failed during the write; retry shortly") from exc
+
+    async def _outcome(self, receipt: WriteReceipt) -> WriteOutcome:
+        """The write's outcome as its transaction tells it, waiting at most `resolve_timeout_s`."""
+        try:
+            async with asyncio.timeout(self._config.resolve_timeout_s):
+                return await self._require_store().write_outcome(receipt)
+        except (StoreError, TimeoutError):
+            return "unknown"
+
+    async def _resolve_doubt(self, user_id: str) -> None:
+        """Settle a write of unknown outcome: adopt the store's state if it committed.
+
+        The caller holds the user's gate."""
+        receipt = self._in_doubt.get(user_id)
+        if receipt is None:
+            return
+        outcome = await self._outcome(receipt)
+        if outcome == "unknown":
+            raise Unavailable("this user's last write is still unresolved; retry shortly")
+        if outcome == "committed":
+            # Nothing changed this user since (everything waited on the doubt), so the stored
+            # state is the whole truth.
+            try:
+                async with asyncio.timeout(self._config.resolve_timeout_s):
+                    stored = await self._require_store().load([user_id])
+            except (StoreError, TimeoutError) as exc:
+                raise Unavailable("this user's last write is still unresolved; retry shortly") from exc
+            ledger = UserLedger.restore(stored[user_id], self._policy, self._clock())
+            self._ledgers[user_id] = ledger
+            self._dirty.discard(user_id)
+            self._advance(user_id, ledger, self._clock())
+        log.info("write_in_doubt_settled", user_id=user_id, outcome=outcome)
+        del self._in_doubt[user_id]
 
     async def _write_user(self, user_id: str, *, even_if_clean: bool = False) -> None:
         """Make this user's state durable now (the caller holds the user's gate)."""
@@ -896,41 +943,6 @@ class LedgerShard:
         ledger.mark_synced(snapshot.version)
         if not ledger.is_dirty:
             self._dirty.discard(user_id)
-
-    async def _stored_version(self, user_id: str) -> int | None:
-        """The version the store holds for this user (0 if none), or None if it cannot be read now."""
-        try:
-            async with asyncio.timeout(self._config.resolve_timeout_s):
-                stored = await self._require_store().load([user_id])
-        except (StoreError, TimeoutError):
-            return None
-        found = stored.get(user_id)
-        return found.user.version if found is not None else 0
-
-    async def _resolve_doubt(self, user_id: str) -> None:
-        """Settle a write of unknown outcome: adopt the store's state if it landed.
-
-        The caller holds the user's gate."""
-        version = self._in_doubt.get(user_id)
-        if version is None:
-            return
-        try:
-            async with asyncio.timeout(self._config.resolve_timeout_s):
-                stored = await self._require_store().load([user_id])
-        except (StoreError, TimeoutError) as exc:
-            raise Unavailable("this user's last write is still unresolved; retry shortly") from exc
-        found = stored.get(user_id)
-        if found is not None and found.user.version >= version:
-            # It landed. Nothing changed this user since (everything waited on the doubt),
-            # so the stored state is the whole truth.
-            ledger = UserLedger.restore(found, self._policy, self._clock())
-            self._ledgers[user_id] = ledger
-            self._dirty.discard(user_id)
-            self._advance(user_id, ledger, self._clock())
-            log.info("write_in_doubt_landed", user_id=user_id, version=version)
-        else:
-            log.info("write_in_doubt_lost", user_id=user_id, version=version)
-        del self._in_doubt[user_id]
 
     async def _write_through(self, user_id: str) -> None:
         """Write this user now. With the store down, leave it to the flush: alarm-made ends are
@@ -959,9 +971,11 @@ class LedgerShard:
     def _after_change(self, user_id: str, ledger: UserLedger) -> None:
         if ledger.is_dirty:
             self._dirty.add(user_id)
-        if user_id in self._watchers:
-            # Wake every stream of this user; each checks whether the version moved.
-            self._watchers.pop(user_id).set()
+        watched = self._watchers.get(user_id)
+        if watched is not None and ledger.version > watched[1]:
+            # The version moved: wake every stream of this user (reads that change nothing do not).
+            del self._watchers[user_id]
+            watched[0].set()
         if self._timers.arm(user_id, ledger.next_deadline_ms()):
             self._timer_wakeup.set()
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol, TypeVar
 
 from actors.credits import CreditKey
 from actors.records import (
@@ -46,6 +47,17 @@ class StoreOutcomeUnknown(StoreUnavailable):
     or may not have landed. Read it back before deciding."""
 
 
+WriteOutcome = Literal["committed", "aborted", "unknown"]
+
+
+@dataclass(slots=True)
+class WriteReceipt:
+    """Filled in by `save` once its transaction has begun, so its outcome can be asked for later
+    (a write whose answer was lost may still commit; only the transaction's own status tells)."""
+
+    transaction_id: int | None = None
+
+
 class LedgerStore(Protocol):
     async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
         """What is stored of each user; users never seen are absent from the result."""
@@ -55,9 +67,20 @@ class LedgerStore(Protocol):
         """Users with a session that has not ended."""
         ...
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
+    async def save(
+        self,
+        snapshots: Sequence[LedgerSnapshot],
+        *,
+        delivery: Delivery | None = None,
+        receipt: WriteReceipt | None = None,
+    ) -> None:
         """Write snapshots (and a delivery record) atomically; older versions never overwrite newer
-        ones, and a credit-ledger entry already written is not written again."""
+        ones, and a credit-ledger entry already written is not written again (one written again
+        with other content is an error)."""
+        ...
+
+    async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
+        """What became of the write `receipt` belongs to; `unknown` while it cannot be told."""
         ...
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None: ...
@@ -92,6 +115,15 @@ class MemoryStore:
         self.available = True
         # Set to make the next save apply and then fail as a lost COMMIT reply would.
         self.lose_next_commit_reply = False
+        # Set to make the next save fail as a lost reply would, with its commit still in progress
+        # until `finish_pending_commit()` (the commit outlives the caller's patience).
+        self.hold_next_commit = False
+        # Set to make the next save fail mid-transaction as a dropped connection would: its
+        # transaction aborts, but the caller is not told which.
+        self.cut_next_write = False
+        self._pending_commit: tuple[int, dict[str, object]] | None = None
+        self._transactions: dict[int, WriteOutcome] = {}
+        self._next_transaction = 1
         self.users: dict[str, UserRecord] = {}
         self.periods: dict[tuple[str, int], PeriodRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
@@ -129,8 +161,22 @@ class MemoryStore:
         self._check()
         return sorted({s.user_id for s in self.sessions.values() if s.is_open})
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
+    async def save(
+        self,
+        snapshots: Sequence[LedgerSnapshot],
+        *,
+        delivery: Delivery | None = None,
+        receipt: WriteReceipt | None = None,
+    ) -> None:
         self._check()
+        transaction = self._next_transaction
+        self._next_transaction += 1
+        if receipt is not None:
+            receipt.transaction_id = transaction
+        self._transactions[transaction] = "aborted"  # until it commits
+        if self.cut_next_write:
+            self.cut_next_write = False
+            raise StoreOutcomeUnknown("connection lost during the write")
         users, periods, sessions = dict(self.users), dict(self.periods), dict(self.sessions)
         meters, entries = dict(self.meters), dict(self.entries)
         for snapshot in snapshots:
@@ -142,23 +188,58 @@ class MemoryStore:
             for meter in snapshot.meters:
                 _keep_newer(meters, (meter.user_id, meter.meter), meter)
             for entry in snapshot.entries:
-                entries.setdefault((entry.user_id, entry.seq), entry)
+                kept_entry = entries.setdefault((entry.user_id, entry.seq), entry)
+                if replace(kept_entry, version=0) != replace(entry, version=0):
+                    raise StoreError(f"credit entry {entry.user_id}#{entry.seq} exists with other content")
         for user_id in {s.user.user_id for s in snapshots}:
             open_count = sum(1 for s in sessions.values() if s.user_id == user_id and s.is_open)
             if open_count > 1:
                 raise StoreError(f"user {user_id} would have {open_count} open sessions")
         if delivery is not None and delivery.delivery_id in self._deliveries_of(delivery):
             raise StoreError(f"delivery {delivery.delivery_id} already recorded")
-        # All checks passed: apply atomically.
-        self.users, self.periods, self.sessions = users, periods, sessions
-        self.meters, self.entries = meters, entries
+        state: dict[str, object] = {
+            "users": users,
+            "periods": periods,
+            "sessions": sessions,
+            "meters": meters,
+            "entries": entries,
+        }
+        if self.hold_next_commit:
+            self.hold_next_commit = False
+            self._transactions[transaction] = "unknown"  # in progress
+            self._pending_commit = (transaction, {**state, "delivery": delivery})
+            raise StoreOutcomeUnknown("no answer to COMMIT; the commit is still in progress")
+        self._apply(state, delivery)
+        self._transactions[transaction] = "committed"
+        if self.lose_next_commit_reply:
+            self.lose_next_commit_reply = False
+            raise StoreOutcomeUnknown("the write landed but its acknowledgement was lost")
+
+    def finish_pending_commit(self) -> None:
+        """Let a held commit land (see `hold_next_commit`)."""
+        assert self._pending_commit is not None
+        transaction, state = self._pending_commit
+        self._pending_commit = None
+        delivery = state.pop("delivery")
+        self._apply(state, delivery)  # type: ignore[arg-type]
+        self._transactions[transaction] = "committed"
+
+    def _apply(self, state: dict[str, object], delivery: Delivery | None) -> None:
+        self.users = state["users"]  # type: ignore[assignment]
+        self.periods = state["periods"]  # type: ignore[assignment]
+        self.sessions = state["sessions"]  # type: ignore[assignment]
+        self.meters = state["meters"]  # type: ignore[assignment]
+        self.entries = state["entries"]  # type: ignore[assignment]
         if isinstance(delivery, PlanEventRecord):
             self.plan_events[delivery.delivery_id] = delivery
         elif isinstance(delivery, CreditPurchaseRecord):
             self.purchases[delivery.delivery_id] = delivery
-        if self.lose_next_commit_reply:
-            self.lose_next_commit_reply = False
-            raise StoreOutcomeUnknown("the write landed but its acknowledgement was lost")
+
+    async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
+        self._check()
+        if receipt.transaction_id is None:
+            return "aborted"
+        return self._transactions.get(receipt.transaction_id, "unknown")
 
     def _deliveries_of(
         self, delivery: Delivery
@@ -233,9 +314,19 @@ class CountingStore:
         self.calls["open_session_users"] += 1
         return await self.inner.open_session_users()
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
+    async def save(
+        self,
+        snapshots: Sequence[LedgerSnapshot],
+        *,
+        delivery: Delivery | None = None,
+        receipt: WriteReceipt | None = None,
+    ) -> None:
         self.calls["save"] += 1
-        await self.inner.save(snapshots, delivery=delivery)
+        await self.inner.save(snapshots, delivery=delivery, receipt=receipt)
+
+    async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
+        self.calls["write_outcome"] += 1
+        return await self.inner.write_outcome(receipt)
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         self.calls["find_session"] += 1

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from actors.credits import CreditKey
 from actors.records import CreditEntry, CreditPurchaseRecord
 from actors.times import from_datetime, to_datetime
+from persistence.errors import PersistenceError
 
 if TYPE_CHECKING:
     from persistence.database import Connection
@@ -21,7 +22,8 @@ _ENTRY_COLUMNS = "user_id, seq, occurred_at, bucket, window_start, delta, balanc
 
 
 async def insert_entries(connection: Connection, *, entries: Sequence[CreditEntry]) -> None:
-    await connection.execute(
+    """Insert the entries; one already there must be the same entry (a repeated write), else error."""
+    inserted = await connection.fetch(
         f"""
         insert into credit_ledger ({_ENTRY_COLUMNS})
         select * from unnest(
@@ -29,6 +31,7 @@ async def insert_entries(connection: Connection, *, entries: Sequence[CreditEntr
             $6::bigint[], $7::bigint[], $8::text[], $9::text[]
         )
         on conflict (user_id, seq) do nothing
+        returning user_id, seq
         """,
         [e.user_id for e in entries],
         [e.seq for e in entries],
@@ -40,6 +43,28 @@ async def insert_entries(connection: Connection, *, entries: Sequence[CreditEntr
         [e.reason for e in entries],
         [e.reference for e in entries],
     )
+    if len(inserted) == len(entries):
+        return
+    fresh = {(row["user_id"], row["seq"]) for row in inserted}
+    repeated = [e for e in entries if (e.user_id, e.seq) not in fresh]
+    rows = await connection.fetch(
+        """
+        select l.user_id, l.seq, l.bucket, l.window_start, l.delta, l.balance_after, l.reason
+        from credit_ledger l join unnest($1::text[], $2::bigint[]) as k(user_id, seq)
+          on l.user_id = k.user_id and l.seq = k.seq
+        """,
+        [e.user_id for e in repeated],
+        [e.seq for e in repeated],
+    )
+    stored = {(row["user_id"], row["seq"]): row for row in rows}
+    for entry in repeated:
+        row = stored[(entry.user_id, entry.seq)]
+        window = from_datetime(row["window_start"]) if row["window_start"] is not None else None
+        kept = (row["bucket"], window, row["delta"], row["balance_after"], row["reason"])
+        if kept != (entry.bucket, entry.window_start_ms, entry.delta, entry.balance_after, entry.reason):
+            raise PersistenceError(
+                "save", f"credit entry {entry.user_id}#{entry.seq} exists with other content: {kept}"
+            )
 
 
 async def fetch_entries(connection: Connection, *, user_id: str, limit: int) -> list[CreditEntry]:

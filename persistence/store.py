@@ -7,6 +7,7 @@ single-user write (session start, plan change) is atomic with its plan event.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,9 +26,13 @@ from actors.records import (
     SessionRecord,
     StoredLedger,
 )
+from actors.store import WriteOutcome, WriteReceipt
 from persistence import credit_ledger, meters, plan_events, sessions, users
 from persistence.database import PoolLimits, create_pool
 from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, PersistenceError, translate_errors
+
+# How often `write_outcome` asks again about a transaction still in progress.
+OUTCOME_POLL_S = 0.02
 
 
 class PostgresStore:
@@ -64,7 +69,13 @@ class PostgresStore:
             async with self._connection() as connection:
                 return await sessions.fetch_open_session_users(connection)
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
+    async def save(
+        self,
+        snapshots: Sequence[LedgerSnapshot],
+        *,
+        delivery: Delivery | None = None,
+        receipt: WriteReceipt | None = None,
+    ) -> None:
         if not snapshots and delivery is None:
             return
         all_periods = [period for snapshot in snapshots for period in snapshot.periods]
@@ -76,6 +87,10 @@ class PostgresStore:
                 transaction = connection.transaction()
                 await transaction.start()
                 try:
+                    if receipt is not None:
+                        receipt.transaction_id = await connection.fetchval(
+                            "select pg_current_xact_id()::text::bigint"
+                        )
                     await users.upsert_users(connection, users=[snapshot.user for snapshot in snapshots])
                     if all_periods:
                         await users.upsert_periods(connection, periods=all_periods)
@@ -109,6 +124,24 @@ class PostgresStore:
         with translate_errors("list_sessions"):
             async with self._connection() as connection:
                 return await sessions.fetch_sessions(connection, user_id=user_id, limit=limit)
+
+    async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
+        """Ask Postgres what became of the transaction, waiting while it is still in progress."""
+        if receipt.transaction_id is None:
+            return "aborted"  # it never began
+        with translate_errors("write_outcome"):
+            async with self._connection() as connection:
+                while True:
+                    status = await connection.fetchval(
+                        "select pg_xact_status($1::text::xid8)", str(receipt.transaction_id)
+                    )
+                    if status == "committed":
+                        return "committed"
+                    if status == "aborted":
+                        return "aborted"
+                    if status is None:
+                        return "unknown"  # too old for the commit log
+                    await asyncio.sleep(OUTCOME_POLL_S)
 
     async def list_periods(self, user_id: str, limit: int) -> list[PeriodRecord]:
         with translate_errors("list_periods"):

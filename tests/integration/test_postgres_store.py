@@ -14,11 +14,13 @@ import pytest
 from actors.ledger import LedgerPolicy, UserLedger
 from actors.plans import PlanCatalog
 from actors.records import PlanEventRecord
+from actors.store import WriteReceipt
 from actors.times import MS_PER_MINUTE, from_datetime
 from persistence.database import PoolLimits, create_pool
 from persistence.errors import DatabaseUnavailable, PersistenceError
 from persistence.migrate import discover, migrate
 from persistence.store import PostgresStore, PostgresStoreFactory
+from tests.integration.conftest import eventually
 
 POLICY = LedgerPolicy(
     plans=PlanCatalog.builtin(), stale_session_ms=10 * MS_PER_MINUTE, low_balance_ms=MS_PER_MINUTE
@@ -55,7 +57,9 @@ async def test_snapshot_round_trips_through_postgres(store: PostgresStore) -> No
         snapshot.periods, key=lambda p: p.start_ms
     )
     restored = UserLedger.restore(loaded, POLICY, T0 + 11 * MS_PER_MINUTE)
-    assert restored.usage(T0 + 11 * MS_PER_MINUTE) == ledger.usage(T0 + 11 * MS_PER_MINUTE)
+    after = T0 + 11 * MS_PER_MINUTE
+    assert replace(restored.usage(after), version=0) == replace(ledger.usage(after), version=0)
+    assert restored.version > ledger.version  # versions never repeat across a restore
     assert user in await store.open_session_users()
 
 
@@ -194,3 +198,63 @@ async def test_one_current_period_per_user_is_enforced(store: PostgresStore) -> 
     rogue = replace(current, start_ms=current.start_ms - 86_400_000, version=current.version + 1)
     with pytest.raises(PersistenceError, match="ExclusionViolation"):
         await store.save([replace(snapshot, periods=(rogue,), entries=())])
+
+
+async def test_credit_entry_written_again_with_other_content_is_refused(store: PostgresStore) -> None:
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0)
+    ledger.add_credits(T0, 5 * MS_PER_MINUTE, reason="purchase", reference="o-1")
+    snapshot = ledger.snapshot()
+    await store.save([snapshot])
+    purchase = next(e for e in snapshot.entries if e.reason == "purchase")
+    forged = replace(purchase, delta=purchase.delta + 1, version=purchase.version + 1)
+    with pytest.raises(PersistenceError, match="other content"):
+        await store.save([replace(snapshot, entries=(forged,))])
+    history = await store.credit_history(user, 10)
+    assert [e.delta for e in history if e.reason == "purchase"] == [5 * MS_PER_MINUTE]
+
+
+async def test_write_outcome_tells_committed_from_aborted(store: PostgresStore) -> None:
+    snapshot = UserLedger.new(user_id(), POLICY, T0).snapshot()
+    committed = WriteReceipt()
+    await store.save([snapshot], receipt=committed)
+    assert committed.transaction_id is not None
+    assert await store.write_outcome(committed) == "committed"
+
+    current = next(p for p in snapshot.periods if not p.archived)
+    rogue = replace(current, start_ms=current.start_ms - 86_400_000, version=current.version + 1)
+    aborted = WriteReceipt()
+    with pytest.raises(PersistenceError):
+        await store.save([replace(snapshot, periods=(rogue,), entries=())], receipt=aborted)
+    assert aborted.transaction_id is not None
+    assert await store.write_outcome(aborted) == "aborted"
+    assert await store.write_outcome(WriteReceipt()) == "aborted"  # it never began
+
+
+async def test_write_outcome_waits_for_a_commit_in_progress(store: PostgresStore, postgres_dsn: str) -> None:
+    snapshot = UserLedger.new(user_id(), POLICY, T0).snapshot()
+    await store.save([snapshot])
+    # Another transaction holds the user's row, so the next write begins and then waits.
+    blocker = await asyncpg.connect(postgres_dsn)
+    try:
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute(
+            "select 1 from usage_users where user_id = $1 for update", snapshot.user.user_id
+        )
+        receipt = WriteReceipt()
+        newer = replace(snapshot, user=replace(snapshot.user, version=snapshot.user.version + 1))
+        write = asyncio.create_task(store.save([newer], receipt=receipt))
+
+        async def write_waits() -> bool:
+            return receipt.transaction_id is not None
+
+        await eventually(write_waits, every_s=0.01)
+        outcome = asyncio.create_task(store.write_outcome(receipt))
+        await asyncio.sleep(0.3)
+        assert not outcome.done(), "the write's transaction is still in progress"
+        await blocking.commit()
+        await write
+        assert await outcome == "committed"
+    finally:
+        await blocker.close()

@@ -422,7 +422,9 @@ class TestPersistence:
         open_session = next(s for s in snapshot.sessions if s.is_open)
         stored = StoredLedger(user=snapshot.user, periods=snapshot.periods, open_session=open_session)
         twin = UserLedger.restore(stored, POLICY, T0 + 41 * SEC)
-        assert twin.usage(T0 + 41 * SEC) == user.usage(T0 + 41 * SEC)
+        restored, original = twin.usage(T0 + 41 * SEC), user.usage(T0 + 41 * SEC)
+        assert replace(restored, version=0) == replace(original, version=0)
+        assert restored.version > original.version, "a restored ledger's versions are newer than any before"
         assert twin.next_deadline_ms() == user.next_deadline_ms()
         assert twin.heartbeat(T0 + 50 * SEC, "s1", seq=4).session_used_ms == 40 * SEC
         assert not twin.is_dirty or twin.version > snapshot.version

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -317,7 +318,8 @@ class TestAnchoredPeriods:
             ms(2026, 11, 10),
         )
         later = ms(2026, 11, 17)
-        assert twin.usage(later) == ledger.usage(later)
-        assert twin.credits(later) == ledger.credits(later)
+        assert replace(twin.usage(later), version=0) == replace(ledger.usage(later), version=0)
+        assert replace(twin.credits(later), version=0) == replace(ledger.credits(later), version=0)
+        assert twin.version > ledger.version
         twin.add_credits(later, MIN, reason="grant", reference=None)
         assert twin.snapshot().entries[-1].seq == snapshot.user.next_entry_seq + 1  # after the week's reset

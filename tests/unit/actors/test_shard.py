@@ -21,7 +21,7 @@ from actors.errors import (
 from actors.records import Delivery, LedgerSnapshot, StoredLedger
 from actors.routing import shard_index
 from actors.shard import LedgerShard, PlanEvent, ShardConfig
-from actors.store import LedgerStore, MemoryStore, StoreError, StoreUnavailable
+from actors.store import LedgerStore, MemoryStore, StoreError, StoreUnavailable, WriteReceipt
 from tests.unit.actors.support import MIN, POLICY, SEC, STALE_MS, T0, FakeClock
 
 SESSION_IDS = itertools.count(1)
@@ -38,10 +38,16 @@ class HeldStore(MemoryStore):
         self.release.set()
         self.writing = asyncio.Event()
 
-    async def save(self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None) -> None:
+    async def save(
+        self,
+        snapshots: Sequence[LedgerSnapshot],
+        *,
+        delivery: Delivery | None = None,
+        receipt: WriteReceipt | None = None,
+    ) -> None:
         self.writing.set()
         await self.release.wait()
-        await super().save(snapshots, delivery=delivery)
+        await super().save(snapshots, delivery=delivery, receipt=receipt)
 
 
 def make_shard(
@@ -373,45 +379,61 @@ class TestFaults:
         assert (await second.stats()).active_sessions == 1
         await second.stop()
 
-    async def test_lost_commit_reply_is_settled_by_reading_back(
+    async def test_lost_commit_reply_is_settled_by_its_transaction(
         self, shard: LedgerShard, store: MemoryStore
     ) -> None:
         await shard.usage("u1")
         store.lose_next_commit_reply = True
-        started = await shard.start_session("u1")  # landed; the read-back says so
+        started = await shard.start_session("u1")  # it committed; its transaction says so
         assert store.sessions[started.session_id].is_open
         assert (await shard.current_session("u1")).session_id == started.session_id
+        assert (await shard.stats()).users_in_doubt == 0
 
-    async def test_unresolvable_write_holds_the_user_until_the_store_answers(self, clock: FakeClock) -> None:
-        store = FlakyStore(load_failures=0)
-        shard = make_shard(store, clock)
-        await shard.start()
+    async def test_write_cut_off_before_its_commit_changes_nothing(
+        self, shard: LedgerShard, store: MemoryStore
+    ) -> None:
+        await shard.usage("u1")
+        store.cut_next_write = True
+        with pytest.raises(Unavailable, match="nothing was changed"):
+            await shard.start_session("u1")
+        assert (await shard.stats()).users_in_doubt == 0
+        assert (await shard.usage("u1")).active_session is None
+        assert not store.sessions
+        assert (await shard.start_session("u1")).session_id in store.sessions  # and a retry works
+
+    async def test_commit_still_in_progress_holds_the_user_until_it_lands(
+        self, shard: LedgerShard, store: MemoryStore
+    ) -> None:
         await shard.usage("u2")  # another user, to show they are not held
         await shard.usage("u1")
-        store.lose_next_commit_reply = True
-        store.load_failures = 1_000  # ...and the store goes away right after the commit
+        store.hold_next_commit = True
         with pytest.raises(Unavailable, match="retry shortly"):
             await shard.start_session("u1")
         assert (await shard.stats()).users_in_doubt == 1
-        with pytest.raises(Unavailable):
+        with pytest.raises(Unavailable, match="unresolved"):
             await shard.usage("u1")
         assert (await shard.usage("u2")).user_id == "u2"
-        store.load_failures = 0
+        store.finish_pending_commit()  # the commit outlived the shard's patience, and landed
         usage = await shard.usage("u1")
-        assert usage.active_session is not None, "the write had landed: the stored state is adopted"
+        assert usage.active_session is not None, "the write committed: the stored state is adopted"
         assert (await shard.stats()).users_in_doubt == 0
-        await shard.stop()
+        with pytest.raises(SessionActive):
+            await shard.start_session("u1")
 
     async def test_refused_user_does_not_block_the_others(
         self, shard: LedgerShard, store: MemoryStore
     ) -> None:
         class Refusing(MemoryStore):
             async def save(
-                self, snapshots: Sequence[LedgerSnapshot], *, delivery: Delivery | None = None
+                self,
+                snapshots: Sequence[LedgerSnapshot],
+                *,
+                delivery: Delivery | None = None,
+                receipt: WriteReceipt | None = None,
             ) -> None:
                 if any(s.user.user_id == "bad" for s in snapshots):
                     raise StoreError("row refused")
-                await super().save(snapshots, delivery=delivery)
+                await super().save(snapshots, delivery=delivery, receipt=receipt)
 
         refusing = Refusing()
         shard2 = make_shard(refusing, FakeClock())
