@@ -432,7 +432,7 @@ class UserLedger:
         if self._prior is not None:
             records.append(self._prior.record(self.user_id, archived=True, version=self.version))
         records.extend(self._unsynced_periods.values())
-        return [_period_summary(record) for record in records]
+        return [PeriodSummary.of(record) for record in records]
 
     def balances(self, now_ms: int) -> dict[CreditKey, int]:
         """The live balance of every bucket the credit ledger tracks now (for reconciliation)."""
@@ -1054,15 +1054,4 @@ class UserLedger:
 def _period_from(record: PeriodRecord) -> _Period:
     return _Period(
         record.start_ms, record.end_ms, record.plan, record.limit_ms, record.used_ms, record.purchased_used_ms
-    )
-
-
-def _period_summary(record: PeriodRecord) -> PeriodSummary:
-    return PeriodSummary(
-        period_start_ms=record.start_ms,
-        period_end_ms=record.end_ms,
-        plan=record.plan,
-        used_ms=record.total_used_ms,
-        limit_ms=record.limit_ms,
-        archived=record.archived,
     )

@@ -52,7 +52,6 @@ from actors.records import (
     Delivery,
     Difficulty,
     LedgerSnapshot,
-    PeriodRecord,
     PlanAction,
     PlanEventRecord,
     PurchaseReason,
@@ -569,7 +568,7 @@ class LedgerShard:
             ledger = await self._ledger(user_id)
             ledger.advance(self._clock())
             self._after_change(user_id, ledger)
-            merged = {record.start_ms: _stored_period_summary(record) for record in stored}
+            merged = {record.start_ms: PeriodSummary.of(record) for record in stored}
             for summary in ledger.resident_periods():
                 merged[summary.period_start_ms] = summary
             newest = sorted(merged.values(), key=lambda p: -p.period_start_ms)[:periods]
@@ -1038,17 +1037,6 @@ def _summary(record: SessionRecord) -> SessionSummary:
         topic=record.topic,
         difficulty=record.difficulty,
         end_reason=record.end_reason,
-    )
-
-
-def _stored_period_summary(record: PeriodRecord) -> PeriodSummary:
-    return PeriodSummary(
-        period_start_ms=record.start_ms,
-        period_end_ms=record.end_ms,
-        plan=record.plan,
-        used_ms=record.total_used_ms,
-        limit_ms=record.limit_ms,
-        archived=record.archived,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from actors.records import Difficulty, EndReason
+from actors.records import Difficulty, EndReason, PeriodRecord
 
 Warning = Literal["low_balance", "exhausted"]
 Item = TypeVar("Item")
@@ -153,6 +153,17 @@ class PeriodSummary:
     used_ms: int
     limit_ms: int
     archived: bool
+
+    @classmethod
+    def of(cls, record: PeriodRecord) -> PeriodSummary:
+        return cls(
+            period_start_ms=record.start_ms,
+            period_end_ms=record.end_ms,
+            plan=record.plan,
+            used_ms=record.total_used_ms,
+            limit_ms=record.limit_ms,
+            archived=record.archived,
+        )
 
 
 @dataclass(frozen=True, slots=True)
