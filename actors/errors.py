@@ -7,10 +7,12 @@
     ├── SessionEnded            heartbeat for a session that has ended
     ├── UnknownPlan             a plan the plans file does not define (or an impossible period)
     ├── MeterNotFound           a count meter the user's plan does not have
-    └── EventConflict           a delivery id reused for a different event
+    ├── EventConflict           a delivery id reused for a different event
+    └── IdempotencyMismatch     an Idempotency-Key reused for a different request
     ShardError                  the shard could not do the work; nothing changed
     ├── Unavailable             storage needed for a durable write is down
-    └── Overloaded              the shard's bound on pending calls is reached
+    ├── Overloaded              the shard's bound on pending calls is reached
+    └── IdempotencyInFlight     a request with this Idempotency-Key is still running
 
 Every error carries a stable `code` (the API's problem `code`) and is
 picklable, so it crosses the Ray boundary intact; the gateway maps codes to
@@ -77,6 +79,10 @@ class EventConflict(LedgerError):
     code = "idempotency_conflict"
 
 
+class IdempotencyMismatch(LedgerError):
+    code = "idempotency_conflict"
+
+
 class ShardError(DomainError):
     """The shard could not do the work; nothing was changed."""
 
@@ -87,3 +93,9 @@ class Unavailable(ShardError):
 
 class Overloaded(ShardError):
     code = "unavailable"
+
+
+class IdempotencyInFlight(ShardError):
+    """409, where the other `idempotency_conflict` is 422: retry once the first has answered."""
+
+    code = "idempotency_conflict"

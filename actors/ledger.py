@@ -45,7 +45,7 @@ the balance.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from actors.credits import CreditBook, CreditKey
 from actors.errors import MeterNotFound, NoCredits, SessionActive, SessionEnded, SessionNotFound, UnknownPlan
@@ -63,10 +63,12 @@ from actors.records import (
     PeriodRecord,
     PlanAction,
     PurchaseReason,
+    ReplyRecord,
     SessionRecord,
     StoredLedger,
     UserRecord,
 )
+from actors.replies import IdempotencyKey, ReplyBook
 from actors.views import (
     ActiveSessionView,
     CreditsView,
@@ -206,6 +208,7 @@ class UserLedger:
         "_period",
         "_policy",
         "_prior",
+        "_replies",
         "_session",
         "_unsynced_periods",
         "_unsynced_sessions",
@@ -235,6 +238,7 @@ class UserLedger:
         anchor: PeriodAnchor | None = None,
         meters: dict[str, _Meter] | None = None,
         book: CreditBook | None = None,
+        replies: ReplyBook | None = None,
     ) -> None:
         self.user_id = user_id
         self.plan = plan
@@ -251,6 +255,7 @@ class UserLedger:
         self._prior = prior
         self._meters: dict[str, _Meter] = meters if meters is not None else {}
         self._book = book if book is not None else CreditBook(user_id)
+        self._replies = replies if replies is not None else ReplyBook(user_id)
         # Ended sessions kept for idempotent ends (bounded), and records not yet durable.
         self._ended: dict[str, SessionRecord] = {}
         self._unsynced_sessions: dict[str, SessionRecord] = {}
@@ -318,6 +323,7 @@ class UserLedger:
             anchor=anchor,
             meters=meters,
             book=CreditBook(user.user_id, next_seq=user.next_entry_seq),
+            replies=ReplyBook(user.user_id, stored.replies),
         )
         # Clean (nothing to write yet), but numbered above anything seen before the restore.
         ledger.version += RESTORE_VERSION_GAP
@@ -340,6 +346,7 @@ class UserLedger:
             anchor=self.anchor,
             meters={name: replace(meter) for name, meter in self._meters.items()},
             book=self._book.clone(),
+            replies=self._replies.clone(),
         )
         twin.synced_version = self.synced_version
         twin._ended = dict(self._ended)
@@ -743,6 +750,17 @@ class UserLedger:
             candidates.append(Alarm("limit", self._exhaustion_ms()))
         return min(candidates, key=lambda alarm: (alarm.at_ms, _ALARM_PRIORITY[alarm.kind]))
 
+    # ------------------------------------------------------------------ replies
+
+    def reply(self, key: str, now_ms: int) -> ReplyRecord | None:
+        """The reply remembered for an `Idempotency-Key`, unless it has expired."""
+        return self._replies.get(key, now_ms)
+
+    def remember_reply(self, request: IdempotencyKey, outcome: dict[str, Any], now_ms: int) -> None:
+        """Remember what a keyed request answered. It is no change to the user's state (the
+        version stays); the reply goes with the ledger's next write, at this version or later."""
+        self._replies.remember(request, outcome, now_ms, version=self.version + 1)
+
     # -------------------------------------------------------------- persistence
 
     @property
@@ -790,6 +808,7 @@ class UserLedger:
             sessions=tuple(sessions),
             meters=meters,
             entries=self._book.pending,
+            replies=self._replies.pending,
         )
 
     def mark_synced(self, version: int) -> None:
@@ -801,6 +820,7 @@ class UserLedger:
             key: record for key, record in self._unsynced_periods.items() if record.version > version
         }
         self._book.mark_synced(version)
+        self._replies.mark_synced(version)
         self.synced_version = max(self.synced_version, version)
 
     # ---------------------------------------------------------------- internals

@@ -173,6 +173,22 @@ Delivery = PlanEventRecord | CreditPurchaseRecord
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyRecord:
+    """The answer a request with an `Idempotency-Key` got, kept so a retry gets it again.
+
+    `outcome` is the result or the refusal, encoded by `actors.replies`. A reply never changes
+    once made; `version` only says which write of the ledger carries it."""
+
+    user_id: str
+    key: str
+    request_hash: str
+    outcome: dict[str, Any]
+    created_at_ms: int
+    expires_at_ms: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerSnapshot:
     """Everything about one user that a write must make durable."""
 
@@ -181,6 +197,7 @@ class LedgerSnapshot:
     sessions: tuple[SessionRecord, ...]
     meters: tuple[MeterRecord, ...] = ()
     entries: tuple[CreditEntry, ...] = ()
+    replies: tuple[ReplyRecord, ...] = ()
 
     @property
     def version(self) -> int:
@@ -197,3 +214,4 @@ class StoredLedger:
     periods: tuple[PeriodRecord, ...]
     open_session: SessionRecord | None
     meters: tuple[MeterRecord, ...] = ()
+    replies: tuple[ReplyRecord, ...] = ()  # those not expired

@@ -24,10 +24,13 @@ Guarantees:
   down still ends `stale`, billed to its last heartbeat.
 - **Bounded.** A durable operation waits at most `wait_budget_s` to begin and
   `write_timeout_s` for its write. A write that failed in a way that leaves
-  its outcome unknown is resolved by reading the stored version back: if it
-  landed, the operation succeeded; if that cannot be read either, the user is
-  *in doubt* and every operation on them answers `Unavailable` until the store
-  answers again (then the ledger is adopted from the store or kept as it is).
+  its outcome unknown is settled by its transaction's status: committed, the
+  operation succeeded; aborted, nothing changed; if that cannot be told yet,
+  the user is *in doubt* and every operation on them answers `Unavailable`
+  until it can (then the ledger is adopted from the store or kept as it is).
+- **At most once per `Idempotency-Key`** (see `actors.replies`): a keyed
+  request's outcome is remembered with the change it made, and a retry gets
+  it again; a retry while the first is still running is `IdempotencyInFlight`.
 - **Isolated failures.** A user whose rows the store refuses outright (not an
   outage) is set aside by the flush, so the other users' writes go through.
 """
@@ -44,7 +47,15 @@ from typing import Literal, TypeVar
 
 import structlog
 
-from actors.errors import EventConflict, Overloaded, SessionNotFound, Unavailable
+from actors.errors import (
+    EventConflict,
+    IdempotencyInFlight,
+    IdempotencyMismatch,
+    LedgerError,
+    Overloaded,
+    SessionNotFound,
+    Unavailable,
+)
 from actors.ledger import LedgerPolicy, PlanChange, UserLedger
 from actors.records import (
     CreditEntry,
@@ -57,6 +68,7 @@ from actors.records import (
     PurchaseReason,
     SessionRecord,
 )
+from actors.replies import IdempotencyKey, encode_refusal, encode_result, is_replayable, replay
 from actors.routing import shard_index
 from actors.store import (
     CountingStore,
@@ -107,6 +119,8 @@ ACTIVATION_BATCH_USERS = 500
 FLUSH_BATCH_USERS = 5_000
 # An alarm for a user whose last write is in doubt is retried this much later.
 DOUBT_RETRY_MS = 1_000
+# Expired `Idempotency-Key` replies are deleted from the store this often (by shard 0).
+PRUNE_EVERY_S = 600
 # Streams waiting for a change, per shard (each holds one pending `watch` call).
 MAX_WATCHERS = 10_000
 
@@ -226,6 +240,9 @@ class LedgerShard:
         # streams wait on each user (the last one out removes a quiet user's event).
         self._watchers: dict[str, tuple[asyncio.Event, int]] = {}
         self._waiting: Counter[str] = Counter()
+        # Keyed requests still running: (user, Idempotency-Key) -> the request's hash.
+        self._claims: dict[tuple[str, str], str] = {}
+        self._next_prune_ms = 0
         self._pending_calls = 0
         self._alarms_fired = 0
         self._flushes = 0
@@ -376,19 +393,33 @@ class LedgerShard:
         topic: str | None = None,
         difficulty: Difficulty | None = None,
         request_id: str | None = None,
+        idem: IdempotencyKey | None = None,
     ) -> SessionStarted:
-        session_id = self._new_session_id()
-        started, _ = await self._durable(
-            user_id,
-            lambda ledger, now: ledger.start_session(now, session_id, topic=topic, difficulty=difficulty),
-        )
-        log.info("session_started", user_id=user_id, session_id=session_id, request_id=request_id)
-        return started
+        async def start() -> SessionStarted:
+            session_id = self._new_session_id()
+            started, _ = await self._durable(
+                user_id,
+                lambda ledger, now: ledger.start_session(now, session_id, topic=topic, difficulty=difficulty),
+                idem=idem,
+            )
+            log.info("session_started", user_id=user_id, session_id=session_id, request_id=request_id)
+            return started
+
+        return await self._once(user_id, idem, start)
 
     async def heartbeat(
-        self, user_id: str, session_id: str, *, seq: int | None = None, request_id: str | None = None
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        seq: int | None = None,
+        request_id: str | None = None,
+        idem: IdempotencyKey | None = None,
     ) -> SessionProgress:
         """Write-behind: the time billed is durable at the next flush."""
+        return await self._once(user_id, idem, lambda: self._heartbeat(user_id, session_id, seq))
+
+    async def _heartbeat(self, user_id: str, session_id: str, seq: int | None) -> SessionProgress:
         async with self._admitted():
             ledger = await self._ledger(user_id)
             try:
@@ -404,11 +435,23 @@ class LedgerShard:
             return progress
 
     async def end_session(
-        self, user_id: str, session_id: str, *, request_id: str | None = None
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        request_id: str | None = None,
+        idem: IdempotencyKey | None = None,
+    ) -> SessionProgress:
+        return await self._once(
+            user_id, idem, lambda: self._end_session(user_id, session_id, request_id, idem)
+        )
+
+    async def _end_session(
+        self, user_id: str, session_id: str, request_id: str | None, idem: IdempotencyKey | None
     ) -> SessionProgress:
         try:
             ended, changed = await self._durable(
-                user_id, lambda ledger, now: ledger.end_session(now, session_id)
+                user_id, lambda ledger, now: ledger.end_session(now, session_id), idem=idem
             )
         except SessionNotFound:
             record = await self._stored_ended_session(user_id, session_id)
@@ -431,10 +474,20 @@ class LedgerShard:
         return ended
 
     async def change_plan(
-        self, user_id: str, event: PlanEvent, *, request_id: str | None = None
+        self,
+        user_id: str,
+        event: PlanEvent,
+        *,
+        request_id: str | None = None,
+        idem: IdempotencyKey | None = None,
     ) -> PlanChangeResult:
         """Apply a plan event once per delivery id. An event older than the last applied one is
         recorded, not applied."""
+        return await self._once(user_id, idem, lambda: self._change_plan(user_id, event, request_id, idem))
+
+    async def _change_plan(
+        self, user_id: str, event: PlanEvent, request_id: str | None, idem: IdempotencyKey | None
+    ) -> PlanChangeResult:
         asked = _plan_event_record(user_id, event, applied=False, response={})
 
         def apply(draft: UserLedger, now: int) -> tuple[PlanChangeResult, PlanEventRecord]:
@@ -461,6 +514,7 @@ class LedgerShard:
                 known.applied, UsageView.from_dict(known.response["usage"])
             ),
             apply=apply,
+            idem=idem,
         )
         log.info(
             "plan_event",
@@ -473,9 +527,19 @@ class LedgerShard:
         return result
 
     async def add_credits(
-        self, user_id: str, purchase: Purchase, *, request_id: str | None = None
+        self,
+        user_id: str,
+        purchase: Purchase,
+        *,
+        request_id: str | None = None,
+        idem: IdempotencyKey | None = None,
     ) -> CreditsAdded:
         """Add purchased minutes once per delivery id, durably before answering."""
+        return await self._once(user_id, idem, lambda: self._add_credits(user_id, purchase, request_id, idem))
+
+    async def _add_credits(
+        self, user_id: str, purchase: Purchase, request_id: str | None, idem: IdempotencyKey | None
+    ) -> CreditsAdded:
         asked = CreditPurchaseRecord(
             delivery_id=purchase.delivery_id,
             user_id=user_id,
@@ -502,6 +566,7 @@ class LedgerShard:
                 known.response["purchased_ms"], UsageView.from_dict(known.response["usage"])
             ),
             apply=apply,
+            idem=idem,
         )
         log.info(
             "credits_added",
@@ -522,6 +587,7 @@ class LedgerShard:
         same: Callable[[D], bool],
         replay: Callable[[D], R],
         apply: Callable[[UserLedger, int], tuple[R, D]],
+        idem: IdempotencyKey | None,
     ) -> R:
         """Apply a delivery from billing at most once: a retry gets the first answer again."""
         async with self._admitted(), self._durable_entry(user_id):
@@ -536,12 +602,20 @@ class LedgerShard:
                     )
                 return replay(known)
             draft = self._ledgers[user_id].clone()
-            result, record = apply(draft, self._clock())
+            now = self._clock()
+            result, record = apply(draft, now)
+            if idem is not None:
+                draft.remember_reply(idem, encode_result(result), now)
             await self._write_and_commit(user_id, draft, delivery=record)
             return result
 
-    async def consume_meter(self, user_id: str, meter: str, amount: int) -> MeterConsumed:
+    async def consume_meter(
+        self, user_id: str, meter: str, amount: int, *, idem: IdempotencyKey | None = None
+    ) -> MeterConsumed:
         """Use a count meter: decided in memory, written behind."""
+        return await self._once(user_id, idem, lambda: self._consume_meter(user_id, meter, amount))
+
+    async def _consume_meter(self, user_id: str, meter: str, amount: int) -> MeterConsumed:
         async with self._admitted():
             ledger = await self._ledger(user_id)
             try:
@@ -851,18 +925,64 @@ class LedgerShard:
         else:
             await gate.__aexit__(None, None, None)
 
-    async def _durable(self, user_id: str, operate: Callable[[UserLedger, int], T]) -> tuple[T, bool]:
-        """Run `operate` on a clone, make the clone durable, then swap it in.
-
-        Returns the result and whether anything changed (and was written)."""
+    async def _durable(
+        self,
+        user_id: str,
+        operate: Callable[[UserLedger, int], T],
+        *,
+        idem: IdempotencyKey | None = None,
+    ) -> tuple[T, bool]:
+        """Run `operate` on a clone, make the clone durable (with the reply to `idem`), then swap
+        it in. Returns the result and whether anything changed (and was written)."""
         async with self._admitted(), self._durable_entry(user_id):
             ledger = self._ledgers[user_id]
             draft = ledger.clone()
-            result = operate(draft, self._clock())
+            now = self._clock()
+            result = operate(draft, now)
             changed = draft.version != ledger.version
             if changed:
+                if idem is not None:
+                    draft.remember_reply(idem, encode_result(result), now)
                 await self._write_and_commit(user_id, draft)
             return result, changed
+
+    async def _once(self, user_id: str, idem: IdempotencyKey | None, run: Callable[[], Awaitable[R]]) -> R:
+        """Run a request at most once per `Idempotency-Key`: a retry gets the first outcome again.
+
+        Durable operations remember their reply in the write they make; any other outcome is
+        remembered here, on the live ledger, and written with its next write."""
+        if idem is None:
+            return await run()
+        slot = (user_id, idem.key)
+        running = self._claims.get(slot)
+        if running is not None:
+            if running != idem.request_hash:
+                raise IdempotencyMismatch(
+                    "this Idempotency-Key was used for a different request", idempotency_key=idem.key
+                )
+            raise IdempotencyInFlight(
+                "a request with this Idempotency-Key is still running; retry shortly",
+                idempotency_key=idem.key,
+            )
+        self._claims[slot] = idem.request_hash
+        try:
+            async with self._admitted():
+                known = (await self._ledger(user_id)).reply(idem.key, self._clock())
+            if known is not None:
+                replayed: R = replay(known, idem)
+                return replayed
+            try:
+                result = await run()
+            except LedgerError as exc:
+                if is_replayable(exc):
+                    self._ledgers[user_id].remember_reply(idem, encode_refusal(exc), self._clock())
+                raise
+            ledger = self._ledgers[user_id]
+            if ledger.reply(idem.key, self._clock()) is None:
+                ledger.remember_reply(idem, encode_result(result), self._clock())
+            return result
+        finally:
+            del self._claims[slot]
 
     async def _write_and_commit(
         self, user_id: str, draft: UserLedger, *, delivery: Delivery | None = None
@@ -1000,6 +1120,16 @@ class LedgerShard:
                 async with asyncio.timeout(sleep_s):
                     await self._timer_wakeup.wait()
 
+    async def _prune_replies_when_due(self) -> None:
+        """Shard 0 deletes expired `Idempotency-Key` replies from the store every `PRUNE_EVERY_S`."""
+        now = self._clock()
+        if self._config.shard_index != 0 or now < self._next_prune_ms:
+            return
+        self._next_prune_ms = now + PRUNE_EVERY_S * 1000
+        pruned = await self._require_store().prune_replies(now)
+        if pruned:
+            log.info("idempotency_keys_pruned", keys=pruned)
+
     async def _flush_loop(self) -> None:
         interval_s = self._config.sync_interval_s
         retry_s = 0.0
@@ -1014,6 +1144,7 @@ class LedgerShard:
                 retry_s = 0.0
                 if written:
                     log.debug("flushed", shard=self._config.shard_index, users=written)
+                await self._prune_replies_when_due()
             except Exception as exc:
                 # Whatever went wrong, the loop must survive it: dirty state stays dirty
                 # and the next attempt comes with backoff.

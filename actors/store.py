@@ -25,6 +25,7 @@ from actors.records import (
     MeterRecord,
     PeriodRecord,
     PlanEventRecord,
+    ReplyRecord,
     SessionRecord,
     StoredLedger,
     UserRecord,
@@ -83,6 +84,10 @@ class LedgerStore(Protocol):
         """What became of the write `receipt` belongs to; `unknown` while it cannot be told."""
         ...
 
+    async def prune_replies(self, now_ms: int) -> int:
+        """Forget the replies to keyed requests that expired by `now_ms`; returns how many."""
+        ...
+
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None: ...
 
     async def list_sessions(self, user_id: str, limit: int) -> list[SessionRecord]:
@@ -131,6 +136,7 @@ class MemoryStore:
         self.entries: dict[tuple[str, int], CreditEntry] = {}
         self.plan_events: dict[str, PlanEventRecord] = {}
         self.purchases: dict[str, CreditPurchaseRecord] = {}
+        self.replies: dict[tuple[str, str], ReplyRecord] = {}
 
     def _check(self) -> None:
         if not self.available:
@@ -154,6 +160,9 @@ class MemoryStore:
                 periods=tuple(periods),
                 open_session=open_sessions[0] if open_sessions else None,
                 meters=tuple(m for (owner, _), m in self.meters.items() if owner == user_id),
+                replies=tuple(
+                    replace(r, version=0) for (owner, _), r in self.replies.items() if owner == user_id
+                ),
             )
         return found
 
@@ -178,7 +187,7 @@ class MemoryStore:
             self.cut_next_write = False
             raise StoreOutcomeUnknown("connection lost during the write")
         users, periods, sessions = dict(self.users), dict(self.periods), dict(self.sessions)
-        meters, entries = dict(self.meters), dict(self.entries)
+        meters, entries, replies = dict(self.meters), dict(self.entries), dict(self.replies)
         for snapshot in snapshots:
             _keep_newer(users, snapshot.user.user_id, snapshot.user)
             for period in snapshot.periods:
@@ -191,6 +200,8 @@ class MemoryStore:
                 kept_entry = entries.setdefault((entry.user_id, entry.seq), entry)
                 if replace(kept_entry, version=0) != replace(entry, version=0):
                     raise StoreError(f"credit entry {entry.user_id}#{entry.seq} exists with other content")
+            for reply in snapshot.replies:
+                replies.setdefault((reply.user_id, reply.key), reply)
         for user_id in {s.user.user_id for s in snapshots}:
             open_count = sum(1 for s in sessions.values() if s.user_id == user_id and s.is_open)
             if open_count > 1:
@@ -203,6 +214,7 @@ class MemoryStore:
             "sessions": sessions,
             "meters": meters,
             "entries": entries,
+            "replies": replies,
         }
         if self.hold_next_commit:
             self.hold_next_commit = False
@@ -230,10 +242,18 @@ class MemoryStore:
         self.sessions = state["sessions"]  # type: ignore[assignment]
         self.meters = state["meters"]  # type: ignore[assignment]
         self.entries = state["entries"]  # type: ignore[assignment]
+        self.replies = state["replies"]  # type: ignore[assignment]
         if isinstance(delivery, PlanEventRecord):
             self.plan_events[delivery.delivery_id] = delivery
         elif isinstance(delivery, CreditPurchaseRecord):
             self.purchases[delivery.delivery_id] = delivery
+
+    async def prune_replies(self, now_ms: int) -> int:
+        self._check()
+        expired = [slot for slot, reply in self.replies.items() if reply.expires_at_ms <= now_ms]
+        for slot in expired:
+            del self.replies[slot]
+        return len(expired)
 
     async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
         self._check()
@@ -323,6 +343,10 @@ class CountingStore:
     ) -> None:
         self.calls["save"] += 1
         await self.inner.save(snapshots, delivery=delivery, receipt=receipt)
+
+    async def prune_replies(self, now_ms: int) -> int:
+        self.calls["prune_replies"] += 1
+        return await self.inner.prune_replies(now_ms)
 
     async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
         self.calls["write_outcome"] += 1

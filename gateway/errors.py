@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from actors.errors import DomainError
+from actors.errors import DomainError, IdempotencyInFlight
 from actors.times import MS_PER_MINUTE, to_datetime
 from gateway.timefmt import rfc3339
 
@@ -37,6 +37,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "idempotency_conflict": 422,
     "unavailable": 503,
 }
+# Errors whose status is not their code's: one `idempotency_conflict` is "wait", not "wrong".
+STATUS_BY_ERROR: dict[type[DomainError], int] = {IdempotencyInFlight: 409}
 
 
 class ApiError(Exception):
@@ -99,8 +101,9 @@ def _domain_extra(exc: DomainError) -> dict[str, Any]:
 
 async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    status = STATUS_BY_CODE.get(exc.code, 500)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    status = STATUS_BY_ERROR.get(type(exc)) or STATUS_BY_CODE.get(exc.code, 500)
+    retry = status == 503 or isinstance(exc, IdempotencyInFlight)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
     if status >= 500:
         log.warning("request_unavailable", error=repr(exc))
     return problem(status, exc.code, exc.detail, headers=headers, **_domain_extra(exc))

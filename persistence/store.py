@@ -27,7 +27,8 @@ from actors.records import (
     StoredLedger,
 )
 from actors.store import WriteOutcome, WriteReceipt
-from persistence import credit_ledger, meters, plan_events, sessions, users
+from actors.times import wall_clock_ms
+from persistence import credit_ledger, meters, plan_events, replies, sessions, users
 from persistence.database import PoolLimits, create_pool
 from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, PersistenceError, translate_errors
 
@@ -54,12 +55,14 @@ class PostgresStore:
                 periods = await users.fetch_recent_periods(connection, user_ids=ids)
                 open_sessions = await sessions.fetch_open_sessions(connection, user_ids=ids)
                 user_meters = await meters.fetch_meters(connection, user_ids=ids)
+                user_replies = await replies.fetch_replies(connection, user_ids=ids, now_ms=wall_clock_ms())
         return {
             user_id: StoredLedger(
                 user=user,
                 periods=tuple(periods.get(user_id, ())),
                 open_session=open_sessions.get(user_id),
                 meters=tuple(user_meters.get(user_id, ())),
+                replies=tuple(user_replies.get(user_id, ())),
             )
             for user_id, user in known.items()
         }
@@ -82,6 +85,7 @@ class PostgresStore:
         all_sessions = [session for snapshot in snapshots for session in snapshot.sessions]
         all_meters = [meter for snapshot in snapshots for meter in snapshot.meters]
         all_entries = [entry for snapshot in snapshots for entry in snapshot.entries]
+        all_replies = [reply for snapshot in snapshots for reply in snapshot.replies]
         with translate_errors("save"):
             async with self._connection() as connection:
                 transaction = connection.transaction()
@@ -100,6 +104,8 @@ class PostgresStore:
                         await meters.upsert_meters(connection, meters=all_meters)
                     if all_entries:
                         await credit_ledger.insert_entries(connection, entries=all_entries)
+                    if all_replies:
+                        await replies.insert_replies(connection, replies=all_replies)
                     if delivery is not None and not await _record_delivery(connection, delivery):
                         raise PersistenceError(
                             "save", f"delivery {delivery.delivery_id!r} is already recorded"
@@ -124,6 +130,11 @@ class PostgresStore:
         with translate_errors("list_sessions"):
             async with self._connection() as connection:
                 return await sessions.fetch_sessions(connection, user_id=user_id, limit=limit)
+
+    async def prune_replies(self, now_ms: int) -> int:
+        with translate_errors("prune_replies"):
+            async with self._connection() as connection:
+                return await replies.delete_expired(connection, now_ms=now_ms)
 
     async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
         """Ask Postgres what became of the transaction, waiting while it is still in progress."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Header, Request
 
+from actors.replies import MAX_KEY_LENGTH, IdempotencyKey
 from gateway.runtime import Runtime
 from gateway.schemas import Problem
 
@@ -13,7 +16,10 @@ _DESCRIPTIONS = {
     401: "Missing or invalid credentials (`unauthorized`)",
     403: "Nothing left to spend (`no_credits`)",
     404: "Not found (`session_not_found`)",
-    409: "Conflicts with the current state (`session_active`, `session_ended`)",
+    409: (
+        "Conflicts with the current state (`session_active`, `session_ended`), or a request with "
+        "this Idempotency-Key is still running (`idempotency_conflict`, with Retry-After)"
+    ),
     413: "Body over 16 KiB (`payload_too_large`)",
     422: "Invalid request (`invalid_request`, `idempotency_conflict`)",
     503: "A dependency is unavailable; nothing was changed (`unavailable`, with Retry-After)",
@@ -34,3 +40,35 @@ def runtime(request: Request) -> Runtime:
 def request_id(request: Request) -> str | None:
     value = request.scope.get("state", {}).get("request_id")
     return value if isinstance(value, str) else None
+
+
+async def idempotency_key(
+    request: Request,
+    key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_KEY_LENGTH,
+            pattern=r"^[\x21-\x7e]+$",
+            description=(
+                "Retries with the same key and body within 24 h get the first response again, with "
+                "no new effect; another body is 422 `idempotency_conflict`; while the first is still "
+                "running, 409 `idempotency_conflict`."
+            ),
+        ),
+    ] = None,
+) -> IdempotencyKey | None:
+    """The request's `Idempotency-Key` with the hash of what it asks (method, path and body)."""
+    if key is None:
+        return None
+    body = await request.body()
+    try:
+        # Equal JSON is the same request however it is spaced or ordered.
+        canonical = (
+            json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode() if body else b""
+        )
+    except ValueError:
+        canonical = body  # not JSON: validation answers it, byte for byte is the best we can do
+    digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + canonical)
+    return IdempotencyKey(key=key, request_hash=digest.hexdigest())

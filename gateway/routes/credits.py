@@ -10,8 +10,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
 
+from actors.replies import IdempotencyKey
 from gateway.auth import current_user
-from gateway.routes.common import problems, runtime
+from gateway.routes.common import idempotency_key, problems, runtime
 from gateway.runtime import Runtime
 from gateway.schemas import (
     CREDIT_HISTORY_DEFAULT,
@@ -49,13 +50,14 @@ async def credit_history(
 @router.post(
     "/v1/meters/{meter}/consume",
     response_model=MeterConsumeResponse,
-    responses=problems(401, 403, 404, 413, 422, 503),
+    responses=problems(401, 403, 404, 409, 413, 422, 503),
 )
 async def consume_meter(
     meter: MeterPath,
     body: MeterConsumeRequest,
     user_id: str = Depends(current_user),
     rt: Runtime = Depends(runtime),
+    idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> MeterConsumeResponse:
-    consumed = await rt.router.call(user_id, "consume_meter", user_id, meter, body.amount)
+    consumed = await rt.router.call(user_id, "consume_meter", user_id, meter, body.amount, idem=idem)
     return MeterConsumeResponse.from_view(consumed)

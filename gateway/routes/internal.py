@@ -10,10 +10,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Security
 
+from actors.replies import IdempotencyKey
 from actors.shard import PlanEvent, Purchase
 from actors.times import from_datetime, minutes_to_ms
 from gateway.auth import USER_ID_MAX_LENGTH, USER_ID_PATTERN, delivery_id, webhook_signature_scheme
-from gateway.routes.common import problems, request_id, runtime
+from gateway.routes.common import idempotency_key, problems, request_id, runtime
 from gateway.runtime import Runtime
 from gateway.schemas import (
     CreditsRequest,
@@ -33,7 +34,7 @@ UserIdPath = Annotated[str, Path(min_length=1, max_length=USER_ID_MAX_LENGTH, pa
 
 
 @router.post(
-    "/users/{user_id}/plan", response_model=PlanChangeResponse, responses=problems(401, 413, 422, 503)
+    "/users/{user_id}/plan", response_model=PlanChangeResponse, responses=problems(401, 409, 413, 422, 503)
 )
 async def change_plan(
     user_id: UserIdPath,
@@ -41,6 +42,7 @@ async def change_plan(
     delivery: str = Depends(delivery_id),
     rt: Runtime = Depends(runtime),
     rid: str | None = Depends(request_id),
+    idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> PlanChangeResponse:
     event = PlanEvent(
         delivery_id=delivery,
@@ -51,12 +53,12 @@ async def change_plan(
         period_start_ms=from_datetime(body.period_start) if body.period_start else None,
         period_end_ms=from_datetime(body.period_end) if body.period_end else None,
     )
-    result = await rt.router.call(user_id, "change_plan", user_id, event, request_id=rid)
+    result = await rt.router.call(user_id, "change_plan", user_id, event, request_id=rid, idem=idem)
     return PlanChangeResponse(applied=result.applied, usage=Usage.from_view(result.usage))
 
 
 @router.post(
-    "/users/{user_id}/credits", response_model=CreditsResponse, responses=problems(401, 413, 422, 503)
+    "/users/{user_id}/credits", response_model=CreditsResponse, responses=problems(401, 409, 413, 422, 503)
 )
 async def add_credits(
     user_id: UserIdPath,
@@ -64,6 +66,7 @@ async def add_credits(
     delivery: str = Depends(delivery_id),
     rt: Runtime = Depends(runtime),
     rid: str | None = Depends(request_id),
+    idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> CreditsResponse:
     """Add purchased minutes (they never expire), once per `webhook-id`, durably before answering."""
     purchase = Purchase(
@@ -72,7 +75,7 @@ async def add_credits(
         reason=body.reason,
         reference=body.reference,
     )
-    added = await rt.router.call(user_id, "add_credits", user_id, purchase, request_id=rid)
+    added = await rt.router.call(user_id, "add_credits", user_id, purchase, request_id=rid, idem=idem)
     return CreditsResponse(purchased_minutes=minutes(added.purchased_ms), usage=Usage.from_view(added.usage))
 
 

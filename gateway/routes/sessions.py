@@ -11,9 +11,10 @@ import uuid
 
 from fastapi import APIRouter, Depends, Query
 
+from actors.replies import IdempotencyKey
 from gateway.auth import current_user
 from gateway.errors import ApiError
-from gateway.routes.common import problems, request_id, runtime
+from gateway.routes.common import idempotency_key, problems, request_id, runtime
 from gateway.runtime import Runtime
 from gateway.schemas import (
     SESSIONS_PAGE_DEFAULT,
@@ -51,10 +52,17 @@ async def start_session(
     user_id: str = Depends(current_user),
     rt: Runtime = Depends(runtime),
     rid: str | None = Depends(request_id),
+    idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> SessionStartedResponse:
     request = body or StartSessionRequest()
     started = await rt.router.call(
-        user_id, "start_session", user_id, topic=request.topic, difficulty=request.difficulty, request_id=rid
+        user_id,
+        "start_session",
+        user_id,
+        topic=request.topic,
+        difficulty=request.difficulty,
+        request_id=rid,
+        idem=idem,
     )
     return SessionStartedResponse.from_view(started)
 
@@ -70,16 +78,19 @@ async def heartbeat(
     user_id: str = Depends(current_user),
     rt: Runtime = Depends(runtime),
     rid: str | None = Depends(request_id),
+    idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> HeartbeatResponse:
     seq = body.seq if body is not None else None
-    progress = await rt.router.call(user_id, "heartbeat", user_id, session_id, seq=seq, request_id=rid)
+    progress = await rt.router.call(
+        user_id, "heartbeat", user_id, session_id, seq=seq, request_id=rid, idem=idem
+    )
     return HeartbeatResponse.from_view(progress)
 
 
 @router.post(
     "/{session_id}/end",
     response_model=EndSessionResponse,
-    responses=problems(401, 404, 413, 422, 503),
+    responses=problems(401, 404, 409, 413, 422, 503),
 )
 async def end_session(
     body: EndSessionRequest | None = None,
@@ -87,8 +98,9 @@ async def end_session(
     user_id: str = Depends(current_user),
     rt: Runtime = Depends(runtime),
     rid: str | None = Depends(request_id),
+    idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> EndSessionResponse:
-    ended = await rt.router.call(user_id, "end_session", user_id, session_id, request_id=rid)
+    ended = await rt.router.call(user_id, "end_session", user_id, session_id, request_id=rid, idem=idem)
     return EndSessionResponse.from_view(ended)
 
 

@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 
 from actors.hosting import kill_shards
-from tests.integration.conftest import (
+from tests.harness import (
     RunningServer,
     ServerFactory,
     auth,

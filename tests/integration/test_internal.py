@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import httpx
 
-from tests.integration.conftest import auth, change_plan, new_user, signed
+from tests.harness import auth, change_plan, new_user, signed
 from tests.integration.test_sessions import assert_problem
 
 

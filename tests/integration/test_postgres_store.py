@@ -20,7 +20,7 @@ from persistence.database import PoolLimits, create_pool
 from persistence.errors import DatabaseUnavailable, PersistenceError
 from persistence.migrate import discover, migrate
 from persistence.store import PostgresStore, PostgresStoreFactory
-from tests.integration.conftest import eventually
+from tests.harness import eventually
 
 POLICY = LedgerPolicy(
     plans=PlanCatalog.builtin(), stale_session_ms=10 * MS_PER_MINUTE, low_balance_ms=MS_PER_MINUTE

@@ -8,7 +8,7 @@ import uuid
 import ray
 
 from actors.hosting import kill_shards
-from tests.integration.conftest import ServerFactory, auth, change_plan, new_user
+from tests.harness import ServerFactory, auth, change_plan, new_user
 
 
 async def test_usage_survives_a_server_restart(start_server: ServerFactory) -> None:

@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.conftest import STALE_SESSION_S, RunningServer, auth, change_plan, eventually, new_user
+from tests.harness import STALE_SESSION_S, RunningServer, auth, change_plan, eventually, new_user
 
 PROBLEM_JSON = "application/problem+json"
 

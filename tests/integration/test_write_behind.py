@@ -13,7 +13,7 @@ import httpx
 import ray
 
 from actors.routing import shard_index
-from tests.integration.conftest import SYNC_INTERVAL_S, RunningServer, auth, eventually, new_user
+from tests.harness import SYNC_INTERVAL_S, RunningServer, auth, eventually, new_user
 
 
 def shard_of(server: RunningServer, user_id: str) -> Any:

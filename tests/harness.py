@@ -1,4 +1,6 @@
-"""Real components for integration tests: Postgres, Ray, and the server over real HTTP.
+"""Real components for integration and reliability tests: Postgres, Ray, servers over real HTTP.
+
+A pytest plugin (registered in tests/conftest.py), so every test directory shares one of each.
 
 - Postgres: `LEDGER_TEST_DATABASE_URL` when set (a fresh database is created
   on that server for the run and dropped after), otherwise an embedded server
@@ -39,18 +41,11 @@ from gateway.auth import issue_token
 from gateway.settings import Settings
 from persistence.embedded import EmbeddedPostgres, ensure_database
 
-PLANS_FILE = Path(__file__).with_name("plans.toml")
+PLANS_FILE = Path(__file__).parent / "integration" / "plans.toml"
 JWT_SECRET = "integration-test-jwt-secret-" + "x" * 16
 INTERNAL_SECRET = "whsec_" + "aW50ZWdyYXRpb24tdGVzdC1pbnRlcm5hbC1zZWNyZXQ="
 SYNC_INTERVAL_S = 1.0
 STALE_SESSION_S = 4.0
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.path).parents:
-            item.add_marker(pytest.mark.integration)
 
 
 def _with_database(dsn: str, database: str) -> str:

@@ -1,0 +1,165 @@
+"""Idempotency-Key replies: what a keyed request answered, so that its retry gets that again.
+
+A client sends `Idempotency-Key` with a `POST`; the gateway hashes the request
+(method, path, body) and passes both to the user's shard. The first request
+with a key runs and its outcome, a result or a refusal, is remembered in the
+user's ledger as a `ReplyRecord` for `REPLY_TTL_MS`. A retry with the same
+key and hash gets that outcome again and has no effect; another hash is
+`IdempotencyMismatch`; a retry while the first still runs is
+`IdempotencyInFlight`.
+
+A reply is written with the change it answers: in the same transaction for
+the operations durable before they answer (start, end, plan change,
+purchase), in the same write-behind batch for the others (heartbeat, meter
+use). A crash can lose a write-behind reply only together with its effect, so
+the retry then has the effect once. Refusals change nothing; theirs are
+written with the user's next write. Failures of the shard itself
+(`Unavailable`, `Overloaded`) are not remembered: nothing was done, so the
+retry runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+from actors import errors
+from actors.records import ReplyRecord
+from actors.views import (
+    ActiveSessionView,
+    CreditsAdded,
+    MeterConsumed,
+    PlanChangeResult,
+    SessionProgress,
+    SessionStarted,
+    UsageView,
+)
+
+REPLY_TTL_MS = 24 * 60 * 60 * 1000
+MAX_KEY_LENGTH = 255
+
+# What a reply may hold, by name: the results of keyed operations and what they embed...
+_RESULTS: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (
+        ActiveSessionView,
+        CreditsAdded,
+        MeterConsumed,
+        PlanChangeResult,
+        SessionProgress,
+        SessionStarted,
+        UsageView,
+    )
+}
+# ...and the refusals they can end in.
+_REFUSALS: dict[str, type[errors.LedgerError]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.EventConflict,
+        errors.MeterNotFound,
+        errors.NoCredits,
+        errors.SessionActive,
+        errors.SessionEnded,
+        errors.SessionNotFound,
+        errors.UnknownPlan,
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A client's key for one request, with the hash of that request (method, path, body)."""
+
+    key: str
+    request_hash: str
+
+
+def encode_result(result: object) -> dict[str, Any]:
+    return {"result": _encode(result)}
+
+
+def encode_refusal(refusal: errors.LedgerError) -> dict[str, Any]:
+    return {"refusal": {"type": type(refusal).__name__, "detail": refusal.detail, "fields": refusal.fields}}
+
+
+def is_replayable(refusal: errors.LedgerError) -> bool:
+    """Whether a retry should get this refusal again (not so for a mismatched key itself)."""
+    return _REFUSALS.get(type(refusal).__name__) is type(refusal)
+
+
+def replay(record: ReplyRecord, request: IdempotencyKey) -> Any:
+    """The outcome `record` holds: returned if a result, raised if a refusal. A different request
+    under the same key is `IdempotencyMismatch`."""
+    if record.request_hash != request.request_hash:
+        raise errors.IdempotencyMismatch(
+            "this Idempotency-Key was used for a different request", idempotency_key=request.key
+        )
+    if "refusal" in record.outcome:
+        refusal = record.outcome["refusal"]
+        raise _REFUSALS[refusal["type"]](refusal["detail"], **refusal["fields"])
+    return _decode(record.outcome["result"])
+
+
+def _encode(value: object) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        assert type(value).__name__ in _RESULTS, f"{type(value).__name__} is not a replayable result"
+        encoded = {field.name: _encode(getattr(value, field.name)) for field in fields(value)}
+        return {"type": type(value).__name__, "fields": encoded}
+    assert value is None or isinstance(value, str | int | float | bool), f"cannot encode {value!r}"
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        cls = _RESULTS[value["type"]]
+        return cls(**{name: _decode(item) for name, item in value["fields"].items()})
+    return value
+
+
+class ReplyBook:
+    """One user's replies not yet expired, and which of them are not written yet."""
+
+    __slots__ = ("_pending", "_replies", "_user_id")
+
+    def __init__(self, user_id: str, replies: tuple[ReplyRecord, ...] = ()) -> None:
+        self._user_id = user_id
+        self._replies = {record.key: record for record in replies}
+        self._pending: dict[str, ReplyRecord] = {}
+
+    def get(self, key: str, now_ms: int) -> ReplyRecord | None:
+        record = self._replies.get(key)
+        return record if record is not None and now_ms < record.expires_at_ms else None
+
+    def remember(
+        self, request: IdempotencyKey, outcome: dict[str, Any], now_ms: int, *, version: int
+    ) -> ReplyRecord:
+        """Keep a new reply, written by the first write of the ledger at `version` or later."""
+        self._replies = {key: r for key, r in self._replies.items() if now_ms < r.expires_at_ms}
+        record = ReplyRecord(
+            user_id=self._user_id,
+            key=request.key,
+            request_hash=request.request_hash,
+            outcome=outcome,
+            created_at_ms=now_ms,
+            expires_at_ms=now_ms + REPLY_TTL_MS,
+            version=version,
+        )
+        self._replies[request.key] = record
+        self._pending[request.key] = record
+        return record
+
+    @property
+    def pending(self) -> tuple[ReplyRecord, ...]:
+        return tuple(self._pending.values())
+
+    def mark_synced(self, version: int) -> None:
+        self._pending = {key: r for key, r in self._pending.items() if r.version > version}
+
+    def clone(self) -> ReplyBook:
+        twin = ReplyBook(self._user_id)
+        twin._replies = dict(self._replies)
+        twin._pending = dict(self._pending)
+        return twin
+
+    def __len__(self) -> int:
+        return len(self._replies)

@@ -1,0 +1,68 @@
+"""`idempotency_keys`: the replies to keyed requests (written once, read back with the user, pruned)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from actors.records import ReplyRecord
+from actors.times import from_datetime, to_datetime
+
+if TYPE_CHECKING:
+    from persistence.database import Connection
+
+
+async def insert_replies(connection: Connection, *, replies: Sequence[ReplyRecord]) -> None:
+    """A reply already written is kept as it is (a repeated write carries the same reply)."""
+    await connection.execute(
+        """
+        insert into idempotency_keys (user_id, key, request_hash, outcome, created_at, expires_at)
+        select * from unnest(
+            $1::text[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::timestamptz[]
+        )
+        on conflict (user_id, key) do nothing
+        """,
+        [r.user_id for r in replies],
+        [r.key for r in replies],
+        [r.request_hash for r in replies],
+        [json.dumps(r.outcome) for r in replies],
+        [to_datetime(r.created_at_ms) for r in replies],
+        [to_datetime(r.expires_at_ms) for r in replies],
+    )
+
+
+async def fetch_replies(
+    connection: Connection, *, user_ids: Sequence[str], now_ms: int
+) -> dict[str, list[ReplyRecord]]:
+    """Each user's replies not expired at `now_ms`, at version 0 (they are written already)."""
+    rows = await connection.fetch(
+        """
+        select user_id, key, request_hash, outcome, created_at, expires_at
+        from idempotency_keys where user_id = any($1::text[]) and expires_at > $2
+        """,
+        list(user_ids),
+        to_datetime(now_ms),
+    )
+    found: dict[str, list[ReplyRecord]] = defaultdict(list)
+    for row in rows:
+        found[row["user_id"]].append(
+            ReplyRecord(
+                user_id=row["user_id"],
+                key=row["key"],
+                request_hash=row["request_hash"],
+                outcome=json.loads(row["outcome"]),
+                created_at_ms=from_datetime(row["created_at"]),
+                expires_at_ms=from_datetime(row["expires_at"]),
+                version=0,
+            )
+        )
+    return found
+
+
+async def delete_expired(connection: Connection, *, now_ms: int) -> int:
+    status = await connection.execute(
+        "delete from idempotency_keys where expires_at <= $1", to_datetime(now_ms)
+    )
+    return int(status.split()[-1])
