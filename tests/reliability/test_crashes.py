@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 import uuid
@@ -17,9 +18,10 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from persistence.embedded import EmbeddedPostgres, ensure_database
-from tests.harness import ServerFactory, auth, eventually, new_user, signed
+from tests.harness import RunningServer, ServerFactory, auth, eventually, new_user, signed
 from tests.reliability.load import SessionLoad
 from tests.reliability.truth import assert_nothing_lost
 
@@ -33,6 +35,22 @@ async def shard_pid(handle: Any) -> int | None:
         return None
 
 
+async def kill_shard(server: RunningServer, index: int, load: SessionLoad) -> float:
+    """SIGKILL shard `index`'s process; return the seconds until Ray has it answering again."""
+    handle = server.shard_handles()[index]
+    pid = await shard_pid(handle)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    load.truth.faults.append(f"SIGKILL shard {index} (pid {pid}) under {len(load.users)} heartbeating users")
+
+    async def restarted() -> bool:
+        return (await shard_pid(handle)) not in (None, pid)
+
+    await eventually(restarted, timeout_s=60)
+    return round(time.monotonic() - killed_at, 2)
+
+
 async def test_a_shard_killed_under_load_loses_nothing(
     start_server: ServerFactory, database: asyncpg.Connection
 ) -> None:
@@ -41,18 +59,7 @@ async def test_a_shard_killed_under_load_loses_nothing(
         load = SessionLoad(http, [new_user() for _ in range(USERS)])
         await load.begin()
         await asyncio.sleep(2.0)
-        handle = server.shard_handles()[0]
-        pid = await shard_pid(handle)
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        load.truth.faults.append(f"SIGKILL shard 0 (pid {pid}) under {USERS} heartbeating users")
-
-        async def restarted() -> bool:
-            return (await shard_pid(handle)) not in (None, pid)
-
-        await eventually(restarted, timeout_s=60)
-        back_after_s = round(time.monotonic() - killed_at, 2)
+        back_after_s = await kill_shard(server, 0, load)
         await asyncio.sleep(2.0)  # heartbeats go on against the restarted shard
         await load.end()
         figures = await assert_nothing_lost(
@@ -60,6 +67,31 @@ async def test_a_shard_killed_under_load_loses_nothing(
         )
     await server.stop()
     print(f"shard SIGKILL: back after {back_after_s} s; answers {dict(load.statuses)}; {figures}")
+
+
+@pytest.mark.soak
+async def test_soak_shards_killed_again_and_again(
+    start_server: ServerFactory, database: asyncpg.Connection
+) -> None:
+    """`LEDGER_SOAK_S` (default 300) seconds of load with a random shard SIGKILLed every 10 s."""
+    duration_s = float(os.environ.get("LEDGER_SOAK_S", "300"))
+    rng = random.Random(duration_s)
+    server = await start_server(namespace=f"soak-{uuid.uuid4().hex[:8]}", shards=4)
+    async with server.client() as http:
+        load = SessionLoad(http, [new_user() for _ in range(4 * USERS)])
+        await load.begin()
+        recoveries = []
+        ends_at = time.monotonic() + duration_s
+        while time.monotonic() < ends_at:
+            await asyncio.sleep(10)
+            recoveries.append(await kill_shard(server, rng.randrange(4), load))
+        await load.end()
+        figures = await assert_nothing_lost(
+            database, http, load.truth, sync_interval_s=server.settings.sync_interval_s
+        )
+    await server.stop()
+    figures["faults"] = len(figures["faults"])
+    print(f"soak: {len(recoveries)} kills, back after max {max(recoveries, default=0)} s; {figures}")
 
 
 async def test_postgres_down_for_ten_seconds_under_load(start_server: ServerFactory, tmp_path: Path) -> None:
