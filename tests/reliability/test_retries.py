@@ -90,6 +90,12 @@ async def test_the_same_idempotency_key_fifty_times_on_every_post(
     reused = await post_signed(f"/internal/v1/users/{user}/credits", {**purchase, "minutes": 6}, "buy-1")
     assert reused.status_code == 422 and reused.json()["code"] == "idempotency_conflict"
 
+    for bad_key in ("k" * 256, "with space"):
+        refused = await client.post(
+            "/v1/meters/generations/consume", json={"amount": 1}, headers=keyed(bad_key)
+        )
+        assert refused.status_code == 422 and refused.json()["code"] == "invalid_request"
+
     credits = (await client.get("/v1/credits", headers=auth(user))).json()
     assert credits["purchased_minutes"] == 5, "bought once"
     assert credits["meters"]["generations"]["used"] == 3 == 50 - used["remaining"], "used once"
