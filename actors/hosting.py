@@ -7,6 +7,10 @@ dies (`max_restarts=-1`); tasks are never retried automatically
 (`max_task_retries=0`), because only the caller knows whether a call is safe
 to repeat. A restarted shard starts itself at once, so it rebuilds its users
 and re-arms their alarms without waiting for a request.
+
+Shards are spread over the cluster's nodes (`SPREAD`): they ask for no CPU, so
+without it Ray would put them wherever their creation request happened to land.
+When a node is lost, Ray restarts its shards on the nodes that are left.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class _HostedShard(LedgerShard):
 
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this shard runs on (hex)."""
+        return str(ray.get_runtime_context().get_node_id())
+
 
 # Ray's typed overloads list task options only; the actor options below are valid.
 ShardActor = ray.remote(  # type: ignore[call-overload]
@@ -55,6 +63,7 @@ ShardActor = ray.remote(  # type: ignore[call-overload]
     max_task_retries=0,
     num_cpus=0,
     max_concurrency=RAY_MAX_CONCURRENCY,
+    scheduling_strategy="SPREAD",
 )(_HostedShard)
 
 

@@ -45,7 +45,7 @@ the balance.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 from actors.credits import CreditBook, CreditKey
 from actors.errors import MeterNotFound, NoCredits, SessionActive, SessionEnded, SessionNotFound, UnknownPlan
@@ -756,7 +756,7 @@ class UserLedger:
         """The reply remembered for an `Idempotency-Key`, unless it has expired."""
         return self._replies.get(key, now_ms)
 
-    def remember_reply(self, request: IdempotencyKey, outcome: dict[str, Any], now_ms: int) -> None:
+    def remember_reply(self, request: IdempotencyKey, outcome: str, now_ms: int) -> None:
         """Remember what a keyed request answered. It is no change to the user's state (the
         version stays); the reply goes with the ledger's next write, at this version or later."""
         self._replies.remember(request, outcome, now_ms, version=self.version + 1)

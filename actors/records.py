@@ -176,13 +176,14 @@ Delivery = PlanEventRecord | CreditPurchaseRecord
 class ReplyRecord:
     """The answer a request with an `Idempotency-Key` got, kept so a retry gets it again.
 
-    `outcome` is the result or the refusal, encoded by `actors.replies`. A reply never changes
-    once made; `version` only says which write of the ledger carries it."""
+    `outcome` is the result or the refusal as compact JSON, encoded by `actors.replies` (a string:
+    a fifth of the memory of the same dicts). A reply never changes once made; `version` only
+    says which write of the ledger carries it."""
 
     user_id: str
     key: str
     request_hash: str
-    outcome: dict[str, Any]
+    outcome: str
     created_at_ms: int
     expires_at_ms: int
     version: int

@@ -20,6 +20,7 @@ retry runs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -74,12 +75,18 @@ class IdempotencyKey:
     request_hash: str
 
 
-def encode_result(result: object) -> dict[str, Any]:
-    return {"result": _encode(result)}
+def encode_result(result: object) -> str:
+    return _json({"result": _encode(result)})
 
 
-def encode_refusal(refusal: errors.LedgerError) -> dict[str, Any]:
-    return {"refusal": {"type": type(refusal).__name__, "detail": refusal.detail, "fields": refusal.fields}}
+def encode_refusal(refusal: errors.LedgerError) -> str:
+    return _json(
+        {"refusal": {"type": type(refusal).__name__, "detail": refusal.detail, "fields": refusal.fields}}
+    )
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def is_replayable(refusal: errors.LedgerError) -> bool:
@@ -94,10 +101,11 @@ def replay(record: ReplyRecord, request: IdempotencyKey) -> Any:
         raise errors.IdempotencyMismatch(
             "this Idempotency-Key was used for a different request", idempotency_key=request.key
         )
-    if "refusal" in record.outcome:
-        refusal = record.outcome["refusal"]
+    outcome = json.loads(record.outcome)
+    if "refusal" in outcome:
+        refusal = outcome["refusal"]
         raise _REFUSALS[refusal["type"]](refusal["detail"], **refusal["fields"])
-    return _decode(record.outcome["result"])
+    return _decode(outcome["result"])
 
 
 def _encode(value: object) -> Any:
@@ -123,18 +131,18 @@ class ReplyBook:
 
     def __init__(self, user_id: str, replies: tuple[ReplyRecord, ...] = ()) -> None:
         self._user_id = user_id
-        self._replies = {record.key: record for record in replies}
+        # Oldest first, so expired replies are found at the front.
+        self._replies = {r.key: r for r in sorted(replies, key=lambda r: r.expires_at_ms)}
         self._pending: dict[str, ReplyRecord] = {}
 
     def get(self, key: str, now_ms: int) -> ReplyRecord | None:
         record = self._replies.get(key)
         return record if record is not None and now_ms < record.expires_at_ms else None
 
-    def remember(
-        self, request: IdempotencyKey, outcome: dict[str, Any], now_ms: int, *, version: int
-    ) -> ReplyRecord:
+    def remember(self, request: IdempotencyKey, outcome: str, now_ms: int, *, version: int) -> ReplyRecord:
         """Keep a new reply, written by the first write of the ledger at `version` or later."""
-        self._replies = {key: r for key, r in self._replies.items() if now_ms < r.expires_at_ms}
+        self._forget_expired(now_ms)
+        self._replies.pop(request.key, None)  # an expired reply's key, used again: to the back
         record = ReplyRecord(
             user_id=self._user_id,
             key=request.key,
@@ -147,6 +155,15 @@ class ReplyBook:
         self._replies[request.key] = record
         self._pending[request.key] = record
         return record
+
+    def _forget_expired(self, now_ms: int) -> None:
+        expired = []
+        for key, record in self._replies.items():
+            if record.expires_at_ms > now_ms:
+                break  # the rest expire later
+            expired.append(key)
+        for key in expired:
+            del self._replies[key]
 
     @property
     def pending(self) -> tuple[ReplyRecord, ...]:

@@ -201,7 +201,9 @@ class MemoryStore:
                 if replace(kept_entry, version=0) != replace(entry, version=0):
                     raise StoreError(f"credit entry {entry.user_id}#{entry.seq} exists with other content")
             for reply in snapshot.replies:
-                replies.setdefault((reply.user_id, reply.key), reply)
+                kept = replies.get((reply.user_id, reply.key))
+                if kept is None or kept.expires_at_ms <= reply.created_at_ms:
+                    replies[(reply.user_id, reply.key)] = reply
         for user_id in {s.user.user_id for s in snapshots}:
             open_count = sum(1 for s in sessions.values() if s.user_id == user_id and s.is_open)
             if open_count > 1:

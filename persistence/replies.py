@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -15,19 +14,25 @@ if TYPE_CHECKING:
 
 
 async def insert_replies(connection: Connection, *, replies: Sequence[ReplyRecord]) -> None:
-    """A reply already written is kept as it is (a repeated write carries the same reply)."""
+    """A reply already written is kept as it is (a repeated write carries the same reply), unless
+    it had expired when the new one was made (its key used again after 24 h)."""
     await connection.execute(
         """
         insert into idempotency_keys (user_id, key, request_hash, outcome, created_at, expires_at)
         select * from unnest(
             $1::text[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::timestamptz[]
         )
-        on conflict (user_id, key) do nothing
+        on conflict (user_id, key) do update
+            set request_hash = excluded.request_hash,
+                outcome = excluded.outcome,
+                created_at = excluded.created_at,
+                expires_at = excluded.expires_at
+            where idempotency_keys.expires_at <= excluded.created_at
         """,
         [r.user_id for r in replies],
         [r.key for r in replies],
         [r.request_hash for r in replies],
-        [json.dumps(r.outcome) for r in replies],
+        [r.outcome for r in replies],
         [to_datetime(r.created_at_ms) for r in replies],
         [to_datetime(r.expires_at_ms) for r in replies],
     )
@@ -52,7 +57,7 @@ async def fetch_replies(
                 user_id=row["user_id"],
                 key=row["key"],
                 request_hash=row["request_hash"],
-                outcome=json.loads(row["outcome"]),
+                outcome=row["outcome"],
                 created_at_ms=from_datetime(row["created_at"]),
                 expires_at_ms=from_datetime(row["expires_at"]),
                 version=0,

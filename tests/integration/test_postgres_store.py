@@ -14,6 +14,7 @@ import pytest
 from actors.ledger import LedgerPolicy, UserLedger
 from actors.plans import PlanCatalog
 from actors.records import PlanEventRecord
+from actors.replies import REPLY_TTL_MS, IdempotencyKey
 from actors.store import WriteReceipt
 from actors.times import MS_PER_MINUTE, from_datetime
 from persistence.database import PoolLimits, create_pool
@@ -258,3 +259,21 @@ async def test_write_outcome_waits_for_a_commit_in_progress(store: PostgresStore
         assert await outcome == "committed"
     finally:
         await blocker.close()
+
+
+async def test_a_reply_is_written_once_unless_its_key_had_expired(store: PostgresStore) -> None:
+    ledger = UserLedger.new(user_id(), POLICY, T0)
+    key = IdempotencyKey("k-1", "hash-a")
+    ledger.remember_reply(key, '{"result":1}', T0)
+    first = ledger.snapshot()
+    await store.save([first])
+    ledger.remember_reply(IdempotencyKey("k-1", "hash-b"), '{"result":2}', T0 + 1)
+    await store.save([ledger.snapshot()])  # not expired: the first reply stays
+    loaded = (await store.load([ledger.user_id]))[ledger.user_id]
+    assert [(r.request_hash, r.outcome) for r in loaded.replies] == [("hash-a", '{"result": 1}')]
+    later = T0 + REPLY_TTL_MS
+    ledger.remember_reply(IdempotencyKey("k-1", "hash-c"), '{"result":3}', later)
+    await store.save([ledger.snapshot()])  # expired: the key's new reply replaces it
+    assert await store.prune_replies(later) == 0
+    rows = await store.load([ledger.user_id])
+    assert [r.request_hash for r in rows[ledger.user_id].replies] == ["hash-c"]

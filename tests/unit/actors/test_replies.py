@@ -18,7 +18,7 @@ from tests.unit.actors.test_shard import HeldStore, make_shard
 KEY = IdempotencyKey(key="k-1", request_hash="hash-a")
 
 
-def reply(outcome: dict[str, object]) -> ReplyRecord:
+def reply(outcome: str) -> ReplyRecord:
     return ReplyRecord("u1", KEY.key, KEY.request_hash, outcome, T0, T0 + REPLY_TTL_MS, 1)
 
 
@@ -95,8 +95,13 @@ class TestKeyedShard:
         with pytest.raises(SessionActive):  # the first answer, though a start would succeed now
             await shard.start_session("u1", idem=KEY)
         clock.now += REPLY_TTL_MS
-        assert (await shard.start_session("u1", idem=KEY)).session_id != started.session_id
+        again = await shard.start_session("u1", idem=KEY)  # expired: the key is new again
+        assert again.session_id != started.session_id
         await shard.stop()
+        restarted = make_shard(store, clock)
+        await restarted.start()
+        assert await restarted.start_session("u1", idem=KEY) == again, "the new reply was written"
+        await restarted.stop()
 
     async def test_a_retry_while_the_first_runs_is_told_to_wait(self) -> None:
         store, clock = HeldStore(), FakeClock()
