@@ -8,7 +8,8 @@
     ├── UnknownPlan             a plan the plans file does not define (or an impossible period)
     ├── MeterNotFound           a count meter the user's plan does not have
     ├── EventConflict           a delivery id reused for a different event
-    └── IdempotencyMismatch     an Idempotency-Key reused for a different request
+    ├── IdempotencyMismatch     an Idempotency-Key reused for a different request
+    └── RateLimited             the user's requests exceed their plan's rate limit
     ShardError                  the shard could not do the work; nothing changed
     ├── Unavailable             storage needed for a durable write is down
     ├── Overloaded              the shard's bound on pending calls is reached
@@ -81,6 +82,12 @@ class EventConflict(LedgerError):
 
 class IdempotencyMismatch(LedgerError):
     code = "idempotency_conflict"
+
+
+class RateLimited(LedgerError):
+    """Carries `retry_after_s`; never remembered as a keyed request's reply (it is about timing)."""
+
+    code = "rate_limited"
 
 
 class ShardError(DomainError):

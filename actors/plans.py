@@ -16,7 +16,8 @@ Parsing is strict: an unknown key, a negative amount or a `default_plan` that
 is not defined is a `PlansError` naming the offending entry, so a typo in an
 operator's file stops the server at start instead of silently granting
 minutes. Count meters and rate limits are parsed and validated here; they are
-enforced by the features that use them.
+enforced by the ledger (meters) and the shard (`actors.ratelimit`). A plan
+without `rate_limit` is not rate limited.
 """
 
 from __future__ import annotations
@@ -35,14 +36,24 @@ MeterWindow = Literal["day", "period"]
 BUILTIN_PLANS_TOML = """
 default_plan = "free"
 
+# A voice client makes a request every ~30 s; these bounds leave a hundredfold room.
 [plans.free]
 minutes = 10
+[plans.free.rate_limit]
+requests_per_s = 5
+burst = 20
 
 [plans.basic]
 minutes = 100
+[plans.basic.rate_limit]
+requests_per_s = 10
+burst = 40
 
 [plans.pro]
 minutes = 500
+[plans.pro.rate_limit]
+requests_per_s = 20
+burst = 80
 """
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,10 +54,12 @@ from actors.errors import (
     IdempotencyMismatch,
     LedgerError,
     Overloaded,
+    RateLimited,
     SessionNotFound,
     Unavailable,
 )
 from actors.ledger import LedgerPolicy, PlanChange, UserLedger
+from actors.ratelimit import TokenBucket
 from actors.records import (
     CreditEntry,
     CreditPurchaseRecord,
@@ -243,6 +246,8 @@ class LedgerShard:
         # Keyed requests still running: (user, Idempotency-Key) -> the request's hash.
         self._claims: dict[tuple[str, str], str] = {}
         self._next_prune_ms = 0
+        # Each resident user's request budget (see `actors.ratelimit`).
+        self._buckets: dict[str, TokenBucket] = {}
         self._pending_calls = 0
         self._alarms_fired = 0
         self._flushes = 0
@@ -347,6 +352,15 @@ class LedgerShard:
     # ------------------------------------------------------------ user reads
 
     async def usage(self, user_id: str) -> UsageView:
+        await self._limit_rate(user_id)
+        async with self._admitted():
+            ledger = await self._ledger(user_id)
+            view = ledger.usage(self._clock())
+            self._after_change(user_id, ledger)
+            return view
+
+    async def usage_of(self, user_id: str) -> UsageView:
+        """`usage` for billing and ops (internal calls): not counted against the user's rate limit."""
         async with self._admitted():
             ledger = await self._ledger(user_id)
             view = ledger.usage(self._clock())
@@ -354,6 +368,7 @@ class LedgerShard:
             return view
 
     async def has_credits(self, user_id: str) -> bool:
+        await self._limit_rate(user_id)
         async with self._admitted():
             ledger = await self._ledger(user_id)
             allowed = ledger.has_credits(self._clock())
@@ -361,6 +376,7 @@ class LedgerShard:
             return allowed
 
     async def current_session(self, user_id: str) -> CurrentSession:
+        await self._limit_rate(user_id)
         async with self._admitted():
             ledger = await self._ledger(user_id)
             try:
@@ -370,6 +386,7 @@ class LedgerShard:
 
     async def list_sessions(self, user_id: str, limit: int) -> Page[SessionSummary]:
         """Newest first: the store's history with this shard's newer, not yet written state on top."""
+        await self._limit_rate(user_id)
         async with self._admitted():
             store = await self._running()
             await self._ledger(user_id)
@@ -405,6 +422,7 @@ class LedgerShard:
             log.info("session_started", user_id=user_id, session_id=session_id, request_id=request_id)
             return started
 
+        await self._limit_rate(user_id)
         return await self._once(user_id, idem, start)
 
     async def heartbeat(
@@ -417,6 +435,7 @@ class LedgerShard:
         idem: IdempotencyKey | None = None,
     ) -> SessionProgress:
         """Write-behind: the time billed is durable at the next flush."""
+        await self._limit_rate(user_id)
         return await self._once(user_id, idem, lambda: self._heartbeat(user_id, session_id, seq))
 
     async def _heartbeat(self, user_id: str, session_id: str, seq: int | None) -> SessionProgress:
@@ -442,6 +461,7 @@ class LedgerShard:
         request_id: str | None = None,
         idem: IdempotencyKey | None = None,
     ) -> SessionProgress:
+        await self._limit_rate(user_id)
         return await self._once(
             user_id, idem, lambda: self._end_session(user_id, session_id, request_id, idem)
         )
@@ -613,6 +633,7 @@ class LedgerShard:
         self, user_id: str, meter: str, amount: int, *, idem: IdempotencyKey | None = None
     ) -> MeterConsumed:
         """Use a count meter: decided in memory, written behind."""
+        await self._limit_rate(user_id)
         return await self._once(user_id, idem, lambda: self._consume_meter(user_id, meter, amount))
 
     async def _consume_meter(self, user_id: str, meter: str, amount: int) -> MeterConsumed:
@@ -624,6 +645,7 @@ class LedgerShard:
                 self._after_change(user_id, ledger)
 
     async def credits(self, user_id: str) -> CreditsView:
+        await self._limit_rate(user_id)
         async with self._admitted():
             ledger = await self._ledger(user_id)
             view = ledger.credits(self._clock())
@@ -632,6 +654,7 @@ class LedgerShard:
 
     async def usage_history(self, user_id: str, periods: int) -> Page[PeriodSummary]:
         """Newest first: the store's periods with this shard's newer, not yet written ones on top."""
+        await self._limit_rate(user_id)
         async with self._admitted():
             store = await self._running()
             await self._ledger(user_id)
@@ -650,6 +673,7 @@ class LedgerShard:
 
     async def credit_history(self, user_id: str, limit: int) -> Page[CreditEntry]:
         """Newest first. The user is written first, so consumption still open is in it."""
+        await self._limit_rate(user_id)
         async with self._admitted(), self._durable_entry(user_id):
             await self._write_user(user_id)
             try:
@@ -688,7 +712,7 @@ class LedgerShard:
         """The usage object once its version is above `after_version`; None if `timeout_s` passes first."""
         if self._waiting.total() >= MAX_WATCHERS:
             raise Overloaded("too many streams on this shard", limit=MAX_WATCHERS)
-        view = await self.usage(user_id)
+        view = await self.usage_of(user_id)
         if view.version > after_version:
             return view
         event, _ = self._watchers.setdefault(user_id, (asyncio.Event(), view.version))
@@ -704,7 +728,7 @@ class LedgerShard:
                 del self._waiting[user_id]
                 if user_id in self._watchers and self._watchers[user_id][0] is event:
                     del self._watchers[user_id]
-        view = await self.usage(user_id)
+        view = await self.usage_of(user_id)
         return view if view.version > after_version else None
 
     # ------------------------------------------------------------- operations
@@ -945,6 +969,26 @@ class LedgerShard:
                     draft.remember_reply(idem, encode_result(result), now)
                 await self._write_and_commit(user_id, draft)
             return result, changed
+
+    async def _limit_rate(self, user_id: str) -> None:
+        """Take one of the user's tokens (their plan's `rate_limit`); `RateLimited` when none is left.
+
+        Decided here, in the call that does the work, with no I/O (activating a cold user aside)."""
+        async with self._admitted():
+            await self._activate(user_id)
+        plan = self._policy.plans.get(self._ledgers[user_id].plan)
+        limit = plan.rate_limit if plan is not None else None
+        if limit is None:
+            return
+        now = self._clock()
+        bucket = self._buckets.get(user_id)
+        if bucket is None:
+            bucket = self._buckets[user_id] = TokenBucket(float(limit.burst), now)
+        wait_s = bucket.take(limit, now)
+        if wait_s > 0:
+            raise RateLimited(
+                "too many requests for this user; retry later", retry_after_s=max(1, math.ceil(wait_s))
+            )
 
     async def _once(self, user_id: str, idem: IdempotencyKey | None, run: Callable[[], Awaitable[R]]) -> R:
         """Run a request at most once per `Idempotency-Key`: a retry gets the first outcome again.

@@ -35,6 +35,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "session_ended": 409,
     "invalid_request": 422,
     "idempotency_conflict": 422,
+    "rate_limited": 429,
     "unavailable": 503,
 }
 # Errors whose status is not their code's: one `idempotency_conflict` is "wait", not "wrong".
@@ -102,8 +103,11 @@ def _domain_extra(exc: DomainError) -> dict[str, Any]:
 async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
     status = STATUS_BY_ERROR.get(type(exc)) or STATUS_BY_CODE.get(exc.code, 500)
-    retry = status == 503 or isinstance(exc, IdempotencyInFlight)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
+    headers = None
+    if "retry_after_s" in exc.fields:
+        headers = {"Retry-After": str(exc.fields["retry_after_s"])}
+    elif status == 503 or isinstance(exc, IdempotencyInFlight):
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     if status >= 500:
         log.warning("request_unavailable", error=repr(exc))
     return problem(status, exc.code, exc.detail, headers=headers, **_domain_extra(exc))

@@ -32,6 +32,7 @@ log = structlog.get_logger("gateway.shards")
 REPEATABLE = frozenset(
     {
         "usage",
+        "usage_of",
         "has_credits",
         "current_session",
         "list_sessions",

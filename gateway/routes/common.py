@@ -22,6 +22,7 @@ _DESCRIPTIONS = {
     ),
     413: "Body over 16 KiB (`payload_too_large`)",
     422: "Invalid request (`invalid_request`, `idempotency_conflict`)",
+    429: "Too many requests for this user (`rate_limited`, with Retry-After)",
     503: "A dependency is unavailable; nothing was changed (`unavailable`, with Retry-After)",
 }
 

@@ -29,12 +29,12 @@ router = APIRouter(tags=["credits"])
 MeterPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
-@router.get("/v1/credits", response_model=Credits, responses=problems(401, 503))
+@router.get("/v1/credits", response_model=Credits, responses=problems(401, 429, 503))
 async def get_credits(user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)) -> Credits:
     return Credits.from_view(await rt.router.call(user_id, "credits", user_id))
 
 
-@router.get("/v1/credits/history", response_model=CreditHistory, responses=problems(401, 422, 503))
+@router.get("/v1/credits/history", response_model=CreditHistory, responses=problems(401, 422, 429, 503))
 async def credit_history(
     limit: int = Query(default=CREDIT_HISTORY_DEFAULT, ge=1, le=CREDIT_HISTORY_MAX),
     user_id: str = Depends(current_user),
@@ -50,7 +50,7 @@ async def credit_history(
 @router.post(
     "/v1/meters/{meter}/consume",
     response_model=MeterConsumeResponse,
-    responses=problems(401, 403, 404, 409, 413, 422, 503),
+    responses=problems(401, 403, 404, 409, 413, 422, 429, 503),
 )
 async def consume_meter(
     meter: MeterPath,

@@ -89,4 +89,4 @@ async def reconcile(user_id: UserIdPath, rt: Runtime = Depends(runtime)) -> Reco
 
 @router.get("/users/{user_id}/usage", response_model=Usage, responses=problems(401, 422, 503))
 async def get_user_usage(user_id: UserIdPath, rt: Runtime = Depends(runtime)) -> Usage:
-    return Usage.from_view(await rt.router.call(user_id, "usage", user_id))
+    return Usage.from_view(await rt.router.call(user_id, "usage_of", user_id))

@@ -45,7 +45,7 @@ def session_id_path(session_id: str) -> str:
     "",
     status_code=201,
     response_model=SessionStartedResponse,
-    responses=problems(401, 403, 409, 413, 422, 503),
+    responses=problems(401, 403, 409, 413, 422, 429, 503),
 )
 async def start_session(
     body: StartSessionRequest | None = None,
@@ -70,7 +70,7 @@ async def start_session(
 @router.post(
     "/{session_id}/heartbeat",
     response_model=HeartbeatResponse,
-    responses=problems(401, 404, 409, 413, 422, 503),
+    responses=problems(401, 404, 409, 413, 422, 429, 503),
 )
 async def heartbeat(
     body: HeartbeatRequest | None = None,
@@ -90,7 +90,7 @@ async def heartbeat(
 @router.post(
     "/{session_id}/end",
     response_model=EndSessionResponse,
-    responses=problems(401, 404, 409, 413, 422, 503),
+    responses=problems(401, 404, 409, 413, 422, 429, 503),
 )
 async def end_session(
     body: EndSessionRequest | None = None,
@@ -104,14 +104,14 @@ async def end_session(
     return EndSessionResponse.from_view(ended)
 
 
-@router.get("/current", response_model=CurrentSessionResponse, responses=problems(401, 404, 503))
+@router.get("/current", response_model=CurrentSessionResponse, responses=problems(401, 404, 429, 503))
 async def current_session(
     user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)
 ) -> CurrentSessionResponse:
     return CurrentSessionResponse.from_view(await rt.router.call(user_id, "current_session", user_id))
 
 
-@router.get("", response_model=SessionList, responses=problems(401, 422, 503))
+@router.get("", response_model=SessionList, responses=problems(401, 422, 429, 503))
 async def list_sessions(
     limit: int = Query(default=SESSIONS_PAGE_DEFAULT, ge=1, le=SESSIONS_PAGE_MAX),
     user_id: str = Depends(current_user),

@@ -31,12 +31,12 @@ STREAM_KEEPALIVE_S = 15.0
 STREAM_RETRY_S = 1.0
 
 
-@router.get("/v1/usage", response_model=Usage, responses=problems(401, 503))
+@router.get("/v1/usage", response_model=Usage, responses=problems(401, 429, 503))
 async def get_usage(user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)) -> Usage:
     return Usage.from_view(await rt.router.call(user_id, "usage", user_id))
 
 
-@router.get("/v1/usage/history", response_model=UsageHistory, responses=problems(401, 422, 503))
+@router.get("/v1/usage/history", response_model=UsageHistory, responses=problems(401, 422, 429, 503))
 async def usage_history(
     periods: int = Query(default=HISTORY_PERIODS_DEFAULT, ge=1, le=HISTORY_PERIODS_MAX),
     user_id: str = Depends(current_user),
@@ -57,7 +57,7 @@ async def usage_history(
             "description": "Server-Sent Events: `event: usage`, `id: <version>`, `data: <usage object>`",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **problems(401, 503),
+        **problems(401, 429, 503),
     },
 )
 async def usage_stream(

@@ -13,12 +13,16 @@ from actors.errors import (
     EventConflict,
     NoCredits,
     Overloaded,
+    RateLimited,
     SessionActive,
     SessionEnded,
     SessionNotFound,
     Unavailable,
 )
+from actors.ledger import LedgerPolicy
+from actors.plans import parse_plans
 from actors.records import Delivery, LedgerSnapshot, StoredLedger
+from actors.replies import IdempotencyKey
 from actors.routing import shard_index
 from actors.shard import LedgerShard, PlanEvent, ShardConfig
 from actors.store import LedgerStore, MemoryStore, StoreError, StoreUnavailable, WriteReceipt
@@ -51,7 +55,13 @@ class HeldStore(MemoryStore):
 
 
 def make_shard(
-    store: LedgerStore, clock: FakeClock, *, index: int = 0, count: int = 1, max_pending_calls: int = 1000
+    store: LedgerStore,
+    clock: FakeClock,
+    *,
+    index: int = 0,
+    count: int = 1,
+    max_pending_calls: int = 1000,
+    policy: LedgerPolicy = POLICY,
 ) -> LedgerShard:
     async def factory() -> LedgerStore:
         return store
@@ -59,7 +69,7 @@ def make_shard(
     config = ShardConfig(
         shard_index=index,
         shard_count=count,
-        policy=POLICY,
+        policy=policy,
         sync_interval_s=3600,
         max_pending_calls=max_pending_calls,
         start_wait_s=1,
@@ -504,3 +514,69 @@ class TestWatch:
     async def test_watch_answers_at_once_when_already_newer(self, shard: LedgerShard) -> None:
         await shard.start_session("u1")
         assert (await shard.watch("u1", 0, 5)) is not None
+
+
+LIMITED = LedgerPolicy(
+    plans=parse_plans(
+        """
+        default_plan = "free"
+        [plans.free]
+        minutes = 10
+        [plans.free.rate_limit]
+        requests_per_s = 2
+        burst = 3
+        [plans.pro]
+        minutes = 500
+        """,
+        source="rate-limit tests",
+    ),
+    stale_session_ms=STALE_MS,
+    low_balance_ms=5 * MIN,
+)
+
+
+class TestRateLimit:
+    async def test_a_burst_then_the_refill_rate_and_other_users_unaffected(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        shard = make_shard(store, clock, policy=LIMITED)
+        await shard.start()
+        for _ in range(3):
+            await shard.usage("u1")
+        with pytest.raises(RateLimited) as refused:
+            await shard.has_credits("u1")
+        assert refused.value.fields == {"retry_after_s": 1}
+        assert (await shard.usage("u2")).user_id == "u2", "another user has their own bucket"
+        clock.now += 500  # half a second at 2 per second: one more request
+        await shard.credits("u1")
+        with pytest.raises(RateLimited):
+            await shard.credits("u1")
+        for _ in range(10):  # billing and ops are not the user's requests
+            await shard.usage_of("u1")
+        await shard.stop()
+
+    async def test_a_refused_keyed_request_runs_when_retried_later(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        shard = make_shard(store, clock, policy=LIMITED)
+        await shard.start()
+        for _ in range(3):
+            await shard.usage("u1")
+        key = IdempotencyKey("k-1", "h")
+        with pytest.raises(RateLimited):
+            await shard.start_session("u1", idem=key)
+        assert not store.sessions, "nothing was done"
+        clock.now += 1000
+        started = await shard.start_session("u1", idem=key)
+        assert started.session_id in store.sessions
+        await shard.stop()
+
+    async def test_a_plan_without_a_limit_is_not_limited(self, store: MemoryStore, clock: FakeClock) -> None:
+        shard = make_shard(store, clock, policy=LIMITED)
+        await shard.start()
+        event = PlanEvent(delivery_id="d-1", plan="pro", action="upgrade", occurred_at_ms=clock.now)
+        for _ in range(5):
+            await shard.change_plan("u1", event)  # internal calls are not limited either
+        for _ in range(50):
+            await shard.usage("u1")
+        await shard.stop()
