@@ -353,11 +353,7 @@ class LedgerShard:
 
     async def usage(self, user_id: str) -> UsageView:
         await self._limit_rate(user_id)
-        async with self._admitted():
-            ledger = await self._ledger(user_id)
-            view = ledger.usage(self._clock())
-            self._after_change(user_id, ledger)
-            return view
+        return await self.usage_of(user_id)
 
     async def usage_of(self, user_id: str) -> UsageView:
         """`usage` for billing and ops (internal calls): not counted against the user's rate limit."""

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from actors.logsetup import configure_logging
-from gateway.auth import InternalSignatureMiddleware, TokenVerifier
+from gateway.auth import InternalSignatureMiddleware, JwksKeys, TokenVerifier
 from gateway.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
 from gateway.metrics import Metrics
 from gateway.middleware import BodyLimitMiddleware, RequestLogMiddleware
@@ -66,8 +66,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    jwks = (
+        JwksKeys(settings.jwt_jwks_url, refetch_min_s=settings.jwt_jwks_refetch_s)
+        if settings.jwt_jwks_url
+        else None
+    )
     app.state.token_verifier = TokenVerifier(
-        secret=secrets.jwt_secret,
+        secret=None if jwks is not None else secrets.jwt_secret,
+        jwks=jwks,
         audience=settings.jwt_audience,
         issuer=settings.jwt_issuer,
         leeway_s=settings.jwt_leeway_s,

@@ -1,9 +1,14 @@
 """Authentication: user JWTs, and Standard Webhooks signatures on internal calls.
 
 Users: the user id is the token's `sub` and nothing else. The accepted
-algorithm is fixed here (HS256 with `LEDGER_JWT_SECRET`), never read from the
-token; `exp` is required; `aud`/`iss` are checked when configured. Failures
-are 401 with `WWW-Authenticate: Bearer` and only a coarse reason.
+algorithms are fixed by configuration, never read from the token: HS256 with
+`LEDGER_JWT_SECRET`, or, when `LEDGER_JWT_JWKS_URL` is set, RS256/ES256 with
+the key the token's `kid` names in that JWKS (cached; fetched again for an
+unknown `kid` at most once per `LEDGER_JWT_JWKS_REFETCH_S`, and when older
+than `JWKS_MAX_AGE_S`, so a key rotation needs no restart). `exp` is
+required; `nbf` and `iat` are honoured with `LEDGER_JWT_LEEWAY_S`; `aud`/`iss`
+are checked when configured. Failures are 401 with `WWW-Authenticate: Bearer`
+and only a coarse reason.
 
 Internal (`/internal/...`): the body is verified against `webhook-id`,
 `webhook-timestamp` (within ±5 minutes) and `webhook-signature` (several
@@ -14,13 +19,17 @@ body would have been valid.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import jwt
+import structlog
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -29,6 +38,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.asgi import read_body, replaying
 from gateway.errors import Unauthorized, problem
 
+log = structlog.get_logger("gateway.auth")
+
 USER_ID_MAX_LENGTH = 255
 # A user id: 1-255 characters, none of them control characters (Postgres text cannot hold NUL,
 # and log lines should not carry the others).
@@ -36,9 +47,15 @@ USER_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,255}$"
 WEBHOOK_ID_MAX_LENGTH = 255
 _USER_ID = re.compile(USER_ID_PATTERN)
 JWT_ALGORITHMS = ("HS256",)
+JWKS_ALGORITHMS = ("RS256", "ES256")
+# Keys fetched from the JWKS are used this long before they are fetched again.
+JWKS_MAX_AGE_S = 600.0
+JWKS_FETCH_TIMEOUT_S = 5.0
 INTERNAL_PATH_PREFIX = "/internal/"
 
-bearer_scheme = HTTPBearer(auto_error=False, description="A user JWT (HS256); its `sub` is the user id.")
+bearer_scheme = HTTPBearer(
+    auto_error=False, description="A user JWT (HS256, or RS256/ES256 from a JWKS); its `sub` is the user id."
+)
 # Documents the signed internal calls in OpenAPI; the middleware does the checking.
 webhook_signature_scheme = APIKeyHeader(
     name="webhook-signature",
@@ -47,23 +64,106 @@ webhook_signature_scheme = APIKeyHeader(
 )
 
 
+class JwksKeys:
+    """The signing keys a JWKS URL publishes, by `kid`, fetched when needed.
+
+    An unknown `kid` causes a fetch at most once per `refetch_min_s` (a flood of
+    made-up `kid`s cannot turn into a flood of fetches); keys older than
+    `max_age_s` are fetched again on their next use, so removed keys stop working."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        refetch_min_s: float = 30.0,
+        max_age_s: float = JWKS_MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.fetches = 0
+        self._refetch_min_s = refetch_min_s
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        now = self._clock()
+        fresh = self._fetched_at is not None and now - self._fetched_at < self._max_age_s
+        if fresh and kid in self._keys:
+            return self._keys[kid]
+        async with self._lock:
+            now = self._clock()
+            may_fetch = self._fetched_at is None or now - self._fetched_at >= self._refetch_min_s
+            if may_fetch and (kid not in self._keys or not fresh):
+                await self._fetch(now)
+        return self._keys.get(kid)
+
+    async def _fetch(self, now: float) -> None:
+        self._fetched_at = now  # a failed fetch also waits `refetch_min_s` before the next
+        self.fetches += 1
+        try:
+            async with httpx.AsyncClient(timeout=JWKS_FETCH_TIMEOUT_S) as http:
+                response = await http.get(self.url)
+            response.raise_for_status()
+            listed = response.json()["keys"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.warning("jwks_fetch_failed", url=self.url, error=repr(exc))
+            return  # keep the keys we had
+        keys: dict[str, jwt.PyJWK] = {}
+        for data in listed if isinstance(listed, list) else []:
+            try:
+                key = jwt.PyJWK(data)
+            except (jwt.PyJWKError, jwt.InvalidKeyError, TypeError, ValueError):
+                continue  # a key we cannot use (an unknown type, an encryption key)
+            if key.key_id and key.algorithm_name in JWKS_ALGORITHMS and data.get("use", "sig") == "sig":
+                keys[key.key_id] = key
+        self._keys = keys
+        log.info("jwks_fetched", url=self.url, keys=len(keys))
+
+
 @dataclass(frozen=True, slots=True)
 class TokenVerifier:
-    secret: str
+    secret: str | None = None
+    jwks: JwksKeys | None = None
     audience: str | None = None
     issuer: str | None = None
     leeway_s: float = 30.0
 
+    def __post_init__(self) -> None:
+        assert (self.secret is None) != (self.jwks is None), "one way to verify: a secret or a JWKS"
+
     def __repr__(self) -> str:
         return f"TokenVerifier(audience={self.audience!r}, issuer={self.issuer!r})"
 
+    async def verify(self, token: str) -> str:
+        """The verified `sub` of `token`, however this server verifies; raises `Unauthorized`."""
+        if self.jwks is None:
+            return self.user_id(token)
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise Unauthorized("invalid token") from None
+        kid, algorithm = header.get("kid"), header.get("alg")
+        if not isinstance(kid, str) or algorithm not in JWKS_ALGORITHMS:
+            raise Unauthorized("invalid token")
+        key = await self.jwks.key(kid)
+        if key is None or key.algorithm_name != algorithm:
+            raise Unauthorized("invalid token")
+        return self._decode(token, key.key, [algorithm])
+
     def user_id(self, token: str) -> str:
-        """The verified `sub` of `token`; raises `Unauthorized`."""
+        """The verified `sub` of an HS256 `token`; raises `Unauthorized`."""
+        assert self.secret is not None, "this verifier uses a JWKS: call verify()"
+        return self._decode(token, self.secret, list(JWT_ALGORITHMS))
+
+    def _decode(self, token: str, key: Any, algorithms: list[str]) -> str:
         try:
             claims = jwt.decode(
                 token,
-                self.secret,
-                algorithms=list(JWT_ALGORITHMS),
+                key,
+                algorithms=algorithms,
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway_s,
@@ -105,7 +205,7 @@ async def current_user(
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthorized("missing bearer token")
     verifier: TokenVerifier = request.app.state.token_verifier
-    user_id = verifier.user_id(credentials.credentials)
+    user_id = await verifier.verify(credentials.credentials)
     request.state.user_id = user_id
     return user_id
 

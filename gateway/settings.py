@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     plans_file: Path | None = None
 
     jwt_secret: SecretStr | None = None
+    # Set: user tokens are RS256/ES256, verified with this JWKS (and never with jwt_secret).
+    jwt_jwks_url: str | None = Field(default=None, pattern=r"^https?://")
+    jwt_jwks_refetch_s: float = Field(default=30.0, ge=1, le=3_600)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_leeway_s: float = Field(default=30.0, ge=0, le=300)
@@ -76,7 +79,8 @@ class Settings(BaseSettings):
     def _refuse_unsafe_production(self) -> Settings:
         if self.env != "production":
             return self
-        for name in ("jwt_secret", "internal_secret"):
+        needed = ("internal_secret",) if self.jwt_jwks_url else ("jwt_secret", "internal_secret")
+        for name in needed:
             value: SecretStr | None = getattr(self, name)
             if value is None:
                 raise SettingsError(

@@ -74,3 +74,14 @@ def test_configured_secrets_win_over_generated(tmp_path: Path) -> None:
     secrets = resolve_secrets(Settings(data_dir=tmp_path, jwt_secret=STRONG))  # type: ignore[arg-type]
     assert secrets.jwt_secret == STRONG
     assert secrets.internal_secret.startswith("whsec_")
+
+
+def test_production_with_a_jwks_needs_no_jwt_secret() -> None:
+    settings = Settings(
+        env="production",
+        internal_secret=STRONG,  # type: ignore[arg-type]
+        jwt_jwks_url="https://auth.example/.well-known/jwks.json",
+    )
+    assert settings.jwt_secret is None
+    with pytest.raises(ValidationError, match="LEDGER_INTERNAL_SECRET"):
+        Settings(env="production", jwt_jwks_url="https://auth.example/jwks.json")
