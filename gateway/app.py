@@ -19,7 +19,7 @@ from actors.logsetup import configure_logging
 from gateway.auth import InternalSignatureMiddleware, JwksKeys, TokenVerifier
 from gateway.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
 from gateway.metrics import Metrics
-from gateway.middleware import BodyLimitMiddleware, RequestLogMiddleware
+from gateway.middleware import BodyLimitMiddleware, ListenerMiddleware, RequestLogMiddleware
 from gateway.routes import credits, internal, ops, sessions, usage
 from gateway.runtime import Runtime
 from gateway.secrets import resolve_secrets
@@ -82,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (usage, sessions, credits, internal, ops):
         app.include_router(module.router)
     app.add_middleware(InternalSignatureMiddleware, secret=secrets.internal_secret)
+    if settings.internal_port is not None:
+        app.add_middleware(ListenerMiddleware, internal_port=settings.internal_port)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestLogMiddleware, metrics=metrics)
 

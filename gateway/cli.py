@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -79,7 +80,12 @@ def serve(
     typer.echo(
         f'  try: curl -H "Authorization: Bearer $(usage-ledger token demo)" {where}/v1/usage', err=True
     )
-    uvicorn.run(
+    if settings.internal_port is not None:
+        typer.echo(
+            f"  internal routes only on http://{settings.internal_host}:{settings.internal_port}/internal/",
+            err=True,
+        )
+    config = uvicorn.Config(
         application,
         host=settings.host,
         port=settings.port,
@@ -92,6 +98,24 @@ def serve(
         timeout_graceful_shutdown=UVICORN_GRACEFUL_SHUTDOWN_S,
         h11_max_incomplete_event_size=UVICORN_MAX_HEADER_BYTES,
     )
+    sockets = [config.bind_socket()]
+    if settings.internal_port is not None:
+        sockets.append(_listen(settings.internal_host, settings.internal_port))
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:
+        sys.exit(3)  # startup failed (the log says why), as `uvicorn.run` exits
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for the internal routes (uvicorn serves every socket it is given)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(UVICORN_BACKLOG)
+    listener.set_inheritable(True)
+    return listener
 
 
 @app.command()

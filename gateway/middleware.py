@@ -15,7 +15,8 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.asgi import BodyTooLarge, read_body, replaying
-from gateway.errors import PROBLEM_CONTENT_TYPE, problem_bytes
+from gateway.auth import INTERNAL_PATH_PREFIX
+from gateway.errors import PROBLEM_CONTENT_TYPE, problem, problem_bytes
 from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.request")
@@ -68,6 +69,30 @@ class RequestLogMiddleware:
                     duration_ms=round(duration_s * 1000, 2),
                     user_id=state.get("user_id"),
                 )
+
+
+class ListenerMiddleware:
+    """With a separate internal listener, each listener serves only its own routes (404 otherwise).
+
+    The listener is the local port the connection came in on (`scope["server"]`): `/internal/`
+    routes answer only there, user routes only on the public port; health, readiness and
+    metrics answer on both."""
+
+    SHARED_PATHS = ("/healthz", "/readyz", "/metrics")
+
+    def __init__(self, app: ASGIApp, *, internal_port: int) -> None:
+        self.app = app
+        self._internal_port = internal_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.SHARED_PATHS:
+            server = scope.get("server")
+            on_internal = server is not None and server[1] == self._internal_port
+            if scope["path"].startswith(INTERNAL_PATH_PREFIX) != on_internal:
+                response = problem(404, "not_found", "Not Found")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

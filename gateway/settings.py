@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     env: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65_535)
+    # Set: /internal/ routes are served only on this listener (and no longer on `port`).
+    internal_port: int | None = Field(default=None, ge=0, le=65_535)
+    internal_host: str = "127.0.0.1"
     data_dir: Path = Path(".usage-ledger")
     database_url: SecretStr | None = None
     ray_address: str | None = None

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -111,6 +112,7 @@ class RunningServer:
     app: Any
     server: _QuietServer
     task: asyncio.Task[None]
+    internal_url: str | None = None  # the internal listener, when it has one
 
     @property
     def runtime(self) -> Any:
@@ -131,6 +133,13 @@ class RunningServer:
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 
 
+def _listening_socket() -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    return listener
+
+
 @pytest_asyncio.fixture(scope="session")
 async def start_server(
     postgres_dsn: str, ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
@@ -139,7 +148,9 @@ async def start_server(
     started: list[RunningServer] = []
     namespaces: set[str] = set()
 
-    async def start(*, namespace: str | None = None, **overrides: Any) -> RunningServer:
+    async def start(
+        *, namespace: str | None = None, internal_listener: bool = False, **overrides: Any
+    ) -> RunningServer:
         fields: dict[str, Any] = {
             "database_url": postgres_dsn,
             "data_dir": tmp_path_factory.mktemp("data"),
@@ -152,12 +163,16 @@ async def start_server(
             "stale_session_s": STALE_SESSION_S,
             "log_level": "warning",
         }
+        sockets = None
+        if internal_listener:  # two listeners, as `serve` opens them with LEDGER_INTERNAL_PORT
+            sockets = [_listening_socket(), _listening_socket()]
+            fields["internal_port"] = sockets[1].getsockname()[1]
         fields.update(overrides)
         settings = Settings(**fields)
         namespaces.add(settings.ray_namespace)
         app = create_app(settings)
         server = _QuietServer(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_config=None))
-        task = asyncio.get_running_loop().create_task(server.serve())
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=sockets))
         deadline = time.monotonic() + 120
         while not server.started:
             if task.done():
@@ -168,6 +183,8 @@ async def start_server(
             await asyncio.sleep(0.05)
         port = server.servers[0].sockets[0].getsockname()[1]
         running = RunningServer(f"http://127.0.0.1:{port}", settings, app, server, task)
+        if sockets is not None:
+            running.internal_url = f"http://127.0.0.1:{settings.internal_port}"
         started.append(running)
         return running
 
