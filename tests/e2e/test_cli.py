@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -147,6 +148,12 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
             assert [(s["session_id"], s["topic"]) for s in history] == [(session_id, "ordering coffee")]
     finally:
         again.stop()
+    # Secrets and tokens never reach the logs (both runs, debug lines included where enabled).
+    secrets = json.loads((workdir / ".usage-ledger" / "dev-secrets.json").read_text())
+    logged = Path(server.log.name).read_text() + Path(again.log.name).read_text()
+    assert "runtime_stopped" in logged, "the logs were captured"
+    for name, value in [*secrets.items(), ("user token", token)]:
+        assert value not in logged, f"the {name} appears in the server's log"
 
 
 def test_migrate_command_prepares_an_embedded_database(workdir: Path) -> None:
