@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -91,6 +92,18 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _integral(value: object) -> object:
+    """JSON has one number type: 3.0 is the integer 3 (JSON Schema agrees), 3.5 is not one."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# For an integer in a request body: still strict (no strings, no booleans), but 3.0 is 3. Put it
+# after the field's constraints, so the JSON schema keeps them as minimum/maximum.
+WHOLE_NUMBER = BeforeValidator(_integral)
+
+
 class ResponseModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -104,7 +117,7 @@ class StartSessionRequest(RequestModel):
 
 
 class HeartbeatRequest(RequestModel):
-    seq: Annotated[int, Field(ge=0, le=2**62)] | None = None
+    seq: Annotated[int, Field(ge=0, le=2**62), WHOLE_NUMBER] | None = None
 
 
 class EndSessionRequest(RequestModel):
@@ -112,7 +125,7 @@ class EndSessionRequest(RequestModel):
 
 
 class MeterConsumeRequest(RequestModel):
-    amount: Annotated[int, Field(ge=1, le=METER_AMOUNT_MAX)]
+    amount: Annotated[int, Field(ge=1, le=METER_AMOUNT_MAX), WHOLE_NUMBER]
 
 
 class CreditsRequest(RequestModel):
