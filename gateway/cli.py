@@ -33,13 +33,6 @@ app = typer.Typer(help="A per-user usage ledger server.", no_args_is_help=True, 
 internal_app = typer.Typer(help="Signed calls to a running server's internal API.", no_args_is_help=True)
 app.add_typer(internal_app, name="internal")
 
-# Uvicorn's own bounds, stated rather than inherited.
-UVICORN_LIMIT_CONCURRENCY = 4_096
-UVICORN_BACKLOG = 2_048
-UVICORN_KEEPALIVE_S = 5
-UVICORN_GRACEFUL_SHUTDOWN_S = 20
-UVICORN_MAX_HEADER_BYTES = 16 * 1024
-
 
 def _settings() -> Settings:
     try:
@@ -63,6 +56,7 @@ def serve(
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.serving import BACKLOG, server_config
 
     settings = _settings()
     overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
@@ -85,35 +79,23 @@ def serve(
             f"  internal routes only on http://{settings.internal_host}:{settings.internal_port}/internal/",
             err=True,
         )
-    config = uvicorn.Config(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        limit_concurrency=UVICORN_LIMIT_CONCURRENCY,
-        backlog=UVICORN_BACKLOG,
-        timeout_keep_alive=UVICORN_KEEPALIVE_S,
-        timeout_graceful_shutdown=UVICORN_GRACEFUL_SHUTDOWN_S,
-        h11_max_incomplete_event_size=UVICORN_MAX_HEADER_BYTES,
-    )
+    config = server_config(application, host=settings.host, port=settings.port)
     sockets = [config.bind_socket()]
     if settings.internal_port is not None:
-        sockets.append(_listen(settings.internal_host, settings.internal_port))
+        sockets.append(_listen(settings.internal_host, settings.internal_port, backlog=BACKLOG))
     server = uvicorn.Server(config)
     server.run(sockets=sockets)
     if not server.started:
         sys.exit(3)  # startup failed (the log says why), as `uvicorn.run` exits
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, *, backlog: int) -> socket.socket:
     """A listening TCP socket for the internal routes (uvicorn serves every socket it is given)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
-    listener.listen(UVICORN_BACKLOG)
+    listener.listen(backlog)
     listener.set_inheritable(True)
     return listener
 
@@ -130,7 +112,7 @@ def migrate() -> None:
     async def run() -> list[int]:
         database = await open_database(settings)
         try:
-            return await migrate_database(database.dsn, settings)
+            return await migrate_database(settings.migration_dsn(database.dsn), settings)
         finally:
             if database.embedded is not None:
                 await asyncio.to_thread(database.embedded.stop)

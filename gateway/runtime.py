@@ -155,7 +155,7 @@ class Runtime:
             log.warning("embedded_postgres_with_cluster", hint="shards on other nodes cannot reach it")
         database = await open_database(settings)
         try:
-            applied = await migrate_database(database.dsn, settings)
+            applied = await migrate_database(settings.migration_dsn(database.dsn), settings)
             pool = await create_pool(
                 database.dsn,
                 PoolLimits(

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     internal_host: str = "127.0.0.1"
     data_dir: Path = Path(".usage-ledger")
     database_url: SecretStr | None = None
+    # Set: migrations run with these (owner) credentials, and database_url may be a role that
+    # owns nothing (usage_ledger_app; deploy/README.md).
+    migration_database_url: SecretStr | None = None
     ray_address: str | None = None
     ray_namespace: str = Field(default="usage-ledger", min_length=1, max_length=64)
     shards: int = Field(default=4, ge=1, le=1_024)
@@ -60,6 +63,8 @@ class Settings(BaseSettings):
 
     actor_call_timeout_s: float = Field(default=12.0, gt=0, le=300)
     shard_max_pending_calls: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Requests in flight in one gateway process (streams not counted); past it, 503 at once.
+    max_requests_in_flight: int = Field(default=1_024, ge=1, le=100_000)
     db_statement_timeout_s: float = Field(default=5.0, gt=0, le=600)
     db_pool_max_size: int = Field(default=4, ge=1, le=100)
 
@@ -79,6 +84,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _migration_credentials_need_a_database(self) -> Settings:
+        if self.migration_database_url is not None and self.database_url is None:
+            raise SettingsError(
+                "LEDGER_MIGRATION_DATABASE_URL needs LEDGER_DATABASE_URL "
+                "(the embedded database has one owner)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.env != "production":
             return self
@@ -94,6 +108,12 @@ class Settings(BaseSettings):
                     f"LEDGER_{name.upper()} is shorter than {SECRET_MIN_LENGTH_PRODUCTION} characters"
                 )
         return self
+
+    def migration_dsn(self, database_dsn: str) -> str:
+        """The DSN migrations run with: LEDGER_MIGRATION_DATABASE_URL, else the server's own."""
+        if self.migration_database_url is not None:
+            return self.migration_database_url.get_secret_value()
+        return database_dsn
 
     @property
     def resolved_log_format(self) -> Literal["console", "json"]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
 
+import asyncpg
 import structlog
 
 from persistence.errors import MigrationError, translate_errors
@@ -56,21 +57,30 @@ async def migrate(connection: Connection) -> list[int]:
     with translate_errors("migrate"):
         await connection.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
         try:
-            await connection.execute(
-                """
-                create table if not exists schema_migrations (
-                    version     integer primary key,
-                    name        text not null,
-                    applied_at  timestamptz not null default now()
+            pending = await _pending(connection)
+            if pending and await connection.fetchval("select to_regclass('schema_migrations')") is None:
+                await connection.execute(
+                    """
+                    create table schema_migrations (
+                        version     integer primary key,
+                        name        text not null,
+                        applied_at  timestamptz not null default now()
+                    )
+                    """
                 )
-                """
-            )
-            done = {row["version"] for row in await connection.fetch("select version from schema_migrations")}
-            for migration in discover():
-                if migration.version in done:
-                    continue
+            migrator = await connection.fetchval("select current_user")
+            for migration in pending:
                 async with connection.transaction():
-                    await connection.execute(migration.sql)
+                    try:
+                        await connection.execute(migration.sql)
+                    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+                        raise MigrationError(
+                            "migrate",
+                            f"migration {migration.version:04d}_{migration.name} needs more rights than "
+                            f"{migrator!r} has ({exc}): migrate as "
+                            "the tables' owner (`usage-ledger migrate` with its credentials, or "
+                            "LEDGER_MIGRATION_DATABASE_URL)",
+                        ) from exc
                     await connection.execute(
                         "insert into schema_migrations (version, name) values ($1, $2)",
                         migration.version,
@@ -81,3 +91,12 @@ async def migrate(connection: Connection) -> list[int]:
         finally:
             await connection.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now
+
+
+async def _pending(connection: Connection) -> list[Migration]:
+    """The migrations not yet applied. Reads only, so a role that owns nothing can start the server
+    on a database its owner has migrated (usage_ledger_app may not create or alter tables)."""
+    done: set[int] = set()
+    if await connection.fetchval("select to_regclass('schema_migrations')") is not None:
+        done = {row["version"] for row in await connection.fetch("select version from schema_migrations")}
+    return [migration for migration in discover() if migration.version not in done]

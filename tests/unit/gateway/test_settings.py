@@ -36,6 +36,7 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         {"port": 70_000},
         {"stale_session_s": -1},
         {"actor_call_timeout_s": 6, "db_statement_timeout_s": 5},
+        {"migration_database_url": "postgresql://owner@db/ledger"},
     ],
 )
 def test_impossible_values_are_refused(fields: dict[str, object]) -> None:
