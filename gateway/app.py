@@ -1,7 +1,7 @@
 """create_app(settings): the FastAPI application and its lifespan.
 
-Middleware, outermost first: request id and canonical log line; the 16 KiB
-body bound; the internal-call signature check. Then routing, with every error
+Middleware, outermost first: request id and canonical log line; the bound on
+requests in flight; the 16 KiB body bound; the internal-call signature check. Then routing, with every error
 answered as problem+json by `gateway.errors`.
 """
 
@@ -19,7 +19,12 @@ from actors.logsetup import configure_logging
 from gateway.auth import InternalSignatureMiddleware, JwksKeys, TokenVerifier
 from gateway.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
 from gateway.metrics import Metrics
-from gateway.middleware import BodyLimitMiddleware, ListenerMiddleware, RequestLogMiddleware
+from gateway.middleware import (
+    BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    ListenerMiddleware,
+    RequestLogMiddleware,
+)
 from gateway.routes import credits, internal, ops, sessions, usage
 from gateway.runtime import Runtime
 from gateway.secrets import resolve_secrets
@@ -85,6 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.internal_port is not None:
         app.add_middleware(ListenerMiddleware, internal_port=settings.internal_port)
     app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(
+        ConcurrencyLimitMiddleware, max_requests=settings.max_requests_in_flight, metrics=metrics
+    )
     app.add_middleware(RequestLogMiddleware, metrics=metrics)
 
     def openapi() -> dict[str, Any]:

@@ -30,6 +30,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.requests_in_flight = Gauge(
+            "ledger_http_requests_in_flight",
+            "Requests being answered by this process (streams, health and metrics not counted)",
+            registry=self.registry,
+        )
         self.shard_gauges = {
             name: Gauge(f"ledger_shard_{name}", help_text, ("shard",), registry=self.registry)
             for name, help_text in (

@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids with one canonical log line per request, and the body-size bound.
+"""ASGI middleware: request ids with one canonical log line per request, the bound on requests in
+flight in this process, and the body-size bound.
 
 Pure ASGI (not `BaseHTTPMiddleware`), so nothing is copied or buffered
 beyond what the bound allows, and the route template is visible in the scope
@@ -7,6 +8,7 @@ once routing has run.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -25,6 +27,8 @@ MAX_BODY_BYTES = 16 * 1024
 # An oversized body that streams in is read (and dropped) up to this much more, so the
 # client is still listening when the 413 arrives; past it the connection is simply closed.
 DRAIN_BYTES_MAX = 1024 * 1024
+# The whole body must arrive within this (a 16 KiB body takes milliseconds on any real link).
+BODY_READ_TIMEOUT_S = 10.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -95,12 +99,55 @@ class ListenerMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Answers 413 `payload_too_large` to any body over `max_bytes`, before the app reads it."""
+class ConcurrencyLimitMiddleware:
+    """At most `max_requests` requests in flight in this process; past it, 503 `unavailable` with
+    `Retry-After` at once, before any work (the request is refused whole, nothing was changed).
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int = MAX_BODY_BYTES) -> None:
+    Streams are not counted (each is a long-lived request bounded by its shard's watcher limit),
+    nor are health, readiness and metrics, which must answer when the process is busiest."""
+
+    EXEMPT_PATHS = ("/healthz", "/readyz", "/metrics", "/v1/usage/stream")
+    RETRY_AFTER_S = 1
+
+    def __init__(self, app: ASGIApp, *, max_requests: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self._metrics = metrics
+        self._in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self._in_flight >= self.max_requests:
+            response = problem(
+                503,
+                "unavailable",
+                f"this gateway process is at its bound of {self.max_requests} requests in flight",
+                headers={"Retry-After": str(self.RETRY_AFTER_S)},
+            )
+            await response(scope, receive, send)
+            return
+        self._in_flight += 1
+        self._metrics.requests_in_flight.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+            self._metrics.requests_in_flight.dec()
+
+
+class BodyLimitMiddleware:
+    """Reads the whole body before the app runs: 413 `payload_too_large` past `max_bytes`, and
+    408 `request_timeout` if it has not all arrived within `read_timeout_s` (so a client that
+    trickles its body cannot hold one of the process's request slots for long)."""
+
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = BODY_READ_TIMEOUT_S
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -108,34 +155,43 @@ class BodyLimitMiddleware:
             return
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send)
+            await self._too_large(send)
             return
         try:
-            body = await read_body(receive, max_bytes=self.max_bytes)
+            async with asyncio.timeout(self.read_timeout_s):
+                body = await read_body(receive, max_bytes=self.max_bytes)
         except BodyTooLarge:
             await _drain(receive, DRAIN_BYTES_MAX)
-            await self._refuse(send)
+            await self._too_large(send)
+            return
+        except TimeoutError:
+            detail = f"the request body did not arrive within {self.read_timeout_s:g} s"
+            await _close_with(send, 408, "request_timeout", detail)
             return
         if body is None:
             return  # the client went away
         await self.app(scope, replaying(body, receive), send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = problem_bytes(
-            413, "payload_too_large", f"request bodies are limited to {self.max_bytes} bytes"
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _too_large(self, send: Send) -> None:
+        detail = f"request bodies are limited to {self.max_bytes} bytes"
+        await _close_with(send, 413, "payload_too_large", detail)
+
+
+async def _close_with(send: Send, status: int, code: str, detail: str) -> None:
+    """A problem+json answer that closes the connection (the rest of the body is not read)."""
+    body = problem_bytes(status, code, detail)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _drain(receive: Receive, limit_bytes: int) -> None:

@@ -39,6 +39,7 @@ from standardwebhooks.webhooks import Webhook
 from actors.hosting import kill_shards
 from gateway.app import create_app
 from gateway.auth import issue_token
+from gateway.serving import server_config
 from gateway.settings import Settings
 from persistence.embedded import EmbeddedPostgres, ensure_database
 
@@ -171,12 +172,15 @@ async def start_server(
         settings = Settings(**fields)
         namespaces.add(settings.ray_namespace)
         app = create_app(settings)
-        server = _QuietServer(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_config=None))
+        server = _QuietServer(server_config(app, host="127.0.0.1", port=0))
         task = asyncio.get_running_loop().create_task(server.serve(sockets=sockets))
         deadline = time.monotonic() + 120
         while not server.started:
             if task.done():
-                task.result()  # raises what startup raised
+                try:
+                    task.result()  # raises what startup raised
+                except SystemExit as exc:  # uvicorn exits when the lifespan's startup fails
+                    raise RuntimeError(f"server startup failed (exit {exc.code}); the log says why") from None
                 raise RuntimeError("server exited during startup")
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not start within 120 s")

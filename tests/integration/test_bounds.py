@@ -1,0 +1,140 @@
+"""What one gateway process accepts: bounded request heads, bodies that must arrive in time, and a
+bound on requests in flight, each refused with problem+json before any work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import pytest
+import pytest_asyncio
+
+from gateway.middleware import BODY_READ_TIMEOUT_S
+from gateway.serving import MAX_HEADER_BYTES
+from tests.harness import RunningServer, ServerFactory, auth, new_user
+
+
+async def _raw(
+    server: RunningServer, request: bytes, *, timeout_s: float = 10
+) -> tuple[int, dict[str, str], bytes]:
+    """Send `request` as is on a new connection; the status, headers and body of the answer."""
+    url = urlsplit(server.base_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(request)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        async with asyncio.timeout(timeout_s):
+            answer = await reader.read()  # the server closes the connection
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def _get(path: str, headers: dict[str, str]) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: test", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _assert_headers_too_large(status: int, headers: dict[str, str], body: bytes) -> None:
+    assert status == 431
+    assert headers["content-type"] == "application/problem+json"
+    assert json.loads(body)["code"] == "headers_too_large"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        pytest.param("/v1/usage", {"X-Big": "a" * (MAX_HEADER_BYTES + 1)}, id="one-big-header"),
+        pytest.param("/v1/usage", {f"X-H{i}": "b" * 100 for i in range(200)}, id="many-headers"),
+        pytest.param("/v1/usage?" + "q" * (MAX_HEADER_BYTES + 1), {}, id="long-url"),
+    ],
+)
+async def test_a_head_over_the_bound_is_431(
+    server: RunningServer, path: str, headers: dict[str, str]
+) -> None:
+    _assert_headers_too_large(*await _raw(server, _get(path, headers)))
+
+
+async def test_a_head_that_never_ends_is_cut_off(server: RunningServer) -> None:
+    endless = b"GET /v1/usage HTTP/1.1\r\nHost: test\r\nX-Endless: " + b"c" * (200 * 1024)
+    _assert_headers_too_large(*await _raw(server, endless))
+
+
+async def test_a_head_within_the_bound_is_served(server: RunningServer) -> None:
+    user = new_user()
+    headers = {**auth(user), "X-Padding": "d" * (MAX_HEADER_BYTES - 2048)}
+    status, _, body = await _raw(server, _get("/v1/usage", headers))
+    assert status == 200, body
+    assert json.loads(body)["plan"] == "free"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def small_server(start_server: ServerFactory) -> RunningServer:
+    return await start_server(max_requests_in_flight=2)
+
+
+@contextlib.asynccontextmanager
+async def _trickling_post(server: RunningServer) -> AsyncIterator[None]:
+    """A POST whose body never finishes arriving: it holds a request slot until closed (or 10 s)."""
+    url = urlsplit(server.base_url)
+    _, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(
+        b"POST /v1/sessions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{"
+    )
+    await writer.drain()
+    try:
+        yield
+    finally:
+        writer.close()
+
+
+async def test_past_the_bound_on_requests_in_flight_the_answer_is_503_at_once(
+    small_server: RunningServer,
+) -> None:
+    user = new_user()
+    async with small_server.client() as http:
+
+        async def in_flight() -> float:
+            metrics = (await http.get("/metrics")).text
+            line = next(li for li in metrics.splitlines() if li.startswith("ledger_http_requests_in_flight "))
+            return float(line.split()[1])
+
+        async with _trickling_post(small_server), _trickling_post(small_server):
+            for _ in range(100):
+                if await in_flight() == 2:
+                    break
+                await asyncio.sleep(0.02)
+            refused = await http.get("/v1/usage", headers=auth(user))
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["code"] == "unavailable"
+            assert (await http.get("/healthz")).status_code == 200  # probes are never refused
+        for _ in range(100):
+            if await in_flight() == 0:
+                break
+            await asyncio.sleep(0.02)
+        served = await http.get("/v1/usage", headers=auth(user))
+        assert served.status_code == 200, served.text
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(server: RunningServer) -> None:
+    started = time.monotonic()
+    status, headers, body = await _raw(
+        server,
+        b"POST /v1/sessions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{",
+        timeout_s=BODY_READ_TIMEOUT_S + 10,
+    )
+    assert (status, json.loads(body)["code"]) == (408, "request_timeout")
+    assert headers["connection"] == "close"
+    assert time.monotonic() - started >= BODY_READ_TIMEOUT_S
