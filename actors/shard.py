@@ -107,6 +107,23 @@ R = TypeVar("R")
 D = TypeVar("D", PlanEventRecord, CreditPurchaseRecord)
 ShardState = Literal["starting", "running", "draining", "stopped"]
 
+# The methods that take one of the user's rate-limit tokens (`_limit_rate`). A gateway that was
+# told `RateLimited` may refuse these for the same user, without calling, until the wait is over.
+RATE_LIMITED_METHODS = frozenset(
+    {
+        "usage",
+        "has_credits",
+        "current_session",
+        "list_sessions",
+        "start_session",
+        "heartbeat",
+        "end_session",
+        "consume_meter",
+        "credits",
+        "usage_history",
+        "credit_history",
+    }
+)
 # A timer sleep never exceeds this, so a stepped wall clock is noticed soon.
 TIMER_SLEEP_MAX_S = 30.0
 # An alarm for a user whose durable write is in flight is retried this much later.
@@ -983,7 +1000,9 @@ class LedgerShard:
         wait_s = bucket.take(limit, now)
         if wait_s > 0:
             raise RateLimited(
-                "too many requests for this user; retry later", retry_after_s=max(1, math.ceil(wait_s))
+                "too many requests for this user; retry later",
+                retry_after_s=max(1, math.ceil(wait_s)),
+                wait_ms=math.ceil(wait_s * 1000),
             )
 
     async def _once(self, user_id: str, idem: IdempotencyKey | None, run: Callable[[], Awaitable[R]]) -> R:

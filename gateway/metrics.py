@@ -30,6 +30,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.rate_limited_at_gateway = Counter(
+            "ledger_gateway_rate_limited",
+            "Requests this gateway refused without a shard call: the user's shard had just rate limited them",
+            registry=self.registry,
+        )
         self.requests_in_flight = Gauge(
             "ledger_http_requests_in_flight",
             "Requests being answered by this process (streams, health and metrics not counted)",

@@ -1,5 +1,10 @@
 """ShardRouter: sends each call to the shard that owns the user, with a time limit.
 
+A user the shard refused with `RateLimited` is refused here for the same
+wait, without a call, for the methods that take a rate token: the shard said
+when a token comes back, and until then it would only say no again. An abusive
+client then costs this process a token check, and its shard nothing.
+
 Every call is bounded by `call_timeout_s`; a shard that does not answer in
 time, has died, or is restarting surfaces as `Unavailable` (503), never as a
 hung request. A call that may be repeated without a second effect (reads,
@@ -13,6 +18,7 @@ re-raised as themselves.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,9 +26,9 @@ from typing import Any
 import ray.exceptions
 import structlog
 
-from actors.errors import DomainError, Unavailable
+from actors.errors import DomainError, RateLimited, Unavailable
 from actors.routing import shard_index
-from actors.shard import ShardStats
+from actors.shard import RATE_LIMITED_METHODS, ShardStats
 from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.shards")
@@ -48,6 +54,8 @@ REPEATABLE = frozenset(
         "add_credits",
     }
 )
+# Past this many remembered refusals, the expired ones are dropped.
+REFUSALS_SWEEP_AT = 4_096
 # Between attempts on a dead or restarting shard (Ray restarts it in a new process).
 RETRY_DELAY_MIN_S = 0.05
 RETRY_DELAY_MAX_S = 1.0
@@ -59,6 +67,8 @@ class ShardRouter:
         self._handles = list(handles)
         self._timeout_s = call_timeout_s
         self._metrics = metrics
+        self._refused_until: dict[str, float] = {}  # user id -> monotonic time their tokens return
+        self._sweep_at = REFUSALS_SWEEP_AT
 
     @property
     def shard_count(self) -> int:
@@ -72,9 +82,39 @@ class ShardRouter:
         self, user_id: str, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any
     ) -> Any:
         """Call `method` on the shard that owns `user_id` (within `timeout_s`, default the router's)."""
+        rate_limited = method in RATE_LIMITED_METHODS
+        if rate_limited:
+            self._refuse_if_still_limited(user_id)
         handle = self._handles[shard_index(user_id, len(self._handles))]
         repeatable = method in REPEATABLE or kwargs.get("idem") is not None
-        return await self._call(handle, method, *args, timeout_s=timeout_s, repeatable=repeatable, **kwargs)
+        try:
+            return await self._call(
+                handle, method, *args, timeout_s=timeout_s, repeatable=repeatable, **kwargs
+            )
+        except RateLimited as refused:
+            if rate_limited:
+                self._remember_refusal(user_id, refused.fields.get("wait_ms", 0) / 1000)
+            raise
+
+    def _refuse_if_still_limited(self, user_id: str) -> None:
+        until = self._refused_until.get(user_id)
+        if until is None:
+            return
+        wait_s = until - time.monotonic()
+        if wait_s <= 0:
+            del self._refused_until[user_id]
+            return
+        self._metrics.rate_limited_at_gateway.inc()
+        raise RateLimited(
+            "too many requests for this user; retry later", retry_after_s=max(1, math.ceil(wait_s))
+        )
+
+    def _remember_refusal(self, user_id: str, wait_s: float) -> None:
+        now = time.monotonic()
+        if len(self._refused_until) >= self._sweep_at:
+            self._refused_until = {user: t for user, t in self._refused_until.items() if t > now}
+            self._sweep_at = max(REFUSALS_SWEEP_AT, 2 * len(self._refused_until))
+        self._refused_until[user_id] = now + wait_s
 
     async def _call(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 from collections.abc import AsyncIterator, Sequence
 
@@ -24,7 +25,7 @@ from actors.plans import parse_plans
 from actors.records import Delivery, LedgerSnapshot, StoredLedger
 from actors.replies import IdempotencyKey
 from actors.routing import shard_index
-from actors.shard import LedgerShard, PlanEvent, ShardConfig
+from actors.shard import RATE_LIMITED_METHODS, LedgerShard, PlanEvent, ShardConfig
 from actors.store import LedgerStore, MemoryStore, StoreError, StoreUnavailable, WriteReceipt
 from tests.unit.actors.support import MIN, POLICY, SEC, STALE_MS, T0, FakeClock
 
@@ -536,6 +537,16 @@ LIMITED = LedgerPolicy(
 
 
 class TestRateLimit:
+    async def test_the_methods_named_rate_limited_are_those_that_take_a_token(self) -> None:
+        """Gateways refuse RATE_LIMITED_METHODS for a user their shard just limited; the set must
+        be exactly the methods that take a token, or a gateway would refuse billing's calls."""
+        taking = {
+            name
+            for name, method in inspect.getmembers(LedgerShard, inspect.iscoroutinefunction)
+            if not name.startswith("_") and "self._limit_rate(" in inspect.getsource(method)
+        }
+        assert taking == RATE_LIMITED_METHODS
+
     async def test_a_burst_then_the_refill_rate_and_other_users_unaffected(
         self, store: MemoryStore, clock: FakeClock
     ) -> None:
@@ -545,7 +556,7 @@ class TestRateLimit:
             await shard.usage("u1")
         with pytest.raises(RateLimited) as refused:
             await shard.has_credits("u1")
-        assert refused.value.fields == {"retry_after_s": 1}
+        assert refused.value.fields == {"retry_after_s": 1, "wait_ms": 500}
         assert (await shard.usage("u2")).user_id == "u2", "another user has their own bucket"
         clock.now += 500  # half a second at 2 per second: one more request
         await shard.credits("u1")
