@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # A secret shorter than this is refused in production (RFC 7518 §3.2: an
 # HS256 key must be at least as long as the hash output, 32 bytes).
 SECRET_MIN_LENGTH_PRODUCTION = 32
+# A secret of fewer distinct characters than this is a placeholder ("xxxx...", "aaaa..."), not a key.
+SECRET_MIN_DISTINCT_CHARACTERS = 10
 # Inside one gateway->shard call, a durable operation gets: at least 0.5 s to begin, the
 # statement timeout + 1 s to write, 2 s to read back an ambiguous write, 1 s of margin.
 WRITE_SLACK_S = 1.0
@@ -103,9 +105,16 @@ class Settings(BaseSettings):
                 raise SettingsError(
                     f"LEDGER_{name.upper()} must be set in production (generated secrets are for development)"
                 )
-            if len(value.get_secret_value()) < SECRET_MIN_LENGTH_PRODUCTION:
+            secret = value.get_secret_value()
+            if len(secret) < SECRET_MIN_LENGTH_PRODUCTION:
                 raise SettingsError(
                     f"LEDGER_{name.upper()} is shorter than {SECRET_MIN_LENGTH_PRODUCTION} characters"
+                )
+            if len(set(secret.removeprefix("whsec_"))) < SECRET_MIN_DISTINCT_CHARACTERS:
+                raise SettingsError(
+                    f"LEDGER_{name.upper()} looks like a placeholder (fewer than "
+                    f"{SECRET_MIN_DISTINCT_CHARACTERS} distinct characters); generate one, e.g. "
+                    "`openssl rand -base64 32`"
                 )
         return self
 

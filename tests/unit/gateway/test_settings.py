@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from gateway.secrets import resolve_secrets
 from gateway.settings import Settings
 
-STRONG = "x" * 40
+STRONG = "k3Jq9xZ2vN8pL4tW7yB1mC6dF0gH5sRa"
 
 
 def test_defaults_match_the_documented_table(tmp_path: Path) -> None:
@@ -50,6 +50,8 @@ def test_impossible_values_are_refused(fields: dict[str, object]) -> None:
         ({}, "LEDGER_JWT_SECRET"),
         ({"jwt_secret": STRONG}, "LEDGER_INTERNAL_SECRET"),
         ({"jwt_secret": "short", "internal_secret": STRONG}, "LEDGER_JWT_SECRET is shorter"),
+        ({"jwt_secret": "x" * 64, "internal_secret": STRONG}, "LEDGER_JWT_SECRET looks like a placeholder"),
+        ({"jwt_secret": STRONG, "internal_secret": "whsec_" + "a" * 40}, "LEDGER_INTERNAL_SECRET looks like"),
     ],
 )
 def test_production_refuses_generated_or_short_secrets(fields: dict[str, str], named: str) -> None:
