@@ -143,12 +143,24 @@ async def test_bad_or_old_signatures_are_401(client: httpx.AsyncClient) -> None:
         response = await client.post(path, content=content, headers=headers)
         assert response.status_code == 401, name
         assert response.json()["code"] == "unauthorized", name
-    tampered = content.replace(b'"pro"', b'"bro"')
+    tampered = content.replace(b'"pro"', b'"bro"')  # one byte
     assert (await client.post(path, content=tampered, headers=good)).status_code == 401
-    # The same signature with a second, valid one alongside (secret rotation) is accepted.
-    rotated = {**good, "webhook-signature": f"v1,c29tZXRoaW5nLWVsc2U= {good['webhook-signature']}"}
+    assert (await client.get("/v1/usage", headers=auth(user))).json()["plan"] == "free", "nothing changed"
+    # During a rotation the sender signs with the old and the new secret; either one verifies.
+    new_secret = "whsec_" + "bmV3LXNlY3JldC1hZnRlci10aGUtcm90YXRpb24="
+    timestamp = datetime.fromtimestamp(int(good["webhook-timestamp"]), UTC)
+    by_new_secret = signed(body, secret=new_secret, webhook_id=good["webhook-id"], timestamp=timestamp)[1]
+    rotated = {
+        **good,
+        "webhook-signature": f"{by_new_secret['webhook-signature']} {good['webhook-signature']}",
+    }
     assert (await client.post(path, content=content, headers=rotated)).status_code == 200
     assert (await client.get("/v1/usage", headers=auth(user))).json()["plan"] == "pro"
+    # Within the window is fine: a delivery signed four minutes ago.
+    later = {**body, "plan": "basic", "occurred_at": datetime.now(UTC).isoformat()}
+    recent, recent_headers = signed(later, timestamp=datetime.now(UTC) - timedelta(minutes=4))
+    assert (await client.post(path, content=recent, headers=recent_headers)).status_code == 200
+    assert (await client.get("/v1/usage", headers=auth(user))).json()["plan"] == "basic"
 
 
 async def test_unsigned_call_learns_nothing_about_its_body(client: httpx.AsyncClient) -> None:
