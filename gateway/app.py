@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from actors.logsetup import configure_logging
@@ -26,6 +26,7 @@ from gateway.middleware import (
     RequestLogMiddleware,
 )
 from gateway.routes import credits, internal, ops, sessions, usage
+from gateway.routes.common import no_unknown_query
 from gateway.runtime import Runtime
 from gateway.secrets import resolve_secrets
 from gateway.settings import Settings
@@ -84,8 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         leeway_s=settings.jwt_leeway_s,
     )
     install_error_handlers(app)
-    for module in (usage, sessions, credits, internal, ops):
-        app.include_router(module.router)
+    for module in (usage, sessions, credits, internal):
+        app.include_router(module.router, dependencies=[Depends(no_unknown_query)])
+    app.include_router(ops.router)
     app.add_middleware(InternalSignatureMiddleware, secret=secrets.internal_secret)
     if settings.internal_port is not None:
         app.add_middleware(ListenerMiddleware, internal_port=settings.internal_port)

@@ -130,6 +130,10 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI's answer to a body it cannot decode (bytes that are not UTF-8 JSON): the same
+        # `invalid_request` as any other malformed request.
+        return problem(422, "invalid_request", "the request body is not valid JSON")
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return problem(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
 

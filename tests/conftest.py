@@ -27,6 +27,7 @@ SECURITY: dict[str, frozenset[str] | None] = {
             "test_user_routes_need_a_valid_token",
             "test_another_users_session_is_not_found",
             "test_bad_input_is_refused_and_changes_nothing",
+            "test_unknown_query_parameters_and_undecodable_bodies_are_422",
             "test_body_over_16_kib_is_413",
             "test_chunked_body_over_16_kib_is_413",
         }

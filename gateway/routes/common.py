@@ -7,6 +7,9 @@ import json
 from typing import Annotated, Any
 
 from fastapi import Header, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 
 from actors.replies import MAX_KEY_LENGTH, IdempotencyKey
 from gateway.runtime import Runtime
@@ -30,6 +33,29 @@ _DESCRIPTIONS = {
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for problem+json answers (the app's openapi() fixes their media type)."""
     return {status: {"model": Problem, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+def no_unknown_query(request: Request) -> None:
+    """Router dependency: a query parameter the route does not declare is 422 `invalid_request`,
+    as an unknown body field is (a misspelt `?limt=5` is an error, not a silent default)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    unknown = sorted(set(request.query_params.keys()) - set(_query_names(route.dependant)))
+    if unknown:
+        raise RequestValidationError(
+            [
+                {"type": "extra_forbidden", "loc": ("query", name), "msg": "Extra inputs are not permitted"}
+                for name in unknown
+            ]
+        )
+
+
+def _query_names(dependant: Dependant) -> list[str]:
+    names = [field.alias for field in dependant.query_params]
+    for sub in dependant.dependencies:
+        names.extend(_query_names(sub))
+    return names
 
 
 def runtime(request: Request) -> Runtime:

@@ -206,6 +206,23 @@ async def test_bad_input_is_refused_and_changes_nothing(client: httpx.AsyncClien
     assert after == before
 
 
+async def test_unknown_query_parameters_and_undecodable_bodies_are_422(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    misspelt = await client.get("/v1/sessions", params={"limt": "5"}, headers=auth(user))
+    assert_problem(misspelt, 422, "invalid_request")
+    assert misspelt.json()["errors"] == [
+        {"loc": ["query", "limt"], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+    ]
+    assert (await client.get("/v1/sessions", params={"limit": "5"}, headers=auth(user))).status_code == 200
+    not_utf8 = await client.post(
+        "/v1/sessions",
+        content=b'{"topic": "\xff\xfe"}',
+        headers={**auth(user), "content-type": "application/json"},
+    )
+    assert_problem(not_utf8, 422, "invalid_request")
+    assert (await client.get("/v1/usage", headers=auth(user))).json()["active_session"] is None
+
+
 async def test_heartbeat_rejects_wrong_types(client: httpx.AsyncClient) -> None:
     user = new_user()
     session_id = (await client.post("/v1/sessions", headers=auth(user))).json()["session_id"]
