@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(InternalSignatureMiddleware, secret=secrets.internal_secret)
     if settings.internal_port is not None:
         app.add_middleware(ListenerMiddleware, internal_port=settings.internal_port)
-    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(BodyLimitMiddleware, read_timeout_s=settings.request_read_timeout_s)
     app.add_middleware(
         ConcurrencyLimitMiddleware, max_requests=settings.max_requests_in_flight, metrics=metrics
     )

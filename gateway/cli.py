@@ -79,7 +79,9 @@ def serve(
             f"  internal routes only on http://{settings.internal_host}:{settings.internal_port}/internal/",
             err=True,
         )
-    config = server_config(application, host=settings.host, port=settings.port)
+    config = server_config(
+        application, host=settings.host, port=settings.port, read_timeout_s=settings.request_read_timeout_s
+    )
     sockets = [config.bind_socket()]
     if settings.internal_port is not None:
         sockets.append(_listen(settings.internal_host, settings.internal_port, backlog=BACKLOG))

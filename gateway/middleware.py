@@ -27,8 +27,9 @@ MAX_BODY_BYTES = 16 * 1024
 # An oversized body that streams in is read (and dropped) up to this much more, so the
 # client is still listening when the 413 arrives; past it the connection is simply closed.
 DRAIN_BYTES_MAX = 1024 * 1024
-# The whole body must arrive within this (a 16 KiB body takes milliseconds on any real link).
-BODY_READ_TIMEOUT_S = 10.0
+# A request's head, and then its whole body, must each arrive within this by default
+# (LEDGER_REQUEST_READ_TIMEOUT_S; 16 KiB take milliseconds on any real link).
+REQUEST_READ_TIMEOUT_S = 10.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -100,8 +101,8 @@ class ListenerMiddleware:
 
 
 class ConcurrencyLimitMiddleware:
-    """At most `max_requests` requests in flight in this process; past it, 503 `unavailable` with
-    `Retry-After` at once, before any work (the request is refused whole, nothing was changed).
+    """At most `max_requests` user requests, and as many internal ones, in flight in this process;
+    past it, 503 `unavailable` with `Retry-After` at once, before any work (nothing was changed).
 
     Streams are not counted (each is a long-lived request bounded by its shard's watcher limit),
     nor are health, readiness and metrics, which must answer when the process is busiest."""
@@ -113,13 +114,16 @@ class ConcurrencyLimitMiddleware:
         self.app = app
         self.max_requests = max_requests
         self._metrics = metrics
-        self._in_flight = 0
+        # Internal calls (billing, ops) have a budget of their own: a flood of user requests,
+        # signed or not, must not crowd out the webhooks that change plans and add credits.
+        self._in_flight = {False: 0, True: 0}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
-        if self._in_flight >= self.max_requests:
+        internal = scope["path"].startswith(INTERNAL_PATH_PREFIX)
+        if self._in_flight[internal] >= self.max_requests:
             response = problem(
                 503,
                 "unavailable",
@@ -128,12 +132,12 @@ class ConcurrencyLimitMiddleware:
             )
             await response(scope, receive, send)
             return
-        self._in_flight += 1
+        self._in_flight[internal] += 1
         self._metrics.requests_in_flight.inc()
         try:
             await self.app(scope, receive, send)
         finally:
-            self._in_flight -= 1
+            self._in_flight[internal] -= 1
             self._metrics.requests_in_flight.dec()
 
 
@@ -143,7 +147,7 @@ class BodyLimitMiddleware:
     trickles its body cannot hold one of the process's request slots for long)."""
 
     def __init__(
-        self, app: ASGIApp, *, max_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = BODY_READ_TIMEOUT_S
+        self, app: ASGIApp, *, max_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = REQUEST_READ_TIMEOUT_S
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -157,16 +161,24 @@ class BodyLimitMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._too_large(send)
             return
+        too_large = False
         try:
+            # One deadline for reading the body and, past the bound, draining it.
             async with asyncio.timeout(self.read_timeout_s):
-                body = await read_body(receive, max_bytes=self.max_bytes)
-        except BodyTooLarge:
-            await _drain(receive, DRAIN_BYTES_MAX)
-            await self._too_large(send)
-            return
+                try:
+                    body = await read_body(receive, max_bytes=self.max_bytes)
+                except BodyTooLarge:
+                    too_large = True
+                    await _drain(receive, DRAIN_BYTES_MAX)
         except TimeoutError:
-            detail = f"the request body did not arrive within {self.read_timeout_s:g} s"
-            await _close_with(send, 408, "request_timeout", detail)
+            if too_large:
+                await self._too_large(send)
+            else:
+                detail = f"the request body did not arrive within {self.read_timeout_s:g} s"
+                await _close_with(send, 408, "request_timeout", detail)
+            return
+        if too_large:
+            await self._too_large(send)
             return
         if body is None:
             return  # the client went away

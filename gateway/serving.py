@@ -1,29 +1,43 @@
-"""How a gateway process serves HTTP: uvicorn's configuration, and a bound on request heads.
+"""How a gateway process serves HTTP: uvicorn's configuration, and bounds on what a connection sends.
 
 uvicorn parses HTTP/1.1 with httptools, which has no limit on the size of a
 request line or of headers (`h11_max_incomplete_event_size` applies only to
-the slower h11 parser). `BoundedHeadersProtocol` adds one: past
-`MAX_HEADER_BYTES` of request line and headers, the request is answered 431
-`headers_too_large` (problem+json) and the connection closed, before the app
-sees anything. A head that never ends is cut off the same way once the bytes
-received for it pass the bound plus one read, so it cannot grow in memory.
+the slower h11 parser), and no limit on the time a client takes to send them.
+`BoundedHeadersProtocol` adds both, before the app sees anything:
+
+- request line + headers (+ chunked trailers) over `MAX_HEADER_BYTES`: 431
+  `headers_too_large` (problem+json), and the connection is closed;
+- a head not complete within the read timeout (a client that sends nothing,
+  or trickles its head): 408 `request_timeout`, closed;
+- a head still incomplete `READ_SLACK_BYTES` past its bound (one endless
+  header, which httptools buffers until it ends): 431 as well;
+- a message whose raw bytes pass `MAX_MESSAGE_BYTES` before it completes (an
+  endless trailer): closed.
+
+Bodies are bounded by the app's `BodyLimitMiddleware` (16 KiB, same timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem_bytes
+from gateway.middleware import DRAIN_BYTES_MAX, MAX_BODY_BYTES, REQUEST_READ_TIMEOUT_S
 
 MAX_HEADER_BYTES = 16 * 1024
-# Bytes of one read; a head still incomplete after this much past the bound is refused.
-_READ_SLACK_BYTES = 64 * 1024
-# After a 431 the connection stays open this long, reading and dropping what the client still
+# One read's worth of bytes: a head still incomplete this far past its bound is refused (httptools
+# buffers a header until it ends, so an endless one is caught by the raw count, not by on_header).
+READ_SLACK_BYTES = 64 * 1024
+# Raw bytes one message may take on the wire before it completes: head, the body the app reads,
+# what it drains after a 413, and a read of slack. Past it the connection is closed.
+MAX_MESSAGE_BYTES = MAX_HEADER_BYTES + MAX_BODY_BYTES + DRAIN_BYTES_MAX + READ_SLACK_BYTES
+# After a refusal the connection stays open this long, reading and dropping what the client still
 # sends: closing a socket with unread data resets it, and the client could lose the answer.
-_LINGER_S = 1.0
+LINGER_S = 1.0
 
 LIMIT_CONNECTIONS = 4_096  # uvicorn's own bound on open connections and tasks (then a bare 503)
 BACKLOG = 2_048
@@ -31,33 +45,75 @@ KEEPALIVE_S = 5
 GRACEFUL_SHUTDOWN_S = 20
 
 
+class HeadersTooLarge(Exception):
+    """Raised from a parser callback to stop httptools; answered by `send_400_response`."""
+
+
 class BoundedHeadersProtocol(HttpToolsProtocol):
-    """httptools' protocol, with request line + headers bounded by `MAX_HEADER_BYTES` (then 431)."""
+    """httptools' protocol with the head bounded in size and time, and each message in raw bytes."""
 
     max_header_bytes = MAX_HEADER_BYTES
+    max_message_bytes = MAX_MESSAGE_BYTES
+    read_timeout_s = REQUEST_READ_TIMEOUT_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_bytes = 0  # counted exactly, as the parser hands over the URL and each header
-        self._head_received = 0  # raw bytes received while a head was incomplete
+        self._head_bytes = 0  # request line, headers and trailers, as the parser hands them over
+        self._message_bytes = 0  # raw bytes received since the message began
         self._in_head = True
-        self._head_too_large = False
+        self._between_messages = True  # no byte of the next request yet
+        self._refused = False
+        self._deferred: tuple[int, str, str] | None = None  # a refusal waiting for earlier responses
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    # -- connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()  # a client that connects and sends nothing is not kept forever
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_too_large:
-            return  # answered 431; dropped until the connection closes
-        if self._in_head:
-            self._head_received += len(data)
-            if self._head_received > self.max_header_bytes + _READ_SLACK_BYTES:
-                self._refuse_head()
-                return
+        if self._refused:
+            return  # answered; dropped until the connection closes
+        self._message_bytes += len(data)
+        if self._in_head and self._message_bytes > self.max_header_bytes + READ_SLACK_BYTES:
+            self._refuse(431, "headers_too_large", self._too_large_detail())
+            return
+        if self._message_bytes > self.max_message_bytes:
+            self._abort()
+            return
         super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused:
+            return
+        if self._head_bytes > self.max_header_bytes:
+            if self._in_head:
+                self._refuse(431, "headers_too_large", self._too_large_detail())
+            else:
+                self._abort()  # trailers: the request is already with the app
+        else:
+            super().send_400_response(msg)
+
+    # -- parser callbacks
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
-        self._head_received = 0
+        self._message_bytes = 0
         self._in_head = True
+        self._between_messages = False
+        self._start_head_timer()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._message_bytes = 0
+        self._in_head = True
+        self._between_messages = True  # idle from here is uvicorn's keep-alive timeout's
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -69,28 +125,63 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._cancel_head_timer()
         super().on_headers_complete()
+
+    # -- refusing
 
     def _count_head(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > self.max_header_bytes:
-            self._head_too_large = True
-            # Stops the parser; httptools re-raises it as a parser error, answered below.
-            raise HeadersTooLarge
+            raise HeadersTooLarge  # httptools re-raises it as a parser error: send_400_response
 
-    def send_400_response(self, msg: str) -> None:
-        if self._head_too_large:
-            self._refuse_head()
+    def _too_large_detail(self) -> str:
+        return f"request line and headers are limited to {self.max_header_bytes} bytes"
+
+    def _start_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.read_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._between_messages:
+            self._abort()  # connected and sent nothing: closed quietly, as an idle keep-alive is
         else:
-            super().send_400_response(msg)
+            detail = f"the request head did not arrive within {self.read_timeout_s:g} s"
+            self._refuse(408, "request_timeout", detail)
 
-    def _refuse_head(self) -> None:
-        self._head_too_large = True
-        body = problem_bytes(
-            431, "headers_too_large", f"request line and headers are limited to {self.max_header_bytes} bytes"
-        )
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._deferred is not None and self._responses_done() and not self.transport.is_closing():
+            self._unset_keepalive_if_required()
+            self._write_refusal(*self._deferred)
+
+    def _responses_done(self) -> bool:
+        return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+
+    def _refuse(self, status: int, code: str, detail: str) -> None:
+        """Answer `status` and close, once the responses to earlier pipelined requests are out."""
+        self._refused = True
+        self._cancel_head_timer()
+        if self._responses_done():
+            self._write_refusal(status, code, detail)
+        else:
+            self._deferred = (status, code, detail)
+
+    def _write_refusal(self, status: int, code: str, detail: str) -> None:
+        """The problem+json answer, then close, lingering so that the client reads it."""
+        self._deferred = None
+        body = problem_bytes(status, code, detail)
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"HTTP/1.1 %d %s\r\n" % (status, reason)
             + f"content-type: {PROBLEM_CONTENT_TYPE}\r\n".encode()
             + f"content-length: {len(body)}\r\n".encode()
             + b"connection: close\r\n\r\n"
@@ -98,19 +189,25 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         )
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self.loop.call_later(_LINGER_S, self.transport.close)
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _abort(self) -> None:
+        self._refused = True
+        self._cancel_head_timer()
+        self.transport.close()
 
 
-class HeadersTooLarge(Exception):
-    pass
-
-
-def server_config(app: Any, *, host: str, port: int, **overrides: Any) -> uvicorn.Config:
+def server_config(
+    app: Any, *, host: str, port: int, read_timeout_s: float = REQUEST_READ_TIMEOUT_S, **overrides: Any
+) -> uvicorn.Config:
     """The uvicorn configuration every gateway process runs with (`serve`, and the tests' servers)."""
+    protocol = type(
+        BoundedHeadersProtocol.__name__, (BoundedHeadersProtocol,), {"read_timeout_s": read_timeout_s}
+    )
     options: dict[str, Any] = {
         "host": host,
         "port": port,
-        "http": BoundedHeadersProtocol,
+        "http": protocol,
         "log_config": None,
         "access_log": False,
         "lifespan": "on",

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
 
     actor_call_timeout_s: float = Field(default=12.0, gt=0, le=300)
     shard_max_pending_calls: int = Field(default=10_000, ge=1, le=1_000_000)
+    # A request's head, then its body, must each arrive within this (408 otherwise).
+    request_read_timeout_s: float = Field(default=10.0, gt=0, le=300)
     # Requests in flight in one gateway process (streams not counted); past it, 503 at once.
     max_requests_in_flight: int = Field(default=1_024, ge=1, le=100_000)
     db_statement_timeout_s: float = Field(default=5.0, gt=0, le=600)

@@ -54,6 +54,8 @@ REPEATABLE = frozenset(
         "add_credits",
     }
 )
+# Calls after which a remembered refusal no longer holds.
+PLAN_CHANGES = frozenset({"change_plan"})
 # Past this many remembered refusals, the expired ones are dropped.
 REFUSALS_SWEEP_AT = 4_096
 # Between attempts on a dead or restarting shard (Ray restarts it in a new process).
@@ -88,13 +90,16 @@ class ShardRouter:
         handle = self._handles[shard_index(user_id, len(self._handles))]
         repeatable = method in REPEATABLE or kwargs.get("idem") is not None
         try:
-            return await self._call(
+            result = await self._call(
                 handle, method, *args, timeout_s=timeout_s, repeatable=repeatable, **kwargs
             )
         except RateLimited as refused:
             if rate_limited:
                 self._remember_refusal(user_id, refused.fields.get("wait_ms", 0) / 1000)
             raise
+        if method in PLAN_CHANGES:
+            self._refused_until.pop(user_id, None)  # a new plan, a new rate: the shard decides again
+        return result
 
     def _refuse_if_still_limited(self, user_id: str) -> None:
         until = self._refused_until.get(user_id)

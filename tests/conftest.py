@@ -62,6 +62,9 @@ SECURITY: dict[str, frozenset[str] | None] = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    gone = [module for module in SECURITY if not (_TESTS / module).is_file()]
+    if gone:
+        raise pytest.UsageError(f"tests/conftest.py SECURITY names modules that do not exist: {gone}")
     for item in items:
         path = Path(item.path)
         for directory, marker in _MARKED_BY_DIRECTORY.items():

@@ -172,7 +172,8 @@ async def start_server(
         settings = Settings(**fields)
         namespaces.add(settings.ray_namespace)
         app = create_app(settings)
-        server = _QuietServer(server_config(app, host="127.0.0.1", port=0))
+        config = server_config(app, host="127.0.0.1", port=0, read_timeout_s=settings.request_read_timeout_s)
+        server = _QuietServer(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=sockets))
         deadline = time.monotonic() + 120
         while not server.started:

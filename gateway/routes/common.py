@@ -35,11 +35,16 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": Problem, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
+# EventSource polyfills that can send an Authorization header add their own query parameters on
+# reconnect (`lastEventId`, cache busters); the stream takes none and starts with the current state.
+QUERY_IGNORED_ON = frozenset({"/v1/usage/stream"})
+
+
 def no_unknown_query(request: Request) -> None:
     """Router dependency: a query parameter the route does not declare is 422 `invalid_request`,
     as an unknown body field is (a misspelt `?limt=5` is an error, not a silent default)."""
     route = request.scope.get("route")
-    if not isinstance(route, APIRoute):
+    if not isinstance(route, APIRoute) or route.path in QUERY_IGNORED_ON:
         return
     unknown = sorted(set(request.query_params.keys()) - set(_query_names(route.dependant)))
     if unknown:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -13,7 +14,6 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_asyncio
 
-from gateway.middleware import BODY_READ_TIMEOUT_S
 from gateway.serving import MAX_HEADER_BYTES
 from tests.harness import RunningServer, ServerFactory, auth, new_user
 
@@ -127,14 +127,91 @@ async def test_past_the_bound_on_requests_in_flight_the_answer_is_503_at_once(
         assert served.status_code == 200, served.text
 
 
-async def test_a_body_that_does_not_arrive_in_time_is_408(server: RunningServer) -> None:
+QUICK_READ_TIMEOUT_S = 1.0
+
+
+@pytest_asyncio.fixture(scope="module")
+async def quick_server(start_server: ServerFactory) -> RunningServer:
+    """A server whose clients must send each head and body within a second."""
+    return await start_server(request_read_timeout_s=QUICK_READ_TIMEOUT_S)
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(quick_server: RunningServer) -> None:
     started = time.monotonic()
     status, headers, body = await _raw(
-        server,
+        quick_server,
         b"POST /v1/sessions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n{",
-        timeout_s=BODY_READ_TIMEOUT_S + 10,
     )
     assert (status, json.loads(body)["code"]) == (408, "request_timeout")
     assert headers["connection"] == "close"
-    assert time.monotonic() - started >= BODY_READ_TIMEOUT_S
+    assert time.monotonic() - started >= QUICK_READ_TIMEOUT_S
+
+
+async def test_a_head_that_does_not_arrive_in_time_is_408(quick_server: RunningServer) -> None:
+    started = time.monotonic()
+    status, _, body = await _raw(quick_server, b"GET /v1/usage HTTP/1.1\r\nHost: test\r\n")
+    assert (status, json.loads(body)["code"]) == (408, "request_timeout")
+    assert time.monotonic() - started >= QUICK_READ_TIMEOUT_S
+
+
+async def test_a_connection_that_sends_nothing_is_closed(quick_server: RunningServer) -> None:
+    url = urlsplit(quick_server.base_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        async with asyncio.timeout(QUICK_READ_TIMEOUT_S + 5):
+            assert await reader.read() == b"", "closed, with nothing said"
+    finally:
+        writer.close()
+
+
+async def test_an_oversized_body_trickling_in_is_cut_off_at_the_deadline(quick_server: RunningServer) -> None:
+    """Past 16 KiB the rest is drained, but only until the same deadline: then 413, closed."""
+    chunk = b"x" * (17 * 1024)
+    head = b"POST /v1/sessions HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    started = time.monotonic()
+    status, _, body = await _raw(quick_server, head + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    assert (status, json.loads(body)["code"]) == (413, "payload_too_large")
+    assert time.monotonic() - started < QUICK_READ_TIMEOUT_S + 5
+
+
+async def test_trailers_count_against_the_head_bound(server: RunningServer) -> None:
+    url = urlsplit(server.base_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(
+            b"POST /v1/sessions HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Authorization: {auth(new_user())['Authorization']}\r\n\r\n".encode()
+            + b"2\r\n{}\r\n0\r\nX-Trailer: "
+            + b"t" * (MAX_HEADER_BYTES + 1)
+            + b"\r\n\r\n"
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert not answer.startswith(b"HTTP/1.1 2"), "the request is dropped, not served"
+
+
+async def test_pipelined_requests_are_answered_before_an_oversized_head_is_refused(
+    server: RunningServer,
+) -> None:
+    user = new_user()
+    url = urlsplit(server.base_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        good = (
+            "GET /v1/usage HTTP/1.1\r\nHost: test\r\n"
+            + f"Authorization: {auth(user)['Authorization']}\r\n\r\n"
+        )
+        bad = "GET /v1/usage HTTP/1.1\r\nHost: test\r\nX-Big: " + "a" * (MAX_HEADER_BYTES + 1) + "\r\n\r\n"
+        writer.write((good + good + bad).encode())
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+    assert statuses == [200, 200, 431], answer[:500]

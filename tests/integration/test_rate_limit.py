@@ -50,3 +50,13 @@ async def test_the_gateway_refuses_a_limited_user_itself_until_the_shard_said_a_
     await asyncio.sleep(1.1)  # the last wait the shard gave is over; the pro plan's bucket is full
     statuses = [(await client.get("/v1/usage", headers=auth(user))).status_code for _ in range(10)]
     assert statuses == [200] * 10, statuses
+
+
+async def test_a_plan_change_ends_a_remembered_refusal(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    assert (await change_plan(client, user, "slow")).status_code == 200  # one request per 5 s
+    assert (await client.get("/v1/usage", headers=auth(user))).status_code == 200
+    refused = await client.get("/v1/usage", headers=auth(user))
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 4
+    assert (await change_plan(client, user, "pro")).status_code == 200  # not rate limited
+    assert (await client.get("/v1/usage", headers=auth(user))).status_code == 200
