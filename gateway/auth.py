@@ -24,7 +24,7 @@ import binascii
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -47,6 +47,8 @@ USER_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,255}$"
 WEBHOOK_ID_MAX_LENGTH = 255
 _USER_ID = re.compile(USER_ID_PATTERN)
 JWT_ALGORITHMS = ("HS256",)
+# Verified HS256 tokens remembered per process (cleared when full).
+VERIFIED_TOKENS_MAX = 65_536
 JWKS_ALGORITHMS = ("RS256", "ES256")
 # Keys fetched from the JWKS are used this long before they are fetched again.
 JWKS_MAX_AGE_S = 600.0
@@ -130,6 +132,7 @@ class TokenVerifier:
     audience: str | None = None
     issuer: str | None = None
     leeway_s: float = 30.0
+    _verified: dict[str, tuple[str, float]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         assert (self.secret is None) != (self.jwks is None), "one way to verify: a secret or a JWKS"
@@ -151,14 +154,27 @@ class TokenVerifier:
         key = await self.jwks.key(kid)
         if key is None or key.algorithm_name != algorithm:
             raise Unauthorized("invalid token")
-        return self._decode(token, key.key, [algorithm])
+        return self._decode(token, key.key, [algorithm])[0]
 
     def user_id(self, token: str) -> str:
-        """The verified `sub` of an HS256 `token`; raises `Unauthorized`."""
-        assert self.secret is not None, "this verifier uses a JWKS: call verify()"
-        return self._decode(token, self.secret, list(JWT_ALGORITHMS))
+        """The verified `sub` of an HS256 `token`; raises `Unauthorized`.
 
-    def _decode(self, token: str, key: Any, algorithms: list[str]) -> str:
+        A token verified once is remembered until it expires (a client sends the same token on
+        every request, and checking an HMAC through PyJWT costs more than the rest of a credit
+        check). Only successes are remembered; what made it valid (signature, `nbf`, `iat`,
+        `aud`, `iss`) cannot change, so only `exp` is checked again."""
+        assert self.secret is not None, "this verifier uses a JWKS: call verify()"
+        known = self._verified.get(token)
+        if known is not None and time.time() <= known[1] + self.leeway_s:
+            return known[0]
+        subject, expires_at = self._decode(token, self.secret, list(JWT_ALGORITHMS))
+        if len(self._verified) >= VERIFIED_TOKENS_MAX:
+            self._verified.clear()
+        self._verified[token] = (subject, expires_at)
+        return subject
+
+    def _decode(self, token: str, key: Any, algorithms: list[str]) -> tuple[str, float]:
+        """The verified `sub` and `exp` of `token`; raises `Unauthorized`."""
         try:
             claims = jwt.decode(
                 token,
@@ -176,7 +192,7 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or _USER_ID.match(subject) is None:
             raise Unauthorized("invalid token")
-        return subject
+        return subject, float(claims["exp"])
 
 
 def issue_token(
@@ -210,7 +226,7 @@ async def current_user(
     return user_id
 
 
-def delivery_id(request: Request) -> str:
+async def delivery_id(request: Request) -> str:
     """FastAPI dependency: the verified `webhook-id` of a signed internal call."""
     value = request.scope.get("state", {}).get("webhook_id")
     assert isinstance(value, str), "InternalSignatureMiddleware runs before internal routes"

@@ -30,6 +30,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.shard_batch_size = Histogram(
+            "ledger_shard_batch_size",
+            "Calls carried by one batch call from this gateway to a shard",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
         self.rate_limited_at_gateway = Counter(
             "ledger_gateway_rate_limited",
             "Requests this gateway refused without a shard call: the user's shard had just rate limited them",

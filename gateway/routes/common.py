@@ -40,13 +40,16 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 QUERY_IGNORED_ON = frozenset({"/v1/usage/stream"})
 
 
-def no_unknown_query(request: Request) -> None:
+async def no_unknown_query(request: Request) -> None:
     """Router dependency: a query parameter the route does not declare is 422 `invalid_request`,
     as an unknown body field is (a misspelt `?limt=5` is an error, not a silent default)."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or route.path in QUERY_IGNORED_ON:
         return
-    unknown = sorted(set(request.query_params.keys()) - set(_query_names(route.dependant)))
+    declared = _DECLARED_QUERY.get(id(route))
+    if declared is None or declared[0] is not route:
+        declared = _DECLARED_QUERY[id(route)] = (route, frozenset(_query_names(route.dependant)))
+    unknown = sorted(set(request.query_params.keys()) - declared[1])
     if unknown:
         raise RequestValidationError(
             [
@@ -56,6 +59,10 @@ def no_unknown_query(request: Request) -> None:
         )
 
 
+# Each route's declared query parameters, by id(route); the route is kept, so an id is never reused.
+_DECLARED_QUERY: dict[int, tuple[APIRoute, frozenset[str]]] = {}
+
+
 def _query_names(dependant: Dependant) -> list[str]:
     names = [field.alias for field in dependant.query_params]
     for sub in dependant.dependencies:
@@ -63,13 +70,13 @@ def _query_names(dependant: Dependant) -> list[str]:
     return names
 
 
-def runtime(request: Request) -> Runtime:
+async def runtime(request: Request) -> Runtime:
     value = request.app.state.runtime
     assert isinstance(value, Runtime), "the lifespan sets app.state.runtime"
     return value
 
 
-def request_id(request: Request) -> str | None:
+async def request_id(request: Request) -> str | None:
     value = request.scope.get("state", {}).get("request_id")
     return value if isinstance(value, str) else None
 

@@ -79,3 +79,13 @@ def test_leeway_allows_small_clock_skew_only() -> None:
 
 def test_secret_never_appears_in_repr() -> None:
     assert SECRET not in repr(verifier)
+
+
+def test_a_remembered_token_is_refused_once_it_expires() -> None:
+    strict = TokenVerifier(secret=SECRET, leeway_s=0)
+    token = issue_token(secret=SECRET, user_id="u", ttl_s=1)
+    assert strict.user_id(token) == "u"
+    assert strict.user_id(token) == "u"  # remembered
+    time.sleep(1.2)
+    with pytest.raises(Unauthorized, match="expired"):
+        strict.user_id(token)

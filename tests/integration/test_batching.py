@@ -1,0 +1,61 @@
+"""Hot calls from a gateway to a shard travel in batches: each answer still goes to its own caller,
+errors stay with the call that raised them, and a batch that meets a restarting shard is retried."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.harness import auth, change_plan, new_user
+
+
+def _batches(metrics: str) -> tuple[float, float]:
+    """(batch calls, calls carried) so far, from ledger_shard_batch_size."""
+    values = {}
+    for line in metrics.splitlines():
+        for name in ("ledger_shard_batch_size_count", "ledger_shard_batch_size_sum"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[1])
+    return values["ledger_shard_batch_size_count"], values["ledger_shard_batch_size_sum"]
+
+
+async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(client: httpx.AsyncClient) -> None:
+    users = [new_user() for _ in range(40)]
+    plans = {user: ("pro" if i % 2 else "basic") for i, user in enumerate(users)}
+    for user, plan in plans.items():
+        assert (await change_plan(client, user, plan)).status_code == 200
+    sessions = {}
+    for user in users[:20]:
+        started = await client.post("/v1/sessions", json={}, headers=auth(user))
+        assert started.status_code == 201, started.text
+        sessions[user] = started.json()["session_id"]
+    before = _batches((await client.get("/metrics")).text)
+
+    async def check(user: str) -> tuple[str, str]:
+        usage = await client.get("/v1/usage", headers=auth(user))
+        assert usage.status_code == 200, usage.text
+        assert usage.json()["user_id"] == user
+        return user, usage.json()["plan"]
+
+    async def beat(user: str, session_id: str) -> int:
+        return (
+            await client.post(f"/v1/sessions/{session_id}/heartbeat", json={}, headers=auth(user))
+        ).status_code
+
+    rounds = 5
+    answers = await asyncio.gather(
+        *(check(user) for _ in range(rounds) for user in users),
+        *(beat(user, session_id) for user, session_id in sessions.items()),
+        # A session id that is not the user's: 404 for this call alone, in the middle of batches.
+        *(beat(users[30 + i], sessions[users[i]]) for i in range(5)),
+    )
+    checks = answers[: rounds * len(users)]
+    assert all(plan == plans[user] for user, plan in checks), "every answer went to its own caller"
+    beats = answers[rounds * len(users) :]
+    assert beats == [200] * len(sessions) + [404] * 5
+    calls_before, carried_before = before
+    calls, carried = _batches((await client.get("/metrics")).text)
+    batched = carried - carried_before
+    assert batched >= rounds * len(users) + len(sessions) + 5
+    assert calls - calls_before < batched, "some calls shared a batch"
