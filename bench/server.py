@@ -3,6 +3,8 @@ Postgres die with it), on a free port, with fresh secrets; stopped with SIGTERM,
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import os
 import secrets
@@ -19,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from gateway.auth import issue_token
+from persistence.embedded import EmbeddedPostgres, ensure_database
 
 BIN = Path(sys.executable).parent / "usage-ledger"
 
@@ -29,6 +32,11 @@ class BenchServer:
     jwt_secret: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    database_url: str
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
 
     def token(self, user_id: str, *, ttl_s: int = 3_600) -> str:
         return issue_token(secret=self.jwt_secret, user_id=user_id, ttl_s=ttl_s)
@@ -44,7 +52,7 @@ def _free_port() -> int:
 def bench_server(**settings: str) -> Iterator[BenchServer]:
     """Start the server with `LEDGER_<NAME>=value` for each setting; yield once `/readyz` is 200.
 
-    The database is `LEDGER_BENCH_DATABASE_URL` when set, else the embedded one."""
+    The database is `LEDGER_BENCH_DATABASE_URL` when set, else an embedded Postgres of its own."""
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as workdir:
         port = _free_port()
         jwt_secret = secrets.token_hex(32)
@@ -53,11 +61,18 @@ def bench_server(**settings: str) -> Iterator[BenchServer]:
             LEDGER_PORT=str(port),
             LEDGER_DATA_DIR=str(Path(workdir) / "data"),
             LEDGER_JWT_SECRET=jwt_secret,
-            LEDGER_INTERNAL_SECRET="whsec_" + secrets.token_urlsafe(32),
+            LEDGER_INTERNAL_SECRET="whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
             LEDGER_LOG_LEVEL="warning",
         )
+        embedded: EmbeddedPostgres | None = None
         if os.environ.get("LEDGER_BENCH_DATABASE_URL"):
-            env["LEDGER_DATABASE_URL"] = os.environ["LEDGER_BENCH_DATABASE_URL"]
+            database_url = os.environ["LEDGER_BENCH_DATABASE_URL"]
+        else:  # our own embedded Postgres, so that the bench can read its statistics too
+            embedded = EmbeddedPostgres(Path(workdir) / "pg")
+            embedded.start()
+            asyncio.run(ensure_database(embedded.dsn("postgres"), "ledger_bench"))
+            database_url = embedded.dsn("ledger_bench")
+        env["LEDGER_DATABASE_URL"] = database_url
         env.update({f"LEDGER_{name.upper()}": value for name, value in settings.items()})
         log_path = Path(workdir) / "serve.log"
         with log_path.open("w") as log:
@@ -69,12 +84,14 @@ def bench_server(**settings: str) -> Iterator[BenchServer]:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        server = BenchServer(f"http://127.0.0.1:{port}", jwt_secret, process, log_path)
+        server = BenchServer(f"http://127.0.0.1:{port}", jwt_secret, process, log_path, database_url)
         try:
             _wait_ready(server)
             yield server
         finally:
             _stop(process)
+            if embedded is not None:
+                embedded.stop()
 
 
 def _wait_ready(server: BenchServer, timeout_s: float = 180) -> None:

@@ -1,0 +1,227 @@
+"""`python -m bench`: run the benchmark scenarios against a real server, write the results.
+
+    .venv/bin/python -m bench                 # every scenario, the full rate sweep
+    .venv/bin/python -m bench --short         # a quick look (under 3 minutes)
+    .venv/bin/python -m bench check heartbeat # some scenarios
+
+Each scenario starts a real `usage-ledger serve` (local Ray, its own embedded
+Postgres), prepares its users through the HTTP API, then offers constant-rate
+open-loop load at each rate of the sweep from a separate process
+(`bench/loadgen.py`). It writes `bench/results/<date>-<scenario>.json` and
+regenerates `BENCHMARKS.md` from the newest result of each scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from bench.loadgen import LoadSpec, http_request, run_load
+from bench.server import BenchServer, bench_server
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    rates: tuple[float, ...]
+    seconds: float
+    users: int
+
+
+FULL = Sweep(rates=(250, 500, 1000, 2000, 3000, 4000), seconds=15, users=2000)
+SHORT = Sweep(rates=(250, 1000, 2000), seconds=6, users=500)
+
+
+async def _prepare_users(server: BenchServer, users: list[str], *, start_sessions: bool) -> dict[str, str]:
+    """Make every user resident (and give each a session); returns user -> session id."""
+    sessions: dict[str, str] = {}
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=60) as http:
+        semaphore = asyncio.Semaphore(32)
+
+        async def one(user: str) -> None:
+            headers = {"Authorization": f"Bearer {server.token(user)}"}
+            async with semaphore:
+                (await http.get("/v1/usage", headers=headers)).raise_for_status()
+                if start_sessions:
+                    started = await http.post("/v1/sessions", json={"topic": "bench"}, headers=headers)
+                    started.raise_for_status()
+                    sessions[user] = started.json()["session_id"]
+
+        await asyncio.gather(*(one(user) for user in users))
+    return sessions
+
+
+async def _transactions(database_url: str) -> int:
+    connection = await asyncpg.connect(database_url)
+    try:
+        value = await connection.fetchval(
+            "select xact_commit + xact_rollback from pg_stat_database where datname = current_database()"
+        )
+        return int(value)
+    finally:
+        await connection.close()
+
+
+def _sweep(server: BenchServer, requests: list[bytes], sweep: Sweep) -> list[dict[str, Any]]:
+    points = []
+    for rate in sweep.rates:
+        before = asyncio.run(_transactions(server.database_url))
+        result = run_load(
+            LoadSpec(
+                host="127.0.0.1",
+                port=server.port,
+                requests=requests,
+                rate_per_s=rate,
+                duration_s=sweep.seconds,
+            )
+        )
+        # Let the server's write-behind catch up, so its writes are counted against this rate.
+        time.sleep(2)
+        transactions = asyncio.run(_transactions(server.database_url)) - before
+        point = result.summary()
+        point["db_transactions_per_1000"] = round(1000 * transactions / max(1, result.completed), 2)
+        points.append(point)
+        print(
+            f"  {rate:>6.0f}/s offered: {point['achieved_per_s']:>7.1f}/s done, "
+            f"p50 {point['p50_ms']:.2f} ms, "
+            f"p99 {point['p99_ms']:.2f} ms, p99.9 {point['p999_ms']:.2f} ms, "
+            f"{point['ok']}/{point['requests']} 2xx, {point['db_transactions_per_1000']} db tx/1000",
+            flush=True,
+        )
+    return points
+
+
+def scenario_check(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
+    """Credit checks (`GET /v1/usage`) of warm users."""
+    users = [f"bench-{uuid.uuid4().hex[:12]}" for _ in range(sweep.users)]
+    asyncio.run(_prepare_users(server, users, start_sessions=False))
+    requests = [
+        http_request("GET", "/v1/usage", headers={"Authorization": f"Bearer {server.token(user)}"})
+        for user in users
+    ]
+    return {"users": len(users), "points": _sweep(server, requests, sweep)}
+
+
+def scenario_heartbeat(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
+    """Heartbeats across one running session per user."""
+    users = [f"bench-{uuid.uuid4().hex[:12]}" for _ in range(sweep.users)]
+    sessions = asyncio.run(_prepare_users(server, users, start_sessions=True))
+    requests = [
+        http_request(
+            "POST",
+            f"/v1/sessions/{sessions[user]}/heartbeat",
+            headers={"Authorization": f"Bearer {server.token(user)}"},
+            body=b"{}",
+        )
+        for user in users
+    ]
+    return {"users": len(users), "sessions": len(sessions), "points": _sweep(server, requests, sweep)}
+
+
+SCENARIOS: dict[str, Callable[[BenchServer, Sweep], dict[str, Any]]] = {
+    "check": scenario_check,
+    "heartbeat": scenario_heartbeat,
+}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def write_result(scenario: str, body: dict[str, Any], *, short: bool) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    document = {
+        "scenario": scenario,
+        "doc": (SCENARIOS[scenario].__doc__ or "").strip(),
+        "at": now.isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "machine": _machine(),
+        "short": short,
+        **body,
+    }
+    path = RESULTS / f"{now:%Y-%m-%d}-{scenario}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def render_benchmarks_md() -> str:
+    """BENCHMARKS.md from the newest result file of each scenario."""
+    newest: dict[str, dict[str, Any]] = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        document = json.loads(path.read_text())
+        newest[document["scenario"]] = document  # sorted by date: the last one wins
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m bench` from `bench/results/` (the newest result of each scenario);",
+        "do not edit by hand. Latency is measured from each request's scheduled time (open loop).",
+        "",
+    ]
+    for scenario, document in newest.items():
+        lines += [
+            f"## {scenario}: {document['doc']}",
+            "",
+            f"{document['at']}, commit `{document['commit']}`, {document['machine']}, "
+            f"{document.get('users', '?')} users{' (short run)' if document.get('short') else ''}.",
+            "",
+            "| offered /s | done /s | p50 ms | p99 ms | p99.9 ms | 2xx | errors | DB tx per 1000 |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for point in document["points"]:
+            lines.append(
+                f"| {point['offered_per_s']:.0f} | {point['achieved_per_s']:.0f} | {point['p50_ms']:.2f} | "
+                f"{point['p99_ms']:.2f} | {point['p999_ms']:.2f} | {point['ok']}/{point['requests']} | "
+                f"{point['errors']} | {point['db_transactions_per_1000']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Benchmark a real usage-ledger server."
+    )
+    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: all")
+    parser.add_argument("--short", action="store_true", help="fewer rates, shorter runs (a quick look)")
+    parser.add_argument("--shards", type=int, default=2)
+    args = parser.parse_args()
+    sweep = SHORT if args.short else FULL
+    for scenario in args.scenarios or list(SCENARIOS):
+        print(f"{scenario}: {(SCENARIOS[scenario].__doc__ or '').strip()}", flush=True)
+        with bench_server(shards=str(args.shards), log_level="warning") as server:
+            body = SCENARIOS[scenario](server, sweep)
+        print(f"  -> {write_result(scenario, body, short=args.short)}", flush=True)
+    BENCHMARKS_MD.write_text(render_benchmarks_md())
+    print(f"wrote {BENCHMARKS_MD}")
+
+
+if __name__ == "__main__":
+    main()
