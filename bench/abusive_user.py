@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from actors.routing import shard_index
-from bench.server import BenchServer, bench_server
+from bench.server import BenchServer, bench_database, bench_server
 
 PHASES = ("without", "with abuser", "without again")
 # Time given to the abuser's process to start (its imports), not measured.
@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--phase-s", type=float, default=20.0)
     parser.add_argument("--shards", type=int, default=4)
     args = parser.parse_args()
-    with bench_server(shards=str(args.shards)) as server:
+    with bench_database() as database_url, bench_server(database_url, shards=str(args.shards)) as server:
         report = asyncio.run(
             measure(
                 server,

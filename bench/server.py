@@ -1,5 +1,6 @@
-"""A real `usage-ledger serve` for benchmarks: its own process group (its local Ray and embedded
-Postgres die with it), on a free port, with fresh secrets; stopped with SIGTERM, then SIGKILL."""
+"""The servers a benchmark runs: a real `usage-ledger serve`, and the postgres-direct baseline,
+each in its own process group (a local Ray dies with its server) on a free port with fresh
+secrets, stopped with SIGTERM, then SIGKILL; and the Postgres both use."""
 
 from __future__ import annotations
 
@@ -49,58 +50,95 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def bench_server(**settings: str) -> Iterator[BenchServer]:
-    """Start the server with `LEDGER_<NAME>=value` for each setting; yield once `/readyz` is 200.
+def bench_database() -> Iterator[str]:
+    """`LEDGER_BENCH_DATABASE_URL` when set, else an embedded Postgres of the benchmark's own (so it
+    can read the database's statistics, and the baseline can use the same server)."""
+    if os.environ.get("LEDGER_BENCH_DATABASE_URL"):
+        yield os.environ["LEDGER_BENCH_DATABASE_URL"]
+        return
+    with tempfile.TemporaryDirectory(prefix="ledger-bench-pg-") as workdir:
+        embedded = EmbeddedPostgres(Path(workdir) / "pg")
+        embedded.start()
+        try:
+            asyncio.run(ensure_database(embedded.dsn("postgres"), "ledger_bench"))
+            yield embedded.dsn("ledger_bench")
+        finally:
+            embedded.stop()
 
-    The database is `LEDGER_BENCH_DATABASE_URL` when set, else an embedded Postgres of its own."""
+
+@contextlib.contextmanager
+def bench_server(database_url: str, **settings: str) -> Iterator[BenchServer]:
+    """`usage-ledger serve` on `database_url`, with `LEDGER_<NAME>=value` for each setting; yields
+    once `/readyz` is 200."""
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as workdir:
         port = _free_port()
         jwt_secret = secrets.token_hex(32)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LEDGER_", "RAY_"))}
+        env = _clean_env()
         env.update(
             LEDGER_PORT=str(port),
             LEDGER_DATA_DIR=str(Path(workdir) / "data"),
+            LEDGER_DATABASE_URL=database_url,
             LEDGER_JWT_SECRET=jwt_secret,
             LEDGER_INTERNAL_SECRET="whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
             LEDGER_LOG_LEVEL="warning",
         )
-        embedded: EmbeddedPostgres | None = None
-        if os.environ.get("LEDGER_BENCH_DATABASE_URL"):
-            database_url = os.environ["LEDGER_BENCH_DATABASE_URL"]
-        else:  # our own embedded Postgres, so that the bench can read its statistics too
-            embedded = EmbeddedPostgres(Path(workdir) / "pg")
-            embedded.start()
-            asyncio.run(ensure_database(embedded.dsn("postgres"), "ledger_bench"))
-            database_url = embedded.dsn("ledger_bench")
-        env["LEDGER_DATABASE_URL"] = database_url
         env.update({f"LEDGER_{name.upper()}": value for name, value in settings.items()})
-        log_path = Path(workdir) / "serve.log"
-        with log_path.open("w") as log:
-            process = subprocess.Popen(
-                [str(BIN), "serve"],
-                cwd=workdir,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        server = BenchServer(f"http://127.0.0.1:{port}", jwt_secret, process, log_path, database_url)
+        server = _start([str(BIN), "serve"], env, Path(workdir), port, jwt_secret, database_url)
         try:
-            _wait_ready(server)
+            _wait_ready(server, "/readyz", 200)
             yield server
         finally:
-            _stop(process)
-            if embedded is not None:
-                embedded.stop()
+            _stop(server.process)
 
 
-def _wait_ready(server: BenchServer, timeout_s: float = 180) -> None:
+@contextlib.contextmanager
+def baseline_server(database_url: str) -> Iterator[BenchServer]:
+    """The postgres-direct baseline (`bench/baseline.py`) on `database_url`."""
+    with tempfile.TemporaryDirectory(prefix="ledger-baseline-") as workdir:
+        port = _free_port()
+        jwt_secret = secrets.token_hex(32)
+        command = [
+            sys.executable,
+            "-m",
+            "bench.baseline",
+            "--port",
+            str(port),
+            "--dsn",
+            database_url,
+            "--jwt-secret",
+            jwt_secret,
+        ]
+        env = {**_clean_env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        server = _start(command, env, Path(workdir), port, jwt_secret, database_url)
+        try:
+            _wait_ready(server, "/v1/usage", 401)  # up, and asking for a token
+            yield server
+        finally:
+            _stop(server.process)
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("LEDGER_", "RAY_"))}
+
+
+def _start(
+    command: list[str], env: dict[str, str], workdir: Path, port: int, jwt_secret: str, database_url: str
+) -> BenchServer:
+    log_path = workdir / "server.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return BenchServer(f"http://127.0.0.1:{port}", jwt_secret, process, log_path, database_url)
+
+
+def _wait_ready(server: BenchServer, path: str, status: int, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"serve exited: {server.log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"the server exited: {server.log_path.read_text()[-3000:]}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{server.base_url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{server.base_url}{path}", timeout=2).status_code == status:
                 return
         time.sleep(0.5)
     raise TimeoutError("serve was not ready in time")
