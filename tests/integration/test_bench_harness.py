@@ -1,0 +1,78 @@
+"""The benchmark harness itself works (no timing is asserted): the open-loop generator sends what it
+is given and counts what comes back, and the postgres-direct baseline answers the same requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+import uvicorn
+
+from bench.__main__ import compare, render_benchmarks_md
+from bench.baseline import create_baseline_app
+from bench.loadgen import LoadSpec, http_request, run_load
+from gateway.auth import issue_token
+from gateway.serving import server_config
+from tests.harness import JWT_SECRET, RunningServer, auth, new_user
+
+
+def _port(base_url: str) -> int:
+    return int(base_url.rsplit(":", 1)[1])
+
+
+async def test_the_generator_sends_at_its_rate_and_counts_the_answers(server: RunningServer) -> None:
+    users = [new_user() for _ in range(5)]
+    requests = [http_request("GET", "/v1/usage", headers=auth(user)) for user in users]
+    requests.append(http_request("GET", "/v1/usage", headers={"Authorization": "Bearer nope"}))
+    spec = LoadSpec(
+        host="127.0.0.1", port=_port(server.base_url), requests=requests, rate_per_s=60, duration_s=1
+    )
+    result = await asyncio.to_thread(run_load, spec)
+    assert result.completed == 60 and result.errors == 0
+    assert result.statuses == {200: 50, 401: 10}
+    summary = result.summary()
+    assert summary["ok"] == 50 and 0 < summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
+
+
+@pytest_asyncio.fixture
+async def baseline_url(postgres_dsn: str) -> AsyncIterator[str]:
+    server = uvicorn.Server(
+        server_config(create_baseline_app(postgres_dsn, JWT_SECRET), host="127.0.0.1", port=0)
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.get_running_loop().create_task(server.serve())
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert not task.done() and time.monotonic() < deadline, "the baseline did not start"
+        await asyncio.sleep(0.05)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    await task
+
+
+async def test_the_baseline_checks_starts_and_heartbeats_through_postgres(baseline_url: str) -> None:
+    import httpx
+
+    user = f"baseline-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {issue_token(secret=JWT_SECRET, user_id=user, ttl_s=60)}"}
+    async with httpx.AsyncClient(base_url=baseline_url) as http:
+        usage = await http.get("/v1/usage", headers=headers)
+        assert usage.status_code == 200 and usage.json()["user_id"] == user
+        assert (await http.get("/v1/usage")).status_code == 401
+        session_id = (await http.post("/v1/sessions", json={}, headers=headers)).json()["session_id"]
+        await asyncio.sleep(0.2)
+        beat = await http.post(f"/v1/sessions/{session_id}/heartbeat", json={}, headers=headers)
+        assert beat.status_code == 200 and beat.json()["version"] >= 2
+        assert (await http.get("/v1/usage", headers=headers)).json()["minutes_used"] >= 0
+        other = await http.post(f"/v1/sessions/{uuid.uuid4()}/heartbeat", json={}, headers=headers)
+        assert other.status_code == 404
+
+
+def test_ratios_and_the_table_come_from_the_results() -> None:
+    ours = [{"offered_per_s": 100, "p99_ms": 2.0, "db_transactions_per_1000": 10}]
+    theirs = [{"offered_per_s": 100, "p99_ms": 8.0, "db_transactions_per_1000": 2000}]
+    assert compare(ours, theirs) == [{"offered_per_s": 100, "p99_ratio": 0.25, "db_tx_ratio": 0.005}]
+    assert render_benchmarks_md().startswith("# Benchmarks")
