@@ -72,7 +72,7 @@ async def test_the_baseline_checks_starts_and_heartbeats_through_postgres(baseli
 
 
 def test_ratios_and_the_table_come_from_the_results() -> None:
-    ours = [{"offered_per_s": 100, "p99_ms": 2.0, "db_transactions_per_1000": 10}]
-    theirs = [{"offered_per_s": 100, "p99_ms": 8.0, "db_transactions_per_1000": 2000}]
-    assert compare(ours, theirs) == [{"offered_per_s": 100, "p99_ratio": 0.25, "db_tx_ratio": 0.005}]
+    ours = [{"offered_per_s": 100, "p99_ms": 2.0, "db_write_transactions_per_1000": 10}]
+    theirs = [{"offered_per_s": 100, "p99_ms": 8.0, "db_write_transactions_per_1000": 2000}]
+    assert compare(ours, theirs) == [{"offered_per_s": 100, "p99_ratio": 0.25, "db_write_ratio": 0.005}]
     assert render_benchmarks_md().startswith("# Benchmarks")
