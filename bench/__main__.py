@@ -80,15 +80,21 @@ async def _write_transactions(database_url: str) -> int:
         await connection.close()
 
 
-def _sweep(server: BenchServer, requests: list[bytes], sweep: Sweep) -> list[dict[str, Any]]:
+def _sweep(
+    server: BenchServer,
+    requests: list[bytes] | Callable[[float], list[bytes]],
+    sweep: Sweep,
+    rates: tuple[float, ...] | None = None,
+) -> list[dict[str, Any]]:
+    """Offer each rate in turn; `requests` may depend on the rate (its own users, say)."""
     points = []
-    for rate in sweep.rates:
+    for rate in rates or sweep.rates:
         before = asyncio.run(_write_transactions(server.database_url))
         result = run_load(
             LoadSpec(
                 host="127.0.0.1",
                 port=server.port,
-                requests=requests,
+                requests=requests(rate) if callable(requests) else requests,
                 rate_per_s=rate,
                 duration_s=sweep.seconds,
             )
@@ -137,6 +143,36 @@ def scenario_heartbeat(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     return {"users": len(users), "sessions": len(sessions), "points": _sweep(server, requests, sweep)}
 
 
+ACTIVATION_RATES_FULL: tuple[float, ...] = (250, 500, 1000)
+ACTIVATION_RATES_SHORT: tuple[float, ...] = (250, 500)
+
+
+def scenario_activation(database_url: str, sweep: Sweep, shards: int) -> dict[str, Any]:
+    """Cold activation: each request is the first since a restart for a user who exists only in
+    Postgres (created through a first server, which is then stopped)."""
+    rates = ACTIVATION_RATES_SHORT if sweep is SHORT else ACTIVATION_RATES_FULL
+    cohorts = {
+        rate: [f"cold-{uuid.uuid4().hex[:12]}" for _ in range(int(rate * sweep.seconds))] for rate in rates
+    }
+    with bench_server(database_url, shards=str(shards)) as first:
+        for users in cohorts.values():
+            asyncio.run(_prepare_users(first, users, start_sessions=False))
+    with bench_server(database_url, shards=str(shards), sync_interval_s="5") as server:
+
+        def requests(rate: float) -> list[bytes]:  # each user once: every request activates
+            return [
+                http_request("GET", "/v1/usage", headers={"Authorization": f"Bearer {server.token(user)}"})
+                for user in cohorts[rate]
+            ]
+
+        points = _sweep(server, requests, sweep, rates)
+    return {"users": sum(len(users) for users in cohorts.values()), "points": points}
+
+
+# Scenarios that start their own servers (no postgres-direct counterpart: the baseline's every
+# check already reads Postgres, so its `check` figures are the comparison).
+STANDALONE: dict[str, Callable[[str, Sweep, int], dict[str, Any]]] = {"activation": scenario_activation}
+
 SCENARIOS: dict[str, Callable[[BenchServer, Sweep], dict[str, Any]]] = {
     "check": scenario_check,
     "heartbeat": scenario_heartbeat,
@@ -161,7 +197,7 @@ def write_result(scenario: str, body: dict[str, Any], *, short: bool) -> Path:
     now = datetime.now(UTC)
     document = {
         "scenario": scenario,
-        "doc": (SCENARIOS[scenario].__doc__ or "").strip(),
+        "doc": " ".join((({**SCENARIOS, **STANDALONE})[scenario].__doc__ or "").split()),
         "at": now.isoformat(timespec="seconds"),
         "commit": _commit(),
         "machine": _machine(),
@@ -257,13 +293,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description="Benchmark a real usage-ledger server."
     )
-    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: all")
+    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, *STANDALONE, []], help="default: all")
     parser.add_argument("--short", action="store_true", help="fewer rates, shorter runs (a quick look)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the postgres-direct runs")
     args = parser.parse_args()
     sweep = SHORT if args.short else FULL
-    for scenario in args.scenarios or list(SCENARIOS):
+    for scenario in args.scenarios or [*SCENARIOS, *STANDALONE]:
+        if scenario in STANDALONE:
+            print(f"{scenario}: {(STANDALONE[scenario].__doc__ or '').strip()}", flush=True)
+            with bench_database() as database_url:
+                body = STANDALONE[scenario](database_url, sweep, args.shards)
+            print(f"  -> {write_result(scenario, body, short=args.short)}", flush=True)
+            continue
         run = SCENARIOS[scenario]
         print(f"{scenario}: {(run.__doc__ or '').strip()}", flush=True)
         with bench_database() as database_url:
