@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import uuid
 from collections import Counter
@@ -253,6 +254,8 @@ class LedgerShard:
         self._store: CountingStore | None = None
         self._ledgers: dict[str, UserLedger] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
+        self._next_load: asyncio.Task[None] | None = None  # the load users asked for now will join
+        self._next_load_users: list[str] = []
         self._gates: dict[str, _Gate] = {}
         self._dirty: set[str] = set()
         # Users whose last durable write has an unknown outcome (user -> its write's receipt).
@@ -915,11 +918,27 @@ class LedgerShard:
         await self._running()
         task = self._loading.get(user_id)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._load([user_id]))
-            self._loading[user_id] = task
-            task.add_done_callback(lambda done: self._loading.pop(user_id, None))
+            # Users asked for in the same moment (a gateway's batch, say) are loaded together, in
+            # one store call, by the load that starts once the current calls have had their turn.
+            if self._next_load is None or len(self._next_load_users) >= ACTIVATION_BATCH_USERS:
+                self._next_load_users = []
+                self._next_load = asyncio.get_running_loop().create_task(self._load_together())
+            self._next_load_users.append(user_id)
+            task = self._loading[user_id] = self._next_load
+            task.add_done_callback(functools.partial(self._loaded, user_id))
         # Shielded: a caller giving up must not cancel the load others wait for.
         await asyncio.shield(task)
+
+    def _loaded(self, user_id: str, task: asyncio.Task[None]) -> None:
+        if self._loading.get(user_id) is task:
+            del self._loading[user_id]
+
+    async def _load_together(self) -> None:
+        users = self._next_load_users
+        await asyncio.sleep(0)  # the other calls of this moment add their users first
+        if self._next_load_users is users:
+            self._next_load = None
+        await self._load(users)
 
     async def _load(self, user_ids: list[str]) -> None:
         store = self._require_store()

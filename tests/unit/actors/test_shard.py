@@ -115,6 +115,17 @@ class TestReads:
         assert {view.user_id for view in views} == {"u-cold"}
         assert (await store_calls(shard))["load"] == before + 1
 
+    async def test_cold_users_asked_for_together_are_loaded_in_one_store_call(
+        self, shard: LedgerShard
+    ) -> None:
+        before = (await store_calls(shard)).get("load", 0)
+        users = [f"cold-{i}" for i in range(30)]
+        views = await asyncio.gather(*(shard.usage(user) for user in users for _ in range(2)))
+        assert [view.user_id for view in views] == [user for user in users for _ in range(2)]
+        assert (await store_calls(shard))["load"] == before + 1
+        await shard.usage("cold-later")  # a later one starts a load of its own
+        assert (await store_calls(shard))["load"] == before + 2
+
     async def test_unknown_user_gets_default_plan_without_a_write(
         self, shard: LedgerShard, store: MemoryStore
     ) -> None:
