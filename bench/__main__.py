@@ -169,9 +169,76 @@ def scenario_activation(database_url: str, sweep: Sweep, shards: int) -> dict[st
     return {"users": sum(len(users) for users in cohorts.values()), "points": points}
 
 
+MEMORY_USERS_FULL = (10_000, 100_000)
+MEMORY_USERS_SHORT = (10_000,)
+MEMORY_FILL_RATE_PER_S = 1_000.0
+
+
+def _shard_rss_bytes() -> int:
+    """Resident memory of the machine's shard processes (`ray::_HostedShard`), from /proc (Linux):
+    the benchmark's server is the only one running."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"_HostedShard" not in (proc / "cmdline").read_bytes():
+                continue
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def scenario_memory(database_url: str, sweep: Sweep, shards: int) -> dict[str, Any]:
+    """Resident memory per idle user: shard RSS grown by making N users resident (one check each,
+    then idle), divided by N."""
+    counts = MEMORY_USERS_SHORT if sweep is SHORT else MEMORY_USERS_FULL
+    points = []
+    for count in counts:
+        with bench_server(database_url, shards=str(shards)) as server:
+            users = [f"idle-{uuid.uuid4().hex[:12]}" for _ in range(count)]
+            requests = [
+                http_request("GET", "/v1/usage", headers={"Authorization": f"Bearer {server.token(user)}"})
+                for user in users
+            ]
+            time.sleep(2)
+            before = _shard_rss_bytes()
+            result = run_load(
+                LoadSpec(
+                    host="127.0.0.1",
+                    port=server.port,
+                    requests=requests,
+                    rate_per_s=MEMORY_FILL_RATE_PER_S,
+                    duration_s=count / MEMORY_FILL_RATE_PER_S,
+                )
+            )
+            time.sleep(2)
+            after = _shard_rss_bytes()
+            point = {
+                "users": count,
+                "resident": result.statuses.get(200, 0),
+                "shard_rss_before_mb": round(before / 2**20, 1),
+                "shard_rss_after_mb": round(after / 2**20, 1),
+                "bytes_per_user": round((after - before) / max(1, result.statuses.get(200, 0))),
+            }
+            points.append(point)
+            print(
+                f"  {count} users: {point['resident']} resident, shard RSS {point['shard_rss_before_mb']} -> "
+                f"{point['shard_rss_after_mb']} MB, {point['bytes_per_user']} bytes per user",
+                flush=True,
+            )
+    return {"users": max(counts), "memory": points}
+
+
 # Scenarios that start their own servers (no postgres-direct counterpart: the baseline's every
 # check already reads Postgres, so its `check` figures are the comparison).
-STANDALONE: dict[str, Callable[[str, Sweep, int], dict[str, Any]]] = {"activation": scenario_activation}
+STANDALONE: dict[str, Callable[[str, Sweep, int], dict[str, Any]]] = {
+    "activation": scenario_activation,
+    "memory": scenario_memory,
+}
 
 SCENARIOS: dict[str, Callable[[BenchServer, Sweep], dict[str, Any]]] = {
     "check": scenario_check,
@@ -270,11 +337,20 @@ def render_benchmarks_md() -> str:
             f"{document['at']}, commit `{document['commit']}`, {document['machine']}, "
             f"{document.get('users', '?')} users{' (short run)' if document.get('short') else ''}.",
             "",
-            "usage-ledger:",
-            "",
-            *_table(document["points"]),
-            "",
         ]
+        if document.get("memory"):
+            lines += [
+                "| users | resident | shard RSS before MB | after MB | bytes per idle user |",
+                "| ---: | ---: | ---: | ---: | ---: |",
+                *(
+                    f"| {m['users']} | {m['resident']} | {m['shard_rss_before_mb']} | "
+                    f"{m['shard_rss_after_mb']} | {m['bytes_per_user']} |"
+                    for m in document["memory"]
+                ),
+                "",
+            ]
+            continue
+        lines += ["usage-ledger:", "", *_table(document["points"]), ""]
         if document.get("baseline"):
             lines += ["postgres-direct:", "", *_table(document["baseline"]), ""]
             lines += [
