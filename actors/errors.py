@@ -22,6 +22,7 @@ HTTP statuses in one place.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -85,9 +86,19 @@ class IdempotencyMismatch(LedgerError):
 
 
 class RateLimited(LedgerError):
-    """Carries `retry_after_s`; never remembered as a keyed request's reply (it is about timing)."""
+    """Carries `retry_after_s` (whole seconds, for the header) and `wait_ms` (exact); never
+    remembered as a keyed request's reply (it is about timing)."""
 
     code = "rate_limited"
+
+    @classmethod
+    def waiting(cls, wait_s: float) -> RateLimited:
+        """Refused until a token comes back in `wait_s` seconds."""
+        return cls(
+            "too many requests for this user; retry later",
+            retry_after_s=max(1, math.ceil(wait_s)),
+            wait_ms=math.ceil(wait_s * 1000),
+        )
 
 
 class ShardError(DomainError):

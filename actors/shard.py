@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1038,11 +1037,7 @@ class LedgerShard:
             bucket = self._buckets[user_id] = TokenBucket(float(limit.burst), now)
         wait_s = bucket.take(limit, now)
         if wait_s > 0:
-            raise RateLimited(
-                "too many requests for this user; retry later",
-                retry_after_s=max(1, math.ceil(wait_s)),
-                wait_ms=math.ceil(wait_s * 1000),
-            )
+            raise RateLimited.waiting(wait_s)
 
     async def _once(self, user_id: str, idem: IdempotencyKey | None, run: Callable[[], Awaitable[R]]) -> R:
         """Run a request at most once per `Idempotency-Key`: a retry gets the first outcome again.

@@ -26,7 +26,6 @@ re-raised as themselves.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -165,9 +164,7 @@ class ShardRouter:
             del self._refused_until[user_id]
             return
         self._metrics.rate_limited_at_gateway.inc()
-        raise RateLimited(
-            "too many requests for this user; retry later", retry_after_s=max(1, math.ceil(wait_s))
-        )
+        raise RateLimited.waiting(wait_s)
 
     def _remember_refusal(self, user_id: str, wait_s: float) -> None:
         now = time.monotonic()
