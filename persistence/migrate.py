@@ -57,8 +57,13 @@ async def migrate(connection: Connection) -> list[int]:
     with translate_errors("migrate"):
         await connection.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
         try:
-            pending = await _pending(connection)
-            if pending and await connection.fetchval("select to_regclass('schema_migrations')") is None:
+            # Nothing pending: no DDL, so a role that owns nothing (usage_ledger_app) can start the
+            # server on a database its owner has migrated.
+            applied = await _applied_versions(connection)
+            pending = [m for m in discover() if applied is None or m.version not in applied]
+            if not pending:
+                return applied_now
+            if applied is None:
                 await connection.execute(
                     """
                     create table schema_migrations (
@@ -93,10 +98,8 @@ async def migrate(connection: Connection) -> list[int]:
     return applied_now
 
 
-async def _pending(connection: Connection) -> list[Migration]:
-    """The migrations not yet applied. Reads only, so a role that owns nothing can start the server
-    on a database its owner has migrated (usage_ledger_app may not create or alter tables)."""
-    done: set[int] = set()
-    if await connection.fetchval("select to_regclass('schema_migrations')") is not None:
-        done = {row["version"] for row in await connection.fetch("select version from schema_migrations")}
-    return [migration for migration in discover() if migration.version not in done]
+async def _applied_versions(connection: Connection) -> set[int] | None:
+    """The versions recorded in `schema_migrations`; None before it exists."""
+    if await connection.fetchval("select to_regclass('schema_migrations')") is None:
+        return None
+    return {row["version"] for row in await connection.fetch("select version from schema_migrations")}
