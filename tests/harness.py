@@ -272,6 +272,14 @@ async def change_plan(
     return await http.post(f"/internal/v1/users/{user_id}/plan", content=content, headers=headers)
 
 
+async def metric(http: httpx.AsyncClient, name: str) -> float:
+    """The value of the unlabelled sample `name` in the server's /metrics."""
+    for line in (await http.get("/metrics")).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], *, timeout_s: float = 15.0, every_s: float = 0.2
 ) -> None:

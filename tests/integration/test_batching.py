@@ -1,5 +1,6 @@
 """Hot calls from a gateway to a shard travel in batches: each answer still goes to its own caller,
-errors stay with the call that raised them, and a batch that meets a restarting shard is retried."""
+and errors stay with the call that raised them. (Batched calls meeting a killed shard are retried:
+tests/reliability/test_crashes.py heartbeats through a SIGKILL.)"""
 
 from __future__ import annotations
 
@@ -7,17 +8,15 @@ import asyncio
 
 import httpx
 
-from tests.harness import auth, change_plan, new_user
+from tests.harness import auth, change_plan, metric, new_user
 
 
-def _batches(metrics: str) -> tuple[float, float]:
+async def _batches(http: httpx.AsyncClient) -> tuple[float, float]:
     """(batch calls, calls carried) so far, from ledger_shard_batch_size."""
-    values = {}
-    for line in metrics.splitlines():
-        for name in ("ledger_shard_batch_size_count", "ledger_shard_batch_size_sum"):
-            if line.startswith(name + " "):
-                values[name] = float(line.split()[1])
-    return values["ledger_shard_batch_size_count"], values["ledger_shard_batch_size_sum"]
+    return (
+        await metric(http, "ledger_shard_batch_size_count"),
+        await metric(http, "ledger_shard_batch_size_sum"),
+    )
 
 
 async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(client: httpx.AsyncClient) -> None:
@@ -30,7 +29,7 @@ async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(clien
         started = await client.post("/v1/sessions", json={}, headers=auth(user))
         assert started.status_code == 201, started.text
         sessions[user] = started.json()["session_id"]
-    before = _batches((await client.get("/metrics")).text)
+    before = await _batches(client)
 
     async def check(user: str) -> tuple[str, str]:
         usage = await client.get("/v1/usage", headers=auth(user))
@@ -55,7 +54,7 @@ async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(clien
     beats = answers[rounds * len(users) :]
     assert beats == [200] * len(sessions) + [404] * 5
     calls_before, carried_before = before
-    calls, carried = _batches((await client.get("/metrics")).text)
+    calls, carried = await _batches(client)
     batched = carried - carried_before
     assert batched >= rounds * len(users) + len(sessions) + 5
     assert calls - calls_before < batched, "some calls shared a batch"

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from gateway.serving import MAX_HEADER_BYTES
-from tests.harness import RunningServer, ServerFactory, auth, new_user
+from tests.harness import RunningServer, ServerFactory, auth, metric, new_user
 
 
 async def _raw(
@@ -105,9 +105,7 @@ async def test_past_the_bound_on_requests_in_flight_the_answer_is_503_at_once(
     async with small_server.client() as http:
 
         async def in_flight() -> float:
-            metrics = (await http.get("/metrics")).text
-            line = next(li for li in metrics.splitlines() if li.startswith("ledger_http_requests_in_flight "))
-            return float(line.split()[1])
+            return await metric(http, "ledger_http_requests_in_flight")
 
         async with _trickling_post(small_server), _trickling_post(small_server):
             for _ in range(100):

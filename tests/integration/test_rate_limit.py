@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from tests.harness import auth, change_plan, new_user, signed
+from tests.harness import auth, change_plan, metric, new_user, signed
 
 
 async def test_a_user_over_their_plans_rate_gets_429_and_others_do_not(client: httpx.AsyncClient) -> None:
@@ -33,16 +33,12 @@ async def test_a_user_over_their_plans_rate_gets_429_and_others_do_not(client: h
 async def test_the_gateway_refuses_a_limited_user_itself_until_the_shard_said_a_token_returns(
     client: httpx.AsyncClient,
 ) -> None:
-    def refused_at_gateway(metrics: str) -> float:
-        line = next(li for li in metrics.splitlines() if li.startswith("ledger_gateway_rate_limited_total "))
-        return float(line.split()[1])
-
     user, neighbour = new_user(), new_user()
     assert (await change_plan(client, user, "limited")).status_code == 200  # 2/s, burst 5
-    before = refused_at_gateway((await client.get("/metrics")).text)
+    before = await metric(client, "ledger_gateway_rate_limited_total")
     answers = [(await client.get("/v1/usage", headers=auth(user))).status_code for _ in range(40)]
     assert answers[:5] == [200] * 5 and 429 in answers[5:], answers
-    after = refused_at_gateway((await client.get("/metrics")).text)
+    after = await metric(client, "ledger_gateway_rate_limited_total")
     assert after - before >= 20, "most of the refusals never reached the shard"
     # Billing still reaches the user's ledger, and the neighbour is untouched.
     assert (await change_plan(client, user, "pro")).status_code == 200
