@@ -134,6 +134,27 @@ async def _cancel_the_rest() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _redelivered_or_refused(
+    outcome: Outcome, first: tuple[Any, Any, Any] | None, sent: Any, what: str
+) -> bool:
+    """Check a billing delivery's answer when it is a redelivery (`first`: the acknowledged
+    `(user, sent, answer)` under its id) or a refusal; True if that was the case (nothing more to
+    check), False for a first delivery that was applied."""
+    error = outcome.error
+    if first is not None:
+        if first[1] != sent:
+            assert isinstance(error, EventConflict | Unavailable), f"a conflicting {what}: {outcome!r}"
+        elif error is None:
+            assert outcome.value == first[2], f"a redelivered {what} answered otherwise"
+        else:
+            assert isinstance(error, Unavailable), error
+        return True
+    if error is not None:
+        assert isinstance(error, Unavailable), f"a {what}: {error!r}"
+        return True
+    return False
+
+
 def _same_refusal(a: BaseException, b: BaseException) -> bool:
     assert isinstance(a, DomainError) and isinstance(b, DomainError)
     return (type(a), a.detail, a.fields) == (type(b), b.detail, b.fields)
@@ -511,17 +532,7 @@ class ShardMachine(RuleBasedStateMachine):
         outcome = await self._send("plan", user, (event,), key, durable=first is None)
         if outcome.replayed:
             return
-        error = outcome.error
-        if first is not None:
-            if first[1] != event:
-                assert isinstance(error, EventConflict | Unavailable), f"a conflicting event: {outcome!r}"
-            elif error is None:
-                assert outcome.value == first[2], "a redelivered plan event answered otherwise"
-            else:
-                assert isinstance(error, Unavailable), error
-            return
-        if error is not None:
-            assert isinstance(error, Unavailable), f"a plan event: {error!r}"
+        if _redelivered_or_refused(outcome, first, event, "plan event"):
             return
         result = outcome.value
         assert isinstance(result, PlanChangeResult)
@@ -563,17 +574,7 @@ class ShardMachine(RuleBasedStateMachine):
         outcome = await self._send("credits", user, (purchase,), key, durable=first is None)
         if outcome.replayed:
             return
-        error = outcome.error
-        if first is not None:
-            if first[1] != purchase:
-                assert isinstance(error, EventConflict | Unavailable), f"a conflicting purchase: {outcome!r}"
-            elif error is None:
-                assert outcome.value == first[2], "a redelivered purchase answered otherwise"
-            else:
-                assert isinstance(error, Unavailable), error
-            return
-        if error is not None:
-            assert isinstance(error, Unavailable), f"a purchase: {error!r}"
+        if _redelivered_or_refused(outcome, first, purchase, "purchase"):
             return
         added = outcome.value
         assert isinstance(added, CreditsAdded)
