@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from actors.routing import shard_index
+from bench.loadgen import percentile
 from bench.server import BenchServer, bench_database, bench_server
 
 PHASES = ("without", "with abuser", "without again")
@@ -41,11 +42,6 @@ ABUSER_START_S = 3.0
 class Samples:
     latencies_s: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _normal_user(

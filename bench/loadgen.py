@@ -25,6 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The `q` quantile of `values` (nearest rank); NaN when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     host: str
@@ -49,10 +57,7 @@ class LoadResult:
         return len(self.latencies_ms)
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies_ms)
-        if not ordered:
-            return float("nan")
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return percentile(self.latencies_ms, q)
 
     def summary(self) -> dict[str, Any]:
         ok = sum(count for status, count in self.statuses.items() if 200 <= status < 300)
