@@ -30,6 +30,8 @@ DRAIN_BYTES_MAX = 1024 * 1024
 # A request's head, and then its whole body, must each arrive within this by default
 # (LEDGER_REQUEST_READ_TIMEOUT_S; 16 KiB take milliseconds on any real link).
 REQUEST_READ_TIMEOUT_S = 10.0
+# Health, readiness and metrics: answered on every listener, and never refused for load.
+OPS_PATHS = ("/healthz", "/readyz", "/metrics")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -83,7 +85,7 @@ class ListenerMiddleware:
     routes answer only there, user routes only on the public port; health, readiness and
     metrics answer on both."""
 
-    SHARED_PATHS = ("/healthz", "/readyz", "/metrics")
+    SHARED_PATHS = OPS_PATHS
 
     def __init__(self, app: ASGIApp, *, internal_port: int) -> None:
         self.app = app
@@ -107,7 +109,7 @@ class ConcurrencyLimitMiddleware:
     Streams are not counted (each is a long-lived request bounded by its shard's watcher limit),
     nor are health, readiness and metrics, which must answer when the process is busiest."""
 
-    EXEMPT_PATHS = ("/healthz", "/readyz", "/metrics", "/v1/usage/stream")
+    EXEMPT_PATHS = (*OPS_PATHS, "/v1/usage/stream")
     RETRY_AFTER_S = 1
 
     def __init__(self, app: ASGIApp, *, max_requests: int, metrics: Metrics) -> None:
