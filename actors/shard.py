@@ -129,6 +129,9 @@ RATE_LIMITED_METHODS = frozenset(
 BATCHABLE_METHODS = frozenset(
     {"usage", "usage_of", "has_credits", "current_session", "heartbeat", "consume_meter", "credits"}
 )
+# Writes a gateway may batch too, in batches of their own (each is durable before it answers, so it
+# would hold up the reads of a batch it shared): each call is still its own write and transaction.
+BATCHABLE_WRITES = frozenset({"start_session", "end_session"})
 # A timer sleep never exceeds this, so a stepped wall clock is noticed soon.
 TIMER_SLEEP_MAX_S = 30.0
 # An alarm for a user whose durable write is in flight is retried this much later.
@@ -850,7 +853,7 @@ class LedgerShard:
         answer is `(True, result)` or `(False, the exception it raised)`, in order."""
 
         async def one(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
-            if method not in BATCHABLE_METHODS:
+            if method not in BATCHABLE_METHODS and method not in BATCHABLE_WRITES:
                 return False, ValueError(f"{method!r} cannot be batched")
             try:
                 return True, await getattr(self, method)(*args, **kwargs)
@@ -920,8 +923,11 @@ class LedgerShard:
             # Users asked for in the same moment (a gateway's batch, say) are loaded together, in
             # one store call, by the load that starts once the current calls have had their turn.
             if self._next_load is None or len(self._next_load_users) >= ACTIVATION_BATCH_USERS:
+                # The task is handed its own list: by the time it runs, a newer one may be current.
                 self._next_load_users = []
-                self._next_load = asyncio.get_running_loop().create_task(self._load_together())
+                self._next_load = asyncio.get_running_loop().create_task(
+                    self._load_together(self._next_load_users)
+                )
             self._next_load_users.append(user_id)
             task = self._loading[user_id] = self._next_load
             task.add_done_callback(functools.partial(self._loaded, user_id))
@@ -932,8 +938,7 @@ class LedgerShard:
         if self._loading.get(user_id) is task:
             del self._loading[user_id]
 
-    async def _load_together(self) -> None:
-        users = self._next_load_users
+    async def _load_together(self, users: list[str]) -> None:
         await asyncio.sleep(0)  # the other calls of this moment add their users first
         if self._next_load_users is users:
             self._next_load = None

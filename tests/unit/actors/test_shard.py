@@ -25,7 +25,7 @@ from actors.plans import parse_plans
 from actors.records import Delivery, LedgerSnapshot, StoredLedger
 from actors.replies import IdempotencyKey
 from actors.routing import shard_index
-from actors.shard import RATE_LIMITED_METHODS, LedgerShard, PlanEvent, ShardConfig
+from actors.shard import ACTIVATION_BATCH_USERS, RATE_LIMITED_METHODS, LedgerShard, PlanEvent, ShardConfig
 from actors.store import LedgerStore, MemoryStore, StoreError, StoreUnavailable, WriteReceipt
 from tests.unit.actors.support import MIN, POLICY, SEC, STALE_MS, T0, FakeClock
 
@@ -125,6 +125,17 @@ class TestReads:
         assert (await store_calls(shard))["load"] == before + 1
         await shard.usage("cold-later")  # a later one starts a load of its own
         assert (await store_calls(shard))["load"] == before + 2
+
+    async def test_more_cold_users_at_once_than_one_load_takes_are_all_loaded(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        shard = make_shard(store, clock, max_pending_calls=10_000)
+        await shard.start()
+        users = [f"burst-{i}" for i in range(2 * ACTIVATION_BATCH_USERS + 7)]
+        views = await asyncio.gather(*(shard.usage_of(user) for user in users))
+        assert [view.user_id for view in views] == users
+        assert (await store_calls(shard))["load"] == 3
+        await shard.stop()
 
     async def test_unknown_user_gets_default_plan_without_a_write(
         self, shard: LedgerShard, store: MemoryStore
