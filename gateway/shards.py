@@ -6,7 +6,8 @@ the calls that arrive for it wait and leave together in the next one, as one
 Ray call. Under load Ray's per-call cost (about a millisecond of CPU on each
 side) is paid once per batch instead of once per request; when idle, a call
 leaves at once, alone. Each call in a batch keeps its own timeout, retries and
-errors.
+errors. Session starts and ends (`BATCHABLE_WRITES`) are batched the same way
+in batches of their own, so a read never waits for a write's transaction.
 
 A user the shard refused with `RateLimited` is refused here for the same
 wait, without a call, for the methods that take a rate token: the shard said
@@ -35,7 +36,7 @@ import structlog
 
 from actors.errors import DomainError, RateLimited, Unavailable
 from actors.routing import shard_index
-from actors.shard import BATCHABLE_METHODS, RATE_LIMITED_METHODS, ShardStats
+from actors.shard import BATCHABLE_METHODS, BATCHABLE_WRITES, RATE_LIMITED_METHODS, ShardStats
 from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.shards")
@@ -121,6 +122,7 @@ class ShardRouter:
         assert handles, "at least one shard"
         self._handles = list(handles)
         self._batchers = [ShardBatcher(handle, metrics) for handle in self._handles]
+        self._write_batchers = [ShardBatcher(handle, metrics) for handle in self._handles]
         self._timeout_s = call_timeout_s
         self._metrics = metrics
         self._refused_until: dict[str, float] = {}  # user id -> monotonic time their tokens return
@@ -191,6 +193,8 @@ class ShardRouter:
                     try:
                         if method in BATCHABLE_METHODS:
                             return await self._batchers[index].call(method, args, kwargs)
+                        if method in BATCHABLE_WRITES:
+                            return await self._write_batchers[index].call(method, args, kwargs)
                         return await getattr(self._handles[index], method).remote(*args, **kwargs)
                     except ray.exceptions.RayActorError as exc:
                         if not repeatable:

@@ -33,8 +33,9 @@ from gateway.schemas import (
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 
-def session_id_path(session_id: str) -> str:
-    """The canonical form of a session id from the path; 404 when it cannot be one."""
+async def session_id_path(session_id: str) -> str:
+    """The canonical form of a session id from the path; 404 when it cannot be one. (Async: FastAPI
+    runs a plain function dependency in its threadpool, a thread hop on every heartbeat.)"""
     try:
         return str(uuid.UUID(session_id))
     except ValueError:

@@ -58,3 +58,43 @@ async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(clien
     batched = carried - carried_before
     assert batched >= rounds * len(users) + len(sessions) + 5
     assert calls - calls_before < batched, "some calls shared a batch"
+
+
+async def test_session_starts_and_ends_travel_in_batches_of_their_own(client: httpx.AsyncClient) -> None:
+    users = [new_user() for _ in range(30)]
+    before = await _batches(client)
+
+    async def start(user: str) -> tuple[int, str | None]:
+        started = await client.post("/v1/sessions", json={}, headers=auth(user))
+        return started.status_code, started.json().get("session_id")
+
+    # Each user starts once, and the first five a second time at once: one of their two starts
+    # gets 409 session_active, whatever batch it shared.
+    answers = await asyncio.gather(*(start(user) for user in users), *(start(user) for user in users[:5]))
+    sessions: dict[str, str] = {}
+    for user, (status, session_id) in zip(users + users[:5], answers, strict=True):
+        if status == 201:
+            assert session_id is not None and user not in sessions
+            sessions[user] = session_id
+        else:
+            assert status == 409
+    assert set(sessions) == set(users) and len(set(sessions.values())) == len(users)
+
+    async def end(user: str, session_id: str) -> tuple[int, str]:
+        ended = await client.post(f"/v1/sessions/{session_id}/end", json={}, headers=auth(user))
+        return ended.status_code, ended.json().get("session_id", "")
+
+    ends = await asyncio.gather(
+        *(end(user, session_id) for user, session_id in sessions.items()),
+        # Another user's session: 404 for this call alone.
+        end(users[0], sessions[users[1]]),
+    )
+    assert ends[:-1] == [(200, session_id) for session_id in sessions.values()]
+    assert ends[-1][0] == 404
+    for user in users[:3]:
+        current = await client.get("/v1/sessions/current", headers=auth(user))
+        assert current.status_code == 404, "the end was applied"
+    calls_before, carried_before = before
+    calls, carried = await _batches(client)
+    assert carried - carried_before >= len(users) + 5 + len(users) + 1 + 3
+    assert calls - calls_before < carried - carried_before, "some starts or ends shared a batch"
