@@ -26,6 +26,10 @@ from tests.reliability.load import SessionLoad
 from tests.reliability.truth import assert_nothing_lost
 
 USERS = 16
+# The kill tests are not about staleness: a shard restart on a loaded 2-core machine can outlast
+# the harness's 4 s stale timeout, and then a session whose client never stopped heartbeating
+# rightly ends `stale` at its last flushed heartbeat. Production's default is 600 s.
+KILL_STALE_SESSION_S = 60.0
 
 
 async def shard_pid(handle: Any) -> int | None:
@@ -54,7 +58,9 @@ async def kill_shard(server: RunningServer, index: int, load: SessionLoad) -> fl
 async def test_a_shard_killed_under_load_loses_nothing(
     start_server: ServerFactory, database: asyncpg.Connection
 ) -> None:
-    server = await start_server(namespace=f"kill-{uuid.uuid4().hex[:8]}", shards=2)
+    server = await start_server(
+        namespace=f"kill-{uuid.uuid4().hex[:8]}", shards=2, stale_session_s=KILL_STALE_SESSION_S
+    )
     async with server.client() as http:
         load = SessionLoad(http, [new_user() for _ in range(USERS)])
         await load.begin()
@@ -76,7 +82,9 @@ async def test_soak_shards_killed_again_and_again(
     """`LEDGER_SOAK_S` (default 300) seconds of load with a random shard SIGKILLed every 10 s."""
     duration_s = float(os.environ.get("LEDGER_SOAK_S", "300"))
     rng = random.Random(duration_s)
-    server = await start_server(namespace=f"soak-{uuid.uuid4().hex[:8]}", shards=4)
+    server = await start_server(
+        namespace=f"soak-{uuid.uuid4().hex[:8]}", shards=4, stale_session_s=KILL_STALE_SESSION_S
+    )
     async with server.client() as http:
         load = SessionLoad(http, [new_user() for _ in range(4 * USERS)])
         await load.begin()
