@@ -30,7 +30,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.loadgen import LoadSpec, http_request, run_load
+from bench import shards
+from bench.loadgen import FlowSpec, LoadSpec, Step, http_request, run_load
 from bench.server import BenchServer, baseline_server, bench_database, bench_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +58,7 @@ async def _prepare_users(server: BenchServer, users: list[str], *, start_session
         semaphore = asyncio.Semaphore(32)
 
         async def one(user: str) -> None:
-            headers = {"Authorization": f"Bearer {server.token(user)}"}
+            headers = _bearer(server, user)
             async with semaphore:
                 (await http.get("/v1/usage", headers=headers)).raise_for_status()
                 if start_sessions:
@@ -81,50 +82,49 @@ async def _write_transactions(database_url: str) -> int:
 
 
 def _sweep(
-    server: BenchServer,
-    requests: list[bytes] | Callable[[float], list[bytes]],
-    sweep: Sweep,
-    rates: tuple[float, ...] | None = None,
+    server: BenchServer, spec_for: Callable[[float], LoadSpec | FlowSpec], rates: tuple[float, ...]
 ) -> list[dict[str, Any]]:
-    """Offer each rate in turn; `requests` may depend on the rate (its own users, say)."""
+    """Offer each rate in turn (`spec_for(rate)` is what to send at it), counting DB writes."""
     points = []
-    for rate in rates or sweep.rates:
+    for rate in rates:
         before = asyncio.run(_write_transactions(server.database_url))
-        result = run_load(
-            LoadSpec(
-                host="127.0.0.1",
-                port=server.port,
-                requests=requests(rate) if callable(requests) else requests,
-                rate_per_s=rate,
-                duration_s=sweep.seconds,
-            )
-        )
+        result = run_load(spec_for(rate))
         # Let the server's write-behind catch up, so its writes are counted against this rate.
         time.sleep(2)
         transactions = asyncio.run(_write_transactions(server.database_url)) - before - 1  # (ours)
         point = result.summary()
         point["db_write_transactions_per_1000"] = round(1000 * transactions / max(1, result.completed), 2)
         points.append(point)
+        steps = "".join(
+            f", {kind} p99 {figures['p99_ms']:.1f} ms" for kind, figures in point.get("steps", {}).items()
+        )
         print(
             f"  {rate:>6.0f}/s offered: {point['achieved_per_s']:>7.1f}/s done, "
             f"p50 {point['p50_ms']:.2f} ms, "
             f"p99 {point['p99_ms']:.2f} ms, p99.9 {point['p999_ms']:.2f} ms, "
             f"{point['ok']}/{point['requests']} 2xx, "
-            f"{point['db_write_transactions_per_1000']} db writes/1000",
+            f"{point['db_write_transactions_per_1000']} db writes/1000{steps}",
             flush=True,
         )
     return points
+
+
+def _constant(server: BenchServer, requests: list[bytes], sweep: Sweep) -> Callable[[float], LoadSpec]:
+    return lambda rate: LoadSpec(
+        host="127.0.0.1", port=server.port, requests=requests, rate_per_s=rate, duration_s=sweep.seconds
+    )
+
+
+def _bearer(server: BenchServer, user: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.token(user)}"}
 
 
 def scenario_check(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     """Credit checks (`GET /v1/usage`) of warm users."""
     users = [f"bench-{uuid.uuid4().hex[:12]}" for _ in range(sweep.users)]
     asyncio.run(_prepare_users(server, users, start_sessions=False))
-    requests = [
-        http_request("GET", "/v1/usage", headers={"Authorization": f"Bearer {server.token(user)}"})
-        for user in users
-    ]
-    return {"users": len(users), "points": _sweep(server, requests, sweep)}
+    requests = [http_request("GET", "/v1/usage", headers=_bearer(server, user)) for user in users]
+    return {"users": len(users), "points": _sweep(server, _constant(server, requests, sweep), sweep.rates)}
 
 
 def scenario_heartbeat(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
@@ -135,22 +135,91 @@ def scenario_heartbeat(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
         http_request(
             "POST",
             f"/v1/sessions/{sessions[user]}/heartbeat",
-            headers={"Authorization": f"Bearer {server.token(user)}"},
+            headers=_bearer(server, user),
             body=b"{}",
         )
         for user in users
     ]
-    return {"users": len(users), "sessions": len(sessions), "points": _sweep(server, requests, sweep)}
+    points = _sweep(server, _constant(server, requests, sweep), sweep.rates)
+    return {"users": len(users), "sessions": len(sessions), "points": points}
+
+
+SESSION_RATES_FULL: tuple[float, ...] = (100, 250, 500, 1000)
+SESSION_RATES_SHORT: tuple[float, ...] = (100, 250)
+
+
+def _users(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}-{uuid.uuid4().hex[:12]}" for _ in range(count)]
+
+
+def _flows(server: BenchServer, flows: list[tuple[Step, ...]], sweep: Sweep) -> Callable[[float], FlowSpec]:
+    return lambda rate: FlowSpec(
+        host="127.0.0.1", port=server.port, flows=flows, rate_per_s=rate, duration_s=sweep.seconds
+    )
+
+
+def _start_and_end(server: BenchServer, user: str, *, end_at_s: float) -> tuple[Step, Step]:
+    headers = _bearer(server, user)
+    return (
+        Step(0, "start", http_request("POST", "/v1/sessions", headers=headers, body=b'{"topic":"bench"}')),
+        Step(
+            end_at_s, "end", http_request("POST", "/v1/sessions/{session}/end", headers=headers, body=b"{}")
+        ),
+    )
+
+
+def scenario_session(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
+    """Session start then end (`POST /v1/sessions`, then `POST /v1/sessions/{id}/end` as soon as it
+    answers): both are durable before they answer. Offered rate in sessions per second (two
+    requests each); latency per request, from its due time."""
+    rates = SESSION_RATES_SHORT if sweep is SHORT else SESSION_RATES_FULL
+    # Enough users that one's next session starts well after its last one ended.
+    users = _users("session", max(sweep.users, int(max(rates) * 10)))
+    asyncio.run(_prepare_users(server, users, start_sessions=False))
+    flows: list[tuple[Step, ...]] = [_start_and_end(server, user, end_at_s=0) for user in users]
+    return {"users": len(users), "points": _sweep(server, _flows(server, flows, sweep), rates)}
+
+
+MIXED_HEARTBEATS = 10  # a session of ten heartbeats, the 30 s cadence compressed to 1 s
+MIXED_RATES_FULL: tuple[float, ...] = (25, 50, 100, 200)
+MIXED_RATES_SHORT: tuple[float, ...] = (25, 75)
+
+
+def _voice_client(server: BenchServer, user: str) -> tuple[Step, ...]:
+    """Start, a heartbeat every second, a usage check after every fifth, end."""
+    headers = _bearer(server, user)
+    start, end = _start_and_end(server, user, end_at_s=MIXED_HEARTBEATS + 0.5)
+    beat = http_request("POST", "/v1/sessions/{session}/heartbeat", headers=headers, body=b"{}")
+    check = http_request("GET", "/v1/usage", headers=headers)
+    steps = [start]
+    for second in range(1, MIXED_HEARTBEATS + 1):
+        steps.append(Step(second, "heartbeat", beat))
+        if second % 5 == 0:
+            steps.append(Step(second + 0.25, "usage", check))
+    return (*steps, end)
+
+
+def scenario_mixed(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
+    """Voice clients: each starts a session, heartbeats every second (the 30 s cadence compressed),
+    checks its usage after every fifth heartbeat and ends after ten: 14 requests over 10.5 s.
+    Offered rate in clients started per second; at 100/s about 1,000 sessions are live at once
+    and the server sees about 1,300 requests/s."""
+    rates = MIXED_RATES_SHORT if sweep is SHORT else MIXED_RATES_FULL
+    users = _users("voice", int(max(rates) * (MIXED_HEARTBEATS + 3) * 1.2))
+    asyncio.run(_prepare_users(server, users, start_sessions=False))
+    flows = [_voice_client(server, user) for user in users]
+    return {"users": len(users), "points": _sweep(server, _flows(server, flows, sweep), rates)}
 
 
 ACTIVATION_RATES_FULL: tuple[float, ...] = (250, 500, 1000)
 ACTIVATION_RATES_SHORT: tuple[float, ...] = (250, 500)
 
 
-def scenario_activation(database_url: str, sweep: Sweep, shards: int) -> dict[str, Any]:
+def scenario_activation(database_url: str, short: bool, shards: int) -> dict[str, Any]:
     """Cold activation: each request is the first since a restart for a user who exists only in
     Postgres (created through a first server, which is then stopped)."""
-    rates = ACTIVATION_RATES_SHORT if sweep is SHORT else ACTIVATION_RATES_FULL
+    sweep = SHORT if short else FULL
+    rates = ACTIVATION_RATES_SHORT if short else ACTIVATION_RATES_FULL
     cohorts = {
         rate: [f"cold-{uuid.uuid4().hex[:12]}" for _ in range(int(rate * sweep.seconds))] for rate in rates
     }
@@ -159,90 +228,31 @@ def scenario_activation(database_url: str, sweep: Sweep, shards: int) -> dict[st
             asyncio.run(_prepare_users(first, users, start_sessions=False))
     with bench_server(database_url, shards=str(shards), sync_interval_s="5") as server:
 
-        def requests(rate: float) -> list[bytes]:  # each user once: every request activates
-            return [
-                http_request("GET", "/v1/usage", headers={"Authorization": f"Bearer {server.token(user)}"})
-                for user in cohorts[rate]
+        def spec(rate: float) -> LoadSpec:  # each user once: every request activates
+            requests = [
+                http_request("GET", "/v1/usage", headers=_bearer(server, user)) for user in cohorts[rate]
             ]
+            return _constant(server, requests, sweep)(rate)
 
-        points = _sweep(server, requests, sweep, rates)
+        points = _sweep(server, spec, rates)
     return {"users": sum(len(users) for users in cohorts.values()), "points": points}
 
 
-MEMORY_USERS_FULL = (10_000, 100_000)
-MEMORY_USERS_SHORT = (10_000,)
-MEMORY_FILL_RATE_PER_S = 1_000.0
-
-
-def _shard_rss_bytes() -> int:
-    """Resident memory of the machine's shard processes (`ray::_HostedShard`), from /proc (Linux):
-    the benchmark's server is the only one running."""
-    total = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if b"_HostedShard" not in (proc / "cmdline").read_bytes():
-                continue
-            for line in (proc / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
-
-
-def scenario_memory(database_url: str, sweep: Sweep, shards: int) -> dict[str, Any]:
-    """Resident memory per idle user: shard RSS grown by making N users resident (one check each,
-    then idle), divided by N."""
-    counts = MEMORY_USERS_SHORT if sweep is SHORT else MEMORY_USERS_FULL
-    points = []
-    for count in counts:
-        with bench_server(database_url, shards=str(shards)) as server:
-            users = [f"idle-{uuid.uuid4().hex[:12]}" for _ in range(count)]
-            requests = [
-                http_request("GET", "/v1/usage", headers={"Authorization": f"Bearer {server.token(user)}"})
-                for user in users
-            ]
-            time.sleep(2)
-            before = _shard_rss_bytes()
-            result = run_load(
-                LoadSpec(
-                    host="127.0.0.1",
-                    port=server.port,
-                    requests=requests,
-                    rate_per_s=MEMORY_FILL_RATE_PER_S,
-                    duration_s=count / MEMORY_FILL_RATE_PER_S,
-                )
-            )
-            time.sleep(2)
-            after = _shard_rss_bytes()
-            point = {
-                "users": count,
-                "resident": result.statuses.get(200, 0),
-                "shard_rss_before_mb": round(before / 2**20, 1),
-                "shard_rss_after_mb": round(after / 2**20, 1),
-                "bytes_per_user": round((after - before) / max(1, result.statuses.get(200, 0))),
-            }
-            points.append(point)
-            print(
-                f"  {count} users: {point['resident']} resident, shard RSS {point['shard_rss_before_mb']} -> "
-                f"{point['shard_rss_after_mb']} MB, {point['bytes_per_user']} bytes per user",
-                flush=True,
-            )
-    return {"users": max(counts), "memory": points}
-
-
-# Scenarios that start their own servers (no postgres-direct counterpart: the baseline's every
-# check already reads Postgres, so its `check` figures are the comparison).
-STANDALONE: dict[str, Callable[[str, Sweep, int], dict[str, Any]]] = {
+# Scenarios that start their own servers or shards (no postgres-direct counterpart: the baseline's
+# every check already reads Postgres, so its `check` figures are the comparison); each is given the
+# database, whether the run is short, and the number of shards.
+STANDALONE: dict[str, Callable[[str, bool, int], dict[str, Any]]] = {
     "activation": scenario_activation,
-    "memory": scenario_memory,
+    "memory": shards.scenario_memory,
+    "restart": shards.scenario_restart,
+    "actors": shards.scenario_actors,
 }
 
 SCENARIOS: dict[str, Callable[[BenchServer, Sweep], dict[str, Any]]] = {
     "check": scenario_check,
     "heartbeat": scenario_heartbeat,
+    "session": scenario_session,
+    "mixed": scenario_mixed,
 }
 
 
@@ -314,12 +324,60 @@ def _table(points: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render_benchmarks_md() -> str:
-    """BENCHMARKS.md from the newest result file of each scenario."""
+PLOTTED = ("check", "heartbeat", "session", "mixed")
+PLOT = "latency.png"
+
+
+def plot_latency() -> Path | None:
+    """A PNG of p50 and p99 latency against offered load, ours and the baseline's, one panel per
+    scenario with a baseline (newest results); None without matplotlib (`pip install -e '.[bench]'`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  (no latency plot: matplotlib is not installed; pip install -e '.[bench]')", flush=True)
+        return None
+    newest = _newest_results()
+    shown = [name for name in PLOTTED if newest.get(name, {}).get("baseline")]
+    if not shown:
+        return None
+    figure, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), squeeze=False)
+    for axis, name in zip(axes[0], shown, strict=True):
+        document = newest[name]
+        for label, points, colour in (
+            ("usage-ledger", document["points"], "tab:blue"),
+            ("postgres-direct", document["baseline"], "tab:orange"),
+        ):
+            rates = [point["offered_per_s"] for point in points]
+            axis.plot(rates, [point["p99_ms"] for point in points], "o-", color=colour, label=f"{label} p99")
+            axis.plot(rates, [point["p50_ms"] for point in points], "x--", color=colour, label=f"{label} p50")
+        axis.set_yscale("log")
+        axis.set_title(name)
+        axis.set_xlabel("offered per second" + (" (sessions)" if name in ("session", "mixed") else ""))
+        axis.set_ylabel("latency, ms (log)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle(f"Latency against offered load ({_machine()})")
+    figure.tight_layout()
+    path = RESULTS / PLOT
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _newest_results() -> dict[str, dict[str, Any]]:
     newest: dict[str, dict[str, Any]] = {}
     for path in sorted(RESULTS.glob("*.json")):
         document = json.loads(path.read_text())
         newest[document["scenario"]] = document  # sorted by date: the last one wins
+    return newest
+
+
+def render_benchmarks_md() -> str:
+    """BENCHMARKS.md from the newest result file of each scenario."""
+    newest = _newest_results()
     lines = [
         "# Benchmarks",
         "",
@@ -329,6 +387,11 @@ def render_benchmarks_md() -> str:
         "generator share the machine. *postgres-direct* is the baseline (`bench/baseline.py`): the",
         "same endpoints and gateway stack, every request one Postgres statement, run right after.",
         "",
+        *(
+            [f"![latency against offered load](bench/results/{PLOT})", ""]
+            if (RESULTS / PLOT).exists()
+            else []
+        ),
     ]
     for scenario, document in newest.items():
         lines += [
@@ -338,15 +401,12 @@ def render_benchmarks_md() -> str:
             f"{document.get('users', '?')} users{' (short run)' if document.get('short') else ''}.",
             "",
         ]
-        if document.get("memory"):
+        if document.get("rows"):
+            columns = list(document["rows"][0])
             lines += [
-                "| users | resident | shard RSS before MB | after MB | bytes per idle user |",
-                "| ---: | ---: | ---: | ---: | ---: |",
-                *(
-                    f"| {m['users']} | {m['resident']} | {m['shard_rss_before_mb']} | "
-                    f"{m['shard_rss_after_mb']} | {m['bytes_per_user']} |"
-                    for m in document["memory"]
-                ),
+                "| " + " | ".join(column.replace("_", " ") for column in columns) + " |",
+                "| " + " | ".join("---:" for _ in columns) + " |",
+                *("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in document["rows"]),
                 "",
             ]
             continue
@@ -379,7 +439,7 @@ def main() -> None:
         if scenario in STANDALONE:
             print(f"{scenario}: {(STANDALONE[scenario].__doc__ or '').strip()}", flush=True)
             with bench_database() as database_url:
-                body = STANDALONE[scenario](database_url, sweep, args.shards)
+                body = STANDALONE[scenario](database_url, args.short, args.shards)
             print(f"  -> {write_result(scenario, body, short=args.short)}", flush=True)
             continue
         run = SCENARIOS[scenario]
@@ -395,6 +455,7 @@ def main() -> None:
                     body["baseline"] = run(baseline, sweep)["points"]
                 body["ratios"] = compare(body["points"], body["baseline"])
         print(f"  -> {write_result(scenario, body, short=args.short)}", flush=True)
+    plot_latency()
     BENCHMARKS_MD.write_text(render_benchmarks_md())
     print(f"wrote {BENCHMARKS_MD}")
 

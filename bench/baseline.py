@@ -4,7 +4,7 @@ What a competent engineer would write without the ledger (as the credit systems 
 `../shared/seeds/003_*` and `004_*` do): a pooled asyncpg connection per request, prepared
 statements, one statement per request. A credit check reads the user's row; a heartbeat is one
 atomic statement that bills the session and the user's period together (`UPDATE ... RETURNING`
-in a CTE). It is served by the same gateway stack as the real server (uvicorn with
+in a CTE); so is an end. It is served by the same gateway stack as the real server (uvicorn with
 `server_config`, the same middleware, the same token check, the same response models), so the
 difference measured is where the state lives.
 
@@ -54,14 +54,20 @@ FREE_LIMIT_MS = 10 * 60_000
 CHECK = (
     "select plan, period_start, period_end, used_ms, limit_ms, version from baseline_usage where user_id = $1"
 )
-# Bills the time since the last heartbeat to the session and to the user's period, atomically.
-HEARTBEAT = """
-with beat as (
-    update baseline_sessions
-    set used_ms = used_ms + (extract(epoch from (now() - last_heartbeat_at)) * 1000)::bigint,
-        last_heartbeat_at = now()
+# Bills the time since the last heartbeat to the session and to the user's period, atomically
+# (the elapsed time is read before the update: RETURNING sees the new `last_heartbeat_at`).
+_BILL = """
+with due as (
+    select id, (extract(epoch from (now() - last_heartbeat_at)) * 1000)::bigint as elapsed_ms
+    from baseline_sessions
     where id = $1 and user_id = $2 and ended_at is null
-    returning (extract(epoch from (now() - last_heartbeat_at)) * 1000)::bigint as elapsed_ms, used_ms
+    for update
+), beat as (
+    update baseline_sessions s
+    set used_ms = s.used_ms + due.elapsed_ms, last_heartbeat_at = now(){ended}
+    from due
+    where s.id = due.id
+    returning due.elapsed_ms, s.used_ms
 )
 update baseline_usage u
 set used_ms = u.used_ms + beat.elapsed_ms, version = u.version + 1
@@ -69,6 +75,8 @@ from beat
 where u.user_id = $2
 returning beat.used_ms as session_ms, u.used_ms, u.limit_ms, u.version
 """
+HEARTBEAT = _BILL.format(ended="")
+END = _BILL.format(ended=", ended_at = now()")
 START = """
 with usage as (
     insert into baseline_usage (user_id, plan, period_start, period_end, limit_ms)
@@ -160,12 +168,9 @@ def create_baseline_app(dsn: str, jwt_secret: str) -> FastAPI:
             return problem(403, "no_credits", "nothing left this period")
         return {"session_id": str(session_id)}
 
-    @app.post("/v1/sessions/{session_id}/heartbeat", response_model=Beat)
-    async def heartbeat(
-        session_id: uuid.UUID, user_id: str = Depends(current_user), db: Any = Depends(pool)
-    ) -> Any:
+    async def bill(statement: str, session_id: uuid.UUID, user_id: str, db: Any) -> Any:
         async with db.acquire() as connection:
-            row = await connection.fetchrow(HEARTBEAT, session_id, user_id)
+            row = await connection.fetchrow(statement, session_id, user_id)
         if row is None:
             return problem(404, "session_not_found", "no such session")
         return Beat(
@@ -174,6 +179,18 @@ def create_baseline_app(dsn: str, jwt_secret: str) -> FastAPI:
             minutes_remaining=round(max(0, row["limit_ms"] - row["used_ms"]) / 60_000, 2),
             version=row["version"],
         )
+
+    @app.post("/v1/sessions/{session_id}/heartbeat", response_model=Beat)
+    async def heartbeat(
+        session_id: uuid.UUID, user_id: str = Depends(current_user), db: Any = Depends(pool)
+    ) -> Any:
+        return await bill(HEARTBEAT, session_id, user_id, db)
+
+    @app.post("/v1/sessions/{session_id}/end", response_model=Beat)
+    async def end(
+        session_id: uuid.UUID, user_id: str = Depends(current_user), db: Any = Depends(pool)
+    ) -> Any:
+        return await bill(END, session_id, user_id, db)
 
     return app
 

@@ -11,6 +11,13 @@ Its latency is measured from that due time, not from when a connection became
 free, so a server that falls behind shows it in the percentiles instead of
 slowing the generator down (no coordinated omission). A request that cannot
 get a connection waits for one, and that wait counts.
+
+Flows (`run_flows`) are scripted clients: flow i starts at `start + i / rate`
+and each of its steps is due at the flow's start plus the step's offset (a
+session start, heartbeats every second, an end). A step whose request names
+`{session}` gets the session id from the flow's first answer; a step that is
+due before the previous one answered is sent when it has, and its latency still
+counts from its due time. A flow whose step fails stops there.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import asyncio
 import contextlib
 import itertools
 import multiprocessing
+import re
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +58,8 @@ class LoadResult:
     duration_s: float
     latencies_ms: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
+    by_kind: dict[str, list[float]] = field(default_factory=dict)  # flows: latencies per step kind
+    flows_cut_short: int = 0
     errors: int = 0
     late_start_ms_max: float = 0.0  # how far behind schedule the generator itself fell
 
@@ -73,10 +84,31 @@ class LoadResult:
             "p999_ms": round(self.percentile(0.999), 3),
             "max_ms": round(max(self.latencies_ms, default=float("nan")), 3),
             "generator_late_ms_max": round(self.late_start_ms_max, 3),
+            **(
+                {
+                    "flows_cut_short": self.flows_cut_short,
+                    "steps": {
+                        kind: {
+                            "requests": len(values),
+                            "p50_ms": round(percentile(values, 0.50), 3),
+                            "p99_ms": round(percentile(values, 0.99), 3),
+                        }
+                        for kind, values in sorted(self.by_kind.items())
+                    },
+                }
+                if self.by_kind
+                else {}
+            ),
         }
 
+    def record(self, status: int, latency_ms: float, kind: str | None = None) -> None:
+        self.latencies_ms.append(latency_ms)
+        self.statuses[status] += 1
+        if kind is not None:
+            self.by_kind.setdefault(kind, []).append(latency_ms)
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     length = 0
@@ -85,36 +117,52 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     if at >= 0:
         end = lower.index(b"\r\n", at + 2)
         length = int(lower[at + 17 : end])
-    if length:
-        await reader.readexactly(length)
-    return status
+    body = await reader.readexactly(length) if length else b""
+    return status, body
 
 
-async def _run(spec: LoadSpec) -> LoadResult:
-    result = LoadResult(offered_per_s=spec.rate_per_s, duration_s=spec.duration_s)
-    free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-    for _ in range(spec.connections):
-        free.put_nowait(await asyncio.open_connection(spec.host, spec.port))
-    requests = itertools.cycle(spec.requests)
-    pending: set[asyncio.Task[None]] = set()
+class _Connections:
+    """A pool of keep-alive connections; a broken one is replaced."""
 
-    async def one(request: bytes, due: float) -> None:
-        reader, writer = await free.get()
+    def __init__(self, host: str, port: int) -> None:
+        self._host, self._port = host, port
+        self._free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def open(self, count: int) -> None:
+        for _ in range(count):
+            self._free.put_nowait(await asyncio.open_connection(self._host, self._port))
+
+    async def send(self, request: bytes) -> tuple[int, bytes] | None:
+        """The answer's status and body; None when the connection failed (counted as an error)."""
+        reader, writer = await self._free.get()
         try:
             writer.write(request)
-            status = await _read_response(reader)
+            answer = await _read_response(reader)
         except (OSError, asyncio.IncompleteReadError, ValueError):
-            result.errors += 1
             with contextlib.suppress(Exception):
                 writer.close()
-            free.put_nowait(await asyncio.open_connection(spec.host, spec.port))
-            return
-        result.latencies_ms.append((time.perf_counter() - due) * 1000)
-        result.statuses[status] += 1
-        free.put_nowait((reader, writer))
+            self._free.put_nowait(await asyncio.open_connection(self._host, self._port))
+            return None
+        self._free.put_nowait((reader, writer))
+        return answer
 
-    interval = 1 / spec.rate_per_s
-    total = int(spec.rate_per_s * spec.duration_s)
+    def close(self) -> None:
+        while not self._free.empty():
+            _, writer = self._free.get_nowait()
+            writer.close()
+
+
+async def _paced(
+    rate_per_s: float,
+    duration_s: float,
+    result: LoadResult,
+    start_one: Callable[[int, float], Coroutine[Any, Any, None]],
+) -> None:
+    """Call `start_one(i, due)` for i at `rate_per_s` for `duration_s`, open loop, then wait for
+    everything started to finish."""
+    pending: set[asyncio.Task[None]] = set()
+    interval = 1 / rate_per_s
+    total = int(rate_per_s * duration_s)
     start = time.perf_counter() + 0.05
     for i in range(total):
         due = start + i * interval
@@ -123,31 +171,101 @@ async def _run(spec: LoadSpec) -> LoadResult:
             await asyncio.sleep(delay)
         else:
             result.late_start_ms_max = max(result.late_start_ms_max, -delay * 1000)
-        task = asyncio.create_task(one(next(requests), due))
+        task = asyncio.create_task(start_one(i, due))
         pending.add(task)
         task.add_done_callback(pending.discard)
     if pending:
-        await asyncio.wait(pending, timeout=30)
-    while not free.empty():
-        _, writer = free.get_nowait()
-        writer.close()
+        await asyncio.wait(pending, timeout=60)
+
+
+async def _run(spec: LoadSpec) -> LoadResult:
+    result = LoadResult(offered_per_s=spec.rate_per_s, duration_s=spec.duration_s)
+    connections = _Connections(spec.host, spec.port)
+    await connections.open(spec.connections)
+    requests = itertools.cycle(spec.requests)
+
+    async def one(i: int, due: float) -> None:
+        answer = await connections.send(next(requests))
+        if answer is None:
+            result.errors += 1
+            return
+        result.record(answer[0], (time.perf_counter() - due) * 1000)
+
+    await _paced(spec.rate_per_s, spec.duration_s, result, one)
+    connections.close()
     return result
 
 
-def _process_main(spec: LoadSpec, queue: multiprocessing.Queue[LoadResult]) -> None:
+@dataclass(frozen=True)
+class Step:
+    at_s: float  # after the flow's start
+    kind: str  # the label its latencies are reported under
+    request: bytes  # may contain b"{session}": the id from the flow's first answer
+
+
+SESSION_ID = re.compile(rb'"session_id"\s*:\s*"([^"]+)"')
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    host: str
+    port: int
+    flows: list[tuple[Step, ...]]  # scripted clients, used in turn
+    rate_per_s: float  # flows started per second
+    duration_s: float  # flows are started for this long; the run lasts until they finish
+    connections: int = 256
+
+
+async def _run_flows(spec: FlowSpec) -> LoadResult:
+    result = LoadResult(offered_per_s=spec.rate_per_s, duration_s=spec.duration_s)
+    connections = _Connections(spec.host, spec.port)
+    await connections.open(spec.connections)
+    flows = itertools.cycle(spec.flows)
+
+    async def flow(i: int, start: float) -> None:
+        session = b""
+        for step in next(flows):
+            due = start + step.at_s
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            answer = await connections.send(step.request.replace(b"{session}", session))
+            if answer is None:
+                result.errors += 1
+                result.flows_cut_short += 1
+                return
+            status, body = answer
+            result.record(status, (time.perf_counter() - due) * 1000, step.kind)
+            if not 200 <= status < 300:
+                result.flows_cut_short += 1
+                return
+            if not session and (found := SESSION_ID.search(body)):
+                session = found.group(1)
+
+    await _paced(spec.rate_per_s, spec.duration_s, result, flow)
+    connections.close()
+    return result
+
+
+def _process_main(spec: LoadSpec | FlowSpec, queue: multiprocessing.Queue[LoadResult]) -> None:
     import uvloop
 
-    queue.put(uvloop.run(_run(spec)))
+    queue.put(uvloop.run(_run(spec) if isinstance(spec, LoadSpec) else _run_flows(spec)))
 
 
-def run_load(spec: LoadSpec) -> LoadResult:
+def run_load(spec: LoadSpec | FlowSpec) -> LoadResult:
     """Run `spec` in a separate process (so the measuring side has a core's worth of its own loop)."""
     context = multiprocessing.get_context("spawn")
     queue: multiprocessing.Queue[LoadResult] = context.Queue()
     process = context.Process(target=_process_main, args=(spec, queue))
     process.start()
     try:
-        return queue.get(timeout=spec.duration_s + 120)
+        flow_s = (
+            max((step.at_s for flow in spec.flows for step in flow), default=0.0)
+            if isinstance(spec, FlowSpec)
+            else 0.0
+        )
+        return queue.get(timeout=spec.duration_s + flow_s + 120)
     finally:
         process.join(timeout=30)
         if process.is_alive():

@@ -8,12 +8,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
+import httpx
 import pytest_asyncio
 import uvicorn
 
 from bench.__main__ import compare, render_benchmarks_md
 from bench.baseline import create_baseline_app
-from bench.loadgen import LoadSpec, http_request, run_load
+from bench.loadgen import FlowSpec, LoadSpec, Step, http_request, run_load
 from gateway.auth import issue_token
 from gateway.serving import server_config
 from tests.harness import JWT_SECRET, RunningServer, auth, new_user
@@ -37,6 +39,43 @@ async def test_the_generator_sends_at_its_rate_and_counts_the_answers(server: Ru
     assert summary["ok"] == 50 and 0 < summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
 
 
+async def test_flows_carry_the_session_id_from_the_first_answer(server: RunningServer) -> None:
+    users = [new_user() for _ in range(4)]
+    flows = []
+    for user in users:
+        headers = auth(user)
+        flows.append(
+            (
+                Step(0, "start", http_request("POST", "/v1/sessions", headers=headers, body=b"{}")),
+                Step(
+                    0.2,
+                    "heartbeat",
+                    http_request("POST", "/v1/sessions/{session}/heartbeat", headers=headers, body=b"{}"),
+                ),
+                Step(
+                    0.4,
+                    "end",
+                    http_request("POST", "/v1/sessions/{session}/end", headers=headers, body=b"{}"),
+                ),
+            )
+        )
+    # A flow whose start is refused stops there.
+    flows.append((Step(0, "start", http_request("POST", "/v1/sessions", body=b"{}")), flows[0][1]))
+    spec = FlowSpec(host="127.0.0.1", port=_port(server.base_url), flows=flows, rate_per_s=10, duration_s=0.5)
+    result = await asyncio.to_thread(run_load, spec)
+    assert result.errors == 0 and result.flows_cut_short == 1
+    assert result.statuses == {201: 4, 200: 8, 401: 1}
+    steps = result.summary()["steps"]
+    assert {kind: figures["requests"] for kind, figures in steps.items()} == {
+        "start": 5,
+        "heartbeat": 4,
+        "end": 4,
+    }
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        for user in users:  # each flow ended its own session
+            assert (await http.get("/v1/sessions/current", headers=auth(user))).status_code == 404
+
+
 @pytest_asyncio.fixture
 async def baseline_url(postgres_dsn: str) -> AsyncIterator[str]:
     server = uvicorn.Server(
@@ -53,9 +92,9 @@ async def baseline_url(postgres_dsn: str) -> AsyncIterator[str]:
     await task
 
 
-async def test_the_baseline_checks_starts_and_heartbeats_through_postgres(baseline_url: str) -> None:
-    import httpx
-
+async def test_the_baseline_checks_starts_heartbeats_and_ends_through_postgres(
+    baseline_url: str, postgres_dsn: str
+) -> None:
     user = f"baseline-{uuid.uuid4().hex[:8]}"
     headers = {"Authorization": f"Bearer {issue_token(secret=JWT_SECRET, user_id=user, ttl_s=60)}"}
     async with httpx.AsyncClient(base_url=baseline_url) as http:
@@ -69,6 +108,22 @@ async def test_the_baseline_checks_starts_and_heartbeats_through_postgres(baseli
         assert (await http.get("/v1/usage", headers=headers)).json()["minutes_used"] >= 0
         other = await http.post(f"/v1/sessions/{uuid.uuid4()}/heartbeat", json={}, headers=headers)
         assert other.status_code == 404
+        ended = await http.post(f"/v1/sessions/{session_id}/end", json={}, headers=headers)
+        assert ended.status_code == 200
+        assert (
+            await http.post(f"/v1/sessions/{session_id}/end", json={}, headers=headers)
+        ).status_code == 404
+    connection = await asyncpg.connect(postgres_dsn)
+    try:
+        session = await connection.fetchrow(
+            "select used_ms, ended_at from baseline_sessions where id = $1", uuid.UUID(session_id)
+        )
+        period_used = await connection.fetchval("select used_ms from baseline_usage where user_id = $1", user)
+    finally:
+        await connection.close()
+    assert session["ended_at"] is not None
+    assert session["used_ms"] >= 200, "the heartbeat billed the time since the start"
+    assert period_used == session["used_ms"], "and so did the user's period"
 
 
 def test_ratios_and_the_table_come_from_the_results() -> None:
