@@ -1,8 +1,10 @@
 """create_app(settings): the FastAPI application and its lifespan.
 
 Middleware, outermost first: request id and canonical log line; the bound on
-requests in flight; the 16 KiB body bound; the internal-call signature check. Then routing, with every error
-answered as problem+json by `gateway.errors`.
+requests in flight; the 16 KiB body bound; the internal-call signature check;
+the hot path that answers well-formed credit checks and heartbeats itself
+(`gateway.hotpath`). Then routing, with every error answered as problem+json by
+`gateway.errors`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from actors.logsetup import configure_logging
 from gateway.auth import InternalSignatureMiddleware, JwksKeys, TokenVerifier
 from gateway.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
+from gateway.hotpath import HotPathMiddleware
 from gateway.metrics import Metrics
 from gateway.middleware import (
     BodyLimitMiddleware,
@@ -88,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (usage, sessions, credits, internal):
         app.include_router(module.router, dependencies=[Depends(no_unknown_query)])
     app.include_router(ops.router)
+    app.add_middleware(HotPathMiddleware, fastapi=app)
     app.add_middleware(InternalSignatureMiddleware, secret=secrets.internal_secret)
     if settings.internal_port is not None:
         app.add_middleware(ListenerMiddleware, internal_port=settings.internal_port)

@@ -100,8 +100,8 @@ def _domain_extra(exc: DomainError) -> dict[str, Any]:
     return extra
 
 
-async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DomainError)
+def domain_problem(exc: DomainError) -> JSONResponse:
+    """The answer to a domain error from a shard."""
     status = STATUS_BY_ERROR.get(type(exc)) or STATUS_BY_CODE.get(exc.code, 500)
     headers = None
     if "retry_after_s" in exc.fields:
@@ -113,9 +113,18 @@ async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(status, exc.code, exc.detail, headers=headers, **_domain_extra(exc))
 
 
-async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return problem(exc.status, exc.code, exc.detail, headers=exc.headers)
+def error_problem(exc: Exception) -> JSONResponse:
+    """The answer to an error raised while a route ran: a domain error, the gateway's own, or a bug."""
+    if isinstance(exc, DomainError):
+        return domain_problem(exc)
+    if isinstance(exc, ApiError):
+        return problem(exc.status, exc.code, exc.detail, headers=exc.headers)
+    log.exception("request_failed", error=repr(exc))
+    return problem(500, "internal", "an unexpected error occurred; it has been logged")
+
+
+async def _on_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_problem(exc)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -138,14 +147,9 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     return problem(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("request_failed", error=repr(exc))
-    return problem(500, "internal", "an unexpected error occurred; it has been logged")
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(DomainError, _on_domain_error)
-    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(DomainError, _on_error)
+    app.add_exception_handler(ApiError, _on_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
-    app.add_exception_handler(Exception, _on_unexpected)
+    app.add_exception_handler(Exception, _on_error)

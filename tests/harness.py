@@ -272,11 +272,14 @@ async def change_plan(
     return await http.post(f"/internal/v1/users/{user_id}/plan", content=content, headers=headers)
 
 
-async def metric(http: httpx.AsyncClient, name: str) -> float:
-    """The value of the unlabelled sample `name` in the server's /metrics."""
+async def metric(http: httpx.AsyncClient, name: str, *, default: float | None = None) -> float:
+    """The value of the sample `name` (with its labels, if any) in the server's /metrics;
+    `default` when it is absent and one is given."""
     for line in (await http.get("/metrics")).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
+    if default is not None:
+        return default
     raise AssertionError(f"{name} is not in /metrics")
 
 
