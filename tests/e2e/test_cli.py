@@ -161,3 +161,37 @@ def test_migrate_command_prepares_an_embedded_database(workdir: Path) -> None:
     versions = [migration.version for migration in discover()]
     assert f"applied migrations: {versions}" in run_cli("migrate", cwd=workdir, env=env)
     assert "up to date" in run_cli("migrate", cwd=workdir, env=env)
+
+
+def readme_client_example() -> str:
+    """The Python block of the README's *Python client* section, as a user would copy it."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("\n## Python client\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_client_example_runs_as_written_and_ends_its_session(workdir: Path) -> None:
+    port = free_port()
+    env = clean_env(LEDGER_PORT=str(port))
+    server = serve(workdir, env, port)
+    try:
+        token = run_cli("token", "carol", cwd=workdir, env=env)
+        example = workdir / "example.py"
+        example.write_text(readme_client_example())
+        done = subprocess.run(
+            [sys.executable, str(example)],
+            cwd=workdir,
+            env={**env, "LEDGER_TOKEN": token, "LEDGER_URL": server.base},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "the call failed: the call dropped | session ended: user_ended" in done.stdout, done.stdout
+        assert "active session now: None" in done.stdout, done.stdout
+        with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {token}"}) as http:
+            [session] = http.get("/v1/sessions").json()["sessions"]
+        assert session["end_reason"] == "user_ended" and session["topic"] == "ordering coffee"
+        assert session["session_id"] in done.stdout
+    finally:
+        server.stop()
