@@ -58,6 +58,7 @@ from actors.errors import (
     SessionNotFound,
     Unavailable,
 )
+from actors.groupcommit import GroupCommit
 from actors.ledger import LedgerPolicy, PlanChange, UserLedger
 from actors.ratelimit import TokenBucket
 from actors.records import (
@@ -224,6 +225,9 @@ class ShardStats:
     unwritable_users: int = 0
     watchers: int = 0
     store_calls: dict[str, int] = field(default_factory=dict)
+    # Durable writes (session starts and ends, ...) and the transactions they shared.
+    durable_writes: int = 0
+    durable_transactions: int = 0
 
 
 class _Gate:
@@ -254,6 +258,7 @@ class LedgerShard:
         self._new_session_id = new_session_id
         self._state: ShardState = "starting"
         self._store: CountingStore | None = None
+        self._commits: GroupCommit | None = None  # the durable writes' shared transactions
         self._ledgers: dict[str, UserLedger] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._next_load: asyncio.Task[None] | None = None  # the load users asked for now will join
@@ -301,6 +306,11 @@ class LedgerShard:
     async def _start(self) -> None:
         if self._store is None:  # a retried start keeps the store it already opened
             self._store = CountingStore(await self._retrying("store_connect", self._store_factory))
+            store = self._store
+            self._commits = GroupCommit(
+                lambda snapshots, receipt: store.save(snapshots, receipt=receipt),
+                timeout_s=self._config.write_timeout_s,
+            )
         await self._retrying("reactivate_open_sessions", self._reactivate_open_sessions)
         self._state = "running"
         self._background = [
@@ -881,6 +891,8 @@ class LedgerShard:
             unwritable_users=len(self._unwritable),
             watchers=self._waiting.total(),
             store_calls=dict(store.calls) if store is not None else {},
+            durable_writes=self._commits.writes if self._commits is not None else 0,
+            durable_transactions=self._commits.transactions if self._commits is not None else 0,
         )
 
     async def ready(self) -> ShardStats:
@@ -1088,8 +1100,12 @@ class LedgerShard:
         snapshot = draft.snapshot()
         receipt = WriteReceipt()
         try:
-            async with asyncio.timeout(self._config.write_timeout_s):
-                await self._require_store().save([snapshot], delivery=delivery, receipt=receipt)
+            if delivery is None:  # shares a transaction with the writes of this moment
+                assert self._commits is not None, "the store opens first"
+                await self._commits.write(snapshot, receipt)
+            else:
+                async with asyncio.timeout(self._config.write_timeout_s):
+                    await self._require_store().save([snapshot], delivery=delivery, receipt=receipt)
         except StoreOutcomeUnknown as exc:
             await self._settle(user_id, receipt, exc)
         except StoreError as exc:

@@ -55,6 +55,8 @@ class Metrics:
                 ("pending_calls", "Calls in progress on the shard"),
                 ("alarms_fired", "Alarms fired since the shard started"),
                 ("flush_failures", "Failed flushes since the shard started"),
+                ("durable_writes", "Writes answered only once in Postgres, since the shard started"),
+                ("durable_transactions", "Transactions those writes shared (group commit)"),
             )
         }
 

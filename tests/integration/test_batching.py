@@ -60,9 +60,21 @@ async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(clien
     assert calls - calls_before < batched, "some calls shared a batch"
 
 
+async def _durable(http: httpx.AsyncClient) -> tuple[float, float]:
+    """(durable writes, the transactions they took) so far, over every shard."""
+    totals = [0.0, 0.0]
+    for line in (await http.get("/metrics")).text.splitlines():
+        for index, name in enumerate(("ledger_shard_durable_writes{", "ledger_shard_durable_transactions{")):
+            if line.startswith(name):
+                totals[index] += float(line.split()[1])
+    return totals[0], totals[1]
+
+
 async def test_session_starts_and_ends_travel_in_batches_of_their_own(client: httpx.AsyncClient) -> None:
+    """...and share transactions: the writes of one moment commit together (group commit)."""
     users = [new_user() for _ in range(30)]
     before = await _batches(client)
+    writes_before, transactions_before = await _durable(client)
 
     async def start(user: str) -> tuple[int, str | None]:
         started = await client.post("/v1/sessions", json={}, headers=auth(user))
@@ -98,3 +110,6 @@ async def test_session_starts_and_ends_travel_in_batches_of_their_own(client: ht
     calls, carried = await _batches(client)
     assert carried - carried_before >= len(users) + 5 + len(users) + 1 + 3
     assert calls - calls_before < carried - carried_before, "some starts or ends shared a batch"
+    writes, transactions = await _durable(client)
+    assert writes - writes_before >= 2 * len(users), "a durable write per start and per end"
+    assert transactions - transactions_before < writes - writes_before, "some writes shared a transaction"
