@@ -44,10 +44,11 @@ class Sweep:
     rates: tuple[float, ...]
     seconds: float
     users: int
+    settle_s: float  # after each rate, for the write-behind to catch up before writes are counted
 
 
-FULL = Sweep(rates=(250, 500, 1000, 2000, 3000, 4000), seconds=15, users=2000)
-SHORT = Sweep(rates=(250, 1000, 2000), seconds=6, users=500)
+FULL = Sweep(rates=(250, 500, 1000, 2000, 3000, 4000), seconds=15, users=2000, settle_s=2)
+SHORT = Sweep(rates=(250, 1000), seconds=4, users=500, settle_s=1)
 
 
 async def _prepare_users(server: BenchServer, users: list[str], *, start_sessions: bool) -> dict[str, str]:
@@ -82,7 +83,10 @@ async def _write_transactions(database_url: str) -> int:
 
 
 def _sweep(
-    server: BenchServer, spec_for: Callable[[float], LoadSpec | FlowSpec], rates: tuple[float, ...]
+    server: BenchServer,
+    spec_for: Callable[[float], LoadSpec | FlowSpec],
+    rates: tuple[float, ...],
+    sweep: Sweep,
 ) -> list[dict[str, Any]]:
     """Offer each rate in turn (`spec_for(rate)` is what to send at it), counting DB writes."""
     points = []
@@ -90,7 +94,7 @@ def _sweep(
         before = asyncio.run(_write_transactions(server.database_url))
         result = run_load(spec_for(rate))
         # Let the server's write-behind catch up, so its writes are counted against this rate.
-        time.sleep(2)
+        time.sleep(sweep.settle_s)
         transactions = asyncio.run(_write_transactions(server.database_url)) - before - 1  # (ours)
         point = result.summary()
         point["db_write_transactions_per_1000"] = round(1000 * transactions / max(1, result.completed), 2)
@@ -124,7 +128,8 @@ def scenario_check(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     users = [f"bench-{uuid.uuid4().hex[:12]}" for _ in range(sweep.users)]
     asyncio.run(_prepare_users(server, users, start_sessions=False))
     requests = [http_request("GET", "/v1/usage", headers=_bearer(server, user)) for user in users]
-    return {"users": len(users), "points": _sweep(server, _constant(server, requests, sweep), sweep.rates)}
+    points = _sweep(server, _constant(server, requests, sweep), sweep.rates, sweep)
+    return {"users": len(users), "points": points}
 
 
 def scenario_heartbeat(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
@@ -140,12 +145,12 @@ def scenario_heartbeat(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
         )
         for user in users
     ]
-    points = _sweep(server, _constant(server, requests, sweep), sweep.rates)
+    points = _sweep(server, _constant(server, requests, sweep), sweep.rates, sweep)
     return {"users": len(users), "sessions": len(sessions), "points": points}
 
 
 SESSION_RATES_FULL: tuple[float, ...] = (100, 250, 500, 1000)
-SESSION_RATES_SHORT: tuple[float, ...] = (100, 250)
+SESSION_RATES_SHORT: tuple[float, ...] = (100,)
 
 
 def _users(prefix: str, count: int) -> list[str]:
@@ -177,12 +182,12 @@ def scenario_session(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     users = _users("session", max(sweep.users, int(max(rates) * 10)))
     asyncio.run(_prepare_users(server, users, start_sessions=False))
     flows: list[tuple[Step, ...]] = [_start_and_end(server, user, end_at_s=0) for user in users]
-    return {"users": len(users), "points": _sweep(server, _flows(server, flows, sweep), rates)}
+    return {"users": len(users), "points": _sweep(server, _flows(server, flows, sweep), rates, sweep)}
 
 
 MIXED_HEARTBEATS = 10  # a session of ten heartbeats, the 30 s cadence compressed to 1 s
 MIXED_RATES_FULL: tuple[float, ...] = (25, 50, 100, 200)
-MIXED_RATES_SHORT: tuple[float, ...] = (25, 75)
+MIXED_RATES_SHORT: tuple[float, ...] = (25,)
 
 
 def _voice_client(server: BenchServer, user: str) -> tuple[Step, ...]:
@@ -208,7 +213,7 @@ def scenario_mixed(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     users = _users("voice", int(max(rates) * (MIXED_HEARTBEATS + 3) * 1.2))
     asyncio.run(_prepare_users(server, users, start_sessions=False))
     flows = [_voice_client(server, user) for user in users]
-    return {"users": len(users), "points": _sweep(server, _flows(server, flows, sweep), rates)}
+    return {"users": len(users), "points": _sweep(server, _flows(server, flows, sweep), rates, sweep)}
 
 
 ACTIVATION_RATES_FULL: tuple[float, ...] = (250, 500, 1000)
@@ -234,7 +239,7 @@ def scenario_activation(database_url: str, short: bool, shards: int) -> dict[str
             ]
             return _constant(server, requests, sweep)(rate)
 
-        points = _sweep(server, spec, rates)
+        points = _sweep(server, spec, rates, sweep)
     return {"users": sum(len(users) for users in cohorts.values()), "points": points}
 
 
@@ -247,6 +252,8 @@ STANDALONE: dict[str, Callable[[str, bool, int], dict[str, Any]]] = {
     "restart": shards.scenario_restart,
     "actors": shards.scenario_actors,
 }
+# What `--short` runs besides the HTTP scenarios (the others take minutes each on their own).
+SHORT_STANDALONE = ("memory",)
 
 SCENARIOS: dict[str, Callable[[BenchServer, Sweep], dict[str, Any]]] = {
     "check": scenario_check,
@@ -270,7 +277,10 @@ def _machine() -> str:
 
 
 def write_result(scenario: str, body: dict[str, Any], *, short: bool) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """`bench/results/<date>-<scenario>.json`; a short run's go to `bench/results/short/`, so a
+    quick look never replaces the full figures BENCHMARKS.md is made from."""
+    directory = RESULTS / "short" if short else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
     document = {
         "scenario": scenario,
@@ -281,7 +291,7 @@ def write_result(scenario: str, body: dict[str, Any], *, short: bool) -> Path:
         "short": short,
         **body,
     }
-    path = RESULTS / f"{now:%Y-%m-%d}-{scenario}.json"
+    path = directory / f"{now:%Y-%m-%d}-{scenario}.json"
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
 
@@ -425,36 +435,55 @@ def render_benchmarks_md() -> str:
     return "\n".join(lines)
 
 
+def run_over_http(scenarios: list[str], sweep: Sweep, *, shards: int, baseline: bool, short: bool) -> None:
+    """The HTTP scenarios on one database: each on our server, then each on postgres-direct (one
+    server of each for the whole run: starting Ray and the shards is most of a short run)."""
+    bodies: dict[str, dict[str, Any]] = {}
+    with bench_database() as database_url:
+        # Flushes every 5 s rather than the default 30 s, so each measured window holds some
+        # (the default would only make the ledger's DB transactions per request fewer still).
+        with bench_server(database_url, shards=str(shards), sync_interval_s="5") as server:
+            for scenario in scenarios:
+                run = SCENARIOS[scenario]
+                print(f"{scenario}: {(run.__doc__ or '').strip()}", flush=True)
+                bodies[scenario] = run(server, sweep)
+        if baseline:
+            with baseline_server(database_url) as direct:
+                for scenario in scenarios:
+                    print(f"{scenario}, postgres-direct:", flush=True)
+                    body = bodies[scenario]
+                    body["baseline"] = SCENARIOS[scenario](direct, sweep)["points"]
+                    body["ratios"] = compare(body["points"], body["baseline"])
+    for scenario, body in bodies.items():
+        print(f"  -> {write_result(scenario, body, short=short)}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description="Benchmark a real usage-ledger server."
     )
     parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, *STANDALONE, []], help="default: all")
-    parser.add_argument("--short", action="store_true", help="fewer rates, shorter runs (a quick look)")
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="a quick look, under 3 minutes: fewer rates, shorter runs, the HTTP scenarios and memory",
+    )
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the postgres-direct runs")
     args = parser.parse_args()
     sweep = SHORT if args.short else FULL
-    for scenario in args.scenarios or [*SCENARIOS, *STANDALONE]:
+    chosen = args.scenarios or [*SCENARIOS, *(SHORT_STANDALONE if args.short else STANDALONE)]
+    over_http = [scenario for scenario in chosen if scenario in SCENARIOS]
+    if over_http:
+        run_over_http(over_http, sweep, shards=args.shards, baseline=not args.no_baseline, short=args.short)
+    for scenario in chosen:
         if scenario in STANDALONE:
             print(f"{scenario}: {(STANDALONE[scenario].__doc__ or '').strip()}", flush=True)
             with bench_database() as database_url:
                 body = STANDALONE[scenario](database_url, args.short, args.shards)
             print(f"  -> {write_result(scenario, body, short=args.short)}", flush=True)
-            continue
-        run = SCENARIOS[scenario]
-        print(f"{scenario}: {(run.__doc__ or '').strip()}", flush=True)
-        with bench_database() as database_url:
-            # Flushes every 5 s rather than the default 30 s, so each measured window holds some
-            # (the default would only make the ledger's DB transactions per request fewer still).
-            with bench_server(database_url, shards=str(args.shards), sync_interval_s="5") as server:
-                body = run(server, sweep)
-            if not args.no_baseline:
-                print("  postgres-direct:", flush=True)
-                with baseline_server(database_url) as baseline:
-                    body["baseline"] = run(baseline, sweep)["points"]
-                body["ratios"] = compare(body["points"], body["baseline"])
-        print(f"  -> {write_result(scenario, body, short=args.short)}", flush=True)
+    if args.short:
+        return  # a quick look: BENCHMARKS.md and the plot show full runs only
     plot_latency()
     BENCHMARKS_MD.write_text(render_benchmarks_md())
     print(f"wrote {BENCHMARKS_MD}")
