@@ -14,9 +14,10 @@ the first copy of each.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from actors.empty import EMPTY, writable
 from actors.records import CreditEntry, CreditReason
 
 # A bucket and the window its balance belongs to: ("monthly", period start),
@@ -37,8 +38,9 @@ class CreditBook:
         assert next_seq >= 1, "sequence numbers start at 1"
         self._user_id = user_id
         self._next_seq = next_seq
-        self._open: dict[CreditKey, _Open] = {}
-        self._pending: list[CreditEntry] = []
+        # Usually empty (see `actors.empty`): nothing open, nothing waiting to be written.
+        self._open: Mapping[CreditKey, _Open] = EMPTY
+        self._pending: tuple[CreditEntry, ...] = ()
 
     @property
     def next_seq(self) -> int:
@@ -47,7 +49,7 @@ class CreditBook:
     @property
     def pending(self) -> tuple[CreditEntry, ...]:
         """Entries not yet known to be written, oldest first."""
-        return tuple(self._pending)
+        return self._pending
 
     def consume(self, key: CreditKey, amount: int, at_ms: int) -> None:
         """Add consumption to the open total of `key` (a no-op for nothing)."""
@@ -56,7 +58,8 @@ class CreditBook:
             return
         current = self._open.get(key)
         if current is None:
-            self._open[key] = _Open(amount, at_ms)
+            opened = self._open = writable(self._open)
+            opened[key] = _Open(amount, at_ms)
         else:
             current.amount += amount
             current.last_at_ms = max(current.last_at_ms, at_ms)
@@ -85,15 +88,15 @@ class CreditBook:
         """Turn open consumption into `consume` entries, with each bucket's balance now."""
         for key, current in self._open.items():
             self._append(key, -current.amount, balance_of(key), "consume", current.last_at_ms, version, None)
-        self._open.clear()
+        self._open = EMPTY
 
     def mark_synced(self, version: int) -> None:
-        self._pending = [entry for entry in self._pending if entry.version > version]
+        self._pending = tuple(entry for entry in self._pending if entry.version > version)
 
     def clone(self) -> CreditBook:
         twin = CreditBook(self._user_id, next_seq=self._next_seq)
-        twin._open = {key: _Open(o.amount, o.last_at_ms) for key, o in self._open.items()}
-        twin._pending = list(self._pending)
+        twin._open = {key: _Open(o.amount, o.last_at_ms) for key, o in self._open.items()} or EMPTY
+        twin._pending = self._pending  # a tuple: shared until either appends
         return twin
 
     def _append(
@@ -120,5 +123,5 @@ class CreditBook:
             version=version,
         )
         self._next_seq += 1
-        self._pending.append(entry)
+        self._pending = (*self._pending, entry)
         return entry

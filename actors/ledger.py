@@ -44,10 +44,12 @@ the balance.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from actors.credits import CreditBook, CreditKey
+from actors.empty import EMPTY, writable
 from actors.errors import MeterNotFound, NoCredits, SessionActive, SessionEnded, SessionNotFound, UnknownPlan
 from actors.periods import PeriodAnchor, PeriodBounds, period_containing, utc_day
 from actors.plans import MeterSpec, Plan, PlanCatalog
@@ -253,13 +255,14 @@ class UserLedger:
         self._period = period
         self._session = session
         self._prior = prior
-        self._meters: dict[str, _Meter] = meters if meters is not None else {}
+        self._meters: Mapping[str, _Meter] = meters or EMPTY
         self._book = book if book is not None else CreditBook(user_id)
         self._replies = replies if replies is not None else ReplyBook(user_id)
         # Ended sessions kept for idempotent ends (bounded), and records not yet durable.
-        self._ended: dict[str, SessionRecord] = {}
-        self._unsynced_sessions: dict[str, SessionRecord] = {}
-        self._unsynced_periods: dict[int, PeriodRecord] = {}
+        # (Each of these is usually empty: see `actors.empty`.)
+        self._ended: Mapping[str, SessionRecord] = EMPTY
+        self._unsynced_sessions: Mapping[str, SessionRecord] = EMPTY
+        self._unsynced_periods: Mapping[int, PeriodRecord] = EMPTY
 
     # ----------------------------------------------------------------- creation
 
@@ -349,9 +352,9 @@ class UserLedger:
             replies=self._replies.clone(),
         )
         twin.synced_version = self.synced_version
-        twin._ended = dict(self._ended)
-        twin._unsynced_sessions = dict(self._unsynced_sessions)
-        twin._unsynced_periods = dict(self._unsynced_periods)
+        twin._ended = dict(self._ended) if self._ended else EMPTY
+        twin._unsynced_sessions = dict(self._unsynced_sessions) if self._unsynced_sessions else EMPTY
+        twin._unsynced_periods = dict(self._unsynced_periods) if self._unsynced_periods else EMPTY
         return twin
 
     # ------------------------------------------------------------------ queries
@@ -585,7 +588,9 @@ class UserLedger:
         state = self._meters.get(meter)
         if state is None or state.window_start_ms != window.start_ms:
             self._materialize()  # the old window's open uses, while its balance is still known
-            state = self._meters[meter] = _Meter(window.start_ms, window.end_ms, 0)
+            state = _Meter(window.start_ms, window.end_ms, 0)
+            meters = self._meters = writable(self._meters)
+            meters[meter] = state
             if spec.limit is not None:
                 key = _meter_key(meter, window.start_ms)
                 self._record(key, delta=spec.limit, balance_after=spec.limit, reason="reset", at_ms=now_ms)
@@ -815,10 +820,10 @@ class UserLedger:
         """A snapshot taken at `version` is durable: forget records it covered."""
         self._unsynced_sessions = {
             key: record for key, record in self._unsynced_sessions.items() if record.version > version
-        }
+        } or EMPTY
         self._unsynced_periods = {
             key: record for key, record in self._unsynced_periods.items() if record.version > version
-        }
+        } or EMPTY
         self._book.mark_synced(version)
         self._replies.mark_synced(version)
         self.synced_version = max(self.synced_version, version)
@@ -971,10 +976,12 @@ class UserLedger:
         self._session = None
         if self._prior is not None:
             self._retire_prior()
-        self._unsynced_sessions[record.session_id] = record
-        self._ended[record.session_id] = record
-        while len(self._ended) > self._policy.ended_sessions_kept:
-            del self._ended[next(iter(self._ended))]
+        unsynced = self._unsynced_sessions = writable(self._unsynced_sessions)
+        unsynced[record.session_id] = record
+        ended = self._ended = writable(self._ended)
+        ended[record.session_id] = record
+        while len(ended) > self._policy.ended_sessions_kept:
+            del ended[next(iter(ended))]
         return record
 
     def _retire_prior(self) -> None:
@@ -986,9 +993,8 @@ class UserLedger:
     def _archive(self, period: _Period) -> None:
         """Close a period: its open consumption becomes entries while its balance is still known."""
         self._materialize()
-        self._unsynced_periods[period.start_ms] = period.record(
-            self.user_id, archived=True, version=self.version
-        )
+        unsynced = self._unsynced_periods = writable(self._unsynced_periods)
+        unsynced[period.start_ms] = period.record(self.user_id, archived=True, version=self.version)
 
     def _roll_over(self, now_ms: int) -> None:
         old = self._period

@@ -21,10 +21,12 @@ retry runs.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from actors import errors
+from actors.empty import EMPTY, writable
 from actors.records import ReplyRecord
 from actors.views import (
     ActiveSessionView,
@@ -131,9 +133,11 @@ class ReplyBook:
 
     def __init__(self, user_id: str, replies: tuple[ReplyRecord, ...] = ()) -> None:
         self._user_id = user_id
-        # Oldest first, so expired replies are found at the front.
-        self._replies = {r.key: r for r in sorted(replies, key=lambda r: r.expires_at_ms)}
-        self._pending: dict[str, ReplyRecord] = {}
+        # Oldest first, so expired replies are found at the front. Both usually empty (`actors.empty`).
+        self._replies: Mapping[str, ReplyRecord] = {
+            r.key: r for r in sorted(replies, key=lambda r: r.expires_at_ms)
+        } or EMPTY
+        self._pending: Mapping[str, ReplyRecord] = EMPTY
 
     def get(self, key: str, now_ms: int) -> ReplyRecord | None:
         record = self._replies.get(key)
@@ -142,7 +146,8 @@ class ReplyBook:
     def remember(self, request: IdempotencyKey, outcome: str, now_ms: int, *, version: int) -> ReplyRecord:
         """Keep a new reply, written by the first write of the ledger at `version` or later."""
         self._forget_expired(now_ms)
-        self._replies.pop(request.key, None)  # an expired reply's key, used again: to the back
+        replies = self._replies = writable(self._replies)
+        replies.pop(request.key, None)  # an expired reply's key, used again: to the back
         record = ReplyRecord(
             user_id=self._user_id,
             key=request.key,
@@ -152,8 +157,9 @@ class ReplyBook:
             expires_at_ms=now_ms + REPLY_TTL_MS,
             version=version,
         )
-        self._replies[request.key] = record
-        self._pending[request.key] = record
+        replies[request.key] = record
+        pending = self._pending = writable(self._pending)
+        pending[request.key] = record
         return record
 
     def _forget_expired(self, now_ms: int) -> None:
@@ -162,20 +168,23 @@ class ReplyBook:
             if record.expires_at_ms > now_ms:
                 break  # the rest expire later
             expired.append(key)
-        for key in expired:
-            del self._replies[key]
+        if expired:
+            replies = self._replies = writable(self._replies)
+            for key in expired:
+                del replies[key]
+            self._replies = replies or EMPTY
 
     @property
     def pending(self) -> tuple[ReplyRecord, ...]:
         return tuple(self._pending.values())
 
     def mark_synced(self, version: int) -> None:
-        self._pending = {key: r for key, r in self._pending.items() if r.version > version}
+        self._pending = {key: r for key, r in self._pending.items() if r.version > version} or EMPTY
 
     def clone(self) -> ReplyBook:
         twin = ReplyBook(self._user_id)
-        twin._replies = dict(self._replies)
-        twin._pending = dict(self._pending)
+        twin._replies = dict(self._replies) if self._replies else EMPTY
+        twin._pending = dict(self._pending) if self._pending else EMPTY
         return twin
 
     def __len__(self) -> int:
