@@ -12,6 +12,16 @@ The file's shape (see DESIGN.md):
     requests_per_s = 5
     burst = 10
 
+    # What billing sells (optional): Polar product ids, Stripe price ids.
+    [billing.polar.plans]
+    "5d1b0c6e-...-polar-product" = "basic"
+    [billing.polar.credit_packs]
+    "8f0e2a3b-...-polar-product" = 60     # minutes
+    [billing.stripe.plans]
+    price_1PbasicMonthly = "basic"
+    [billing.stripe.credit_packs]
+    price_1Ppack60 = 60
+
 Parsing is strict: an unknown key, a negative amount or a `default_plan` that
 is not defined is a `PlansError` naming the offending entry, so a typo in an
 operator's file stops the server at start instead of silently granting
@@ -85,6 +95,7 @@ class Plan:
 class PlanCatalog:
     plans: Mapping[str, Plan]
     default_plan: str
+    billing: BillingCatalog = field(default_factory=lambda: BillingCatalog({}, {}))
 
     def __post_init__(self) -> None:
         assert self.default_plan in self.plans, "default plan must be defined"
@@ -109,12 +120,31 @@ class PlanCatalog:
         return parse_plans(text, source=str(path))
 
 
+BillingProvider = Literal["polar", "stripe"]
+BILLING_PROVIDERS: tuple[BillingProvider, ...] = ("polar", "stripe")
+
+
+@dataclass(frozen=True, slots=True)
+class BillingCatalog:
+    """What a billing provider's product (Polar) or price (Stripe) id buys: a plan, or a pack of
+    minutes. Keyed by (provider, id); from the plans file's `[billing.<provider>]` tables."""
+
+    plans: Mapping[tuple[BillingProvider, str], str]
+    credit_packs: Mapping[tuple[BillingProvider, str], float]
+
+    def plan_for(self, provider: BillingProvider, product_id: str) -> str | None:
+        return self.plans.get((provider, product_id))
+
+    def pack_minutes(self, provider: BillingProvider, product_id: str) -> float | None:
+        return self.credit_packs.get((provider, product_id))
+
+
 def parse_plans(text: str, *, source: str) -> PlanCatalog:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PlansError(f"{source}: not valid TOML: {exc}") from exc
-    _only_keys(document, {"default_plan", "plans"}, where=source)
+    _only_keys(document, {"default_plan", "plans", "billing"}, where=source)
     raw_plans = document.get("plans")
     if not isinstance(raw_plans, dict) or not raw_plans:
         raise PlansError(f"{source}: [plans] must define at least one plan")
@@ -122,7 +152,44 @@ def parse_plans(text: str, *, source: str) -> PlanCatalog:
     default_plan = document.get("default_plan", "free")
     if not isinstance(default_plan, str) or default_plan not in plans:
         raise PlansError(f"{source}: default_plan {default_plan!r} is not one of {sorted(plans)}")
-    return PlanCatalog(plans=plans, default_plan=default_plan)
+    billing = _parse_billing(document.get("billing", {}), plans, source)
+    return PlanCatalog(plans=plans, default_plan=default_plan, billing=billing)
+
+
+def _parse_billing(raw: Any, plans: Mapping[str, Plan], source: str) -> BillingCatalog:
+    """`[billing.polar]` / `[billing.stripe]`, each with `plans = {id = "plan"}` and
+    `credit_packs = {id = minutes}`; an id names one thing only."""
+    where = f"{source}: billing"
+    if not isinstance(raw, dict):
+        raise PlansError(f"{where} must be a table")
+    _only_keys(raw, set(BILLING_PROVIDERS), where=where)
+    by_plan: dict[tuple[BillingProvider, str], str] = {}
+    packs: dict[tuple[BillingProvider, str], float] = {}
+    for provider in BILLING_PROVIDERS:
+        section = raw.get(provider, {})
+        at = f"{where}.{provider}"
+        if not isinstance(section, dict):
+            raise PlansError(f"{at} must be a table")
+        _only_keys(section, {"plans", "credit_packs"}, where=at)
+        for product_id, plan in _table(section, "plans", at).items():
+            if not isinstance(plan, str) or plan not in plans:
+                raise PlansError(f"{at}.plans.{product_id} must name a plan, one of {sorted(plans)}")
+            by_plan[provider, product_id] = plan
+        for product_id, minutes in _table(section, "credit_packs", at).items():
+            valid = isinstance(minutes, int | float) and not isinstance(minutes, bool)
+            if not valid or not math.isfinite(minutes) or minutes <= 0:
+                raise PlansError(f"{at}.credit_packs.{product_id} must be a positive number of minutes")
+            if (provider, product_id) in by_plan:
+                raise PlansError(f"{at}: {product_id!r} is both a plan and a credit pack")
+            packs[provider, product_id] = float(minutes)
+    return BillingCatalog(plans=by_plan, credit_packs=packs)
+
+
+def _table(section: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    value = section.get(name, {})
+    if not isinstance(value, dict):
+        raise PlansError(f"{where}.{name} must be a table")
+    return value
 
 
 def _parse_plan(name: str, body: Any, source: str) -> Plan:

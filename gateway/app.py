@@ -28,7 +28,7 @@ from gateway.middleware import (
     ListenerMiddleware,
     RequestLogMiddleware,
 )
-from gateway.routes import credits, internal, ops, sessions, usage
+from gateway.routes import credits, internal, ops, sessions, usage, webhooks
 from gateway.routes.common import no_unknown_query
 from gateway.runtime import Runtime
 from gateway.secrets import resolve_secrets
@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (usage, sessions, credits, internal):
         app.include_router(module.router, dependencies=[Depends(no_unknown_query)])
     app.include_router(ops.router)
+    app.include_router(webhooks.router, dependencies=[Depends(no_unknown_query)])
     app.add_middleware(HotPathMiddleware, fastapi=app)
     app.add_middleware(InternalSignatureMiddleware, secret=secrets.internal_secret)
     if settings.internal_port is not None:

@@ -24,6 +24,9 @@ from gateway.metrics import Metrics
 log = structlog.get_logger("gateway.request")
 
 MAX_BODY_BYTES = 16 * 1024
+# Billing providers' events are larger (a Stripe subscription with its items is often 10-20 KiB).
+WEBHOOK_PATH_PREFIX = "/webhooks/"
+WEBHOOK_MAX_BODY_BYTES = 256 * 1024
 # An oversized body that streams in is read (and dropped) up to this much more, so the
 # client is still listening when the 413 arrives; past it the connection is simply closed.
 DRAIN_BYTES_MAX = 1024 * 1024
@@ -149,45 +152,54 @@ class BodyLimitMiddleware:
     trickles its body cannot hold one of the process's request slots for long)."""
 
     def __init__(
-        self, app: ASGIApp, *, max_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = REQUEST_READ_TIMEOUT_S
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int = MAX_BODY_BYTES,
+        webhook_max_bytes: int = WEBHOOK_MAX_BODY_BYTES,
+        read_timeout_s: float = REQUEST_READ_TIMEOUT_S,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.webhook_max_bytes = webhook_max_bytes
         self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = (
+            self.webhook_max_bytes if scope["path"].startswith(WEBHOOK_PATH_PREFIX) else self.max_bytes
+        )
         declared = header(scope, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._too_large(send)
+        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+            await self._too_large(send, max_bytes)
             return
         too_large = False
         try:
             # One deadline for reading the body and, past the bound, draining it.
             async with asyncio.timeout(self.read_timeout_s):
                 try:
-                    body = await read_body(receive, max_bytes=self.max_bytes)
+                    body = await read_body(receive, max_bytes=max_bytes)
                 except BodyTooLarge:
                     too_large = True
                     await _drain(receive, DRAIN_BYTES_MAX)
         except TimeoutError:
             if too_large:
-                await self._too_large(send)
+                await self._too_large(send, max_bytes)
             else:
                 detail = f"the request body did not arrive within {self.read_timeout_s:g} s"
                 await _close_with(send, 408, "request_timeout", detail)
             return
         if too_large:
-            await self._too_large(send)
+            await self._too_large(send, max_bytes)
             return
         if body is None:
             return  # the client went away
         await self.app(scope, replaying(body, receive), send)
 
-    async def _too_large(self, send: Send) -> None:
-        detail = f"request bodies are limited to {self.max_bytes} bytes"
+    async def _too_large(self, send: Send, max_bytes: int) -> None:
+        detail = f"request bodies are limited to {max_bytes} bytes"
         await _close_with(send, 413, "payload_too_large", detail)
 
 

@@ -140,8 +140,10 @@ class Runtime:
         pool: asyncpg.Pool[asyncpg.Record],
         router: ShardRouter,
         owns_ray: bool,
+        plans: PlanCatalog,
     ) -> None:
         self.settings = settings
+        self.plans = plans
         self.database = database
         self.pool = pool
         self.router = router
@@ -178,7 +180,9 @@ class Runtime:
                 await asyncio.to_thread(database.embedded.stop)
             raise
         router = ShardRouter(handles, call_timeout_s=settings.actor_call_timeout_s, metrics=metrics)
-        runtime = cls(settings=settings, database=database, pool=pool, router=router, owns_ray=owns_ray)
+        runtime = cls(
+            settings=settings, database=database, pool=pool, router=router, owns_ray=owns_ray, plans=plans
+        )
         await runtime._wait_for_shards()
         log.info(
             "runtime_started",

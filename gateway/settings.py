@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_leeway_s: float = Field(default=30.0, ge=0, le=300)
     internal_secret: SecretStr | None = None
+    # Set: POST /webhooks/polar (Polar's webhook secret) and /webhooks/stripe (`whsec_...`) are on.
+    polar_webhook_secret: SecretStr | None = Field(default=None, min_length=8)
+    stripe_webhook_secret: SecretStr | None = Field(default=None, min_length=8)
 
     sync_interval_s: float = Field(default=30.0, gt=0, le=3_600)
     stale_session_s: float = Field(default=600.0, gt=0, le=86_400)

@@ -58,6 +58,10 @@ SECURITY: dict[str, frozenset[str] | None] = {
     ),
     "unit/gateway/test_cli.py": frozenset({"test_bad_configuration_names_the_setting_but_not_its_value"}),
     "e2e/test_cli.py": frozenset({"test_new_user_runs_a_session_and_usage_survives_restart"}),
+    # Billing providers' signatures: Standard Webhooks (Polar), Stripe-Signature with its tolerance.
+    "integration/test_billing_webhooks.py": frozenset(
+        {"test_polar_bad_signatures_are_401_and_change_nothing", "test_stripe_signature_rules"}
+    ),
 }
 
 

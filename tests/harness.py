@@ -47,6 +47,8 @@ PLANS_FILE = Path(__file__).parent / "integration" / "plans.toml"
 JWT_SECRET = "integration-test-jwt-secret-" + "x" * 16
 INTERNAL_SECRET = "whsec_" + "aW50ZWdyYXRpb24tdGVzdC1pbnRlcm5hbC1zZWNyZXQ="
 SYNC_INTERVAL_S = 1.0
+POLAR_WEBHOOK_SECRET = "polar_whs_integration_test_secret"
+STRIPE_WEBHOOK_SECRET = "whsec_integration_test_stripe_secret"
 STALE_SESSION_S = 4.0
 
 
@@ -160,6 +162,8 @@ async def start_server(
             "plans_file": PLANS_FILE,
             "jwt_secret": JWT_SECRET,
             "internal_secret": INTERNAL_SECRET,
+            "polar_webhook_secret": POLAR_WEBHOOK_SECRET,
+            "stripe_webhook_secret": STRIPE_WEBHOOK_SECRET,
             "sync_interval_s": SYNC_INTERVAL_S,
             "stale_session_s": STALE_SESSION_S,
             "log_level": "warning",

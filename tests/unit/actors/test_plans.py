@@ -59,11 +59,45 @@ def test_full_plan_file_parses(tmp_path: Path) -> None:
         ("[plans.free]\nminutes = 1\n[plans.free.rate_limit]\nrequests_per_s = 0\nburst = 1", "positive"),
         ("plans = 3", "at least one plan"),
         ("[plans.free\nminutes = 1", "not valid TOML"),
+        ("[plans.free]\nminutes = 1\n[billing.paddle]", "unknown key"),
+        ("[plans.free]\nminutes = 1\n[billing.polar.plans]\nprod_1 = 'gold'", "must name a plan"),
+        ("[plans.free]\nminutes = 1\n[billing.stripe.credit_packs]\nprice_1 = 0", "positive number"),
+        ("[plans.free]\nminutes = 1\n[billing.stripe.credit_packs]\nprice_1 = true", "positive number"),
+        (
+            "[plans.free]\nminutes = 1\n[billing.polar.plans]\np = 'free'\n"
+            "[billing.polar.credit_packs]\np = 5",
+            "both a plan and a credit pack",
+        ),
     ],
 )
 def test_malformed_plans_are_refused_with_the_entry_named(text: str, message: str) -> None:
     with pytest.raises(PlansError, match=message):
         parse_plans(text, source="plans.toml")
+
+
+def test_billing_ids_map_to_plans_and_packs_per_provider() -> None:
+    catalog = parse_plans(
+        """
+        [plans.free]
+        minutes = 10
+        [plans.pro]
+        minutes = 500
+        [billing.polar.plans]
+        "prod-1" = "pro"
+        [billing.polar.credit_packs]
+        "prod-2" = 60
+        [billing.stripe.plans]
+        price_pro = "pro"
+        """,
+        source="plans.toml",
+    )
+    billing = catalog.billing
+    assert billing.plan_for("polar", "prod-1") == "pro"
+    assert billing.pack_minutes("polar", "prod-2") == 60.0
+    assert billing.plan_for("stripe", "price_pro") == "pro"
+    assert billing.plan_for("stripe", "prod-1") is None  # ids are per provider
+    assert billing.pack_minutes("polar", "prod-1") is None
+    assert PlanCatalog.builtin().billing.plan_for("polar", "prod-1") is None
 
 
 def test_missing_file_is_a_plans_error(tmp_path: Path) -> None:

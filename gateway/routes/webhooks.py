@@ -1,0 +1,126 @@
+"""/webhooks/polar and /webhooks/stripe: billing events received directly from the providers.
+
+Each delivery is verified (`gateway.billing`), turned into a plan change or a purchase, and
+applied on the user's shard, durably, before it is answered 200: a provider retries anything
+else, so nothing is lost while a shard or Postgres is down (503). The provider's event id
+deduplicates redeliveries; an event this server does not act on (another event type, a product
+the plans file does not name, no user id) is answered 200 with `handled: false` and the reason,
+so the provider does not retry it forever. A route whose secret is not configured is 404.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import structlog
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+
+from actors.plans import BillingProvider, PlanCatalog
+from actors.shard import PlanEvent, Purchase
+from actors.times import from_datetime, minutes_to_ms
+from gateway.auth import USER_ID_PATTERN
+from gateway.billing import (
+    BillingAction,
+    Ignored,
+    PlanChangeAction,
+    PurchaseAction,
+    polar_action,
+    stripe_action,
+    verify_polar,
+    verify_stripe,
+)
+from gateway.errors import ApiError
+from gateway.routes.common import problems, request_id, runtime
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+
+log = structlog.get_logger("gateway.webhooks")
+
+router = APIRouter(prefix="/webhooks", tags=["billing webhooks"])
+
+_USER_ID = re.compile(USER_ID_PATTERN)
+
+
+class WebhookAnswer(BaseModel):
+    handled: bool
+    reason: str | None = None
+    user_id: str | None = None
+    applied: bool | None = None  # a plan change older than the last applied one is not applied
+    purchased_minutes: float | None = None
+
+
+def _secret(request: Request, provider: BillingProvider) -> str:
+    settings: Settings = request.app.state.settings
+    value = settings.polar_webhook_secret if provider == "polar" else settings.stripe_webhook_secret
+    if value is None:
+        raise ApiError(404, "not_found", f"{provider} webhooks are not configured on this server")
+    return value.get_secret_value()
+
+
+@router.post("/polar", response_model=WebhookAnswer, responses=problems(401, 413, 422, 503))
+async def polar(
+    request: Request, rt: Runtime = Depends(runtime), rid: str | None = Depends(request_id)
+) -> WebhookAnswer:
+    """A Polar delivery (Standard Webhooks signature); see `gateway.billing` for what each event does."""
+    secret = _secret(request, "polar")
+    body = await request.body()
+    event = verify_polar(secret, body, dict(request.headers))
+    delivery = f"polar:{request.headers['webhook-id']}"
+    return await _apply(rt, polar_action(event, rt.plans.billing), rt.plans, event["type"], delivery, rid)
+
+
+@router.post("/stripe", response_model=WebhookAnswer, responses=problems(401, 413, 422, 503))
+async def stripe(
+    request: Request, rt: Runtime = Depends(runtime), rid: str | None = Depends(request_id)
+) -> WebhookAnswer:
+    """A Stripe delivery (`Stripe-Signature`); see `gateway.billing` for what each event does."""
+    secret = _secret(request, "stripe")
+    body = await request.body()
+    event = verify_stripe(secret, body, request.headers.get("stripe-signature"), now_s=time.time())
+    delivery = f"stripe:{event.get('id')}"
+    return await _apply(rt, stripe_action(event, rt.plans.billing), rt.plans, event["type"], delivery, rid)
+
+
+async def _apply(
+    rt: Runtime, action: BillingAction, plans: PlanCatalog, kind: str, delivery: str, rid: str | None
+) -> WebhookAnswer:
+    if not isinstance(action, Ignored) and not _USER_ID.match(action.user_id):
+        action = Ignored("unknown_user")
+    if isinstance(action, Ignored):
+        log.warning("billing_event_ignored", event_type=kind, delivery=delivery, reason=action.reason)
+        return WebhookAnswer(handled=False, reason=action.reason)
+    if isinstance(action, PlanChangeAction):
+        whole_period = action.period_start is not None and action.period_end is not None
+        event = PlanEvent(
+            delivery_id=delivery,
+            plan=plans.default_plan if action.action == "cancel" else action.plan,
+            action=action.action,
+            occurred_at_ms=from_datetime(action.occurred_at),
+            period_start_ms=from_datetime(action.period_start)
+            if whole_period and action.period_start
+            else None,
+            period_end_ms=from_datetime(action.period_end) if whole_period and action.period_end else None,
+        )
+        result = await rt.router.call(action.user_id, "change_plan", action.user_id, event, request_id=rid)
+        log.info(
+            "billing_plan_event",
+            event_type=kind,
+            delivery=delivery,
+            user_id=action.user_id,
+            applied=result.applied,
+        )
+        return WebhookAnswer(handled=True, user_id=action.user_id, applied=result.applied)
+    assert isinstance(action, PurchaseAction)
+    purchase = Purchase(
+        delivery_id=delivery,
+        minutes_ms=minutes_to_ms(action.minutes),
+        reason="purchase",
+        reference=action.reference,
+    )
+    await rt.router.call(action.user_id, "add_credits", action.user_id, purchase, request_id=rid)
+    log.info(
+        "billing_purchase", event_type=kind, delivery=delivery, user_id=action.user_id, minutes=action.minutes
+    )
+    return WebhookAnswer(handled=True, user_id=action.user_id, purchased_minutes=action.minutes)
