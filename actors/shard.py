@@ -39,8 +39,10 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -228,6 +230,9 @@ class ShardStats:
     store_calls: dict[str, int] = field(default_factory=dict)
     # Still loading the users with open sessions after a start (it serves meanwhile).
     reactivating: bool = False
+    activations: int = 0  # users loaded into memory since the shard started
+    alarms_by_kind: dict[str, int] = field(default_factory=dict)  # stale, limit, period_end
+    last_flush_duration_ms: float | None = None
     # Durable writes (session starts and ends, ...) and the transactions they shared.
     durable_writes: int = 0
     durable_transactions: int = 0
@@ -286,6 +291,9 @@ class LedgerShard:
         self._buckets: dict[str, TokenBucket] = {}
         self._pending_calls = 0
         self._alarms_fired = 0
+        self._alarms_by_kind: collections.Counter[str] = collections.Counter()
+        self._activations = 0
+        self._last_flush_duration_ms: float | None = None
         self._flushes = 0
         self._flush_failures = 0
         self._last_flush_at_ms: int | None = None
@@ -784,6 +792,7 @@ class LedgerShard:
         """Write every dirty ledger now, in batches of one store call each. Returns users written."""
         written = 0
         async with self._flush_lock:
+            began = time.perf_counter()
             held_back = self._unwritable | self._in_doubt.keys()
             users = [u for u in self._dirty if u not in held_back and self._ledgers[u].is_dirty]
             for begin in range(0, len(users), FLUSH_BATCH_USERS):
@@ -806,6 +815,7 @@ class LedgerShard:
             self._dirty = {user_id for user_id in self._dirty if self._ledgers[user_id].is_dirty}
             self._flushes += 1
             self._last_flush_at_ms = self._clock()
+            self._last_flush_duration_ms = round((time.perf_counter() - began) * 1000, 3)
         return written
 
     async def _save_isolating_failures(self, snapshots: list[LedgerSnapshot]) -> list[LedgerSnapshot]:
@@ -855,8 +865,10 @@ class LedgerShard:
     def _advance(self, user_id: str, ledger: UserLedger, now: int) -> int:
         """Fire the user's due alarms; a session they end is written promptly, not at the next sync."""
         session_id = ledger.active_session_id
-        fired = len(ledger.advance(now))
+        alarms = ledger.advance(now)
+        fired = len(alarms)
         self._alarms_fired += fired
+        self._alarms_by_kind.update(alarm.kind for alarm in alarms)
         if session_id is not None and ledger.active_session_id is None:
             ended = ledger.ended_session(session_id)
             assert ended is not None
@@ -906,6 +918,9 @@ class LedgerShard:
             watchers=self._waiting.total(),
             store_calls=dict(store.calls) if store is not None else {},
             reactivating=self._reactivating,
+            activations=self._activations,
+            alarms_by_kind=dict(self._alarms_by_kind),
+            last_flush_duration_ms=self._last_flush_duration_ms,
             durable_writes=self._commits.writes if self._commits is not None else 0,
             durable_transactions=self._commits.transactions if self._commits is not None else 0,
         )
@@ -987,6 +1002,7 @@ class LedgerShard:
             else:
                 ledger = UserLedger.new(user_id, self._policy, now)
             self._ledgers[user_id] = ledger
+            self._activations += 1
             # Alarms that fell due while the user was not resident fire now.
             self._advance(user_id, ledger, now)
 

@@ -46,6 +46,30 @@ class Metrics:
             "Requests being answered by this process (streams, health and metrics not counted)",
             registry=self.registry,
         )
+        self.errors = Counter(
+            "ledger_http_errors",
+            "Error answers (problem+json) by their stable code",
+            ("code",),
+            registry=self.registry,
+        )
+        self.shard_alarms = Gauge(
+            "ledger_shard_alarms_fired_by_kind",
+            "Alarms fired since the shard started, by kind (stale, limit, period_end)",
+            ("shard", "kind"),
+            registry=self.registry,
+        )
+        self.shard_flush_duration = Gauge(
+            "ledger_shard_last_flush_duration_seconds",
+            "How long the shard's last flush took",
+            ("shard",),
+            registry=self.registry,
+        )
+        self.shard_flush_lag = Gauge(
+            "ledger_shard_flush_lag_seconds",
+            "Seconds since the shard's last completed flush (a growing lag: writes are failing)",
+            ("shard",),
+            registry=self.registry,
+        )
         self.shard_gauges = {
             name: Gauge(f"ledger_shard_{name}", help_text, ("shard",), registry=self.registry)
             for name, help_text in (
@@ -55,6 +79,7 @@ class Metrics:
                 ("pending_calls", "Calls in progress on the shard"),
                 ("alarms_fired", "Alarms fired since the shard started"),
                 ("flush_failures", "Failed flushes since the shard started"),
+                ("activations", "Users loaded into the shard's memory since it started"),
                 ("durable_writes", "Writes answered only once in Postgres, since the shard started"),
                 ("durable_transactions", "Transactions those writes shared (group commit)"),
             )

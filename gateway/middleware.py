@@ -9,6 +9,7 @@ once routing has run.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 import uuid
@@ -54,13 +55,19 @@ class RequestLogMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500
+        error_code: str | None = None
+        is_problem = False
         started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, error_code, is_problem
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("ascii")))
+                headers = message.setdefault("headers", [])
+                is_problem = (b"content-type", PROBLEM_CONTENT_TYPE.encode()) in headers
+                headers.append((b"x-request-id", request_id.encode("ascii")))
+            elif is_problem and message["type"] == "http.response.body" and error_code is None:
+                error_code = _problem_code(message.get("body", b""))  # errors are few and small
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
@@ -71,6 +78,8 @@ class RequestLogMiddleware:
                 route = scope.get("route")
                 template = getattr(route, "path", None) or "unmatched"
                 self.metrics.observe_request(scope["method"], template, status, duration_s)
+                if error_code is not None:
+                    self.metrics.errors.labels(error_code).inc()
                 log.info(
                     "request",
                     method=scope["method"],
@@ -78,7 +87,16 @@ class RequestLogMiddleware:
                     status=status,
                     duration_ms=round(duration_s * 1000, 2),
                     user_id=state.get("user_id"),
+                    error_code=error_code,
                 )
+
+
+def _problem_code(body: bytes) -> str:
+    try:
+        code = json.loads(body).get("code")
+    except (ValueError, AttributeError):
+        return "unreadable"
+    return code if isinstance(code, str) else "unreadable"
 
 
 class ListenerMiddleware:

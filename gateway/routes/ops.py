@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from actors.shard import ShardStats
+from actors.times import wall_clock_ms
 from gateway.metrics import Metrics
 from gateway.routes.common import runtime
 from gateway.runtime import Runtime
@@ -47,9 +48,16 @@ async def readyz(rt: Runtime = Depends(runtime)) -> JSONResponse:
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(request: Request, rt: Runtime = Depends(runtime)) -> Response:
     registry: Metrics = request.app.state.metrics
+    now_ms = wall_clock_ms()
     for result in await rt.router.stats():
         if isinstance(result, ShardStats):
             shard = str(result.shard_index)
             for name, gauge in registry.shard_gauges.items():
                 gauge.labels(shard).set(getattr(result, name))
+            for kind, fired in result.alarms_by_kind.items():
+                registry.shard_alarms.labels(shard, kind).set(fired)
+            if result.last_flush_duration_ms is not None:
+                registry.shard_flush_duration.labels(shard).set(result.last_flush_duration_ms / 1000)
+            if result.last_flush_at_ms is not None:
+                registry.shard_flush_lag.labels(shard).set(max(0, now_ms - result.last_flush_at_ms) / 1000)
     return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

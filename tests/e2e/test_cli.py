@@ -195,3 +195,61 @@ def test_the_readme_client_example_runs_as_written_and_ends_its_session(workdir:
         assert session["session_id"] in done.stdout
     finally:
         server.stop()
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    """The JSON log lines of a serve log, the shards' included (Ray prefixes theirs with the actor)."""
+    found = []
+    for line in text.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            value = json.loads(line[start:])
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found.append(value)
+    return found
+
+
+def test_a_requests_log_line_and_its_shards_share_the_request_id(workdir: Path) -> None:
+    port = free_port()
+    env = clean_env(LEDGER_PORT=str(port), LEDGER_LOG_FORMAT="json")
+    server = serve(workdir, env, port)
+    try:
+        token = run_cli("token", "dave", cwd=workdir, env=env)
+        with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {token}"}) as http:
+            started = http.post(
+                "/v1/sessions", json={"topic": "logs"}, headers={"X-Request-ID": "trace-start-1"}
+            )
+            assert started.status_code == 201, started.text
+            assert started.headers["x-request-id"] == "trace-start-1"
+            ended = http.post(f"/v1/sessions/{started.json()['session_id']}/end")  # an id of its own
+            assert ended.status_code == 200
+            generated = ended.headers["x-request-id"]
+        deadline = time.monotonic() + 20  # the shard's lines reach the driver's output asynchronously
+        while True:
+            lines = json_lines(Path(server.log.name).read_text())
+            by_event = {
+                (line.get("event"), line.get("request_id")): line for line in lines if line.get("request_id")
+            }
+            wanted = [
+                ("request", "trace-start-1"),
+                ("session_started", "trace-start-1"),
+                ("request", generated),
+                ("session_ended", generated),
+            ]
+            if all(key in by_event for key in wanted) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        missing = [key for key in wanted if key not in by_event]
+        assert not missing, f"log lines missing: {missing}"
+        canonical = by_event["request", "trace-start-1"]
+        assert (canonical["method"], canonical["route"], canonical["status"]) == ("POST", "/v1/sessions", 201)
+        assert (
+            canonical["user_id"] == "dave"
+            and by_event["session_started", "trace-start-1"]["user_id"] == "dave"
+        )
+    finally:
+        server.stop()
