@@ -42,6 +42,8 @@ import asyncio
 import collections
 import contextlib
 import functools
+import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -233,6 +235,8 @@ class ShardStats:
     activations: int = 0  # users loaded into memory since the shard started
     alarms_by_kind: dict[str, int] = field(default_factory=dict)  # stale, limit, period_end
     last_flush_duration_ms: float | None = None
+    host: str = ""  # where the shard runs: its node's host name and its process id
+    pid: int = 0
     # Durable writes (session starts and ends, ...) and the transactions they shared.
     durable_writes: int = 0
     durable_transactions: int = 0
@@ -921,6 +925,8 @@ class LedgerShard:
             activations=self._activations,
             alarms_by_kind=dict(self._alarms_by_kind),
             last_flush_duration_ms=self._last_flush_duration_ms,
+            host=socket.gethostname(),
+            pid=os.getpid(),
             durable_writes=self._commits.writes if self._commits is not None else 0,
             durable_transactions=self._commits.transactions if self._commits is not None else 0,
         )

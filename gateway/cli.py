@@ -224,6 +224,22 @@ def _signed(
     delivery_id: str | None,
 ) -> dict[str, object]:
     """Make a Standard Webhooks-signed call, print the JSON answer, exit 1 on an error status."""
+    status_code, answer = _signed_call(method, path, body, url=url, delivery_id=delivery_id)
+    typer.echo(json.dumps(answer, indent=2))
+    if status_code >= 400:
+        raise typer.Exit(1)
+    return answer
+
+
+def _signed_call(
+    method: Literal["GET", "POST"],
+    path: str,
+    body: dict[str, object] | None,
+    *,
+    url: str | None,
+    delivery_id: str | None,
+) -> tuple[int, dict[str, object]]:
+    """A Standard Webhooks-signed call to the running server: (status, JSON answer)."""
     from gateway.secrets import resolve_secrets
 
     settings = _settings()
@@ -232,7 +248,13 @@ def _signed(
     message_id = delivery_id or f"msg_{uuid.uuid4().hex}"
     timestamp = datetime.fromtimestamp(int(time.time()), tz=UTC)
     signature = Webhook(secrets.internal_secret).sign(message_id, timestamp, content)
-    base = url or f"http://{settings.host}:{settings.port}"
+    # With a separate internal listener, internal routes answer only there.
+    host, port = (
+        (settings.internal_host, settings.internal_port)
+        if settings.internal_port
+        else (settings.host, settings.port)
+    )
+    base = url or f"http://{host}:{port}"
     response = httpx.request(
         method,
         f"{base}{path}",
@@ -245,11 +267,114 @@ def _signed(
         },
         timeout=30,
     )
-    answer = response.json()
-    typer.echo(json.dumps(answer, indent=2))
-    if response.status_code >= 400:
+    return response.status_code, response.json()
+
+
+def _answer_or_exit(method: Literal["GET"], path: str, url: str | None) -> dict[str, object]:
+    status_code, answer = _signed_call(method, path, None, url=url, delivery_id=None)
+    if status_code >= 400:
+        typer.echo(json.dumps(answer, indent=2), err=True)
         raise typer.Exit(1)
-    return answer  # type: ignore[no-any-return]
+    return answer
+
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(help="Server base URL; default from LEDGER_HOST and LEDGER_INTERNAL_PORT or LEDGER_PORT."),
+]
+
+
+@app.command()
+def status(url: UrlOption = None) -> None:
+    """The shards of a running server: where they run, resident users, sessions, the write-behind."""
+    from rich.console import Console
+    from rich.table import Table
+
+    answer = _answer_or_exit("GET", "/internal/v1/status", url)
+    table = Table(title="usage-ledger shards")
+    for column in (
+        "shard",
+        "state",
+        "where",
+        "resident users",
+        "active sessions",
+        "dirty users",
+        "pending calls",
+        "last flush",
+        "flush failures",
+    ):
+        table.add_column(
+            column, justify="right" if column not in ("state", "where", "last flush") else "left"
+        )
+    shards = answer.get("shards")
+    for shard in shards if isinstance(shards, list) else []:
+        state = str(shard["state"]) + (" (loading open sessions)" if shard.get("reactivating") else "")
+        where = f"{shard['host']} pid {shard['pid']}" if shard.get("host") else str(shard.get("error") or "")
+        table.add_row(
+            str(shard["shard"]),
+            state,
+            where,
+            *(
+                _cell(shard.get(name))
+                for name in ("resident_users", "active_sessions", "dirty_users", "pending_calls")
+            ),
+            _cell(shard.get("last_flush_at")) if shard.get("last_flush_at") else "not yet",
+            _cell(shard.get("flush_failures")),
+        )
+    Console().print(table)
+
+
+@app.command()
+def user(
+    user_id: Annotated[str, typer.Argument(help="The user to show.")],
+    limit: Annotated[int, typer.Option(min=1, max=100, help="How many recent sessions.")] = 10,
+    url: UrlOption = None,
+) -> None:
+    """One user's usage (plan, period, minutes) and recent sessions."""
+    from rich.console import Console
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    usage = _answer_or_exit("GET", f"/internal/v1/users/{user_id}/usage", url)
+    page = _answer_or_exit("GET", f"/internal/v1/users/{user_id}/sessions?limit={limit}", url)
+    console = Console()
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("user", str(usage["user_id"]))
+    summary.add_row("plan", str(usage["plan"]))
+    summary.add_row("period", f"{usage['period_start']} to {usage['period_end']}")
+    limit_minutes = float(str(usage["minutes_limit"]))
+    used = float(str(usage["minutes_used"]))
+    bar = ProgressBar(total=max(limit_minutes, 0.01), completed=min(used, limit_minutes), width=30)
+    used_cell = Table.grid()
+    used_cell.add_row(bar, f"  {used:g} of {limit_minutes:g} minutes ({usage['percent_used']}%)")
+    summary.add_row("used", used_cell)
+    summary.add_row(
+        "remaining", f"{usage['minutes_remaining']} minutes ({usage['purchased_minutes']} purchased)"
+    )
+    if usage.get("warning"):
+        summary.add_row("warning", str(usage["warning"]))
+    active = usage.get("active_session")
+    summary.add_row(
+        "in a session", f"yes, since {active['started_at']}" if isinstance(active, dict) else "no"
+    )
+    console.print(summary)
+    sessions = Table(title=f"recent sessions of {user_id}")
+    for column in ("started", "ended", "minutes", "end reason", "topic"):
+        sessions.add_column(column)
+    items = page.get("sessions")
+    for item in items if isinstance(items, list) else []:
+        sessions.add_row(
+            str(item["started_at"]),
+            _cell(item.get("ended_at")) if item.get("ended_at") else "running",
+            _cell(item.get("minutes_used")),
+            _cell(item.get("end_reason")),
+            _cell(item.get("topic")),
+        )
+    console.print(sessions)
+
+
+def _cell(value: object) -> str:
+    return "" if value is None else str(value)
 
 
 def main() -> None:

@@ -526,6 +526,28 @@ class ShardReadiness(ResponseModel):
     error: str | None = None
 
 
+class ShardStatus(ResponseModel):
+    """One shard as `GET /internal/v1/status` reports it (`usage-ledger status`)."""
+
+    shard: int
+    state: str
+    host: str | None = None
+    pid: int | None = None
+    resident_users: int | None = None
+    active_sessions: int | None = None
+    dirty_users: int | None = None
+    pending_calls: int | None = None
+    reactivating: bool | None = None
+    last_flush_at: Timestamp | None = None
+    flushes: int | None = None
+    flush_failures: int | None = None
+    error: str | None = None
+
+
+class Status(ResponseModel):
+    shards: list[ShardStatus]
+
+
 class Readiness(ResponseModel):
     status: Literal["ready", "unavailable"]
     database: bool

@@ -8,20 +8,26 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Security
+from fastapi import APIRouter, Depends, Path, Query, Security
 
 from actors.replies import IdempotencyKey
-from actors.shard import PlanEvent, Purchase
-from actors.times import from_datetime, minutes_to_ms
+from actors.shard import PlanEvent, Purchase, ShardStats
+from actors.times import from_datetime, minutes_to_ms, to_datetime
 from gateway.auth import USER_ID_MAX_LENGTH, USER_ID_PATTERN, delivery_id, webhook_signature_scheme
 from gateway.routes.common import idempotency_key, problems, request_id, runtime
 from gateway.runtime import Runtime
 from gateway.schemas import (
+    SESSIONS_PAGE_DEFAULT,
+    SESSIONS_PAGE_MAX,
     CreditsRequest,
     CreditsResponse,
     PlanChangeRequest,
     PlanChangeResponse,
     ReconciliationReport,
+    SessionItem,
+    SessionList,
+    ShardStatus,
+    Status,
     Usage,
     minutes,
 )
@@ -90,3 +96,42 @@ async def reconcile(user_id: UserIdPath, rt: Runtime = Depends(runtime)) -> Reco
 @router.get("/users/{user_id}/usage", response_model=Usage, responses=problems(401, 422, 503))
 async def get_user_usage(user_id: UserIdPath, rt: Runtime = Depends(runtime)) -> Usage:
     return Usage.from_view(await rt.router.call(user_id, "usage_of", user_id))
+
+
+@router.get("/users/{user_id}/sessions", response_model=SessionList, responses=problems(401, 422, 503))
+async def list_user_sessions(
+    user_id: UserIdPath,
+    limit: int = Query(default=SESSIONS_PAGE_DEFAULT, ge=1, le=SESSIONS_PAGE_MAX),
+    rt: Runtime = Depends(runtime),
+) -> SessionList:
+    """Any user's recent sessions, newest first (`usage-ledger user`)."""
+    page = await rt.router.call(user_id, "list_sessions", user_id, limit)
+    return SessionList(sessions=[SessionItem.from_view(item) for item in page.items], version=page.version)
+
+
+@router.get("/status", response_model=Status, responses=problems(401))
+async def status(rt: Runtime = Depends(runtime)) -> Status:
+    """Every shard: where it runs, its users and sessions, its write-behind (`usage-ledger status`).
+    A shard that did not answer is listed with the error's name."""
+    shards = []
+    for index, result in enumerate(await rt.router.stats()):
+        if not isinstance(result, ShardStats):
+            shards.append(ShardStatus(shard=index, state="unreachable", error=type(result).__name__))
+            continue
+        shards.append(
+            ShardStatus(
+                shard=result.shard_index,
+                state=result.state,
+                host=result.host,
+                pid=result.pid,
+                resident_users=result.resident_users,
+                active_sessions=result.active_sessions,
+                dirty_users=result.dirty_users,
+                pending_calls=result.pending_calls,
+                reactivating=result.reactivating,
+                last_flush_at=to_datetime(result.last_flush_at_ms) if result.last_flush_at_ms else None,
+                flushes=result.flushes,
+                flush_failures=result.flush_failures,
+            )
+        )
+    return Status(shards=shards)

@@ -135,6 +135,14 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
         assert '"purchased_minutes": 30.0' in bought
         checked = run_cli("internal", "reconcile", "alice", "--url", server.base, cwd=workdir, env=env)
         assert '"drift_found": false' in checked
+        wide = {**env, "COLUMNS": "220"}  # rich wraps cells to the terminal's width
+        shards = run_cli("status", "--url", server.base, cwd=workdir, env=wide)
+        assert "usage-ledger shards" in shards
+        rows = [line for line in shards.splitlines() if "running" in line and " pid " in line]
+        assert len(rows) == 4, shards  # the default LEDGER_SHARDS, each with where it runs
+        shown = run_cli("user", "alice", "--url", server.base, cwd=workdir, env=wide)
+        for expected in ("pro", "30.0 purchased", "ordering coffee", "user_ended", "in a session  no"):
+            assert expected in shown, (expected, shown)
     finally:
         server.stop()
     assert (workdir / ".usage-ledger" / "dev-secrets.json").stat().st_mode & 0o077 == 0
