@@ -28,9 +28,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from actors.records import LedgerSnapshot
-from actors.store import StoreError, StoreUnavailable, WriteReceipt
+from actors.store import StoreError, StoreOutcomeUnknown, StoreUnavailable, WriteReceipt
 
 # Most users one transaction carries; a longer queue waits for the next one.
 GROUP_COMMIT_USERS_MAX = 500
@@ -42,11 +43,32 @@ SaveFunction = Callable[[Sequence[LedgerSnapshot], WriteReceipt], Awaitable[None
 class _Write:
     snapshot: LedgerSnapshot
     receipt: WriteReceipt
+    deadline: float  # loop time: committed by then, or failed (a write's whole bound, queue included)
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class _SharedReceipt(WriteReceipt):
+    """The receipt a group's transaction fills in, passing its id on to each write's own receipt at
+    once (when the transaction begins), so a write's outcome can be asked for as soon as it can."""
+
+    def __init__(self, receipts: list[WriteReceipt]) -> None:
+        super().__init__()
+        self._receipts = receipts
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "transaction_id":
+            for receipt in getattr(self, "_receipts", ()):
+                receipt.transaction_id = value
+
+
 class GroupCommit:
-    """Commits the snapshots handed to `write` in shared transactions, one in flight at a time."""
+    """Commits the snapshots handed to `write` in shared transactions, one in flight at a time.
+
+    A write is bounded as a lone write was: committed, or failed, within `timeout_s` of being
+    handed over, its wait for the transaction in flight included (so the shard still answers
+    before the gateway stops waiting). A write not taken into a transaction by then is failed
+    with `StoreUnavailable`: nothing of it was written."""
 
     def __init__(self, save: SaveFunction, *, timeout_s: float) -> None:
         self._save = save
@@ -58,11 +80,12 @@ class GroupCommit:
 
     async def write(self, snapshot: LedgerSnapshot, receipt: WriteReceipt) -> None:
         """Returns once `snapshot` is committed; raises what its transaction raised (`StoreError`,
-        or `TimeoutError` past `timeout_s`). `receipt` names the transaction either way, once begun."""
-        write = _Write(snapshot, receipt)
+        or `TimeoutError` past its bound). `receipt` names the transaction, once it has begun."""
+        loop = asyncio.get_running_loop()
+        write = _Write(snapshot, receipt, loop.time() + self._timeout_s)
         self._queue.append(write)
         if self._committer is None:
-            self._committer = asyncio.get_running_loop().create_task(self._commit_all())
+            self._committer = loop.create_task(self._commit_all())
         try:
             await asyncio.shield(write.done)
         except asyncio.CancelledError:
@@ -81,15 +104,21 @@ class GroupCommit:
         finally:
             self._committer = None
             # Stopped early (cancelled): whatever still waits was never taken, so never written.
-            self._finish(self._queue, WriteReceipt(), StoreUnavailable("the shard stopped before the write"))
+            _finish(self._queue, StoreUnavailable("the shard stopped before the write"))
             self._queue = []
 
     async def _commit(self, group: list[_Write]) -> None:
-        receipt = WriteReceipt()
+        now = asyncio.get_running_loop().time()
+        late = [write for write in group if write.deadline <= now]
+        _finish(late, StoreUnavailable("the write waited past its bound; nothing was written"))
+        group = [write for write in group if write.deadline > now]
+        if not group:
+            return
+        receipt = _SharedReceipt([write.receipt for write in group])
         try:
             self.transactions += 1
             self.writes += len(group)
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout_at(min(write.deadline for write in group)):
                 await self._save([write.snapshot for write in group], receipt)
         except StoreError as exc:
             if len(group) > 1 and not isinstance(exc, StoreUnavailable):
@@ -97,25 +126,31 @@ class GroupCommit:
                 for write in group:
                     await self._commit([write])
                 return
-            self._finish(group, receipt, exc)
-        except asyncio.CancelledError:  # the shard is stopping: nothing more will be committed
-            self._finish(group, receipt, StoreUnavailable("the shard stopped during the write"))
+            _finish(group, exc)
+        except asyncio.CancelledError:  # the shard is stopping
             raise
         except Exception as exc:  # each waiter gets its transaction's error (TimeoutError included)
-            self._finish(group, receipt, exc)
+            _finish(group, exc)
         else:
-            self._finish(group, receipt, None)
+            _finish(group, None)
+        finally:
+            # Cancelled (here or in the retries above): what began may have committed, so those
+            # writes' outcome is their transaction's to tell; what never began was not written.
+            for write in group:
+                if not write.done.done():
+                    began = write.receipt.transaction_id is not None
+                    error = StoreOutcomeUnknown("the shard stopped during the write") if began else None
+                    _finish([write], error or StoreUnavailable("the shard stopped before the write"))
 
-    @staticmethod
-    def _finish(group: list[_Write], receipt: WriteReceipt, error: BaseException | None) -> None:
-        for write in group:
-            write.receipt.transaction_id = receipt.transaction_id
-            if write.done.done():
-                continue
-            if error is None:
-                write.done.set_result(None)
-            else:
-                write.done.set_exception(error)
+
+def _finish(writes: list[_Write], error: BaseException | None) -> None:
+    for write in writes:
+        if write.done.done():
+            continue
+        if error is None:
+            write.done.set_result(None)
+        else:
+            write.done.set_exception(error)
 
 
 def _consume(future: asyncio.Future[None]) -> None:

@@ -341,7 +341,13 @@ class LedgerShard:
         log.info("shard_started", shard=self._config.shard_index)
 
     async def _reactivate_in_background(self) -> None:
-        await self._retrying("reactivate_open_sessions", self._reactivate_open_sessions)
+        while True:
+            try:
+                await self._retrying("reactivate_open_sessions", self._reactivate_open_sessions)
+                break
+            except Exception:  # an unexpected failure must not leave open sessions unwatched
+                log.exception("reactivation_failed", shard=self._config.shard_index)
+                await asyncio.sleep(RETRY_DELAY_MAX_S)
         self._reactivating = False
         log.info(
             "shard_reactivated",
@@ -1134,6 +1140,23 @@ class LedgerShard:
     async def _write_and_commit(
         self, user_id: str, draft: UserLedger, *, delivery: Delivery | None = None
     ) -> None:
+        """Write `draft` and make it the live ledger once durable. Not cancellable half-way: a
+        caller cancelled meanwhile still waits (within the write's bound) for its transaction, so
+        memory always follows what Postgres holds, and the user's gate is held until then."""
+        work = asyncio.get_running_loop().create_task(self._commit_draft(user_id, draft, delivery))
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(work)
+                break
+            except asyncio.CancelledError:
+                if work.done():
+                    raise
+                cancelled = True  # see it through, then let the cancellation go on
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _commit_draft(self, user_id: str, draft: UserLedger, delivery: Delivery | None) -> None:
         snapshot = draft.snapshot()
         receipt = WriteReceipt()
         try:

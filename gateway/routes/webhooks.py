@@ -114,7 +114,9 @@ async def _apply(
         return WebhookAnswer(handled=True, user_id=action.user_id, applied=result.applied)
     assert isinstance(action, PurchaseAction)
     purchase = Purchase(
-        delivery_id=delivery,
+        # Deduplicated by the order (or checkout session), not the event: a provider may tell of
+        # one payment in two events (Stripe: completed, then async_payment_succeeded).
+        delivery_id=action.reference,
         minutes_ms=minutes_to_ms(action.minutes),
         reason="purchase",
         reference=action.reference,

@@ -355,3 +355,57 @@ async def test_webhooks_whose_secret_is_not_configured_are_404(start_server: Ser
         assert (polar.status_code, stripe.status_code) == (404, 404)
         assert polar.json()["code"] == stripe.json()["code"] == "not_found"
         assert (await usage(http, user))["plan"] == "free"
+
+
+async def test_junk_signatures_and_bodies_are_401_not_500(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    body = stripe_subscription(user, "customer.subscription.created", "price_pro_monthly")
+    now = int(time.time())
+    for signature in ("t=²,v1=00", f"t={now},v1=é", f"t={now},v1=", "t=,v1=,,,"):
+        headers = {"Stripe-Signature": signature.encode("latin-1")}  # as a client may send bytes
+        answer = await client.post("/webhooks/stripe", content=body, headers=headers)
+        assert answer.status_code == 401, (signature, answer.text)
+    polar = polar_subscription(user, "subscription.created", "prod-polar-pro")
+    junk_headers = [
+        {"webhook-id": "msg_1", "webhook-timestamp": str(now), "webhook-signature": "garbage"},
+        {"webhook-id": "msg_1", "webhook-timestamp": "soon", "webhook-signature": "v1,AAAA"},
+        {"webhook-id": "msg_1", "webhook-timestamp": str(now), "webhook-signature": "v1,not base64!"},
+    ]
+    for headers in junk_headers:
+        answer = await client.post("/webhooks/polar", content=polar, headers=headers)
+        assert answer.status_code == 401, (headers, answer.text)
+    key = base64.b64encode(POLAR_WEBHOOK_SECRET.encode()).decode()
+    signed = {
+        "webhook-id": "msg_2",
+        "webhook-timestamp": str(now),
+        "webhook-signature": Webhook(key).sign("msg_2", datetime.fromtimestamp(now, UTC), polar.decode()),
+    }
+    not_utf8 = await client.post("/webhooks/polar", content=b"\xff\xfe" + polar, headers=signed)
+    assert not_utf8.status_code == 401, not_utf8.text
+    assert (await usage(client, user))["plan"] == "free"
+
+
+async def test_a_delayed_stripe_payment_credits_once_when_it_succeeds(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    session_id = f"cs_test_{uuid.uuid4().hex}"
+
+    def event(kind: str, status: str) -> bytes:
+        body = fixture(
+            "stripe_checkout.json",
+            event_id=f"evt_{uuid.uuid4().hex[:24]}",
+            created=int(NOW.timestamp()),
+            session_id=session_id,
+            user_id=user,
+            price_id="price_pack_60",
+            payment_status=status,
+        )
+        return body.replace(b'"type": "checkout.session.completed"', f'"type": "{kind}"'.encode())
+
+    completed = handled(await send_stripe(client, event("checkout.session.completed", "unpaid")))
+    assert (completed["handled"], completed["reason"]) == (False, "not_paid")
+    succeeded = handled(await send_stripe(client, event("checkout.session.async_payment_succeeded", "paid")))
+    assert (succeeded["handled"], succeeded["purchased_minutes"]) == (True, 60)
+    # The same payment told of again in another event (another event id): no second credit.
+    again = handled(await send_stripe(client, event("checkout.session.completed", "paid")))
+    assert again["handled"] is True
+    assert (await usage(client, user))["purchased_minutes"] == 60

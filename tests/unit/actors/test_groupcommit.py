@@ -113,3 +113,35 @@ async def test_a_write_cancelled_inside_its_transaction_does_not_stop_the_others
     leaving.cancel()
     await staying
     assert store.committed == [["a", "b"]]
+
+
+class StubbornStore(RecordingStore):
+    """A transaction that cannot be interrupted for `delay_s` (a COMMIT on a slow server)."""
+
+    async def save(self, snapshots: Sequence[LedgerSnapshot], receipt: WriteReceipt) -> None:
+        self._next_transaction += 1
+        receipt.transaction_id = self._next_transaction
+        ends_at = asyncio.get_running_loop().time() + self.delay_s
+        cancelled = False
+        while (left_s := ends_at - asyncio.get_running_loop().time()) > 0:
+            try:
+                await asyncio.sleep(left_s)
+            except asyncio.CancelledError:
+                cancelled = True  # not now: it ends when it ends
+        self.committed.append([cast(str, snapshot) for snapshot in snapshots])
+        if cancelled:
+            raise asyncio.CancelledError
+
+
+async def test_a_write_queued_past_its_bound_fails_unwritten_so_the_shard_answers_in_time() -> None:
+    store = StubbornStore(delay_s=0.3)
+    commits = GroupCommit(store.save, timeout_s=0.2)
+    first = asyncio.create_task(commits.write(snapshot("a"), WriteReceipt()))
+    await asyncio.sleep(0.05)
+    queued_receipt = WriteReceipt()
+    with pytest.raises(StoreUnavailable, match="nothing was written"):
+        await commits.write(snapshot("b"), queued_receipt)
+    assert queued_receipt.transaction_id is None  # it never began: its outcome is "aborted"
+    with pytest.raises(TimeoutError):
+        await first
+    assert store.committed == [["a"]]  # the first did commit in the end: its receipt will tell
