@@ -19,8 +19,9 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 import typer
@@ -105,21 +106,40 @@ def _listen(host: str, port: int, *, backlog: int) -> socket.socket:
 @app.command()
 def migrate() -> None:
     """Apply the database migrations (the embedded database when LEDGER_DATABASE_URL is unset)."""
+    from rich.progress import Progress
+
     from actors.logsetup import configure_logging
     from gateway.runtime import migrate_database, open_database
+    from persistence.migrate import Migration
 
     settings = _settings()
     configure_logging(log_format=settings.resolved_log_format, level=settings.log_level)
 
-    async def run() -> list[int]:
+    class Bar:
+        """A progress bar over the pending migrations (drawn only on a terminal)."""
+
+        def __init__(self, progress: Progress) -> None:
+            self._progress = progress
+            self._task: Any = None
+
+        def pending(self, migrations: Sequence[Migration]) -> None:
+            self._task = self._progress.add_task("migrating", total=len(migrations))
+
+        def applied(self, migration: Migration) -> None:
+            self._progress.update(
+                self._task, advance=1, description=f"applied {migration.version:04d}_{migration.name}"
+            )
+
+    async def run(bar: Bar) -> list[int]:
         database = await open_database(settings)
         try:
-            return await migrate_database(settings.migration_dsn(database.dsn), settings)
+            return await migrate_database(settings.migration_dsn(database.dsn), settings, progress=bar)
         finally:
             if database.embedded is not None:
                 await asyncio.to_thread(database.embedded.stop)
 
-    applied = asyncio.run(run())
+    with Progress(transient=True) as progress:
+        applied = asyncio.run(run(Bar(progress)))
     typer.echo(f"applied migrations: {applied}" if applied else "database is up to date")
 
 

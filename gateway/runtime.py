@@ -31,7 +31,7 @@ from gateway.settings import CALL_MARGIN_S, RESOLVE_TIMEOUT_S, WRITE_SLACK_S, Se
 from gateway.shards import ShardRouter
 from persistence.database import PoolLimits, create_pool
 from persistence.embedded import DATABASE_NAME, EmbeddedPostgres, ensure_database
-from persistence.migrate import migrate
+from persistence.migrate import MigrationProgress, migrate
 from persistence.store import PostgresStoreFactory
 
 log = structlog.get_logger("gateway.runtime")
@@ -68,14 +68,16 @@ async def open_database(settings: Settings) -> Database:
     return Database(dsn=embedded.dsn(DATABASE_NAME), embedded=embedded)
 
 
-async def migrate_database(dsn: str, settings: Settings) -> list[int]:
+async def migrate_database(
+    dsn: str, settings: Settings, *, progress: MigrationProgress | None = None
+) -> list[int]:
     limits = PoolLimits(
         min_size=0, max_size=1, statement_timeout_s=max(settings.db_statement_timeout_s, 60.0)
     )
     pool = await create_pool(dsn, limits, role="migrate")
     try:
         async with pool.acquire() as connection:
-            return await migrate(connection)
+            return await migrate(connection, progress=progress)
     finally:
         await pool.close()
 

@@ -8,9 +8,10 @@ nothing. Each migration runs in its own transaction with its record.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import asyncpg
 import structlog
@@ -51,7 +52,15 @@ def discover() -> list[Migration]:
     return found
 
 
-async def migrate(connection: Connection) -> list[int]:
+class MigrationProgress(Protocol):
+    """Told what `migrate` is doing (the CLI draws a progress bar with it)."""
+
+    def pending(self, migrations: Sequence[Migration]) -> None: ...
+
+    def applied(self, migration: Migration) -> None: ...
+
+
+async def migrate(connection: Connection, *, progress: MigrationProgress | None = None) -> list[int]:
     """Apply what is missing; returns the versions applied by this call."""
     applied_now: list[int] = []
     with translate_errors("migrate"):
@@ -74,6 +83,8 @@ async def migrate(connection: Connection) -> list[int]:
                     """
                 )
             migrator = await connection.fetchval("select current_user")
+            if progress is not None:
+                progress.pending(pending)
             for migration in pending:
                 async with connection.transaction():
                     try:
@@ -93,6 +104,8 @@ async def migrate(connection: Connection) -> list[int]:
                     )
                 applied_now.append(migration.version)
                 log.info("migration_applied", version=migration.version, name=migration.name)
+                if progress is not None:
+                    progress.applied(migration)
         finally:
             await connection.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -276,3 +276,36 @@ async def test_a_reply_is_written_once_unless_its_key_had_expired(store: Postgre
     await store.save([ledger.snapshot()])  # expired: the key's new reply replaces it
     rows = await store.load([ledger.user_id])
     assert [r.request_hash for r in rows[ledger.user_id].replies] == ["hash-c"]
+
+
+async def test_migrating_a_new_database_reports_each_migration_to_its_progress(postgres_dsn: str) -> None:
+    """`usage-ledger migrate` draws its progress bar from these calls."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from persistence.embedded import ensure_database
+    from persistence.migrate import Migration
+
+    name = f"migrate_{uuid.uuid4().hex[:8]}"
+    await ensure_database(postgres_dsn, name)
+    dsn = urlunsplit(urlsplit(postgres_dsn)._replace(path=f"/{name}"))
+
+    class Progress:
+        def __init__(self) -> None:
+            self.pending_versions: list[int] = []
+            self.applied_versions: list[int] = []
+
+        def pending(self, migrations: Sequence[Migration]) -> None:
+            self.pending_versions = [m.version for m in migrations]
+
+        def applied(self, migration: Migration) -> None:
+            self.applied_versions.append(migration.version)
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        first, second = Progress(), Progress()
+        applied = await migrate(connection, progress=first)
+        assert applied == first.pending_versions == first.applied_versions == [m.version for m in discover()]
+        assert await migrate(connection, progress=second) == []
+        assert (second.pending_versions, second.applied_versions) == ([], []), "nothing pending: no bar"
+    finally:
+        await connection.close()
