@@ -161,16 +161,8 @@ def polar_action(event: dict[str, Any], catalog: BillingCatalog) -> BillingActio
         if status not in _ACTIVE:
             return Ignored("not_active")
         plan = catalog.plan_for("polar", _product_id(data))
-        if plan is None:
-            return Ignored("unknown_product")
-        return PlanChangeAction(
-            user_id=user_id,
-            plan=plan,
-            action="upgrade",
-            occurred_at=occurred_at,
-            period_start=_iso(data.get("current_period_start")),
-            period_end=_iso(data.get("current_period_end")),
-        )
+        start, end = _iso(data.get("current_period_start")), _iso(data.get("current_period_end"))
+        return _subscribed(user_id, plan, occurred_at, start, end)
     if kind == "order.paid":
         if user_id is None:
             return Ignored("unknown_user")
@@ -189,8 +181,7 @@ def _product_id(data: dict[str, Any]) -> str:
 def stripe_action(event: dict[str, Any], catalog: BillingCatalog) -> BillingAction:
     kind = event["type"]
     data = _object(_object(event.get("data")).get("object"))
-    created = event.get("created")
-    occurred_at = datetime.fromtimestamp(created, UTC) if isinstance(created, int) else datetime.now(UTC)
+    occurred_at = _unix(event.get("created")) or datetime.now(UTC)
     if kind.startswith("customer.subscription."):
         user_id = _user(data)
         if user_id is None:
@@ -205,19 +196,10 @@ def stripe_action(event: dict[str, Any], catalog: BillingCatalog) -> BillingActi
         item = _first_item(data)
         price = _object(item.get("price"))
         plan = catalog.plan_for("stripe", str(price.get("id") or ""))
-        if plan is None:
-            return Ignored("unknown_product")
         # Newer API versions keep the period on the subscription item, older on the subscription.
         start = data.get("current_period_start", item.get("current_period_start"))
         end = data.get("current_period_end", item.get("current_period_end"))
-        return PlanChangeAction(
-            user_id=user_id,
-            plan=plan,
-            action="upgrade",
-            occurred_at=occurred_at,
-            period_start=datetime.fromtimestamp(start, UTC) if isinstance(start, int) else None,
-            period_end=datetime.fromtimestamp(end, UTC) if isinstance(end, int) else None,
-        )
+        return _subscribed(user_id, plan, occurred_at, _unix(start), _unix(end))
     # A delayed payment method (SEPA, ACH) completes unpaid, then succeeds later.
     if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
         user_id = data.get("client_reference_id") or _user(data)
@@ -238,6 +220,19 @@ def _first_item(subscription: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ shared
+
+
+def _subscribed(
+    user_id: str, plan: str | None, occurred_at: datetime, start: datetime | None, end: datetime | None
+) -> BillingAction:
+    """An active subscription to `plan` (None: a product the plans file does not name), with its
+    period as the plan change takes it: whole, or not at all."""
+    if plan is None:
+        return Ignored("unknown_product")
+    whole = start is not None and end is not None
+    return PlanChangeAction(
+        user_id, plan, "upgrade", occurred_at, start if whole else None, end if whole else None
+    )
 
 
 def _cancel(user_id: str, occurred_at: datetime) -> PlanChangeAction:
@@ -261,6 +256,10 @@ def _user(data: dict[str, Any]) -> str | None:
 
 def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _unix(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if isinstance(value, int) else None
 
 
 def _iso(value: Any) -> datetime | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Header, Request
@@ -11,7 +12,10 @@ from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
+from actors.records import PlanAction
 from actors.replies import MAX_KEY_LENGTH, IdempotencyKey
+from actors.shard import PlanEvent
+from actors.times import from_datetime
 from gateway.runtime import Runtime
 from gateway.schemas import Problem
 
@@ -68,6 +72,28 @@ def _query_names(dependant: Dependant) -> list[str]:
     for sub in dependant.dependencies:
         names.extend(_query_names(sub))
     return names
+
+
+def plan_event(
+    delivery_id: str,
+    *,
+    plan: str,
+    action: PlanAction,
+    occurred_at: datetime,
+    period_start: datetime | None = None,
+    period_end: datetime | None = None,
+    reset_usage: bool = False,
+) -> PlanEvent:
+    """A plan change as the shard takes it, from a signed internal call or a billing webhook."""
+    return PlanEvent(
+        delivery_id=delivery_id,
+        plan=plan,
+        action=action,
+        occurred_at_ms=from_datetime(occurred_at),
+        reset_usage=reset_usage,
+        period_start_ms=from_datetime(period_start) if period_start else None,
+        period_end_ms=from_datetime(period_end) if period_end else None,
+    )
 
 
 async def runtime(request: Request) -> Runtime:

@@ -11,10 +11,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Security
 
 from actors.replies import IdempotencyKey
-from actors.shard import PlanEvent, Purchase, ShardStats
-from actors.times import from_datetime, minutes_to_ms, to_datetime
+from actors.shard import Purchase, ShardStats
+from actors.times import minutes_to_ms, to_datetime
 from gateway.auth import USER_ID_MAX_LENGTH, USER_ID_PATTERN, delivery_id, webhook_signature_scheme
-from gateway.routes.common import idempotency_key, problems, request_id, runtime
+from gateway.routes.common import idempotency_key, plan_event, problems, request_id, runtime
 from gateway.runtime import Runtime
 from gateway.schemas import (
     SESSIONS_PAGE_DEFAULT,
@@ -50,14 +50,14 @@ async def change_plan(
     rid: str | None = Depends(request_id),
     idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> PlanChangeResponse:
-    event = PlanEvent(
-        delivery_id=delivery,
+    event = plan_event(
+        delivery,
         plan=body.plan,
         action=body.action,
-        occurred_at_ms=from_datetime(body.occurred_at),
+        occurred_at=body.occurred_at,
+        period_start=body.period_start,
+        period_end=body.period_end,
         reset_usage=body.reset_usage,
-        period_start_ms=from_datetime(body.period_start) if body.period_start else None,
-        period_end_ms=from_datetime(body.period_end) if body.period_end else None,
     )
     result = await rt.router.call(user_id, "change_plan", user_id, event, request_id=rid, idem=idem)
     return PlanChangeResponse(applied=result.applied, usage=Usage.from_view(result.usage))

@@ -18,8 +18,8 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from actors.plans import BillingProvider, PlanCatalog
-from actors.shard import PlanEvent, Purchase
-from actors.times import from_datetime, minutes_to_ms
+from actors.shard import Purchase
+from actors.times import minutes_to_ms
 from gateway.auth import USER_ID_PATTERN
 from gateway.billing import (
     BillingAction,
@@ -32,7 +32,7 @@ from gateway.billing import (
     verify_stripe,
 )
 from gateway.errors import ApiError
-from gateway.routes.common import problems, request_id, runtime
+from gateway.routes.common import plan_event, problems, request_id, runtime
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 
@@ -92,16 +92,13 @@ async def _apply(
         log.warning("billing_event_ignored", event_type=kind, delivery=delivery, reason=action.reason)
         return WebhookAnswer(handled=False, reason=action.reason)
     if isinstance(action, PlanChangeAction):
-        whole_period = action.period_start is not None and action.period_end is not None
-        event = PlanEvent(
-            delivery_id=delivery,
+        event = plan_event(
+            delivery,
             plan=plans.default_plan if action.action == "cancel" else action.plan,
             action=action.action,
-            occurred_at_ms=from_datetime(action.occurred_at),
-            period_start_ms=from_datetime(action.period_start)
-            if whole_period and action.period_start
-            else None,
-            period_end_ms=from_datetime(action.period_end) if whole_period and action.period_end else None,
+            occurred_at=action.occurred_at,
+            period_start=action.period_start,  # whole or none: `gateway.billing` sees to it
+            period_end=action.period_end,
         )
         result = await rt.router.call(action.user_id, "change_plan", action.user_id, event, request_id=rid)
         log.info(
