@@ -39,7 +39,6 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import os
@@ -295,9 +294,10 @@ class LedgerShard:
         self._buckets: dict[str, TokenBucket] = {}
         self._pending_calls = 0
         self._alarms_fired = 0
-        self._alarms_by_kind: collections.Counter[str] = collections.Counter()
+        self._alarms_by_kind: Counter[str] = Counter()
         self._activations = 0
         self._last_flush_duration_ms: float | None = None
+        self._host, self._pid = socket.gethostname(), os.getpid()  # a restart is a new process
         self._flushes = 0
         self._flush_failures = 0
         self._last_flush_at_ms: int | None = None
@@ -931,8 +931,8 @@ class LedgerShard:
             activations=self._activations,
             alarms_by_kind=dict(self._alarms_by_kind),
             last_flush_duration_ms=self._last_flush_duration_ms,
-            host=socket.gethostname(),
-            pid=os.getpid(),
+            host=self._host,
+            pid=self._pid,
             durable_writes=self._commits.writes if self._commits is not None else 0,
             durable_transactions=self._commits.transactions if self._commits is not None else 0,
         )
