@@ -276,15 +276,28 @@ async def change_plan(
     return await http.post(f"/internal/v1/users/{user_id}/plan", content=content, headers=headers)
 
 
+async def samples(http: httpx.AsyncClient) -> dict[str, float]:
+    """Every sample in the server's /metrics, by its name with labels."""
+    found: dict[str, float] = {}
+    for line in (await http.get("/metrics")).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            found[name] = float(value)
+    return found
+
+
+def total(found: dict[str, float], prefix: str) -> float:
+    """The sum over every label set of the series `prefix` (`name{` for all of a name's, e.g. over shards)."""
+    return sum(value for name, value in found.items() if name.startswith(prefix))
+
+
 async def metric(http: httpx.AsyncClient, name: str, *, default: float | None = None) -> float:
     """The value of the sample `name` (with its labels, if any) in the server's /metrics;
     `default` when it is absent and one is given."""
-    for line in (await http.get("/metrics")).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    if default is not None:
-        return default
-    raise AssertionError(f"{name} is not in /metrics")
+    value = (await samples(http)).get(name, default)
+    if value is None:
+        raise AssertionError(f"{name} is not in /metrics")
+    return value
 
 
 async def eventually(

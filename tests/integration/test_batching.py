@@ -8,7 +8,7 @@ import asyncio
 
 import httpx
 
-from tests.harness import auth, change_plan, metric, new_user
+from tests.harness import auth, change_plan, metric, new_user, samples, total
 
 
 async def _batches(http: httpx.AsyncClient) -> tuple[float, float]:
@@ -62,12 +62,8 @@ async def test_concurrent_calls_share_batches_and_each_gets_its_own_answer(clien
 
 async def _durable(http: httpx.AsyncClient) -> tuple[float, float]:
     """(durable writes, the transactions they took) so far, over every shard."""
-    totals = [0.0, 0.0]
-    for line in (await http.get("/metrics")).text.splitlines():
-        for index, name in enumerate(("ledger_shard_durable_writes{", "ledger_shard_durable_transactions{")):
-            if line.startswith(name):
-                totals[index] += float(line.split()[1])
-    return totals[0], totals[1]
+    found = await samples(http)
+    return total(found, "ledger_shard_durable_writes{"), total(found, "ledger_shard_durable_transactions{")
 
 
 async def test_session_starts_and_ends_travel_in_batches_of_their_own(client: httpx.AsyncClient) -> None:

@@ -7,23 +7,7 @@ import asyncio
 
 import httpx
 
-from tests.harness import STALE_SESSION_S, RunningServer, auth, eventually, new_user
-
-
-async def samples(http: httpx.AsyncClient) -> dict[str, float]:
-    """Every sample in /metrics, by its name with labels."""
-    text = (await http.get("/metrics")).text
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            found[name] = float(value)
-    return found
-
-
-def total(found: dict[str, float], prefix: str) -> float:
-    """The sum over every label set of the series `prefix` (e.g. over shards)."""
-    return sum(value for name, value in found.items() if name.startswith(prefix))
+from tests.harness import STALE_SESSION_S, RunningServer, auth, eventually, new_user, samples, total
 
 
 async def test_a_session_moves_correctly_labelled_series(
