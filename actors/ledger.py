@@ -54,12 +54,17 @@ from actors.errors import MeterNotFound, NoCredits, SessionActive, SessionEnded,
 from actors.periods import PeriodAnchor, PeriodBounds, period_containing, utc_day
 from actors.plans import MeterSpec, Plan, PlanCatalog
 from actors.records import (
+    ALERT_EXHAUSTED,
+    ALERT_LOW,
+    ALERT_NONE,
     METER_BUCKET_PREFIX,
     MONTHLY_BUCKET,
     PURCHASED_BUCKET,
     CreditReason,
     Difficulty,
     EndReason,
+    EventKind,
+    LedgerEvent,
     LedgerSnapshot,
     MeterRecord,
     PeriodRecord,
@@ -99,6 +104,17 @@ MAX_ALARMS_PER_ADVANCE = 16
 # that clients may have seen; no user makes 2^20 changes within one sync
 # interval, so every version after a restore is newer than any before it.
 RESTORE_VERSION_GAP = 1 << 20
+
+# Events a ledger keeps for live streams once they are durable (unwritten ones are always kept).
+RECENT_EVENTS_KEPT = 8
+
+# The event announcing each alert level, and the warning the API shows at it.
+_ALERT_EVENTS: dict[int, EventKind] = {ALERT_LOW: "low_balance", ALERT_EXHAUSTED: "exhausted"}
+_ALERT_WARNINGS: dict[int, Warning | None] = {
+    ALERT_NONE: None,
+    ALERT_LOW: "low_balance",
+    ALERT_EXHAUSTED: "exhausted",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,8 +220,10 @@ class UserLedger:
     """One user's plan, period, balances, meters, running session and version. See the module docstring."""
 
     __slots__ = (
+        "_alert",
         "_book",
         "_ended",
+        "_events",
         "_meters",
         "_period",
         "_policy",
@@ -241,6 +259,7 @@ class UserLedger:
         meters: dict[str, _Meter] | None = None,
         book: CreditBook | None = None,
         replies: ReplyBook | None = None,
+        alert_level: int | None = None,
     ) -> None:
         self.user_id = user_id
         self.plan = plan
@@ -263,6 +282,10 @@ class UserLedger:
         self._ended: Mapping[str, SessionRecord] = EMPTY
         self._unsynced_sessions: Mapping[str, SessionRecord] = EMPTY
         self._unsynced_periods: Mapping[int, PeriodRecord] = EMPTY
+        # Threshold events: the alert level last announced, and the events not yet durable
+        # followed by (at most RECENT_EVENTS_KEPT) recent ones, oldest first.
+        self._alert = alert_level if alert_level is not None else self._level()
+        self._events: tuple[LedgerEvent, ...] = ()
 
     # ----------------------------------------------------------------- creation
 
@@ -327,6 +350,7 @@ class UserLedger:
             meters=meters,
             book=CreditBook(user.user_id, next_seq=user.next_entry_seq),
             replies=ReplyBook(user.user_id, stored.replies),
+            alert_level=user.alert_level,
         )
         # Clean (nothing to write yet), but numbered above anything seen before the restore.
         ledger.version += RESTORE_VERSION_GAP
@@ -350,7 +374,9 @@ class UserLedger:
             meters={name: replace(meter) for name, meter in self._meters.items()},
             book=self._book.clone(),
             replies=self._replies.clone(),
+            alert_level=self._alert,
         )
+        twin._events = self._events
         twin.synced_version = self.synced_version
         twin._ended = dict(self._ended) if self._ended else EMPTY
         twin._unsynced_sessions = dict(self._unsynced_sessions) if self._unsynced_sessions else EMPTY
@@ -461,6 +487,10 @@ class UserLedger:
                 found[_meter_key(name, meter.window_start_ms)] = max(0, spec.limit - meter.used)
         return found
 
+    def events_after(self, version: int) -> tuple[LedgerEvent, ...]:
+        """The events this ledger still holds that came after `version` (for live streams)."""
+        return tuple(event for event in self._events if event.version > version)
+
     def next_deadline_ms(self) -> int | None:
         """When the next alarm falls due (there is always the period's end)."""
         alarm = self._next_alarm()
@@ -503,6 +533,7 @@ class UserLedger:
         self._bump()
         session.last_seq = seq if seq is not None else session.last_seq
         exhausted_at = self._bill(now_ms)
+        self._note_balance(exhausted_at if exhausted_at is not None else now_ms)
         if exhausted_at is not None:
             record = self._end(exhausted_at, "limit_reached")
             return self._ended_progress(record)
@@ -519,6 +550,7 @@ class UserLedger:
             return self._ended_progress(ended)
         self._bump()
         exhausted_at = self._bill(now_ms)
+        self._note_balance(exhausted_at if exhausted_at is not None else now_ms)
         if exhausted_at is not None:
             record = self._end(exhausted_at, "limit_reached")
         else:
@@ -566,6 +598,7 @@ class UserLedger:
             at_ms=now_ms,
             reference=reference,
         )
+        self._note_balance(now_ms)
         return self.purchased_ms
 
     def consume_meter(self, now_ms: int, meter: str, amount: int) -> MeterConsumed:
@@ -636,6 +669,7 @@ class UserLedger:
         self._bump()
         self._materialize()  # open consumption is booked against the balances before the change
         old_plan = self._current_plan()
+        previous_plan = self.plan
         switched = False
         if anchor is not None and anchor != self.anchor:
             self.anchor = anchor
@@ -661,6 +695,8 @@ class UserLedger:
         self.plan_event_at_ms = change.occurred_at_ms
         self.plan_event_id = change.delivery_id
         self._adjust_meters(now_ms, old_plan, target)
+        self._emit("plan_changed", now_ms, previous_plan=previous_plan, action=change.action)
+        self._note_balance(now_ms)
         # A downgrade may leave nothing to spend: a session still running ends now.
         self.advance(now_ms)
         return True
@@ -703,6 +739,7 @@ class UserLedger:
             self._archive(old)
         self._period = _Period(bounds.start_ms, bounds.end_ms, target.name, target.limit_ms, 0)
         self._open_period_entry(now_ms)
+        self._emit_period_rolled(old, now_ms)
 
     def _adjust_meters(self, now_ms: int, old_plan: Plan | None, target: Plan) -> None:
         """Keep each meter's credit-ledger balance in its current window right when its limit changes."""
@@ -745,6 +782,7 @@ class UserLedger:
                 self._end(exhausted_at, "limit_reached")
             else:
                 self._roll_over(now_ms)
+            self._note_balance(alarm.at_ms)
             fired.append(alarm)
         raise AssertionError(f"more than {MAX_ALARMS_PER_ADVANCE} alarms in one advance")
 
@@ -802,6 +840,7 @@ class UserLedger:
             anchor_months=anchor.months if anchor is not None else 0,
             anchor_duration_ms=anchor.duration_ms if anchor is not None else 0,
             next_entry_seq=self._book.next_seq,
+            alert_level=self._alert,
         )
         meters = tuple(
             MeterRecord(self.user_id, name, m.window_start_ms, m.window_end_ms, m.used, version)
@@ -814,6 +853,7 @@ class UserLedger:
             meters=meters,
             entries=self._book.pending,
             replies=self._replies.pending,
+            events=tuple(event for event in self._events if event.version > self.synced_version),
         )
 
     def mark_synced(self, version: int) -> None:
@@ -1015,14 +1055,72 @@ class UserLedger:
             bounds = period_containing(self.anchor, max(now_ms, old.end_ms))
         self._period = _Period(bounds.start_ms, bounds.end_ms, self.plan, self._plan_limit_ms(), 0)
         self._open_period_entry(now_ms)
+        self._emit_period_rolled(old, old.end_ms)
 
     def _warning(self) -> Warning | None:
+        return _ALERT_WARNINGS[self._level()]
+
+    def _level(self) -> int:
+        """The balance's alert level now (`ALERT_*`)."""
         remaining = self.remaining_ms
         if remaining <= 0:
-            return "exhausted"
+            return ALERT_EXHAUSTED
         if remaining <= self._policy.low_balance_ms:
-            return "low_balance"
-        return None
+            return ALERT_LOW
+        return ALERT_NONE
+
+    def _note_balance(self, at_ms: int) -> None:
+        """After a change to the balance: announce each alert level it fell to that is armed
+        (once per crossing, `low_balance` before `exhausted`), and re-arm the levels it rose above."""
+        level = self._level()
+        for crossed in range(self._alert + 1, level + 1):
+            self._emit(_ALERT_EVENTS[crossed], at_ms)
+        self._alert = level
+
+    def _emit_period_rolled(self, previous: _Period, at_ms: int) -> None:
+        self._emit(
+            "period_rolled",
+            at_ms,
+            previous_period_start_ms=previous.start_ms,
+            previous_period_end_ms=previous.end_ms,
+            previous_used_ms=previous.used_ms + previous.purchased_used_ms,
+        )
+
+    def _emit(
+        self,
+        kind: EventKind,
+        at_ms: int,
+        *,
+        previous_plan: str | None = None,
+        action: PlanAction | None = None,
+        previous_period_start_ms: int | None = None,
+        previous_period_end_ms: int | None = None,
+        previous_used_ms: int | None = None,
+    ) -> None:
+        """Record an event of this version; it is written with the ledger's next write."""
+        assert all((e.version, e.kind) != (self.version, kind) for e in self._events), "one per version"
+        period = self._period
+        event = LedgerEvent(
+            user_id=self.user_id,
+            kind=kind,
+            version=self.version,
+            occurred_at_ms=at_ms,
+            plan=period.plan,
+            period_start_ms=period.start_ms,
+            period_end_ms=period.end_ms,
+            limit_ms=period.limit_ms,
+            used_ms=period.used_ms + period.purchased_used_ms,
+            remaining_ms=self.remaining_ms,
+            previous_plan=previous_plan,
+            action=action,
+            previous_period_start_ms=previous_period_start_ms,
+            previous_period_end_ms=previous_period_end_ms,
+            previous_used_ms=previous_used_ms,
+        )
+        events = (*self._events, event)
+        # Forget the oldest durable events past the bound; an unwritten one is never dropped.
+        durable = sum(1 for e in events if e.version <= self.synced_version)
+        self._events = events[min(durable, max(0, len(events) - RECENT_EVENTS_KEPT)) :]
 
     def _usage_view(self) -> UsageView:
         session = self._session

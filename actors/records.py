@@ -7,6 +7,7 @@ so replayed or late writes never overwrite newer state.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ EndReason = Literal["user_ended", "limit_reached", "timeout", "error", "stale"]
 PlanAction = Literal["upgrade", "downgrade", "cancel"]
 CreditReason = Literal["grant", "purchase", "refund", "consume", "reset", "adjust"]
 PurchaseReason = Literal["purchase", "grant", "refund"]
+EventKind = Literal["low_balance", "exhausted", "plan_changed", "period_rolled"]
 
 # Credit-ledger buckets: the plan's allowance for one period, purchased minutes, and one per
 # count meter and window ("meter:<name>"). Minute buckets count milliseconds; meters count uses.
@@ -24,6 +26,18 @@ METER_BUCKET_PREFIX = "meter:"
 
 DIFFICULTIES: tuple[Difficulty, ...] = ("beginner", "intermediate", "advanced")
 END_REASONS: tuple[EndReason, ...] = ("user_ended", "limit_reached", "timeout", "error", "stale")
+EVENT_KINDS: tuple[EventKind, ...] = ("low_balance", "exhausted", "plan_changed", "period_rolled")
+
+# The balance's alert level: above the low-balance threshold, at or under it, none left. The
+# ledger announces each level once as the balance falls to it (`LedgerEvent`), and re-arms a
+# level only when the balance rises above it again.
+ALERT_NONE = 0
+ALERT_LOW = 1
+ALERT_EXHAUSTED = 2
+
+# Event ids are UUIDv5 names in this namespace of (user, version, kind): deterministic, so a
+# write repeated after a lost reply inserts nothing new, and header-safe whatever the user id.
+_EVENT_NAMESPACE = uuid.UUID("6f0c1c3e-2b7a-5d8e-9a41-0d3f2c6b7e15")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +54,8 @@ class UserRecord:
     anchor_duration_ms: int = 0
     # The sequence number the user's next credit-ledger entry will get.
     next_entry_seq: int = 1
+    # The alert level last announced (ALERT_*); None: never recorded (derive it from the balance).
+    alert_level: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +206,38 @@ class ReplyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerEvent:
+    """Something billing or the product wants told: a threshold crossed, a plan changed, a new period.
+
+    Written to the outbox (`usage_events`) in the same write as the change that made it, so an
+    event exists exactly when its change is durable; delivered from there at least once.
+    `version` is the ledger version of the change. The balance fields are the user's as of the
+    event; `previous_*` and `action` say what a plan change or a new period replaced.
+    """
+
+    user_id: str
+    kind: EventKind
+    version: int
+    occurred_at_ms: int
+    plan: str
+    period_start_ms: int
+    period_end_ms: int
+    limit_ms: int
+    used_ms: int
+    remaining_ms: int
+    previous_plan: str | None = None  # plan_changed
+    action: PlanAction | None = None  # plan_changed
+    previous_period_start_ms: int | None = None  # period_rolled
+    previous_period_end_ms: int | None = None  # period_rolled
+    previous_used_ms: int | None = None  # period_rolled
+
+    @property
+    def event_id(self) -> str:
+        name = f"{self.user_id}\x00{self.version}\x00{self.kind}"
+        return "evt_" + uuid.uuid5(_EVENT_NAMESPACE, name).hex
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerSnapshot:
     """Everything about one user that a write must make durable."""
 
@@ -199,6 +247,7 @@ class LedgerSnapshot:
     meters: tuple[MeterRecord, ...] = ()
     entries: tuple[CreditEntry, ...] = ()
     replies: tuple[ReplyRecord, ...] = ()
+    events: tuple[LedgerEvent, ...] = ()
 
     @property
     def version(self) -> int:

@@ -102,6 +102,7 @@ from actors.views import (
     SessionProgress,
     SessionStarted,
     SessionSummary,
+    UsageChange,
     UsageView,
 )
 
@@ -773,14 +774,17 @@ class LedgerShard:
             )
             return Reconciliation(user_id=user_id, checks=checks, version=ledger.version)
 
-    async def watch(self, user_id: str, after_version: int, timeout_s: float) -> UsageView | None:
-        """The usage object once its version is above `after_version`; None if `timeout_s` passes first."""
+    async def watch(self, user_id: str, after_version: int, timeout_s: float) -> UsageChange | None:
+        """Once the version is above `after_version`: the usage object and the events since
+        (those the ledger still holds); None if `timeout_s` passes first."""
         if self._waiting.total() >= MAX_WATCHERS:
             raise Overloaded("too many streams on this shard", limit=MAX_WATCHERS)
-        view = await self.usage_of(user_id)
-        if view.version > after_version:
-            return view
-        event, _ = self._watchers.setdefault(user_id, (asyncio.Event(), view.version))
+        change = await self._change_since(user_id, after_version)
+        if change is not None:
+            return change
+        resident = self._ledgers.get(user_id)
+        seen = resident.version if resident is not None else after_version
+        event, _ = self._watchers.setdefault(user_id, (asyncio.Event(), seen))
         self._waiting[user_id] += 1
         try:
             async with asyncio.timeout(timeout_s):
@@ -793,8 +797,16 @@ class LedgerShard:
                 del self._waiting[user_id]
                 if user_id in self._watchers and self._watchers[user_id][0] is event:
                     del self._watchers[user_id]
-        view = await self.usage_of(user_id)
-        return view if view.version > after_version else None
+        return await self._change_since(user_id, after_version)
+
+    async def _change_since(self, user_id: str, after_version: int) -> UsageChange | None:
+        async with self._admitted():
+            ledger = await self._ledger(user_id)
+            view = ledger.usage(self._clock())
+            self._after_change(user_id, ledger)
+            if view.version <= after_version:
+                return None
+            return UsageChange(usage=view, events=ledger.events_after(after_version))
 
     # ------------------------------------------------------------- operations
 

@@ -21,6 +21,7 @@ from actors.records import (
     CreditEntry,
     CreditPurchaseRecord,
     Delivery,
+    LedgerEvent,
     LedgerSnapshot,
     MeterRecord,
     PeriodRecord,
@@ -137,6 +138,7 @@ class MemoryStore:
         self.plan_events: dict[str, PlanEventRecord] = {}
         self.purchases: dict[str, CreditPurchaseRecord] = {}
         self.replies: dict[tuple[str, str], ReplyRecord] = {}
+        self.events: dict[str, LedgerEvent] = {}  # the outbox, by event id
 
     def _check(self) -> None:
         if not self.available:
@@ -188,6 +190,7 @@ class MemoryStore:
             raise StoreOutcomeUnknown("connection lost during the write")
         users, periods, sessions = dict(self.users), dict(self.periods), dict(self.sessions)
         meters, entries, replies = dict(self.meters), dict(self.entries), dict(self.replies)
+        events = dict(self.events)
         for snapshot in snapshots:
             _keep_newer(users, snapshot.user.user_id, snapshot.user)
             for period in snapshot.periods:
@@ -204,6 +207,8 @@ class MemoryStore:
                 kept = replies.get((reply.user_id, reply.key))
                 if kept is None or kept.expires_at_ms <= reply.created_at_ms:
                     replies[(reply.user_id, reply.key)] = reply
+            for event in snapshot.events:
+                events.setdefault(event.event_id, event)
         for user_id in {s.user.user_id for s in snapshots}:
             open_count = sum(1 for s in sessions.values() if s.user_id == user_id and s.is_open)
             if open_count > 1:
@@ -217,6 +222,7 @@ class MemoryStore:
             "meters": meters,
             "entries": entries,
             "replies": replies,
+            "events": events,
         }
         if self.hold_next_commit:
             self.hold_next_commit = False
@@ -245,6 +251,7 @@ class MemoryStore:
         self.meters = state["meters"]  # type: ignore[assignment]
         self.entries = state["entries"]  # type: ignore[assignment]
         self.replies = state["replies"]  # type: ignore[assignment]
+        self.events = state["events"]  # type: ignore[assignment]
         if isinstance(delivery, PlanEventRecord):
             self.plan_events[delivery.delivery_id] = delivery
         elif isinstance(delivery, CreditPurchaseRecord):

@@ -35,3 +35,15 @@ def from_datetime(value: datetime) -> int:
 def minutes_to_ms(minutes: float) -> int:
     """Whole milliseconds for a (possibly fractional) number of minutes."""
     return round(minutes * MS_PER_MINUTE)
+
+
+def to_minutes(ms: int) -> float:
+    """Minutes as the API shows them: two decimals."""
+    return round(ms / MS_PER_MINUTE, 2)
+
+
+def rfc3339(value: datetime) -> str:
+    """How the API writes times: RFC 3339 in UTC with a `Z`, to the millisecond the ledger keeps.
+    Whole seconds print without a fraction."""
+    spec = "seconds" if value.microsecond == 0 else "milliseconds"
+    return value.isoformat(timespec=spec).replace("+00:00", "Z")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from actors.records import Difficulty, EndReason, PeriodRecord
+from actors.records import Difficulty, EndReason, LedgerEvent, PeriodRecord
 
 Warning = Literal["low_balance", "exhausted"]
 Item = TypeVar("Item")
@@ -49,6 +49,14 @@ class UsageView:
     def from_dict(cls, data: dict[str, Any]) -> UsageView:
         session = data.get("active_session")
         return cls(**{**data, "active_session": ActiveSessionView(**session) if session else None})
+
+
+@dataclass(frozen=True, slots=True)
+class UsageChange:
+    """What a live stream is told after a change: the events it made (oldest first), then the usage."""
+
+    usage: UsageView
+    events: tuple[LedgerEvent, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from actors.errors import DomainError, IdempotencyInFlight
-from actors.times import MS_PER_MINUTE, to_datetime
-from gateway.timefmt import rfc3339
+from actors.times import MS_PER_MINUTE, rfc3339, to_datetime
 
 log = structlog.get_logger("gateway.errors")
 

@@ -70,6 +70,17 @@ class Metrics:
             ("shard",),
             registry=self.registry,
         )
+        self.event_deliveries = Counter(
+            "ledger_event_deliveries",
+            "Threshold-event webhook deliveries by outcome (delivered, retry, gave_up)",
+            ("outcome",),
+            registry=self.registry,
+        )
+        self.events_undelivered = Gauge(
+            "ledger_events_undelivered",
+            "Events in the outbox waiting for delivery (as of this gateway's last delivery round)",
+            registry=self.registry,
+        )
         self.shard_gauges = {
             name: Gauge(f"ledger_shard_{name}", help_text, ("shard",), registry=self.registry)
             for name, help_text in (

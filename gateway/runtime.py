@@ -26,6 +26,7 @@ from actors.ledger import LedgerPolicy
 from actors.plans import PlanCatalog
 from actors.shard import ShardConfig
 from actors.times import MS_PER_MINUTE, MS_PER_SECOND
+from gateway.events import EventDelivery
 from gateway.metrics import Metrics
 from gateway.settings import CALL_MARGIN_S, RESOLVE_TIMEOUT_S, WRITE_SLACK_S, Settings, SettingsError
 from gateway.shards import ShardRouter
@@ -39,8 +40,8 @@ log = structlog.get_logger("gateway.runtime")
 # How long start-up waits for every shard to report ready before serving anyway
 # (requests to a shard still starting get 503 and /readyz says so).
 SHARDS_READY_WAIT_S = 60.0
-# The gateway's own pool serves migrations and readiness checks only.
-GATEWAY_POOL_MAX_SIZE = 2
+# The gateway's own pool serves readiness checks and event delivery.
+GATEWAY_POOL_MAX_SIZE = 3
 # Bound on the final flush of each shard at shutdown.
 SHUTDOWN_FLUSH_TIMEOUT_S = 30.0
 # How long a shard call made at startup (ready) may take.
@@ -151,6 +152,7 @@ class Runtime:
         self.router = router
         self.owns_ray = owns_ray
         self.state: RuntimeState = "running"
+        self.delivery: EventDelivery | None = None
 
     @classmethod
     async def start(cls, settings: Settings, *, metrics: Metrics) -> Runtime:
@@ -186,6 +188,17 @@ class Runtime:
             settings=settings, database=database, pool=pool, router=router, owns_ray=owns_ray, plans=plans
         )
         await runtime._wait_for_shards()
+        if settings.events_webhook_url is not None:
+            assert settings.events_webhook_secret is not None, "Settings checks this"
+            runtime.delivery = EventDelivery(
+                pool=pool,
+                url=settings.events_webhook_url,
+                secret=settings.events_webhook_secret.get_secret_value(),
+                retry_max_s=settings.events_retry_max_s,
+                max_age_s=settings.events_max_age_s,
+                metrics=metrics,
+            )
+            runtime.delivery.start()
         log.info(
             "runtime_started",
             shards=settings.shards,
@@ -220,6 +233,8 @@ class Runtime:
         if self.state != "running":
             return
         self.state = "stopping"
+        if self.delivery is not None:
+            await self.delivery.stop()
         method = "stop" if self.owns_ray else "flush"
         try:
             async with asyncio.timeout(SHUTDOWN_FLUSH_TIMEOUT_S):

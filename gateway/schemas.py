@@ -32,7 +32,7 @@ from actors.records import (
     PlanAction,
     PurchaseReason,
 )
-from actors.times import MS_PER_MINUTE, from_datetime, minutes_to_ms, to_datetime
+from actors.times import from_datetime, minutes_to_ms, rfc3339, to_datetime, to_minutes
 from actors.views import (
     ActiveSessionView,
     BalanceCheck,
@@ -47,7 +47,6 @@ from actors.views import (
     SessionSummary,
     UsageView,
 )
-from gateway.timefmt import rfc3339
 
 # A time in a response: RFC 3339, UTC.
 Timestamp = Annotated[
@@ -74,10 +73,6 @@ CREDIT_HISTORY_MAX = 500
 METER_AMOUNT_MAX = 1_000_000
 PURCHASE_MINUTES_MAX = 1_000_000
 Reference = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")]
-
-
-def minutes(ms: int) -> float:
-    return round(ms / MS_PER_MINUTE, 2)
 
 
 def percent(used_ms: int, remaining_ms: int) -> float:
@@ -175,7 +170,7 @@ class ActiveSession(ResponseModel):
             session_id=view.session_id,
             started_at=to_datetime(view.started_at_ms),
             last_heartbeat_at=to_datetime(view.last_heartbeat_at_ms),
-            minutes_used=minutes(view.used_ms),
+            minutes_used=to_minutes(view.used_ms),
         )
 
 
@@ -202,10 +197,10 @@ class Usage(ResponseModel):
             plan=view.plan,
             period_start=to_datetime(view.period_start_ms),
             period_end=to_datetime(view.period_end_ms),
-            minutes_limit=minutes(view.limit_ms),
-            minutes_used=minutes(view.used_ms),
-            minutes_remaining=minutes(view.remaining_ms),
-            purchased_minutes=minutes(view.purchased_ms),
+            minutes_limit=to_minutes(view.limit_ms),
+            minutes_used=to_minutes(view.used_ms),
+            minutes_remaining=to_minutes(view.remaining_ms),
+            purchased_minutes=to_minutes(view.purchased_ms),
             percent_used=percent(view.used_ms, view.remaining_ms),
             warning=view.warning,
             active_session=ActiveSession.from_view(view.active_session) if view.active_session else None,
@@ -225,7 +220,7 @@ class SessionStartedResponse(ResponseModel):
         return cls(
             session_id=view.session_id,
             started_at=to_datetime(view.started_at_ms),
-            minutes_remaining=minutes(view.remaining_ms),
+            minutes_remaining=to_minutes(view.remaining_ms),
             ends_at=to_datetime(view.ends_at_ms),
             version=view.version,
         )
@@ -248,9 +243,9 @@ class HeartbeatResponse(ResponseModel):
             session_id=view.session_id,
             state=view.state,
             end_reason=view.end_reason,
-            session_minutes=minutes(view.session_used_ms),
-            minutes_used=minutes(view.used_ms),
-            minutes_remaining=minutes(view.remaining_ms),
+            session_minutes=to_minutes(view.session_used_ms),
+            minutes_used=to_minutes(view.used_ms),
+            minutes_remaining=to_minutes(view.remaining_ms),
             warning=view.warning,
             ends_at=to_datetime(view.ends_at_ms) if view.ends_at_ms is not None else None,
             version=view.version,
@@ -273,9 +268,9 @@ class EndSessionResponse(ResponseModel):
             session_id=view.session_id,
             state="ended",
             end_reason=view.end_reason,
-            session_minutes=minutes(view.session_used_ms),
-            minutes_used=minutes(view.used_ms),
-            minutes_remaining=minutes(view.remaining_ms),
+            session_minutes=to_minutes(view.session_used_ms),
+            minutes_used=to_minutes(view.used_ms),
+            minutes_remaining=to_minutes(view.remaining_ms),
             version=view.version,
         )
 
@@ -297,8 +292,8 @@ class CurrentSessionResponse(ResponseModel):
             session_id=view.session_id,
             started_at=to_datetime(view.started_at_ms),
             last_heartbeat_at=to_datetime(view.last_heartbeat_at_ms),
-            minutes_used=minutes(view.used_ms),
-            minutes_remaining=minutes(view.remaining_ms),
+            minutes_used=to_minutes(view.used_ms),
+            minutes_remaining=to_minutes(view.remaining_ms),
             ends_at=to_datetime(view.ends_at_ms),
             topic=view.topic,
             difficulty=view.difficulty,
@@ -321,7 +316,7 @@ class SessionItem(ResponseModel):
             session_id=view.session_id,
             started_at=to_datetime(view.started_at_ms),
             ended_at=to_datetime(view.ended_at_ms) if view.ended_at_ms is not None else None,
-            minutes_used=minutes(view.used_ms),
+            minutes_used=to_minutes(view.used_ms),
             topic=view.topic,
             difficulty=view.difficulty,
             end_reason=view.end_reason,
@@ -371,9 +366,9 @@ class Credits(ResponseModel):
     @classmethod
     def from_view(cls, view: CreditsView) -> Credits:
         return cls(
-            monthly_remaining_minutes=minutes(view.allowance_remaining_ms),
-            purchased_minutes=minutes(view.purchased_ms),
-            total_remaining_minutes=minutes(view.remaining_ms),
+            monthly_remaining_minutes=to_minutes(view.allowance_remaining_ms),
+            purchased_minutes=to_minutes(view.purchased_ms),
+            total_remaining_minutes=to_minutes(view.remaining_ms),
             meters={name: MeterState.from_view(meter) for name, meter in view.meters.items()},
             version=view.version,
         )
@@ -409,8 +404,8 @@ class PeriodItem(ResponseModel):
             period_start=to_datetime(view.period_start_ms),
             period_end=to_datetime(view.period_end_ms),
             plan=view.plan,
-            minutes_used=minutes(view.used_ms),
-            minutes_limit=minutes(view.limit_ms),
+            minutes_used=to_minutes(view.used_ms),
+            minutes_limit=to_minutes(view.limit_ms),
             archived=view.archived,
         )
 
@@ -439,7 +434,7 @@ class CreditHistoryEntry(ResponseModel):
     @classmethod
     def from_record(cls, entry: CreditEntry) -> CreditHistoryEntry:
         counts = entry.bucket.startswith(METER_BUCKET_PREFIX)
-        scale = (lambda value: float(value)) if counts else minutes
+        scale = (lambda value: float(value)) if counts else to_minutes
         return cls(
             id=entry.seq,
             occurred_at=to_datetime(entry.occurred_at_ms),

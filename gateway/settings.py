@@ -7,6 +7,8 @@ are only fit for a laptop.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # A secret shorter than this is refused in production (RFC 7518 §3.2: an
 # HS256 key must be at least as long as the hash output, 32 bytes).
 SECRET_MIN_LENGTH_PRODUCTION = 32
+# The events webhook key (the bytes under `whsec_`): Standard Webhooks' 24 to 64.
+EVENTS_SECRET_MIN_BYTES = 24
 # A secret of fewer distinct characters than this is a placeholder ("xxxx...", "aaaa..."), not a key.
 SECRET_MIN_DISTINCT_CHARACTERS = 10
 # Inside one gateway->shard call, a durable operation gets: at least 0.5 s to begin, the
@@ -62,6 +66,13 @@ class Settings(BaseSettings):
     polar_webhook_secret: SecretStr | None = Field(default=None, min_length=8)
     stripe_webhook_secret: SecretStr | None = Field(default=None, min_length=8)
 
+    # Set: threshold events are POSTed here as Standard Webhooks signed with the `whsec_` secret.
+    events_webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    events_webhook_secret: SecretStr | None = None
+    # Failed deliveries are retried with doubling waits up to this, until the event is this old.
+    events_retry_max_s: float = Field(default=300.0, ge=1, le=86_400)
+    events_max_age_s: float = Field(default=259_200.0, ge=60, le=30 * 86_400)
+
     sync_interval_s: float = Field(default=30.0, gt=0, le=3_600)
     stale_session_s: float = Field(default=600.0, gt=0, le=86_400)
     low_balance_minutes: float = Field(default=5.0, ge=0)
@@ -87,6 +98,24 @@ class Settings(BaseSettings):
             raise SettingsError(
                 f"LEDGER_ACTOR_CALL_TIMEOUT_S must be at least LEDGER_DB_STATEMENT_TIMEOUT_S + "
                 f"{DURABLE_OVERHEAD_S:g} (= {needed:g}); it is {self.actor_call_timeout_s:g}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _event_webhooks_are_signed(self) -> Settings:
+        if self.events_webhook_url is None:
+            return self
+        if self.events_webhook_secret is None:
+            raise SettingsError("LEDGER_EVENTS_WEBHOOK_URL needs LEDGER_EVENTS_WEBHOOK_SECRET (whsec_...)")
+        secret = self.events_webhook_secret.get_secret_value()
+        try:
+            key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            key = b""
+        if not secret.startswith("whsec_") or len(key) < EVENTS_SECRET_MIN_BYTES:
+            raise SettingsError(
+                "LEDGER_EVENTS_WEBHOOK_SECRET must be whsec_ and the base64 of at least "
+                f"{EVENTS_SECRET_MIN_BYTES} random bytes, e.g. whsec_$(openssl rand -base64 32)"
             )
         return self
 

@@ -28,7 +28,7 @@ from actors.records import (
 )
 from actors.store import WriteOutcome, WriteReceipt
 from actors.times import wall_clock_ms
-from persistence import credit_ledger, meters, plan_events, replies, sessions, users
+from persistence import credit_ledger, events, meters, plan_events, replies, sessions, users
 from persistence.database import PoolLimits, create_pool
 from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, PersistenceError, translate_errors
 
@@ -86,6 +86,7 @@ class PostgresStore:
         all_meters = [meter for snapshot in snapshots for meter in snapshot.meters]
         all_entries = [entry for snapshot in snapshots for entry in snapshot.entries]
         all_replies = [reply for snapshot in snapshots for reply in snapshot.replies]
+        all_events = [event for snapshot in snapshots for event in snapshot.events]
         with translate_errors("save"):
             async with self._connection() as connection:
                 transaction = connection.transaction()
@@ -106,6 +107,8 @@ class PostgresStore:
                         await credit_ledger.insert_entries(connection, entries=all_entries)
                     if all_replies:
                         await replies.insert_replies(connection, replies=all_replies)
+                    if all_events:
+                        await events.insert_events(connection, events=all_events)
                     if delivery is not None and not await _record_delivery(connection, delivery):
                         raise PersistenceError(
                             "save", f"delivery {delivery.delivery_id!r} is already recorded"

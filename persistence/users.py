@@ -32,11 +32,11 @@ async def upsert_users(connection: Connection, *, users: Sequence[UserRecord]) -
         """
         insert into usage_users as u (
             user_id, plan, plan_event_at, plan_event_id, version,
-            purchased_ms, anchor_start, anchor_months, anchor_duration_ms, next_entry_seq
+            purchased_ms, anchor_start, anchor_months, anchor_duration_ms, next_entry_seq, alert_level
         )
         select * from unnest(
             $1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::bigint[],
-            $6::bigint[], $7::timestamptz[], $8::integer[], $9::bigint[], $10::bigint[]
+            $6::bigint[], $7::timestamptz[], $8::integer[], $9::bigint[], $10::bigint[], $11::smallint[]
         )
         on conflict (user_id) do update
             set plan = excluded.plan,
@@ -48,6 +48,7 @@ async def upsert_users(connection: Connection, *, users: Sequence[UserRecord]) -
                 anchor_months = excluded.anchor_months,
                 anchor_duration_ms = excluded.anchor_duration_ms,
                 next_entry_seq = excluded.next_entry_seq,
+                alert_level = excluded.alert_level,
                 updated_at = now()
             where u.version < excluded.version
         """,
@@ -61,6 +62,7 @@ async def upsert_users(connection: Connection, *, users: Sequence[UserRecord]) -
         [u.anchor_months for u in users],
         [u.anchor_duration_ms for u in users],
         [u.next_entry_seq for u in users],
+        [u.alert_level for u in users],
     )
 
 
@@ -100,7 +102,7 @@ async def fetch_users(connection: Connection, *, user_ids: Sequence[str]) -> dic
     rows = await connection.fetch(
         """
         select user_id, plan, plan_event_at, plan_event_id, version,
-               purchased_ms, anchor_start, anchor_months, anchor_duration_ms, next_entry_seq
+               purchased_ms, anchor_start, anchor_months, anchor_duration_ms, next_entry_seq, alert_level
         from usage_users where user_id = any($1::text[])
         """,
         list(user_ids),
@@ -117,6 +119,7 @@ async def fetch_users(connection: Connection, *, user_ids: Sequence[str]) -> dic
             anchor_months=row["anchor_months"],
             anchor_duration_ms=row["anchor_duration_ms"],
             next_entry_seq=row["next_entry_seq"],
+            alert_level=row["alert_level"],
         )
         for row in rows
     }

@@ -300,6 +300,19 @@ async def metric(http: httpx.AsyncClient, name: str, *, default: float | None = 
     return value
 
 
+async def sse_frames(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+    """The frames of a Server-Sent Events stream: {"event", "id", "data" (parsed JSON)}; comments skipped."""
+    frame: dict[str, str] = {}
+    async for line in lines:
+        if line.startswith(("event:", "id:", "data:")):
+            key, _, value = line.partition(":")
+            frame[key] = value.strip()
+        elif line == "" and frame:
+            data = json.loads(frame["data"])
+            yield {"event": frame.get("event", "message"), "id": frame.get("id"), "data": data}
+            frame = {}
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], *, timeout_s: float = 15.0, every_s: float = 0.2
 ) -> None:

@@ -28,6 +28,8 @@ BACKOFF_MAX_S = 5.0
 # The server's `ledger_stale_session_s` defaults to 600 s; API.md asks clients for ~30 s.
 DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
 _RETRIED_STATUSES = frozenset({429, 503})
+# Jitter from a generator of the client's own: an application's global `random` state is its own.
+_jitter = random.Random()
 
 Difficulty = Literal["beginner", "intermediate", "advanced"]
 
@@ -161,6 +163,6 @@ def _retried(answer: httpx.Response, error: LedgerError) -> bool:
 
 def _backoff_s(attempt: int, last: LedgerError | None, *, base_s: float = BACKOFF_BASE_S) -> float:
     """Exponential with full jitter, never shorter than the server's Retry-After."""
-    wait_s = random.uniform(0, min(BACKOFF_MAX_S, base_s * 2**attempt))
+    wait_s = _jitter.uniform(0, min(BACKOFF_MAX_S, base_s * 2**attempt))
     retry_after_s = last.problem.get("retry_after_s") if last is not None else None
     return max(wait_s, float(retry_after_s)) if retry_after_s is not None else wait_s

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query, Security
 
 from actors.replies import IdempotencyKey
 from actors.shard import Purchase, ShardStats
-from actors.times import minutes_to_ms, to_datetime
+from actors.times import minutes_to_ms, to_datetime, to_minutes
 from gateway.auth import USER_ID_MAX_LENGTH, USER_ID_PATTERN, delivery_id, webhook_signature_scheme
 from gateway.routes.common import idempotency_key, plan_event, problems, request_id, runtime
 from gateway.runtime import Runtime
@@ -29,7 +29,6 @@ from gateway.schemas import (
     ShardStatus,
     Status,
     Usage,
-    minutes,
 )
 
 router = APIRouter(
@@ -82,7 +81,9 @@ async def add_credits(
         reference=body.reference,
     )
     added = await rt.router.call(user_id, "add_credits", user_id, purchase, request_id=rid, idem=idem)
-    return CreditsResponse(purchased_minutes=minutes(added.purchased_ms), usage=Usage.from_view(added.usage))
+    return CreditsResponse(
+        purchased_minutes=to_minutes(added.purchased_ms), usage=Usage.from_view(added.usage)
+    )
 
 
 @router.get(

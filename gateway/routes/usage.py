@@ -2,7 +2,9 @@
 
 The stream is Server-Sent Events: the usage object on connect and after every
 change to the user (session ticks included), `id:` = version, with comment
-lines to keep idle connections open. It long-polls the user's shard, so it
+lines to keep idle connections open. A change that made threshold events
+(`low_balance`, `exhausted`, `plan_changed`, `period_rolled`) sends each first,
+as `event: <type>` with the webhook body as `data:`. It long-polls the user's shard, so it
 works through any gateway process. A client that reconnects gets the current
 state first and can drop buffered events whose version is not newer.
 """
@@ -17,11 +19,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from actors.errors import ShardError
+from actors.records import LedgerEvent
 from actors.views import UsageView
 from gateway.auth import current_user
 from gateway.routes.common import problems, runtime
 from gateway.runtime import Runtime
 from gateway.schemas import HISTORY_PERIODS_DEFAULT, HISTORY_PERIODS_MAX, PeriodItem, Usage, UsageHistory
+from persistence.events import event_payload
 
 router = APIRouter(tags=["usage"])
 
@@ -54,7 +58,11 @@ async def usage_history(
     response_class=StreamingResponse,
     responses={
         200: {
-            "description": "Server-Sent Events: `event: usage`, `id: <version>`, `data: <usage object>`",
+            "description": (
+                "Server-Sent Events: `event: usage`, `id: <version>`, `data: <usage object>`; "
+                "before it, any threshold events of the change: `event: low_balance|exhausted|"
+                "plan_changed|period_rolled`, `data: <webhook body>`"
+            ),
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
         **problems(401, 429, 503),
@@ -81,8 +89,10 @@ async def usage_stream(
             if changed is None:
                 yield ": keep-alive\n\n"
             else:
-                version = changed.version
-                yield _frame(changed)
+                version = changed.usage.version
+                for event in changed.events:
+                    yield _event_frame(event)
+                yield _frame(changed.usage)
 
     return StreamingResponse(
         events(),
@@ -94,3 +104,10 @@ async def usage_stream(
 def _frame(view: UsageView) -> str:
     data = json.dumps(Usage.from_view(view).model_dump(mode="json"), separators=(",", ":"))
     return f"event: usage\nid: {view.version}\ndata: {data}\n\n"
+
+
+def _event_frame(event: LedgerEvent) -> str:
+    # No `id:`: the usage frame that follows carries the change's version, and a client that
+    # drops frames whose version is not newer must not drop that one.
+    data = json.dumps(event_payload(event), separators=(",", ":"))
+    return f"event: {event.kind}\ndata: {data}\n\n"

@@ -11,6 +11,7 @@ import json
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ from tests.harness import (
     eventually,
     new_user,
     signed,
+    sse_frames,
 )
 from tests.integration.test_sessions import assert_problem
 
@@ -290,19 +292,15 @@ async def test_stream_sees_a_plan_upgrade_within_a_second_with_growing_versions(
         async with client.stream("GET", "/v1/usage/stream", headers=auth(user)) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
-            frame: dict[str, str] = {}
-            async for line in response.aiter_lines():
-                if line.startswith(("event:", "id:", "data:")):
-                    key, _, value = line.partition(":")
-                    frame[key] = value.strip()
-                elif line == "" and frame:
-                    data = json.loads(frame["data"])
-                    assert frame["event"] == "usage" and int(frame["id"]) == data["version"]
-                    events.append(data)
-                    frame = {}
-                    if data["plan"] == "pro":
-                        seen_at = time.monotonic()
-                        return
+            async for frame in sse_frames(response.aiter_lines()):
+                if frame["event"] != "usage":
+                    continue  # the upgrade's plan_changed event (tests/integration/test_events.py)
+                data = frame["data"]
+                assert int(frame["id"]) == data["version"]
+                events.append(data)
+                if data["plan"] == "pro":
+                    seen_at = time.monotonic()
+                    return
 
     reader = asyncio.create_task(read())
     await eventually(lambda: _ready(events), timeout_s=10, every_s=0.05)
@@ -374,7 +372,7 @@ async def test_stream_through_another_gateway_sees_changes_made_through_the_firs
         second.client() as other,
         other.stream("GET", "/v1/usage/stream", headers=auth(user)) as response,
     ):
-        lines = response.aiter_lines()
+        lines = sse_frames(response.aiter_lines())
         first = await _next_event(lines)
         bought = await buy(client, user, 2)  # through the first gateway
         assert bought.status_code == 200
@@ -383,10 +381,11 @@ async def test_stream_through_another_gateway_sees_changes_made_through_the_firs
     await second.stop()
 
 
-async def _next_event(lines: Any) -> dict[str, Any]:
-    async for line in lines:
-        if line.startswith("data:"):
-            return json.loads(line.partition(":")[2])  # type: ignore[no-any-return]
+async def _next_event(frames: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    """The next usage object on the stream."""
+    async for frame in frames:
+        if frame["event"] == "usage":
+            return frame["data"]  # type: ignore[no-any-return]
     raise AssertionError("the stream ended")
 
 

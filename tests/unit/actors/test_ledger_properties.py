@@ -32,9 +32,13 @@ from actors.errors import LedgerError, SessionEnded, SessionNotFound
 from actors.ledger import LedgerPolicy, PlanChange, UserLedger
 from actors.plans import parse_plans
 from actors.records import (
+    ALERT_EXHAUSTED,
+    ALERT_LOW,
+    ALERT_NONE,
     MONTHLY_BUCKET,
     PURCHASED_BUCKET,
     CreditEntry,
+    LedgerEvent,
     LedgerSnapshot,
     MeterRecord,
     PeriodRecord,
@@ -105,6 +109,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.sessions: dict[str, SessionRecord] = {}
         self.meters: dict[str, MeterRecord] = {}
         self.entries: dict[int, CreditEntry] = {}
+        self.events: dict[str, LedgerEvent] = {}
         self.reset_ms = 0
         self.last_version = 0
         self.last_content: tuple[object, ...] | None = None
@@ -260,6 +265,9 @@ class LedgerMachine(RuleBasedStateMachine):
                 self.meters[meter.meter] = meter
         for entry in snapshot.entries:
             assert self.entries.setdefault(entry.seq, entry) == entry, "an entry never changes once written"
+        for event in snapshot.events:
+            assert event.event_id not in self.events, "an event is written with one write only"
+            self.events[event.event_id] = event
         self.ledger.mark_synced(snapshot.version)
 
     @invariant()
@@ -313,6 +321,20 @@ class LedgerMachine(RuleBasedStateMachine):
         for key, live in self.ledger.balances(self.now).items():
             assert sum(e.delta for e in chains.get(key, [])) == live, key
         assert self.ledger.purchased_ms >= 0
+
+        # the alert level recorded is the balance's own (so no crossing goes unannounced), and
+        # every low_balance/exhausted event was made at a balance at or under its threshold
+        warning = self.ledger.usage(self.now).warning
+        recorded_level = self.ledger.snapshot().user.alert_level
+        assert (
+            recorded_level
+            == {None: ALERT_NONE, "low_balance": ALERT_LOW, "exhausted": ALERT_EXHAUSTED}[warning]
+        )
+        for event in self.events.values():
+            if event.kind == "low_balance":
+                assert event.remaining_ms <= POLICY.low_balance_ms, event
+            elif event.kind == "exhausted":
+                assert event.remaining_ms == 0, event
 
         # no session billed for more than it ran; silence is never billed
         for session in self.sessions.values():

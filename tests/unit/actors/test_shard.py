@@ -530,9 +530,28 @@ class TestWatch:
         assert (await shard.stats()).watchers == 1
         await shard.start_session("u1")
         changed = await asyncio.wait_for(waiting, 1)
-        assert changed is not None and changed.version > first.version
-        assert changed.active_session is not None
+        assert changed is not None and changed.usage.version > first.version
+        assert changed.usage.active_session is not None
+        assert changed.events == ()
         assert (await shard.stats()).watchers == 0
+
+    async def test_watch_carries_the_events_of_the_change_and_the_flush_writes_them(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        started = await shard.start_session("u1")
+        waiting = asyncio.create_task(shard.watch("u1", started.version, 5))
+        await asyncio.sleep(0.01)
+        clock.now += 6 * MIN  # 4 of the free plan's 10 minutes left: under the 5-minute threshold
+        await shard.heartbeat("u1", started.session_id)
+        changed = await asyncio.wait_for(waiting, 1)
+        assert changed is not None
+        assert [event.kind for event in changed.events] == ["low_balance"]
+        assert changed.usage.warning == "low_balance"
+        assert store.events == {}  # a heartbeat is not a durable write: the event waits for the flush
+        await shard.flush()
+        (written,) = store.events.values()
+        assert written == changed.events[0]
+        assert store.users["u1"].alert_level == 1
 
     async def test_watch_times_out_with_none_and_leaves_nothing_behind(self, shard: LedgerShard) -> None:
         first = await shard.usage("u1")

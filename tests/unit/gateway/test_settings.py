@@ -88,3 +88,27 @@ def test_production_with_a_jwks_needs_no_jwt_secret() -> None:
     assert settings.jwt_secret is None
     with pytest.raises(ValidationError, match="LEDGER_INTERNAL_SECRET"):
         Settings(env="production", jwt_jwks_url="https://auth.example/jwks.json")
+
+
+EVENTS_URL = "https://billing.example.com/hooks/usage-ledger"
+EVENTS_SECRET = "whsec_" + "MDEyMzQ1Njc4OWFiY2RlZmdoaWprbG1ub3BxcnN0dXY="  # 32 bytes
+
+
+def test_event_webhooks_are_off_by_default_and_on_with_a_url_and_a_secret() -> None:
+    assert Settings().events_webhook_url is None
+    settings = Settings(events_webhook_url=EVENTS_URL, events_webhook_secret=EVENTS_SECRET)
+    assert (settings.events_retry_max_s, settings.events_max_age_s) == (300, 3 * 86_400)
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        None,  # unsigned deliveries are refused
+        "MDEyMzQ1Njc4OWFiY2RlZmdoaWprbG1ub3BxcnN0dXY=",  # no whsec_ prefix
+        "whsec_not base64!",
+        "whsec_c2hvcnQ=",  # 5 bytes
+    ],
+)
+def test_an_events_url_needs_a_whsec_secret_of_24_bytes_or_more(secret: str | None) -> None:
+    with pytest.raises(ValidationError, match="LEDGER_EVENTS_WEBHOOK_SECRET"):
+        Settings(events_webhook_url=EVENTS_URL, events_webhook_secret=secret)
