@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench import shards
+from bench import client, shards
 from bench.loadgen import FlowSpec, LoadSpec, Step, http_request, run_load
 from bench.server import BenchServer, baseline_server, bench_database, bench_server
 
@@ -251,6 +251,7 @@ STANDALONE: dict[str, Callable[[str, bool, int], dict[str, Any]]] = {
     "memory": shards.scenario_memory,
     "restart": shards.scenario_restart,
     "actors": shards.scenario_actors,
+    "client": client.scenario_client,
 }
 # What `--short` runs besides the HTTP scenarios (the others take minutes each on their own).
 SHORT_STANDALONE = ("memory",)

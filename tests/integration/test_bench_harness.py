@@ -15,6 +15,7 @@ import uvicorn
 
 from bench.__main__ import compare, render_benchmarks_md
 from bench.baseline import create_baseline_app
+from bench.client import run_clients
 from bench.loadgen import FlowSpec, LoadSpec, Step, http_request, run_load
 from gateway.auth import issue_token
 from gateway.serving import server_config
@@ -131,3 +132,17 @@ def test_ratios_and_the_table_come_from_the_results() -> None:
     theirs = [{"offered_per_s": 100, "p99_ms": 8.0, "db_write_transactions_per_1000": 2000}]
     assert compare(ours, theirs) == [{"offered_per_s": 100, "p99_ratio": 0.25, "db_write_ratio": 0.005}]
     assert render_benchmarks_md().startswith("# Benchmarks")
+
+
+async def test_the_client_scenario_runs_sessions_through_the_python_client(server: RunningServer) -> None:
+    row = await run_clients(
+        server.base_url,
+        lambda user: issue_token(secret=JWT_SECRET, user_id=user, ttl_s=600),
+        clients=5,
+        session_s=1.0,
+        heartbeat_s=0.25,
+    )
+    assert (row["clients"], row["ended_user_ended"], row["ended_otherwise"], row["errors"]) == (5, 5, 0, 0)
+    assert row["heartbeats"] >= 5  # every session heartbeated in the background
+    assert row["requests"] >= 5 * 3 + row["heartbeats"]  # start, usage, end, and the heartbeats
+    assert 0 < row["start_p50_ms"] <= row["start_p99_ms"]
