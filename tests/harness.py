@@ -52,7 +52,7 @@ STRIPE_WEBHOOK_SECRET = "whsec_integration_test_stripe_secret"
 STALE_SESSION_S = 4.0
 
 
-def _with_database(dsn: str, database: str) -> str:
+def with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path=f"/{database}"))
 
@@ -69,7 +69,7 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
         admin_dsn = embedded.start()
     asyncio.run(ensure_database(admin_dsn, name))
-    yield _with_database(admin_dsn, name) if external else embedded.dsn(name)  # type: ignore[union-attr]
+    yield with_database(admin_dsn, name) if external else embedded.dsn(name)  # type: ignore[union-attr]
     if embedded is not None:
         embedded.stop()
     else:

@@ -2,7 +2,8 @@
 receiver over HTTP (stopped for a minute and started again), and the live stream.
 
 This module's server has LEDGER_EVENTS_WEBHOOK_URL set to a receiver in the test process and a
-3-second low-balance threshold, so the 6-second `tiny` plan crosses it within seconds.
+3-second low-balance threshold, so the 6-second `tiny` plan crosses it within seconds. It has a
+database of its own: the outbox is per database, and this server must deliver only its events.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from persistence.embedded import ensure_database
 from tests.harness import (
     RunningServer,
     ServerFactory,
@@ -36,6 +39,7 @@ from tests.harness import (
     signed,
     sse_frames,
     total,
+    with_database,
 )
 
 EVENTS_SECRET = "whsec_" + "ZXZlbnRzLXdlYmhvb2staW50ZWdyYXRpb24tdGVzdC1rZXk="
@@ -110,8 +114,31 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def events_server(start_server: ServerFactory, receiver: Receiver) -> AsyncIterator[RunningServer]:
+async def events_dsn(postgres_dsn: str) -> AsyncIterator[str]:
+    name = f"ledger_events_{uuid.uuid4().hex[:12]}"
+    await ensure_database(postgres_dsn, name)
+    yield with_database(postgres_dsn, name)
+    connection = await asyncpg.connect(postgres_dsn)
+    try:
+        await connection.execute(f'drop database if exists "{name}" with (force)')
+    finally:
+        await connection.close()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def database(events_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """This module's database (the events server's), for reading its outbox."""
+    connection = await asyncpg.connect(events_dsn)
+    yield connection
+    await connection.close()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def events_server(
+    start_server: ServerFactory, receiver: Receiver, events_dsn: str
+) -> AsyncIterator[RunningServer]:
     running = await start_server(
+        database_url=events_dsn,
         events_webhook_url=receiver.url,
         events_webhook_secret=EVENTS_SECRET,
         events_retry_max_s=RETRY_MAX_S,

@@ -79,10 +79,15 @@ async def test_the_same_idempotency_key_fifty_times_on_every_post(
     used, figures["consume"] = await fifty_times(
         lambda: client.post("/v1/meters/generations/consume", json={"amount": 3}, headers=keyed("use-1"))
     )
+    # The consume burst can outlast the 4-s stale timeout on a loaded machine; a session already
+    # ended stale would make the end a no-change reply, written by the next flush, not with it.
+    kept = await client.post(f"/v1/sessions/{session}/heartbeat", json={}, headers=auth(user))
+    assert kept.status_code == 200 and kept.json()["state"] == "active", kept.text
     ended, figures["end"] = await fifty_times(
         lambda: client.post(f"/v1/sessions/{session}/end", json={}, headers=keyed("end-1"))
     )
     assert ended["state"] == "ended" and ended["session_minutes"] >= beat["session_minutes"]
+    assert ended["end_reason"] == "user_ended"
 
     # Another request under a key already used: 422, and nothing changes.
     other = await client.post("/v1/meters/generations/consume", json={"amount": 1}, headers=keyed("use-1"))
