@@ -60,6 +60,7 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_bytes = 0  # request line, headers and trailers, as the parser hands them over
         self._message_bytes = 0  # raw bytes received since the message began
+        self._read_bytes = 0  # the size of the read being parsed
         self._in_head = True
         self._between_messages = True  # no byte of the next request yet
         self._refused = False
@@ -79,14 +80,17 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # answered; dropped until the connection closes
+        self._read_bytes = len(data)
         self._message_bytes += len(data)
-        if self._in_head and self._message_bytes > self.max_header_bytes + READ_SLACK_BYTES:
-            self._refuse(431, "headers_too_large", self._too_large_detail())
-            return
         if self._message_bytes > self.max_message_bytes:
             self._abort()
             return
         super().data_received(data)
+        # Checked once the read is parsed: one read may hold the end of the head and a large body
+        # after it (a 200 KB webhook arrives in one or two reads), which is no oversized head.
+        head_overdue = self._message_bytes > self.max_header_bytes + READ_SLACK_BYTES
+        if head_overdue and self._in_head and not self._between_messages and not self._refused:
+            self._refuse(431, "headers_too_large", self._too_large_detail())
 
     def send_400_response(self, msg: str) -> None:
         if self._refused:
@@ -104,7 +108,8 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
-        self._message_bytes = 0
+        # The read that began the message counts whole (exact, unless it also ended a pipelined one).
+        self._message_bytes = self._read_bytes
         self._in_head = True
         self._between_messages = False
         self._start_head_timer()

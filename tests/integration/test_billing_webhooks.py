@@ -339,6 +339,13 @@ async def test_a_large_event_is_accepted_up_to_the_webhook_bound(client: httpx.A
     )
     assert len(padded) > 40_000
     assert handled(await send_stripe(client, padded))["applied"] is True
+    # Past the head's raw-byte bound in one read (head and body together), under the body bound.
+    user = new_user()
+    body = stripe_subscription(user, "customer.subscription.created", "price_basic_monthly")
+    padded = body.replace(
+        b'"livemode": false,', b'"livemode": false, "padding": "' + b"x" * 200_000 + b'",', 1
+    )
+    assert handled(await send_stripe(client, padded))["applied"] is True
     huge = body.replace(b'"livemode": false,', b'"livemode": false, "padding": "' + b"x" * 300_000 + b'",', 1)
     too_large = await send_stripe(client, huge)
     assert too_large.status_code == 413 and too_large.json()["code"] == "payload_too_large"
