@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -79,12 +80,13 @@ def get_or_create_shards(
     handles = []
     for config in configs:
         assert config.shard_count == len(configs), "one config per shard"
+        name = shard_name(config.shard_index, config.shard_count)
         handle = ShardActor.options(
-            name=shard_name(config.shard_index, config.shard_count),
+            name=name,
             namespace=namespace,
             lifetime="detached",
             get_if_exists=True,
-        ).remote(config, store_factory, log_format, log_level)
+        ).remote(replace(config, owner=f"{namespace}/{name}"), store_factory, log_format, log_level)
         handles.append(handle)
     return handles
 

@@ -111,7 +111,9 @@ log = structlog.get_logger("actors.shard")
 T = TypeVar("T")
 R = TypeVar("R")
 D = TypeVar("D", PlanEventRecord, CreditPurchaseRecord)
-ShardState = Literal["starting", "running", "draining", "stopped"]
+# `fenced`: a newer activation of this shard claimed its users (this process was replaced but
+# still runs, e.g. on a node cut off from the cluster); it refuses every call from then on.
+ShardState = Literal["starting", "running", "draining", "stopped", "fenced"]
 
 # The methods that take one of the user's rate-limit tokens (`_limit_rate`). A gateway that was
 # told `RateLimited` may refuse these for the same user, without calling, until the wait is over.
@@ -174,6 +176,9 @@ class ShardConfig:
     wait_budget_s: float = 3.0
     write_timeout_s: float = 6.0
     resolve_timeout_s: float = 2.0
+    # Set (`<namespace>/<shard name>`, by `actors.hosting`): the shard claims it in the store on
+    # start, and its writes land only while no newer activation has claimed it (fencing).
+    owner: str | None = None
 
     def __post_init__(self) -> None:
         assert 0 <= self.shard_index < self.shard_count, "shard_index out of range"
@@ -324,10 +329,17 @@ class LedgerShard:
         if self._store is None:  # a retried start keeps the store it already opened
             self._store = CountingStore(await self._retrying("store_connect", self._store_factory))
             store = self._store
+            store.on_fenced = self._fence_lost
             self._commits = GroupCommit(
                 lambda snapshots, receipt: store.save(snapshots, receipt=receipt),
                 timeout_s=self._config.write_timeout_s,
             )
+        owner = self._config.owner
+        if owner is not None and self._store.fence is None:
+            # Before anyone is loaded: what this activation reads is then all an older one wrote.
+            claimed = self._store
+            fence = await self._retrying("store_claim", lambda: claimed.claim(owner))
+            log.info("shard_claimed", shard=self._config.shard_index, owner=owner, epoch=fence.epoch)
         # Serving starts at once: the users with open sessions are loaded in the background (their
         # alarms must run even if no request comes for them), and a request for one of them loads
         # that user first, as any cold user is loaded. After a restart with 50k open sessions on a
@@ -381,6 +393,7 @@ class LedgerShard:
         """Drain: stop timers, write every dirty ledger, close the store."""
         if self._state in ("draining", "stopped"):
             return
+        fenced = self._state == "fenced"
         self._state = "draining"
         tasks = list(self._background)
         if self._start_task is not None and not self._start_task.done():
@@ -391,7 +404,8 @@ class LedgerShard:
         try:
             if self._store is not None:
                 try:
-                    await self.flush()
+                    if not fenced:  # a replaced activation may write nothing
+                        await self.flush()
                 finally:
                     await self._store.close()
         finally:
@@ -401,6 +415,8 @@ class LedgerShard:
     async def _running(self) -> CountingStore:
         if self._state == "running":
             return self._require_store()
+        if self._state == "fenced":
+            raise Unavailable("this shard was replaced by a newer activation")
         if self._state != "starting":
             raise Unavailable("shard is shutting down")
         try:
@@ -956,8 +972,23 @@ class LedgerShard:
 
     # -------------------------------------------------------------- internals
 
+    def _fence_lost(self) -> None:
+        if self._state != "running":
+            return
+        self._state = "fenced"
+        self._timer_wakeup.set()  # the loops see the state and end
+        self._flush_soon.set()
+        log.error(
+            "shard_fenced",
+            shard=self._config.shard_index,
+            owner=self._config.owner,
+            hint="a newer activation of this shard claimed its users; this one refuses every call",
+        )
+
     @contextlib.asynccontextmanager
     async def _admitted(self) -> AsyncIterator[None]:
+        if self._state == "fenced":
+            raise Unavailable("this shard was replaced by a newer activation")
         if self._state in ("draining", "stopped"):
             # After the final flush nothing may change in memory only.
             raise Unavailable("shard is shutting down")

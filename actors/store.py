@@ -12,7 +12,7 @@ reports so anyone can see how many storage round trips a workload cost.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, TypeVar
 
@@ -44,6 +44,20 @@ class StoreUnavailable(StoreError):
     """
 
 
+class StoreFenced(StoreUnavailable):
+    """A newer activation of this shard has claimed its users (`LedgerStore.claim`): this write was
+    refused whole, and every later one by this activation will be."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A shard activation's claim on its users: writes carrying it land only while `epoch` is the
+    newest claim of `owner`."""
+
+    owner: str
+    epoch: int
+
+
 class StoreOutcomeUnknown(StoreUnavailable):
     """The commit itself failed (the connection broke or timed out during COMMIT): the write may
     or may not have landed. Read it back before deciding."""
@@ -69,16 +83,24 @@ class LedgerStore(Protocol):
         """Users with a session that has not ended."""
         ...
 
+    async def claim(self, owner: str) -> Fence:
+        """Become the newest activation of `owner` (a shard, by name): writes carrying an older
+        fence of it fail with `StoreFenced` from now on. Waits for writes of older activations
+        that are in progress, so nothing they write lands after the claim."""
+        ...
+
     async def save(
         self,
         snapshots: Sequence[LedgerSnapshot],
         *,
         delivery: Delivery | None = None,
         receipt: WriteReceipt | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """Write snapshots (and a delivery record) atomically; older versions never overwrite newer
         ones, and a credit-ledger entry already written is not written again (one written again
-        with other content is an error)."""
+        with other content is an error). With a `fence`, nothing is written (`StoreFenced`) unless
+        it is its owner's newest claim."""
         ...
 
     async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
@@ -139,6 +161,7 @@ class MemoryStore:
         self.purchases: dict[str, CreditPurchaseRecord] = {}
         self.replies: dict[tuple[str, str], ReplyRecord] = {}
         self.events: dict[str, LedgerEvent] = {}  # the outbox, by event id
+        self.epochs: dict[str, int] = {}  # the newest claim of each owner
 
     def _check(self) -> None:
         if not self.available:
@@ -168,6 +191,11 @@ class MemoryStore:
             )
         return found
 
+    async def claim(self, owner: str) -> Fence:
+        self._check()
+        self.epochs[owner] = self.epochs.get(owner, 0) + 1
+        return Fence(owner, self.epochs[owner])
+
     async def open_session_users(self) -> list[str]:
         self._check()
         return sorted({s.user_id for s in self.sessions.values() if s.is_open})
@@ -178,8 +206,11 @@ class MemoryStore:
         *,
         delivery: Delivery | None = None,
         receipt: WriteReceipt | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self._check()
+        if fence is not None and self.epochs.get(fence.owner) != fence.epoch:
+            raise StoreFenced(f"{fence.owner} was claimed after epoch {fence.epoch}")
         transaction = self._next_transaction
         self._next_transaction += 1
         if receipt is not None:
@@ -334,6 +365,15 @@ class CountingStore:
     def __init__(self, inner: LedgerStore) -> None:
         self.inner = inner
         self.calls: Counter[str] = Counter()
+        # This shard activation's claim (`claim`), carried by every save made through this wrapper,
+        # and what to do when a save finds it superseded.
+        self.fence: Fence | None = None
+        self.on_fenced: Callable[[], None] | None = None
+
+    async def claim(self, owner: str) -> Fence:
+        self.calls["claim"] += 1
+        self.fence = await self.inner.claim(owner)
+        return self.fence
 
     async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
         self.calls["load"] += 1
@@ -349,9 +389,15 @@ class CountingStore:
         *,
         delivery: Delivery | None = None,
         receipt: WriteReceipt | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.calls["save"] += 1
-        await self.inner.save(snapshots, delivery=delivery, receipt=receipt)
+        try:
+            await self.inner.save(snapshots, delivery=delivery, receipt=receipt, fence=fence or self.fence)
+        except StoreFenced:
+            if self.on_fenced is not None:
+                self.on_fenced()
+            raise
 
     async def prune_replies(self, now_ms: int) -> int:
         self.calls["prune_replies"] += 1

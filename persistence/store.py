@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +28,7 @@ from actors.records import (
     SessionRecord,
     StoredLedger,
 )
-from actors.store import WriteOutcome, WriteReceipt
+from actors.store import Fence, StoreFenced, WriteOutcome, WriteReceipt
 from actors.times import wall_clock_ms
 from persistence import credit_ledger, events, meters, plan_events, replies, sessions, users
 from persistence.database import PoolLimits, create_pool
@@ -67,6 +69,23 @@ class PostgresStore:
             for user_id, user in known.items()
         }
 
+    async def claim(self, owner: str) -> Fence:
+        with translate_errors("claim"):
+            async with self._connection() as connection:
+                epoch = await connection.fetchval(
+                    """
+                    insert into shard_activations as a (owner, epoch, host, pid)
+                    values ($1, 1, $2, $3)
+                    on conflict (owner) do update
+                        set epoch = a.epoch + 1, host = excluded.host, pid = excluded.pid, claimed_at = now()
+                    returning epoch
+                    """,
+                    owner,
+                    socket.gethostname(),
+                    os.getpid(),
+                )
+        return Fence(owner, epoch)
+
     async def open_session_users(self) -> list[str]:
         with translate_errors("open_session_users"):
             async with self._connection() as connection:
@@ -78,6 +97,7 @@ class PostgresStore:
         *,
         delivery: Delivery | None = None,
         receipt: WriteReceipt | None = None,
+        fence: Fence | None = None,
     ) -> None:
         if not snapshots and delivery is None:
             return
@@ -92,6 +112,16 @@ class PostgresStore:
                 transaction = connection.transaction()
                 await transaction.start()
                 try:
+                    if fence is not None:
+                        # A share lock on the claim row: a newer claim waits for this transaction,
+                        # and once it has committed no write of the older epoch gets past here.
+                        epoch = await connection.fetchval(
+                            "select epoch from shard_activations where owner = $1 for share", fence.owner
+                        )
+                        if epoch != fence.epoch:
+                            raise StoreFenced(
+                                f"{fence.owner} is at epoch {epoch}; this write has {fence.epoch}"
+                            )
                     if receipt is not None:
                         receipt.transaction_id = await connection.fetchval(
                             "select pg_current_xact_id()::text::bigint"

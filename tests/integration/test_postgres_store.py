@@ -15,7 +15,7 @@ from actors.ledger import LedgerPolicy, UserLedger
 from actors.plans import PlanCatalog
 from actors.records import PlanEventRecord
 from actors.replies import REPLY_TTL_MS, IdempotencyKey
-from actors.store import WriteReceipt
+from actors.store import StoreFenced, WriteReceipt
 from actors.times import MS_PER_MINUTE, from_datetime
 from persistence.database import PoolLimits, create_pool
 from persistence.errors import DatabaseUnavailable, PersistenceError
@@ -309,3 +309,46 @@ async def test_migrating_a_new_database_reports_each_migration_to_its_progress(p
         assert (second.pending_versions, second.applied_versions) == ([], []), "nothing pending: no bar"
     finally:
         await connection.close()
+
+
+async def test_a_newer_claim_fences_the_older_one_whose_writes_then_land_nowhere(
+    store: PostgresStore, postgres_dsn: str
+) -> None:
+    owner = f"test-{uuid.uuid4().hex[:8]}/ledger-shard-0-of-1"
+    old = await store.claim(owner)
+    assert old.epoch == 1
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0)
+    ledger.start_session(T0, str(uuid.uuid4()))
+    await store.save([ledger.snapshot()], fence=old)  # the owner's newest claim: written
+    new = await store.claim(owner)
+    assert new.epoch == 2
+    ledger.heartbeat(T0 + MS_PER_MINUTE, ledger.active_session_id or "")
+    receipt = WriteReceipt()
+    with pytest.raises(StoreFenced):
+        await store.save([ledger.snapshot()], fence=old, receipt=receipt)
+    stored = (await store.load([user]))[user]
+    assert stored.open_session is not None and stored.open_session.last_heartbeat_at_ms == T0
+    await store.save([ledger.snapshot()], fence=new)
+    stored = (await store.load([user]))[user]
+    assert stored.open_session is not None and stored.open_session.last_heartbeat_at_ms == T0 + MS_PER_MINUTE
+
+
+async def test_a_claim_waits_for_a_write_of_the_older_epoch_in_progress(
+    store: PostgresStore, postgres_dsn: str
+) -> None:
+    owner = f"test-{uuid.uuid4().hex[:8]}/ledger-shard-0-of-1"
+    await store.claim(owner)
+    writer = await asyncpg.connect(postgres_dsn)
+    try:
+        in_progress = writer.transaction()
+        await in_progress.start()
+        # What a save of epoch 1 holds until it commits.
+        await writer.execute("select epoch from shard_activations where owner = $1 for share", owner)
+        claiming = asyncio.create_task(store.claim(owner))
+        await asyncio.sleep(0.5)
+        assert not claiming.done(), "the claim must not pass a write of the older epoch in progress"
+        await in_progress.commit()
+        assert (await asyncio.wait_for(claiming, 10)).epoch == 2
+    finally:
+        await writer.close()

@@ -26,7 +26,15 @@ from actors.records import Delivery, LedgerSnapshot, StoredLedger
 from actors.replies import IdempotencyKey
 from actors.routing import shard_index
 from actors.shard import ACTIVATION_BATCH_USERS, RATE_LIMITED_METHODS, LedgerShard, PlanEvent, ShardConfig
-from actors.store import LedgerStore, MemoryStore, StoreError, StoreUnavailable, WriteReceipt
+from actors.store import (
+    Fence,
+    LedgerStore,
+    MemoryStore,
+    StoreError,
+    StoreFenced,
+    StoreUnavailable,
+    WriteReceipt,
+)
 from tests.unit.actors.support import MIN, POLICY, SEC, STALE_MS, T0, FakeClock
 
 SESSION_IDS = itertools.count(1)
@@ -49,10 +57,11 @@ class HeldStore(MemoryStore):
         *,
         delivery: Delivery | None = None,
         receipt: WriteReceipt | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.writing.set()
         await self.release.wait()
-        await super().save(snapshots, delivery=delivery, receipt=receipt)
+        await super().save(snapshots, delivery=delivery, receipt=receipt, fence=fence)
 
 
 def make_shard(
@@ -63,6 +72,7 @@ def make_shard(
     count: int = 1,
     max_pending_calls: int = 1000,
     policy: LedgerPolicy = POLICY,
+    owner: str | None = None,
 ) -> LedgerShard:
     async def factory() -> LedgerStore:
         return store
@@ -74,6 +84,7 @@ def make_shard(
         sync_interval_s=3600,
         max_pending_calls=max_pending_calls,
         start_wait_s=1,
+        owner=owner,
     )
     return LedgerShard(config, factory, clock=clock, new_session_id=lambda: f"s{next(SESSION_IDS)}")
 
@@ -469,10 +480,11 @@ class TestFaults:
                 *,
                 delivery: Delivery | None = None,
                 receipt: WriteReceipt | None = None,
+                fence: Fence | None = None,
             ) -> None:
                 if any(s.user.user_id == "bad" for s in snapshots):
                     raise StoreError("row refused")
-                await super().save(snapshots, delivery=delivery, receipt=receipt)
+                await super().save(snapshots, delivery=delivery, receipt=receipt, fence=fence)
 
         refusing = Refusing()
         shard2 = make_shard(refusing, FakeClock())
@@ -638,3 +650,53 @@ class TestRateLimit:
         for _ in range(50):
             await shard.usage("u1")
         await shard.stop()
+
+
+OWNER = "test/ledger-shard-0-of-1"
+
+
+class TestFencing:
+    async def test_a_newer_activation_fences_the_old_one_which_then_writes_nothing(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        old = make_shard(store, clock, owner=OWNER)
+        await old.start()
+        started = await old.start_session("u1")
+        clock.now += MIN
+        await old.heartbeat("u1", started.session_id)  # in memory only, until a flush
+        assert store.epochs == {OWNER: 1}
+
+        new = make_shard(store, clock, owner=OWNER)  # Ray restarted the shard; the old one lives on
+        await new.start()
+        assert store.epochs == {OWNER: 2}
+        with pytest.raises(StoreFenced):
+            await old.flush()
+        assert store.sessions[started.session_id].last_heartbeat_at_ms == started.started_at_ms
+        assert (await old.stats()).state == "fenced"
+        with pytest.raises(Unavailable):
+            await old.end_session("u1", started.session_id)
+        with pytest.raises(Unavailable):
+            await old.usage("u1")
+        assert store.sessions[started.session_id].is_open, "the old activation's end was not written"
+
+        ended = await new.end_session("u1", started.session_id)  # the new one serves the stored state
+        assert ended.state == "ended"
+        await old.stop()  # drains without writing
+        await new.stop()
+        assert store.sessions[started.session_id].end_reason == "user_ended"
+
+    async def test_a_durable_write_of_a_replaced_activation_is_refused_whole(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        old = make_shard(store, clock, owner=OWNER)
+        await old.start()
+        await store.claim(OWNER)  # what a newer activation's start does
+        with pytest.raises(Unavailable):
+            await old.start_session("u1")
+        assert store.users == {} and store.sessions == {}
+        assert (await old.stats()).state == "fenced"
+        await old.stop()
+
+    async def test_a_shard_with_no_owner_claims_nothing(self, shard: LedgerShard, store: MemoryStore) -> None:
+        await shard.start_session("u1")
+        assert store.epochs == {}
