@@ -82,6 +82,7 @@ from actors.store import (
     CountingStore,
     LedgerStore,
     StoreError,
+    StoreFenced,
     StoreOutcomeUnknown,
     StoreUnavailable,
     WriteOutcome,
@@ -972,6 +973,13 @@ class LedgerShard:
 
     # -------------------------------------------------------------- internals
 
+    async def _check_fence(self) -> None:
+        """Whether a newer activation claimed this shard, asked even when there was nothing to
+        write: a replaced shard that only serves reads learns of it within one sync interval."""
+        store = self._require_store()
+        if store.fence is not None and not await store.holds(store.fence):
+            self._fence_lost()
+
     def _fence_lost(self) -> None:
         if self._state != "running":
             return
@@ -1287,6 +1295,9 @@ class LedgerShard:
         snapshot = ledger.snapshot()
         try:
             await self._require_store().save([snapshot])
+        except StoreFenced as exc:
+            # Replaced: the end will never be written from here, so the client is not told of it.
+            raise Unavailable("this shard was replaced by a newer activation") from exc
         except StoreError as exc:
             log.warning("write_through_deferred", user_id=user_id, error=repr(exc))
             self._flush_soon.set()
@@ -1361,6 +1372,7 @@ class LedgerShard:
                 retry_s = 0.0
                 if written:
                     log.debug("flushed", shard=self._config.shard_index, users=written)
+                await self._check_fence()
                 await self._prune_replies_when_due()
             except Exception as exc:
                 # Whatever went wrong, the loop must survive it: dirty state stays dirty

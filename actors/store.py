@@ -89,6 +89,10 @@ class LedgerStore(Protocol):
         that are in progress, so nothing they write lands after the claim."""
         ...
 
+    async def holds(self, fence: Fence) -> bool:
+        """Whether `fence` is still its owner's newest claim."""
+        ...
+
     async def save(
         self,
         snapshots: Sequence[LedgerSnapshot],
@@ -195,6 +199,10 @@ class MemoryStore:
         self._check()
         self.epochs[owner] = self.epochs.get(owner, 0) + 1
         return Fence(owner, self.epochs[owner])
+
+    async def holds(self, fence: Fence) -> bool:
+        self._check()
+        return self.epochs.get(fence.owner) == fence.epoch
 
     async def open_session_users(self) -> list[str]:
         self._check()
@@ -374,6 +382,10 @@ class CountingStore:
         self.calls["claim"] += 1
         self.fence = await self.inner.claim(owner)
         return self.fence
+
+    async def holds(self, fence: Fence) -> bool:
+        self.calls["holds"] += 1
+        return await self.inner.holds(fence)
 
     async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
         self.calls["load"] += 1

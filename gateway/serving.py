@@ -89,7 +89,8 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         # Checked once the read is parsed: one read may hold the end of the head and a large body
         # after it (a 200 KB webhook arrives in one or two reads), which is no oversized head.
         head_overdue = self._message_bytes > self.max_header_bytes + READ_SLACK_BYTES
-        if head_overdue and self._in_head and not self._between_messages and not self._refused:
+        answered = self._refused or self.transport.is_closing()  # e.g. uvicorn's own 400
+        if head_overdue and self._in_head and not self._between_messages and not answered:
             self._refuse(431, "headers_too_large", self._too_large_detail())
 
     def send_400_response(self, msg: str) -> None:

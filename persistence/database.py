@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 APPLICATION_NAME = "usage-ledger"
+# The server ends a transaction left idle this long (at least; twice the statement timeout if
+# longer), and probes a silent client's socket after 10 s, every 5 s, 3 times.
+IDLE_IN_TRANSACTION_MIN_S = 10.0
+TCP_KEEPALIVE_IDLE_S = 10
+TCP_KEEPALIVE_INTERVAL_S = 5
+TCP_KEEPALIVE_COUNT = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +56,14 @@ async def create_pool(dsn: str, limits: PoolLimits, *, role: str = "app") -> asy
             server_settings={
                 "application_name": f"{APPLICATION_NAME}:{role}",
                 "statement_timeout": str(int(limits.statement_timeout_s * 1000)),
+                # A client that died (or lost its network) mid-transaction must not hold its locks
+                # for the kernel's two-hour keepalive: a shard's claim row among them (fencing).
+                "idle_in_transaction_session_timeout": str(
+                    int(max(IDLE_IN_TRANSACTION_MIN_S, 2 * limits.statement_timeout_s) * 1000)
+                ),
+                "tcp_keepalives_idle": str(TCP_KEEPALIVE_IDLE_S),
+                "tcp_keepalives_interval": str(TCP_KEEPALIVE_INTERVAL_S),
+                "tcp_keepalives_count": str(TCP_KEEPALIVE_COUNT),
                 "timezone": "UTC",
             },
         )

@@ -86,6 +86,14 @@ class PostgresStore:
                 )
         return Fence(owner, epoch)
 
+    async def holds(self, fence: Fence) -> bool:
+        with translate_errors("holds"):
+            async with self._connection() as connection:
+                epoch = await connection.fetchval(
+                    "select epoch from shard_activations where owner = $1", fence.owner
+                )
+        return bool(epoch == fence.epoch)
+
     async def open_session_users(self) -> list[str]:
         with translate_errors("open_session_users"):
             async with self._connection() as connection:

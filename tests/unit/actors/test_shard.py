@@ -35,6 +35,7 @@ from actors.store import (
     StoreUnavailable,
     WriteReceipt,
 )
+from tests.harness import eventually
 from tests.unit.actors.support import MIN, POLICY, SEC, STALE_MS, T0, FakeClock
 
 SESSION_IDS = itertools.count(1)
@@ -73,6 +74,7 @@ def make_shard(
     max_pending_calls: int = 1000,
     policy: LedgerPolicy = POLICY,
     owner: str | None = None,
+    sync_interval_s: float = 3600,
 ) -> LedgerShard:
     async def factory() -> LedgerStore:
         return store
@@ -81,7 +83,7 @@ def make_shard(
         shard_index=index,
         shard_count=count,
         policy=policy,
-        sync_interval_s=3600,
+        sync_interval_s=sync_interval_s,
         max_pending_calls=max_pending_calls,
         start_wait_s=1,
         owner=owner,
@@ -700,3 +702,19 @@ class TestFencing:
     async def test_a_shard_with_no_owner_claims_nothing(self, shard: LedgerShard, store: MemoryStore) -> None:
         await shard.start_session("u1")
         assert store.epochs == {}
+
+    async def test_a_replaced_shard_that_only_serves_reads_learns_of_it_within_a_sync_interval(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        old = make_shard(store, clock, owner=OWNER, sync_interval_s=0.05)
+        await old.start()
+        await old.usage("u1")
+        await store.claim(OWNER)  # a newer activation; the old one has nothing to write
+
+        async def fenced() -> bool:
+            return (await old.stats()).state == "fenced"
+
+        await eventually(fenced, timeout_s=5, every_s=0.02)
+        with pytest.raises(Unavailable):
+            await old.usage("u1")
+        await old.stop()
