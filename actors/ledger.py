@@ -167,6 +167,11 @@ class _Period:
     def remaining_ms(self) -> int:
         return max(0, self.limit_ms - self.used_ms)
 
+    @property
+    def total_used_ms(self) -> int:
+        """Both buckets: the allowance and purchased minutes (as `PeriodRecord.total_used_ms`)."""
+        return self.used_ms + self.purchased_used_ms
+
     def record(self, user_id: str, *, archived: bool, version: int) -> PeriodRecord:
         return PeriodRecord(
             user_id=user_id,
@@ -853,7 +858,7 @@ class UserLedger:
             meters=meters,
             entries=self._book.pending,
             replies=self._replies.pending,
-            events=tuple(event for event in self._events if event.version > self.synced_version),
+            events=self.events_after(self.synced_version),
         )
 
     def mark_synced(self, version: int) -> None:
@@ -1083,7 +1088,7 @@ class UserLedger:
             at_ms,
             previous_period_start_ms=previous.start_ms,
             previous_period_end_ms=previous.end_ms,
-            previous_used_ms=previous.used_ms + previous.purchased_used_ms,
+            previous_used_ms=previous.total_used_ms,
         )
 
     def _emit(
@@ -1109,7 +1114,7 @@ class UserLedger:
             period_start_ms=period.start_ms,
             period_end_ms=period.end_ms,
             limit_ms=period.limit_ms,
-            used_ms=period.used_ms + period.purchased_used_ms,
+            used_ms=period.total_used_ms,
             remaining_ms=self.remaining_ms,
             previous_plan=previous_plan,
             action=action,
@@ -1139,7 +1144,7 @@ class UserLedger:
             period_start_ms=self._period.start_ms,
             period_end_ms=self._period.end_ms,
             limit_ms=self._period.limit_ms,
-            used_ms=self._period.used_ms + self._period.purchased_used_ms,
+            used_ms=self._period.total_used_ms,
             allowance_remaining_ms=self._period.remaining_ms,
             purchased_ms=self.purchased_ms,
             remaining_ms=self.remaining_ms,
@@ -1154,7 +1159,7 @@ class UserLedger:
             state="active",
             end_reason=None,
             session_used_ms=session.used_ms,
-            used_ms=self._period.used_ms + self._period.purchased_used_ms,
+            used_ms=self._period.total_used_ms,
             remaining_ms=self.remaining_ms,
             warning=self._warning(),
             ends_at_ms=self._ends_at_ms(),
@@ -1167,7 +1172,7 @@ class UserLedger:
             state="ended",
             end_reason=record.end_reason,
             session_used_ms=record.used_ms,
-            used_ms=self._period.used_ms + self._period.purchased_used_ms,
+            used_ms=self._period.total_used_ms,
             remaining_ms=self.remaining_ms,
             warning=self._warning(),
             ends_at_ms=None,

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from bench.loadgen import percentile
 from bench.server import bench_server
 from usage_ledger_client import LedgerClient, LedgerError
 from usage_ledger_client.client import tls_context
@@ -40,11 +41,6 @@ def _kind(request: httpx.Request) -> str:
     if path.endswith("/end"):
         return "end"
     return "start"
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
 
 
 async def run_clients(
@@ -93,7 +89,7 @@ async def run_clients(
         values = latencies[kind]
         if values:
             row[f"{kind}_p50_ms"] = round(statistics.median(values), 2)
-            row[f"{kind}_p99_ms"] = _percentile(values, 0.99)
+            row[f"{kind}_p99_ms"] = round(percentile(values, 0.99), 2)
     row["ended_user_ended"] = endings.get("user_ended", 0)
     row["ended_otherwise"] = sum(count for reason, count in endings.items() if reason != "user_ended")
     row["errors"] = len(errors)

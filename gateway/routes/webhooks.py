@@ -17,7 +17,7 @@ import structlog
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
-from actors.plans import BillingProvider, PlanCatalog
+from actors.plans import BillingProvider
 from actors.shard import Purchase
 from actors.times import minutes_to_ms
 from gateway.auth import USER_ID_PATTERN
@@ -68,7 +68,7 @@ async def polar(
     body = await request.body()
     event = verify_polar(secret, body, dict(request.headers))
     delivery = f"polar:{request.headers['webhook-id']}"
-    return await _apply(rt, polar_action(event, rt.plans.billing), rt.plans, event["type"], delivery, rid)
+    return await _apply(rt, polar_action(event, rt.plans.billing), event["type"], delivery, rid)
 
 
 @router.post("/stripe", response_model=WebhookAnswer, responses=problems(401, 413, 422, 503))
@@ -80,11 +80,11 @@ async def stripe(
     body = await request.body()
     event = verify_stripe(secret, body, request.headers.get("stripe-signature"), now_s=time.time())
     delivery = f"stripe:{event.get('id')}"
-    return await _apply(rt, stripe_action(event, rt.plans.billing), rt.plans, event["type"], delivery, rid)
+    return await _apply(rt, stripe_action(event, rt.plans.billing), event["type"], delivery, rid)
 
 
 async def _apply(
-    rt: Runtime, action: BillingAction, plans: PlanCatalog, kind: str, delivery: str, rid: str | None
+    rt: Runtime, action: BillingAction, kind: str, delivery: str, rid: str | None
 ) -> WebhookAnswer:
     if not isinstance(action, Ignored) and not _USER_ID.match(action.user_id):
         action = Ignored("unknown_user")
@@ -94,7 +94,7 @@ async def _apply(
     if isinstance(action, PlanChangeAction):
         event = plan_event(
             delivery,
-            plan=plans.default_plan if action.action == "cancel" else action.plan,
+            plan=rt.plans.default_plan if action.action == "cancel" else action.plan,
             action=action.action,
             occurred_at=action.occurred_at,
             period_start=action.period_start,  # whole or none: `gateway.billing` sees to it
