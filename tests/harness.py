@@ -100,7 +100,7 @@ def ray_cluster() -> Iterator[None]:
         ray.shutdown()
 
 
-class _QuietServer(uvicorn.Server):
+class QuietServer(uvicorn.Server):
     """uvicorn without its signal handlers: the test runner keeps Ctrl-C."""
 
     @contextlib.contextmanager
@@ -113,7 +113,7 @@ class RunningServer:
     base_url: str
     settings: Settings
     app: Any
-    server: _QuietServer
+    server: QuietServer
     task: asyncio.Task[None]
     internal_url: str | None = None  # the internal listener, when it has one
 
@@ -177,7 +177,7 @@ async def start_server(
         namespaces.add(settings.ray_namespace)
         app = create_app(settings)
         config = server_config(app, host="127.0.0.1", port=0, read_timeout_s=settings.request_read_timeout_s)
-        server = _QuietServer(config)
+        server = QuietServer(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=sockets))
         deadline = time.monotonic() + 120
         while not server.started:

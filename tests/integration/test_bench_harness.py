@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest_asyncio
-import uvicorn
 
 from bench.__main__ import compare, render_benchmarks_md
 from bench.baseline import create_baseline_app
@@ -19,7 +18,7 @@ from bench.client import run_clients
 from bench.loadgen import FlowSpec, LoadSpec, Step, http_request, run_load
 from gateway.auth import issue_token
 from gateway.serving import server_config
-from tests.harness import JWT_SECRET, RunningServer, auth, new_user
+from tests.harness import JWT_SECRET, QuietServer, RunningServer, auth, new_user
 
 
 def _port(base_url: str) -> int:
@@ -79,10 +78,9 @@ async def test_flows_carry_the_session_id_from_the_first_answer(server: RunningS
 
 @pytest_asyncio.fixture
 async def baseline_url(postgres_dsn: str) -> AsyncIterator[str]:
-    server = uvicorn.Server(
+    server = QuietServer(
         server_config(create_baseline_app(postgres_dsn, JWT_SECRET), host="127.0.0.1", port=0)
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.get_running_loop().create_task(server.serve())
     deadline = time.monotonic() + 30
     while not server.started:

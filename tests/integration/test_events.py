@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from persistence.embedded import ensure_database
 from tests.harness import (
+    QuietServer,
     RunningServer,
     ServerFactory,
     auth,
@@ -64,7 +65,7 @@ class Receiver:
 
     port: int
     received: list[Received] = field(default_factory=list)
-    _server: uvicorn.Server | None = None
+    _server: QuietServer | None = None
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -81,8 +82,7 @@ class Receiver:
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
         app = Starlette(routes=[Route("/hooks/ledger", self._hook, methods=["POST"])])
-        self._server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server = QuietServer(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
         self._task = asyncio.create_task(self._server.serve(sockets=[listener]))
         await eventually(self._started, timeout_s=10, every_s=0.02)
 
