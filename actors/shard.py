@@ -1052,7 +1052,7 @@ class LedgerShard:
     async def _load(self, user_ids: list[str]) -> None:
         store = self._require_store()
         try:
-            stored = await store.load(user_ids)
+            stored = await store.load(user_ids, now_ms=self._clock())
         except StoreError as exc:
             raise Unavailable("cannot load user from storage") from exc
         now = self._clock()
@@ -1264,7 +1264,7 @@ class LedgerShard:
             # state is the whole truth.
             try:
                 async with asyncio.timeout(self._config.resolve_timeout_s):
-                    stored = await self._require_store().load([user_id])
+                    stored = await self._require_store().load([user_id], now_ms=self._clock())
             except (StoreError, TimeoutError) as exc:
                 raise Unavailable("this user's last write is still unresolved; retry shortly") from exc
             ledger = UserLedger.restore(stored[user_id], self._policy, self._clock())

@@ -75,8 +75,9 @@ class WriteReceipt:
 
 
 class LedgerStore(Protocol):
-    async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
-        """What is stored of each user; users never seen are absent from the result."""
+    async def load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
+        """What is stored of each user as of `now_ms` (the shard's clock: replies expired by then are
+        left out); users never seen are absent from the result."""
         ...
 
     async def open_session_users(self) -> list[str]:
@@ -171,7 +172,7 @@ class MemoryStore:
         if not self.available:
             raise StoreUnavailable("memory store switched off")
 
-    async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
+    async def load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
         self._check()
         found: dict[str, StoredLedger] = {}
         for user_id in user_ids:
@@ -190,7 +191,9 @@ class MemoryStore:
                 open_session=open_sessions[0] if open_sessions else None,
                 meters=tuple(m for (owner, _), m in self.meters.items() if owner == user_id),
                 replies=tuple(
-                    replace(r, version=0) for (owner, _), r in self.replies.items() if owner == user_id
+                    replace(r, version=0)
+                    for (owner, _), r in self.replies.items()
+                    if owner == user_id and r.expires_at_ms > now_ms
                 ),
             )
         return found
@@ -387,9 +390,9 @@ class CountingStore:
         self.calls["holds"] += 1
         return await self.inner.holds(fence)
 
-    async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
+    async def load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
         self.calls["load"] += 1
-        return await self.inner.load(user_ids)
+        return await self.inner.load(user_ids, now_ms=now_ms)
 
     async def open_session_users(self) -> list[str]:
         self.calls["open_session_users"] += 1

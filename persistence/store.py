@@ -29,7 +29,6 @@ from actors.records import (
     StoredLedger,
 )
 from actors.store import Fence, StoreFenced, WriteOutcome, WriteReceipt
-from actors.times import wall_clock_ms
 from persistence import credit_ledger, events, meters, plan_events, replies, sessions, users
 from persistence.database import PoolLimits, create_pool
 from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, PersistenceError, translate_errors
@@ -47,7 +46,7 @@ class PostgresStore:
         """A pooled connection, waiting at most `acquire_timeout_s` for one."""
         return self._pool.acquire(timeout=self._acquire_timeout_s)
 
-    async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
+    async def load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
         with translate_errors("load"):
             async with self._connection() as connection:
                 known = await users.fetch_users(connection, user_ids=user_ids)
@@ -57,7 +56,7 @@ class PostgresStore:
                 periods = await users.fetch_recent_periods(connection, user_ids=ids)
                 open_sessions = await sessions.fetch_open_sessions(connection, user_ids=ids)
                 user_meters = await meters.fetch_meters(connection, user_ids=ids)
-                user_replies = await replies.fetch_replies(connection, user_ids=ids, now_ms=wall_clock_ms())
+                user_replies = await replies.fetch_replies(connection, user_ids=ids, now_ms=now_ms)
         return {
             user_id: StoredLedger(
                 user=user,

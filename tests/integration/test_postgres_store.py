@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+import time_machine
 
 from actors.ledger import LedgerPolicy, UserLedger
 from actors.plans import PlanCatalog
@@ -27,6 +28,18 @@ POLICY = LedgerPolicy(
     plans=PlanCatalog.builtin(), stale_session_ms=10 * MS_PER_MINUTE, low_balance_ms=MS_PER_MINUTE
 )
 T0 = from_datetime(datetime(2026, 11, 30, 23, 50, tzinfo=UTC))
+
+
+@pytest.fixture(scope="module", autouse=True, params=["today", "2031"])
+def wall_clock(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test here runs twice: at today's date and with this process's wall clock years ahead.
+    The store takes its time from the caller (`now_ms`), so the date the machine has must not matter
+    (a store that read the wall clock broke this module on 2026-12-01, the day after T0)."""
+    if request.param == "today":
+        yield
+        return
+    with time_machine.travel(datetime(2031, 6, 15, 12, 0, tzinfo=UTC), tick=True):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +64,7 @@ async def test_snapshot_round_trips_through_postgres(store: PostgresStore) -> No
     ledger.advance(T0 + 11 * MS_PER_MINUTE)  # crosses the month boundary with the session open
     snapshot = ledger.snapshot()
     await store.save([snapshot])
-    loaded = (await store.load([user, "nobody-" + user]))[user]
+    loaded = (await store.load([user, "nobody-" + user], now_ms=T0))[user]
     assert loaded.user == snapshot.user
     assert loaded.open_session == next(s for s in snapshot.sessions if s.is_open)
     assert sorted(loaded.periods, key=lambda p: p.start_ms) == sorted(
@@ -76,7 +89,7 @@ async def test_older_versions_never_overwrite_newer(store: PostgresStore) -> Non
     await store.save([older])  # a late, replayed flush
     record = await store.find_session(user, session_id)
     assert record is not None and record.end_reason == "user_ended" and record.used_ms == MS_PER_MINUTE
-    assert (await store.load([user]))[user].user.version == newer.version
+    assert (await store.load([user], now_ms=T0))[user].user.version == newer.version
 
 
 async def test_one_open_session_per_user_is_enforced(store: PostgresStore) -> None:
@@ -269,12 +282,14 @@ async def test_a_reply_is_written_once_unless_its_key_had_expired(store: Postgre
     await store.save([first])
     ledger.remember_reply(IdempotencyKey("k-1", "hash-b"), '{"result":2}', T0 + 1)
     await store.save([ledger.snapshot()])  # not expired: the first reply stays
-    loaded = (await store.load([ledger.user_id]))[ledger.user_id]
+    loaded = (await store.load([ledger.user_id], now_ms=T0 + 1))[ledger.user_id]
     assert [(r.request_hash, r.outcome) for r in loaded.replies] == [("hash-a", '{"result": 1}')]
+    expired = (await store.load([ledger.user_id], now_ms=T0 + REPLY_TTL_MS))[ledger.user_id]
+    assert expired.replies == (), "a reply is not loaded once it has expired by the shard's clock"
     later = T0 + REPLY_TTL_MS
     ledger.remember_reply(IdempotencyKey("k-1", "hash-c"), '{"result":3}', later)
     await store.save([ledger.snapshot()])  # expired: the key's new reply replaces it
-    rows = await store.load([ledger.user_id])
+    rows = await store.load([ledger.user_id], now_ms=later)
     assert [r.request_hash for r in rows[ledger.user_id].replies] == ["hash-c"]
 
 
@@ -328,10 +343,10 @@ async def test_a_newer_claim_fences_the_older_one_whose_writes_then_land_nowhere
     receipt = WriteReceipt()
     with pytest.raises(StoreFenced):
         await store.save([ledger.snapshot()], fence=old, receipt=receipt)
-    stored = (await store.load([user]))[user]
+    stored = (await store.load([user], now_ms=T0))[user]
     assert stored.open_session is not None and stored.open_session.last_heartbeat_at_ms == T0
     await store.save([ledger.snapshot()], fence=new)
-    stored = (await store.load([user]))[user]
+    stored = (await store.load([user], now_ms=T0))[user]
     assert stored.open_session is not None and stored.open_session.last_heartbeat_at_ms == T0 + MS_PER_MINUTE
 
 

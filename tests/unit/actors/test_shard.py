@@ -404,11 +404,11 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.load_failures = load_failures
 
-    async def load(self, user_ids: Sequence[str]) -> dict[str, StoredLedger]:
+    async def load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
         if self.load_failures > 0:
             self.load_failures -= 1
             raise StoreUnavailable("load failed")
-        return await super().load(user_ids)
+        return await super().load(user_ids, now_ms=now_ms)
 
 
 class TestFaults:
