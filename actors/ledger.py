@@ -21,9 +21,18 @@ Time accounting (DESIGN.md, *Time accounting*):
 - A running session is billed from its start to its last heartbeat; each
   heartbeat bills the time since the previous one. `last_heartbeat_at_ms` is
   therefore also "billed through".
-- Billing never takes more than the balance. When the balance runs out the
-  session ends `limit_reached` at that exact instant (the *limit* alarm),
-  whether or not a heartbeat arrives.
+- Billing never takes more than the balance, and never goes past the client's
+  last sign of life. When the balance runs out the session ends
+  `limit_reached` at that exact instant (the *limit* alarm), whether or not a
+  heartbeat arrives: the gate closes then. The stretch from its last
+  heartbeat to that instant is not billed yet but *held* (a `_Tail`: unavailable
+  to anything else, shown as held): a heartbeat or an end of that session
+  within `stale_session_ms` of its last heartbeat shows the client was alive,
+  and bills it (capture); otherwise it is dropped when that time comes (the
+  *release* alarm). An honest client that ends its session pays exactly to the
+  limit; a dead one pays to its last heartbeat. A tail holds what the session
+  would have been billed (allowance first, then purchased minutes, in the
+  periods the time fell in) and is billed there, even after the period ended.
 - No heartbeat for `stale_session_ms` ends the session `stale`, billed to its
   last heartbeat (the *stale* alarm): silence is never billed.
 - At the period's end (the *period* alarm) the period is archived and a new
@@ -37,7 +46,8 @@ alarm due at `now_ms` (`advance`), in time order, so the outcome never depends
 on whether a shard's timer or a request got there first.
 
 Guarantees: at most one active session; billing never takes the allowance
-below zero or purchased minutes below zero; `version` strictly increases with
+below zero or purchased minutes below zero, nor what is held; a session is
+billed at most to its last sign of life (start, heartbeat, end); `version` strictly increases with
 every change; for each bucket and window, the credit ledger's deltas add up to
 the balance.
 """
@@ -89,11 +99,12 @@ from actors.views import (
     Warning,
 )
 
-AlarmKind = Literal["stale", "limit", "period_end"]
+AlarmKind = Literal["stale", "release", "limit", "period_end"]
 
 # Alarms due at the same instant fire in this order: silence first (it bills
-# nothing), then the limit (it bills to the instant), then the period's end.
-_ALARM_PRIORITY: dict[AlarmKind, int] = {"stale": 0, "limit": 1, "period_end": 2}
+# nothing), then a held tail's release (it frees what it held), then the limit
+# (it holds to the instant), then the period's end.
+_ALARM_PRIORITY: dict[AlarmKind, int] = {"stale": 0, "release": 1, "limit": 2, "period_end": 3}
 
 # One `advance` fires at most a few alarms (an end, a boundary or two); a
 # larger count means the state machine is looping, which is a bug.
@@ -117,6 +128,11 @@ _ALERT_WARNINGS: dict[int, Warning | None] = {
 }
 
 
+class StoredStateError(ValueError):
+    """What a store holds of a user cannot make a ledger (rows that break the ledger's rules, as
+    an older version could write): that user cannot be served until the rows are repaired."""
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerPolicy:
     """Settings every ledger of a shard shares (one object, referenced by all)."""
@@ -135,6 +151,7 @@ class LedgerPolicy:
 class Alarm:
     kind: AlarmKind
     at_ms: int
+    session_id: str | None = None  # the tail a `release` frees
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +179,26 @@ class _Period:
     limit_ms: int
     used_ms: int  # taken from the allowance
     purchased_used_ms: int = 0  # taken from purchased minutes during this period
+    # Held by tails (never stored: rebuilt from them): of the allowance, and of purchased minutes
+    # in this period. A period that holds anything stays at hand after it ends (held over).
+    held_ms: int = 0
+    held_purchased_ms: int = 0
+
+    @property
+    def holds(self) -> bool:
+        return bool(self.held_ms or self.held_purchased_ms)
 
     @property
     def remaining_ms(self) -> int:
-        return max(0, self.limit_ms - self.used_ms)
+        """The allowance's balance, as the credit ledger keeps it: what is held is in it, and it
+        never drops below what is held (a plan lowered while time is held does not take that
+        time away: it stays billable until the hold is resolved)."""
+        return max(0, self.limit_ms - self.used_ms, self.held_ms)
+
+    @property
+    def available_ms(self) -> int:
+        """What of the allowance can still be spent: the balance less what is held."""
+        return max(0, self.limit_ms - self.used_ms - self.held_ms)
 
     @property
     def total_used_ms(self) -> int:
@@ -211,10 +244,36 @@ class _Session:
 
 
 @dataclass(slots=True)
+class _Tail:
+    """The unbilled end of a session the limit ended: held until the client shows it was alive
+    (captured, billed) or `release_at_ms` comes first (released, never billed).
+
+    `draws` are what it holds: per period (by start), from its allowance and from purchased
+    minutes. `record` is the session's final record while pending (billed to its last heartbeat)."""
+
+    record: SessionRecord
+    release_at_ms: int
+    draws: list[tuple[int, int, int]]
+
+    @property
+    def held_ms(self) -> int:
+        return sum(allowance + purchased for _, allowance, purchased in self.draws)
+
+
+@dataclass(slots=True)
 class _Meter:
     window_start_ms: int
     window_end_ms: int
     used: int
+
+    def counts_in(self, window: PeriodBounds) -> bool:
+        """Whether this state is the count of `window` (a closed one counts in none)."""
+        return self.window_start_ms == window.start_ms and self.window_end_ms == window.end_ms
+
+    @property
+    def closed(self) -> bool:
+        """Ended in the credit ledger (`UserLedger._close_window`): an empty interval."""
+        return self.window_end_ms == self.window_start_ms
 
 
 def _meter_key(meter: str, window_start_ms: int) -> CreditKey:
@@ -229,12 +288,15 @@ class UserLedger:
         "_book",
         "_ended",
         "_events",
+        "_held_over",
         "_meters",
         "_period",
         "_policy",
         "_prior",
+        "_purchased_held_ms",
         "_replies",
         "_session",
+        "_tails",
         "_unsynced_periods",
         "_unsynced_sessions",
         "anchor",
@@ -265,7 +327,10 @@ class UserLedger:
         book: CreditBook | None = None,
         replies: ReplyBook | None = None,
         alert_level: int | None = None,
+        tails: dict[str, _Tail] | None = None,
+        held_over: dict[int, _Period] | None = None,
     ) -> None:
+        """`tails` hold what the periods (`period`, `prior`, `held_over`) say they hold."""
         self.user_id = user_id
         self.plan = plan
         self.version = version
@@ -287,6 +352,13 @@ class UserLedger:
         self._ended: Mapping[str, SessionRecord] = EMPTY
         self._unsynced_sessions: Mapping[str, SessionRecord] = EMPTY
         self._unsynced_periods: Mapping[int, PeriodRecord] = EMPTY
+        # Tails of sessions the limit ended, by session id; archived periods some tail still holds
+        # allowance in, by start; and the purchased minutes tails hold.
+        self._tails: Mapping[str, _Tail] = tails or EMPTY
+        self._held_over: Mapping[int, _Period] = held_over or EMPTY
+        self._purchased_held_ms = sum(
+            purchased for tail in self._tails.values() for *_, purchased in tail.draws
+        )
         # Threshold events: the alert level last announced, and the events not yet durable
         # followed by (at most RECENT_EVENTS_KEPT) recent ones, oldest first.
         self._alert = alert_level if alert_level is not None else self._level()
@@ -308,11 +380,18 @@ class UserLedger:
 
     @classmethod
     def restore(cls, stored: StoredLedger, policy: LedgerPolicy, now_ms: int) -> UserLedger:
-        """Rebuild a ledger from what a store holds. Call `advance` next to fire what fell due."""
+        """Rebuild a ledger from what a store holds. Call `advance` next to fire what fell due.
+
+        Raises `StoredStateError` when the rows cannot make a ledger (they break its rules)."""
         user = stored.user
         versions = [user.version, *(p.version for p in stored.periods), *(m.version for m in stored.meters)]
         if stored.open_session is not None:
             versions.append(stored.open_session.version)
+        versions += [record.version for record in stored.pending_sessions]
+        plan_event = (user.plan_event_at_ms, user.plan_event_id)
+        applied = stored.last_applied_plan_event
+        if applied is not None and (plan_event[0] is None or applied > (plan_event[0], plan_event[1] or "")):
+            plan_event = applied  # a renewal that changed nothing moves only the order (`change_plan`)
         anchor = None
         if user.anchor_start_ms is not None:
             anchor = PeriodAnchor(
@@ -336,9 +415,32 @@ class UserLedger:
                 difficulty=open_session.difficulty,
                 last_seq=open_session.last_seq,
             )
-            older = stored.periods[1] if len(stored.periods) > 1 else None
-            if older is not None and older.start_ms <= session.last_heartbeat_at_ms < older.end_ms:
-                prior = _period_from(older)  # the session's unbilled time starts in that period
+            for older in stored.periods[1:]:
+                if older.archived and older.start_ms <= session.last_heartbeat_at_ms < older.end_ms:
+                    prior = _period_from(older)  # the session's unbilled time starts in that period
+                    break
+        archived = {record.start_ms: record for record in stored.periods[1:] if record.archived}
+        held_over: dict[int, _Period] = {}
+        tails: dict[str, _Tail] = {}
+        for record in stored.pending_sessions:
+            tail = _Tail(record, record.last_heartbeat_at_ms + policy.stale_session_ms, list(record.pending))
+            for start, allowance, purchased in tail.draws:
+                if start == period.start_ms:
+                    holder = period
+                elif prior is not None and start == prior.start_ms:
+                    holder = prior
+                elif start in held_over:
+                    holder = held_over[start]
+                elif start in archived:
+                    holder = held_over[start] = _period_from(archived[start])
+                else:
+                    raise StoredStateError(
+                        f"session {record.session_id} holds time in a period starting at {start} "
+                        "that the store did not return"
+                    )
+                holder.held_ms += allowance
+                holder.held_purchased_ms += purchased
+            tails[record.session_id] = tail
         meters = {m.meter: _Meter(m.window_start_ms, m.window_end_ms, m.used) for m in stored.meters}
         ledger = cls(
             user_id=user.user_id,
@@ -348,14 +450,16 @@ class UserLedger:
             version=max(versions),
             session=session,
             prior=prior,
-            plan_event_at_ms=user.plan_event_at_ms,
-            plan_event_id=user.plan_event_id,
+            plan_event_at_ms=plan_event[0],
+            plan_event_id=plan_event[1],
             purchased_ms=user.purchased_ms,
             anchor=anchor,
             meters=meters,
             book=CreditBook(user.user_id, next_seq=user.next_entry_seq),
             replies=ReplyBook(user.user_id, stored.replies),
             alert_level=user.alert_level,
+            tails=tails,
+            held_over=held_over,
         )
         # Clean (nothing to write yet), but numbered above anything seen before the restore.
         ledger.version += RESTORE_VERSION_GAP
@@ -380,6 +484,8 @@ class UserLedger:
             book=self._book.clone(),
             replies=self._replies.clone(),
             alert_level=self._alert,
+            tails={key: replace(tail, draws=list(tail.draws)) for key, tail in self._tails.items()},
+            held_over={start: replace(period) for start, period in self._held_over.items()},
         )
         twin._events = self._events
         twin.synced_version = self.synced_version
@@ -405,8 +511,25 @@ class UserLedger:
 
     @property
     def remaining_ms(self) -> int:
-        """Allowance left this period plus purchased minutes."""
-        return self._period.remaining_ms + self.purchased_ms
+        """What can still be spent: the allowance left this period plus purchased minutes, less
+        what is held."""
+        return self._period.available_ms + self.purchased_available_ms
+
+    @property
+    def purchased_available_ms(self) -> int:
+        """Purchased minutes less those held."""
+        return self.purchased_ms - self._purchased_held_ms
+
+    @property
+    def held_ms(self) -> int:
+        """Minutes held (by the tails of sessions the limit ended), in every period."""
+        return sum(tail.held_ms for tail in self._tails.values())
+
+    @property
+    def held_in_period_ms(self) -> int:
+        """Of the current period's allowance, what is held (so `used_ms + held_in_period_ms` is
+        what the period has spent or promised)."""
+        return self._period.held_ms
 
     @property
     def active_session_id(self) -> str | None:
@@ -432,8 +555,8 @@ class UserLedger:
                 remaining = None if spec.limit is None else max(0, spec.limit - used)
                 meters[name] = MeterView(spec.limit, used, remaining, spec.window, window.end_ms)
         return CreditsView(
-            allowance_remaining_ms=self._period.remaining_ms,
-            purchased_ms=self.purchased_ms,
+            allowance_remaining_ms=self._period.available_ms,
+            purchased_ms=self.purchased_available_ms,
             remaining_ms=self.remaining_ms,
             meters=meters,
             version=self.version,
@@ -462,7 +585,7 @@ class UserLedger:
 
     def resident_sessions(self) -> list[SessionRecord]:
         """The sessions this ledger holds in memory: the running one and recently ended ones."""
-        records = {**self._ended, **self._unsynced_sessions}
+        records = {**self._ended, **self._unsynced_sessions, **{k: t.record for k, t in self._tails.items()}}
         if self._session is not None:
             records[self._session.session_id] = self._session.record(self.user_id, version=self.version)
         return list(records.values())
@@ -484,6 +607,8 @@ class UserLedger:
         }
         if self._prior is not None:
             found[(MONTHLY_BUCKET, self._prior.start_ms)] = self._prior.remaining_ms
+        for start, period in self._held_over.items():
+            found[(MONTHLY_BUCKET, start)] = period.remaining_ms
         plan = self._current_plan()
         for name, meter in self._meters.items():
             spec = plan.meters.get(name) if plan is not None else None
@@ -532,6 +657,8 @@ class UserLedger:
         self.advance(now_ms)
         session = self._session
         if session is None or session.session_id != session_id:
+            if session_id in self._tails:
+                return self._ended_progress(self._capture(session_id, now_ms))
             return self.heartbeat_after_end(session_id, self.ended_session(session_id))
         if seq is not None and session.last_seq is not None and seq <= session.last_seq:
             return self._active_progress(session)
@@ -549,6 +676,8 @@ class UserLedger:
         self.advance(now_ms)
         session = self._session
         if session is None or session.session_id != session_id:
+            if session_id in self._tails:
+                return self._ended_progress(self._capture(session_id, now_ms))
             ended = self.ended_session(session_id)
             if ended is None:
                 raise SessionNotFound("no such session", session_id=session_id)
@@ -624,8 +753,10 @@ class UserLedger:
             )
         self._bump()
         state = self._meters.get(meter)
-        if state is None or state.window_start_ms != window.start_ms:
+        if state is None or not state.counts_in(window):
             self._materialize()  # the old window's open uses, while its balance is still known
+            if state is not None:
+                self._close_window(meter, state, spec, now_ms)
             state = _Meter(window.start_ms, window.end_ms, 0)
             meters = self._meters = writable(self._meters)
             meters[meter] = state
@@ -646,7 +777,7 @@ class UserLedger:
         """The meter's current window and the uses counted in it."""
         window = utc_day(now_ms) if spec.window == "day" else self.period
         state = self._meters.get(meter)
-        used = state.used if state is not None and state.window_start_ms == window.start_ms else 0
+        used = state.used if state is not None and state.counts_in(window) else 0
         return window, used
 
     # -------------------------------------------------------------------- plans
@@ -661,6 +792,8 @@ class UserLedger:
             raise UnknownPlan(f"unknown plan {change.plan!r}", plan=change.plan)
         anchor = None
         if change.period_start_ms is not None and change.period_end_ms is not None:
+            if change.period_start_ms >= change.period_end_ms:
+                raise UnknownPlan("the subscription period must start before it ends", plan=change.plan)
             anchor = PeriodAnchor.from_subscription(change.period_start_ms, change.period_end_ms)
             if anchor.shortest_period_ms < 2 * self._policy.stale_session_ms:
                 raise UnknownPlan(
@@ -671,6 +804,12 @@ class UserLedger:
             last = (self.plan_event_at_ms, self.plan_event_id or "")
             if (change.occurred_at_ms, change.delivery_id) <= last:
                 return False
+        if self._renews(target, anchor, change):
+            # Nothing changes (no version, no event); only the order of billing's events moves on,
+            # so an older event arriving late is still not applied (kept in the plan events too).
+            self.plan_event_at_ms = change.occurred_at_ms
+            self.plan_event_id = change.delivery_id
+            return True
         self._bump()
         self._materialize()  # open consumption is booked against the balances before the change
         old_plan = self._current_plan()
@@ -706,16 +845,31 @@ class UserLedger:
         self.advance(now_ms)
         return True
 
+    def _renews(self, target: Plan, anchor: PeriodAnchor | None, change: PlanChange) -> bool:
+        """Whether `change` is a renewal that changes nothing: the plan in force, no reset, and no
+        period, or the subscription period already in force (the one that anchored the user, or
+        the current period exactly, once periods have rolled on)."""
+        if target.name != self.plan or change.reset_usage:
+            return False
+        if anchor is None:
+            return True
+        current = (self._period.start_ms, self._period.end_ms)
+        named = (change.period_start_ms, change.period_end_ms)
+        return self.anchor is not None and (anchor == self.anchor or named == current)
+
     def _apply_plan_to_period(self, now_ms: int, target: Plan, *, reset_usage: bool) -> None:
         session = self._session
         if session is not None and not reset_usage:
-            left_after = max(0, target.limit_ms - self._period.used_ms) + self.purchased_ms
+            left_after = (
+                max(0, target.limit_ms - self._period.used_ms - self._period.held_ms)
+                + self.purchased_available_ms
+            )
             if left_after < now_ms - session.last_heartbeat_at_ms:
                 # The old plan covered the session up to this change; the new one
                 # leaves nothing for the time since: the session ends now, at the
-                # balance that applied until now (as the limit alarm would have).
-                exhausted_at = self._bill(now_ms)
-                self._end(exhausted_at if exhausted_at is not None else now_ms, "limit_reached")
+                # balance that applied until now (as the limit alarm would have),
+                # its time since the last heartbeat held until the client is heard from.
+                self._end_at_limit(now_ms)
                 self._materialize()
         before = self._period.remaining_ms
         self._period.plan = target.name
@@ -747,16 +901,26 @@ class UserLedger:
         self._emit_period_rolled(old, now_ms)
 
     def _adjust_meters(self, now_ms: int, old_plan: Plan | None, target: Plan) -> None:
-        """Keep each meter's credit-ledger balance in its current window right when its limit changes."""
+        """Keep each meter's credit-ledger balance in its current window right when its limit changes.
+
+        A window that has passed, or whose kind changes (a day for a period, or back), is closed
+        instead (`_close_window`): the next use opens a window of the new plan afresh. So the
+        balance of a meter window not closed is always `limit - used` under the current plan."""
         for name, state in self._meters.items():
+            if state.closed:
+                continue
             old_spec = old_plan.meters.get(name) if old_plan is not None else None
             new_spec = target.meters.get(name)
+            kind_changes = (
+                old_spec is not None and new_spec is not None and old_spec.window != new_spec.window
+            )
+            if now_ms >= state.window_end_ms or kind_changes:
+                self._close_window(name, state, old_spec, now_ms)
+                continue
             old_limit = old_spec.limit if old_spec is not None else None
             new_limit = new_spec.limit if new_spec is not None else None
             if old_limit == new_limit:
                 continue
-            if now_ms >= state.window_end_ms:
-                continue  # a past window: the next use starts a new one
             key = _meter_key(name, state.window_start_ms)
             old_balance = max(0, old_limit - state.used) if old_limit is not None else None
             new_balance = max(0, new_limit - state.used) if new_limit is not None else None
@@ -768,6 +932,19 @@ class UserLedger:
                     self._record(
                         key, delta=after - old_balance, balance_after=after, reason="adjust", at_ms=now_ms
                     )
+
+    def _close_window(self, name: str, state: _Meter, spec: MeterSpec | None, at_ms: int) -> None:
+        """End a meter window in the credit ledger: what is left of it (under `spec`, the plan its
+        balance was kept by) expires, so its chain of entries ends at 0. A later window under the
+        same key (a day and a month can start at the same instant) then starts a chain of its own
+        on a balance of 0, and every chain adds up. A closed window is an empty interval."""
+        if state.closed:
+            return
+        balance = max(0, spec.limit - state.used) if spec is not None and spec.limit is not None else 0
+        if balance:
+            key = _meter_key(name, state.window_start_ms)
+            self._record(key, delta=-balance, balance_after=0, reason="adjust", at_ms=at_ms)
+        state.window_end_ms = state.window_start_ms
 
     # ------------------------------------------------------------------- alarms
 
@@ -781,10 +958,11 @@ class UserLedger:
             self._bump()
             if alarm.kind == "stale":
                 self._end(self._require_session().last_heartbeat_at_ms, "stale")
+            elif alarm.kind == "release":
+                assert alarm.session_id is not None
+                self._settle(alarm.session_id, capture=False)
             elif alarm.kind == "limit":
-                exhausted_at = self._bill(alarm.at_ms)
-                assert exhausted_at is not None, "the limit alarm fires when the balance runs out"
-                self._end(exhausted_at, "limit_reached")
+                self._end_at_limit(alarm.at_ms)
             else:
                 self._roll_over(now_ms)
             self._note_balance(alarm.at_ms)
@@ -796,7 +974,89 @@ class UserLedger:
         if (session := self._session) is not None:
             candidates.append(Alarm("stale", session.last_heartbeat_at_ms + self._policy.stale_session_ms))
             candidates.append(Alarm("limit", self._exhaustion_ms()))
+        candidates += [Alarm("release", tail.release_at_ms, key) for key, tail in self._tails.items()]
         return min(candidates, key=lambda alarm: (alarm.at_ms, _ALARM_PRIORITY[alarm.kind]))
+
+    # -------------------------------------------------------------------- tails
+
+    def _end_at_limit(self, end_ms: int) -> None:
+        """The balance ran out (or a plan change left none) at `end_ms`: the session ends then, and
+        the stretch since its last heartbeat, unbilled, is held as its tail until the client shows
+        it was alive (`_capture`) or stays silent until its stale deadline (`_settle`)."""
+        session = self._require_session()
+        heard_at = session.last_heartbeat_at_ms
+        draws: list[tuple[int, int, int]] = []
+        exhausted_at = self._bill(end_ms, holding=draws)
+        record = self._end(exhausted_at if exhausted_at is not None else end_ms, "limit_reached")
+        if not draws:
+            return  # nothing unbilled (the balance ran out at a heartbeat)
+        record = replace(record, pending=tuple(draws))
+        self._keep_ended(record)
+        tails = self._tails = writable(self._tails)
+        tails[record.session_id] = _Tail(record, heard_at + self._policy.stale_session_ms, draws)
+
+    def _capture(self, session_id: str, now_ms: int) -> SessionRecord:
+        """The client of a session whose tail is held showed it was alive: bill the tail."""
+        self._bump()
+        record = self._settle(session_id, capture=True)
+        self._note_balance(now_ms)
+        return record
+
+    def _settle(self, session_id: str, *, capture: bool) -> SessionRecord:
+        """Resolve a tail, once: bill what it holds where it holds it (capture), or free it
+        (release). Returns the session's final record."""
+        tails = self._tails = writable(self._tails)
+        tail = tails.pop(session_id)
+        self._tails = tails or EMPTY
+        record = tail.record
+        assert record.ended_at_ms is not None
+        self._materialize()  # open consumption at the balances before the tail is resolved
+        billed = 0
+        for start, allowance, purchased in tail.draws:
+            period = self._resident_period(start)
+            balance_before = period.remaining_ms
+            period.held_ms -= allowance
+            period.held_purchased_ms -= purchased
+            self._purchased_held_ms -= purchased
+            if capture:
+                # (Never more than the balance the credit ledger has: what is held is in it.)
+                from_allowance = min(allowance, balance_before)
+                from_purchased = min(purchased, self.purchased_ms)
+                period.used_ms += from_allowance
+                period.purchased_used_ms += from_purchased
+                self.purchased_ms -= from_purchased
+                self._book.consume((MONTHLY_BUCKET, start), from_allowance, record.ended_at_ms)
+                self._book.consume((PURCHASED_BUCKET, None), from_purchased, record.ended_at_ms)
+                billed += from_allowance + from_purchased
+            elif period.remaining_ms != balance_before:
+                # Released, what a lowered plan had left in the balance only for this hold goes.
+                self._record(
+                    (MONTHLY_BUCKET, start),
+                    delta=period.remaining_ms - balance_before,
+                    balance_after=period.remaining_ms,
+                    reason="adjust",
+                    at_ms=tail.release_at_ms,
+                )
+            if self._held_over.get(start) is period and (capture or not period.holds):
+                # An archived period: its row is written again (what it billed, or no longer holds).
+                self._archive(period)
+        settled = replace(
+            record,
+            used_ms=record.used_ms + billed,
+            # Billed through the end: the client was heard from after it.
+            last_heartbeat_at_ms=record.ended_at_ms if capture else record.last_heartbeat_at_ms,
+            pending=(),
+            version=self.version,
+        )
+        self._keep_ended(settled)
+        return settled
+
+    def _resident_period(self, start_ms: int) -> _Period:
+        """The period starting at `start_ms` that a tail holds time in: current, prior or held over."""
+        for period in (self._period, self._prior):
+            if period is not None and period.start_ms == start_ms:
+                return period
+        return self._held_over[start_ms]
 
     # ------------------------------------------------------------------ replies
 
@@ -917,10 +1177,8 @@ class UserLedger:
         if bucket == PURCHASED_BUCKET:
             return self.purchased_ms
         if bucket == MONTHLY_BUCKET:
-            for period in (self._period, self._prior):
-                if period is not None and period.start_ms == window:
-                    return period.remaining_ms
-            raise AssertionError(f"no resident period starts at {window}")
+            assert window is not None
+            return self._resident_period(window).remaining_ms
         meter = bucket.removeprefix(METER_BUCKET_PREFIX)
         state = self._meters[meter]
         plan = self._current_plan()
@@ -945,9 +1203,9 @@ class UserLedger:
         old period's part. (If the balance runs out before the boundary, `_exhaustion_ms`
         answers first.)"""
         at = self._require_session().last_heartbeat_at_ms
-        purchased = self.purchased_ms
+        purchased = self.purchased_available_ms
         if (prior := self._prior) is not None:
-            spent_from_purchased = max(0, (prior.end_ms - at) - prior.remaining_ms)
+            spent_from_purchased = max(0, (prior.end_ms - at) - prior.available_ms)
             purchased = max(0, purchased - spent_from_purchased)
             at = prior.end_ms
         return at, purchased
@@ -955,10 +1213,12 @@ class UserLedger:
     def _exhaustion_ms(self) -> int:
         """When the balance runs out if the running session goes on (within the current period)."""
         at = self._require_session().last_heartbeat_at_ms
-        if (prior := self._prior) is not None and at + prior.remaining_ms + self.purchased_ms < prior.end_ms:
-            return at + prior.remaining_ms + self.purchased_ms
+        if (prior := self._prior) is not None:
+            left = prior.available_ms + self.purchased_available_ms
+            if at + left < prior.end_ms:
+                return at + left
         start, purchased = self._budget_in_current_period()
-        return start + self._period.remaining_ms + purchased
+        return start + self._period.available_ms + purchased
 
     def _ends_at_ms(self) -> int:
         """`ends_at` as the API shows it: past the period's end, the next allowance counts too."""
@@ -966,49 +1226,64 @@ class UserLedger:
         if exhaustion <= self._period.end_ms:
             return exhaustion
         start, purchased = self._budget_in_current_period()
-        spent_from_purchased = max(0, (self._period.end_ms - start) - self._period.remaining_ms)
+        spent_from_purchased = max(0, (self._period.end_ms - start) - self._period.available_ms)
         return self._period.end_ms + self._plan_limit_ms() + max(0, purchased - spent_from_purchased)
 
     def _plan_limit_ms(self) -> int:
         plan = self._current_plan()
         return plan.limit_ms if plan is not None else self._period.limit_ms
 
-    def _take(self, period: _Period, duration_ms: int, at_ms: int) -> int:
-        """Bill up to `duration_ms` of session time to `period`: allowance first, then purchased."""
-        session = self._require_session()
-        from_allowance = min(duration_ms, period.remaining_ms)
-        from_purchased = min(duration_ms - from_allowance, self.purchased_ms)
+    def _take(
+        self, period: _Period, duration_ms: int, at_ms: int, holding: list[tuple[int, int, int]] | None
+    ) -> int:
+        """Bill up to `duration_ms` of session time to `period`: allowance first, then purchased.
+        With `holding`, hold it instead (a tail), and note there what was held where."""
+        from_allowance = min(duration_ms, period.available_ms)
+        from_purchased = min(duration_ms - from_allowance, self.purchased_available_ms)
+        if holding is not None:
+            period.held_ms += from_allowance
+            period.held_purchased_ms += from_purchased
+            self._purchased_held_ms += from_purchased
+            if from_allowance or from_purchased:
+                holding.append((period.start_ms, from_allowance, from_purchased))
+            return from_allowance + from_purchased
         period.used_ms += from_allowance
         period.purchased_used_ms += from_purchased
         self.purchased_ms -= from_purchased
-        session.used_ms += from_allowance + from_purchased
+        self._require_session().used_ms += from_allowance + from_purchased
         self._book.consume((MONTHLY_BUCKET, period.start_ms), from_allowance, at_ms)
         self._book.consume((PURCHASED_BUCKET, None), from_purchased, at_ms)
         return from_allowance + from_purchased
 
-    def _bill(self, to_ms: int) -> int | None:
-        """Bill the running session through `to_ms`, capped by the balance.
+    def _bill(self, to_ms: int, *, holding: list[tuple[int, int, int]] | None = None) -> int | None:
+        """Bill the running session through `to_ms`, capped by the balance (with `holding`: hold
+        it, leaving what the session was billed, and its last heartbeat, as they were).
 
         Returns the instant the balance ran out, or None if some is left.
         """
         session = self._require_session()
         at = session.last_heartbeat_at_ms
         to_ms = max(to_ms, at)  # a clock stepping back bills nothing
+
+        def billed_through(instant: int) -> None:
+            if holding is None:
+                session.last_heartbeat_at_ms = instant
+
         if (prior := self._prior) is not None:
             segment_end = min(to_ms, prior.end_ms)
-            taken = self._take(prior, segment_end - at, segment_end)
-            nothing_left = prior.remaining_ms + self.purchased_ms == 0
+            taken = self._take(prior, segment_end - at, segment_end, holding)
+            nothing_left = prior.available_ms + self.purchased_available_ms == 0
             if at + taken < segment_end or (nothing_left and segment_end < prior.end_ms):
-                session.last_heartbeat_at_ms = at + taken
+                billed_through(at + taken)
                 return at + taken
             at = segment_end
             if to_ms < prior.end_ms:
-                session.last_heartbeat_at_ms = at
+                billed_through(at)
                 return None
             # Whatever was left of the old allowance at the boundary is gone; the new one starts.
             self._retire_prior()
-        taken = self._take(self._period, to_ms - at, to_ms)
-        session.last_heartbeat_at_ms = at + taken
+        taken = self._take(self._period, to_ms - at, to_ms, holding)
+        billed_through(at + taken)
         if at + taken < to_ms or self.remaining_ms == 0:
             return at + taken
         return None
@@ -1021,13 +1296,18 @@ class UserLedger:
         self._session = None
         if self._prior is not None:
             self._retire_prior()
+        self._keep_ended(record)
+        return record
+
+    def _keep_ended(self, record: SessionRecord) -> None:
+        """An ended session's (newest) record: to be written, and kept for idempotent answers."""
         unsynced = self._unsynced_sessions = writable(self._unsynced_sessions)
         unsynced[record.session_id] = record
         ended = self._ended = writable(self._ended)
+        ended.pop(record.session_id, None)
         ended[record.session_id] = record
         while len(ended) > self._policy.ended_sessions_kept:
             del ended[next(iter(ended))]
-        return record
 
     def _retire_prior(self) -> None:
         prior = self._prior
@@ -1036,10 +1316,18 @@ class UserLedger:
         self._prior = None
 
     def _archive(self, period: _Period) -> None:
-        """Close a period: its open consumption becomes entries while its balance is still known."""
+        """Close a period: its open consumption becomes entries while its balance is still known.
+        A period a tail still holds time in stays at hand (held over) until the tail is resolved."""
         self._materialize()
         unsynced = self._unsynced_periods = writable(self._unsynced_periods)
         unsynced[period.start_ms] = period.record(self.user_id, archived=True, version=self.version)
+        if period.holds:
+            held_over = self._held_over = writable(self._held_over)
+            held_over[period.start_ms] = period
+        elif period.start_ms in self._held_over:
+            held_over = self._held_over = writable(self._held_over)
+            del held_over[period.start_ms]
+            self._held_over = held_over or EMPTY
 
     def _roll_over(self, now_ms: int) -> None:
         old = self._period
@@ -1145,12 +1433,13 @@ class UserLedger:
             period_end_ms=self._period.end_ms,
             limit_ms=self._period.limit_ms,
             used_ms=self._period.total_used_ms,
-            allowance_remaining_ms=self._period.remaining_ms,
-            purchased_ms=self.purchased_ms,
+            allowance_remaining_ms=self._period.available_ms,
+            purchased_ms=self.purchased_available_ms,
             remaining_ms=self.remaining_ms,
             warning=self._warning(),
             active_session=active,
             version=self.version,
+            held_ms=self.held_ms,
         )
 
     def _active_progress(self, session: _Session) -> SessionProgress:

@@ -122,10 +122,18 @@ class SessionRecord:
     ended_at_ms: int | None = None
     end_reason: EndReason | None = None
     last_seq: int | None = None
+    # Ended by the limit, with its stretch since the last heartbeat still held (not billed): per
+    # period (by start), what is held of its allowance and of purchased minutes. Empty otherwise.
+    pending: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def is_open(self) -> bool:
         return self.ended_at_ms is None
+
+    @property
+    def is_pending(self) -> bool:
+        """Ended, but with a held tail: billed once the client is heard from, or never."""
+        return bool(self.pending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +269,11 @@ class StoredLedger:
     user: UserRecord
     # The current period (the one not archived), then, for an open session whose last heartbeat
     # falls in an archived period, that period (its unbilled time starts there).
+    # Then the archived periods the pending sessions hold time in.
     periods: tuple[PeriodRecord, ...]
     open_session: SessionRecord | None
     meters: tuple[MeterRecord, ...] = ()
     replies: tuple[ReplyRecord, ...] = ()  # those not expired
+    pending_sessions: tuple[SessionRecord, ...] = ()  # ended with a held tail (`SessionRecord.pending`)
+    # The newest applied plan event (occurred_at, delivery id), as the plan events record it.
+    last_applied_plan_event: tuple[int, str] | None = None

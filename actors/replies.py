@@ -3,7 +3,9 @@
 A client sends `Idempotency-Key` with a `POST`; the gateway hashes the request
 (method, path, body) and passes both to the user's shard. The first request
 with a key runs and its outcome, a result or a refusal, is remembered in the
-user's ledger as a `ReplyRecord` for `REPLY_TTL_MS`. A retry with the same
+user's ledger as a `ReplyRecord` for `REPLY_TTL_MS`, or until the user has
+`REPLIES_PER_USER_MAX` newer ones (then the oldest expire early: a retry of
+it after that runs again). A retry with the same
 key and hash gets that outcome again and has no effect; another hash is
 `IdempotencyMismatch`; a retry while the first still runs is
 `IdempotencyInFlight`.
@@ -40,6 +42,9 @@ from actors.views import (
 
 REPLY_TTL_MS = 24 * 60 * 60 * 1000
 MAX_KEY_LENGTH = 255
+# Replies one user's ledger keeps: past this many, the oldest expire early (each costs memory in
+# the shard as long as it is kept; bench `python -m bench memory` measures how much).
+REPLIES_PER_USER_MAX = 256
 
 # What a reply may hold, by name: the results of keyed operations and what they embed...
 _RESULTS: dict[str, type[Any]] = {
@@ -134,9 +139,8 @@ class ReplyBook:
     def __init__(self, user_id: str, replies: tuple[ReplyRecord, ...] = ()) -> None:
         self._user_id = user_id
         # Oldest first, so expired replies are found at the front. Both usually empty (`actors.empty`).
-        self._replies: Mapping[str, ReplyRecord] = {
-            r.key: r for r in sorted(replies, key=lambda r: r.expires_at_ms)
-        } or EMPTY
+        kept = sorted(replies, key=lambda r: r.expires_at_ms)[-REPLIES_PER_USER_MAX:]
+        self._replies: Mapping[str, ReplyRecord] = {r.key: r for r in kept} or EMPTY
         self._pending: Mapping[str, ReplyRecord] = EMPTY
 
     def get(self, key: str, now_ms: int) -> ReplyRecord | None:
@@ -158,6 +162,8 @@ class ReplyBook:
             version=version,
         )
         replies[request.key] = record
+        while len(replies) > REPLIES_PER_USER_MAX:
+            del replies[next(iter(replies))]  # the oldest expires early
         pending = self._pending = writable(self._pending)
         pending[request.key] = record
         return record

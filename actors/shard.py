@@ -4,16 +4,27 @@ A plain class (Ray is applied to it in `hosting`), driven by one asyncio loop.
 
 Guarantees:
 
-- **One writer per user.** A user always lives on the shard its id hashes to;
-  within the shard, a ledger operation never awaits, so each one is atomic.
+- **One writer per user.** A user always lives on the shard its id hashes to.
+- **One operation per user at a time** (the actor model's mailbox, `actors.turns`).
+  Every operation on a resident user runs in the user's *turn*: at most one
+  operation per user holds it, the others wait in arrival order, and one that
+  waits for the store (a durable write, a history read) keeps it until it is
+  done. Uncontended, taking and giving back the turn costs no await and no
+  allocation. A waiter is bounded (`wait_budget_s`, then `Unavailable`:
+  nothing changed), and so is a user's line (`USER_WAITERS_MAX`, then
+  `Overloaded`). Users never wait for each other: one user's operations delay
+  another's only by the shard's own CPU. The timer fires a busy user's alarms
+  in that user's line, when its turn comes; the flush leaves a busy user to
+  the operation holding its turn, because every operation that holds a turn
+  across a wait writes the user's whole state itself (or fails and leaves it
+  dirty for the next flush).
 - **Lazy activation.** A user is loaded from the store the first time it is
   needed, once, however many requests ask at the same moment (single-flight).
 - **Durable writes before answering** for session start, session end and plan
   changes: the operation runs on a clone of the ledger, the clone's snapshot
   is written, and only then is the clone swapped in. If the write fails the
-  clone is dropped: nothing changed, and the caller gets `Unavailable`. While
-  such a write is in flight, other operations on that user wait for it (an
-  input gate, as in Durable Objects); other users are not held up.
+  clone is dropped: nothing changed, and the caller gets `Unavailable`. The
+  operation holds the user's turn until then (the Durable Object input gate).
 - **Write-behind** for everything else: dirty ledgers are written every
   `sync_interval_s` in one batched call, retried with backoff while the
   store is down, and on `stop`.
@@ -33,7 +44,10 @@ Guarantees:
   request's outcome is remembered with the change it made, and a retry gets
   it again; a retry while the first is still running is `IdempotencyInFlight`.
 - **Isolated failures.** A user whose rows the store refuses outright (not an
-  outage) is set aside by the flush, so the other users' writes go through.
+  outage) is set aside by the flush, so the other users' writes go through. A
+  user whose stored state cannot make a ledger (a time an older version let
+  in) is refused (`Unavailable`, and a `user_unreadable` log line saying why)
+  and tried again a minute later; the other users load and re-arm as usual.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import os
 import socket
 import time
@@ -59,11 +74,12 @@ from actors.errors import (
     LedgerError,
     Overloaded,
     RateLimited,
+    SessionEnded,
     SessionNotFound,
     Unavailable,
 )
 from actors.groupcommit import GroupCommit
-from actors.ledger import LedgerPolicy, PlanChange, UserLedger
+from actors.ledger import LedgerPolicy, PlanChange, StoredStateError, UserLedger
 from actors.ratelimit import TokenBucket
 from actors.records import (
     CreditEntry,
@@ -74,7 +90,9 @@ from actors.records import (
     PlanAction,
     PlanEventRecord,
     PurchaseReason,
+    ReplyRecord,
     SessionRecord,
+    StoredLedger,
 )
 from actors.replies import IdempotencyKey, encode_refusal, encode_result, is_replayable, replay
 from actors.routing import shard_index
@@ -82,14 +100,15 @@ from actors.store import (
     CountingStore,
     LedgerStore,
     StoreError,
-    StoreFenced,
     StoreOutcomeUnknown,
     StoreUnavailable,
+    UnreadableLedger,
     WriteOutcome,
     WriteReceipt,
 )
 from actors.timers import DeadlineHeap
 from actors.times import wall_clock_ms
+from actors.turns import TooManyWaiters, UserTurns
 from actors.views import (
     BalanceCheck,
     CreditsAdded,
@@ -143,8 +162,14 @@ BATCHABLE_METHODS = frozenset(
 BATCHABLE_WRITES = frozenset({"start_session", "end_session"})
 # A timer sleep never exceeds this, so a stepped wall clock is noticed soon.
 TIMER_SLEEP_MAX_S = 30.0
-# An alarm for a user whose durable write is in flight is retried this much later.
-GATE_RETRY_MS = 50
+# A user whose stored state could not be read is refused this long before it is tried again.
+UNREADABLE_RETRY_MS = 60_000
+# Operations one user may have waiting for their turn; more are refused (`Overloaded`).
+USER_WAITERS_MAX = 64
+# A batch answers the calls done by then; the others are fetched one by one (`collect`).
+BATCH_WAIT_MAX_S = 0.02
+# The answer of a batched call that was not collected is dropped this long after it is ready.
+DEFERRED_KEPT_S = 60.0
 # Sessions ended by an alarm are written within this delay (coalescing several).
 ALARM_FLUSH_DELAY_S = 0.2
 # Store connection and restart recovery retry between these bounds.
@@ -234,6 +259,7 @@ class ShardStats:
     last_flush_at_ms: int | None
     users_in_doubt: int = 0
     unwritable_users: int = 0
+    unreadable_users: int = 0  # stored state that cannot make a ledger (see `user_unreadable` logs)
     watchers: int = 0
     store_calls: dict[str, int] = field(default_factory=dict)
     # Still loading the users with open sessions after a start (it serves meanwhile).
@@ -246,16 +272,15 @@ class ShardStats:
     # Durable writes (session starts and ends, ...) and the transactions they shared.
     durable_writes: int = 0
     durable_transactions: int = 0
+    busy_users: int = 0  # users with an operation running now
 
 
-class _Gate:
-    """Serializes durable writes for one user; exists only while someone holds or waits."""
+class _Known(Exception):
+    """A keyed request's outcome is already in the ledger (raised by `_begin`, caught by `_once`)."""
 
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
+    def __init__(self, record: ReplyRecord) -> None:
+        super().__init__(record.key)
+        self.record = record
 
 
 class LedgerShard:
@@ -282,7 +307,13 @@ class LedgerShard:
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._next_load: asyncio.Task[None] | None = None  # the load users asked for now will join
         self._next_load_users: list[str] = []
-        self._gates: dict[str, _Gate] = {}
+        self._turns = UserTurns(waiters_max=USER_WAITERS_MAX)
+        self._alarms_in_line: set[str] = set()  # busy users whose due alarms wait for their turn
+        # Users whose stored rows could not make a ledger: the reason, and when to try again.
+        self._unreadable: dict[str, tuple[str, int]] = {}
+        # Batched calls still running when their batch answered, by ticket (see `batch`).
+        self._deferred: dict[int, asyncio.Task[tuple[bool, Any]]] = {}
+        self._tickets = itertools.count(1)
         self._dirty: set[str] = set()
         # Users whose last durable write has an unknown outcome (user -> its write's receipt).
         self._in_doubt: dict[str, WriteReceipt] = {}
@@ -444,45 +475,31 @@ class LedgerShard:
 
     async def usage_of(self, user_id: str) -> UsageView:
         """`usage` for billing and ops (internal calls): not counted against the user's rate limit."""
-        async with self._admitted():
-            ledger = await self._ledger(user_id)
-            view = ledger.usage(self._clock())
-            self._after_change(user_id, ledger)
-            return view
+        return await self._in_turn(user_id, lambda ledger, now: ledger.usage(now))
 
     async def has_credits(self, user_id: str) -> bool:
         await self._limit_rate(user_id)
-        async with self._admitted():
-            ledger = await self._ledger(user_id)
-            allowed = ledger.has_credits(self._clock())
-            self._after_change(user_id, ledger)
-            return allowed
+        return await self._in_turn(user_id, lambda ledger, now: ledger.has_credits(now))
 
     async def current_session(self, user_id: str) -> CurrentSession:
         await self._limit_rate(user_id)
-        async with self._admitted():
-            ledger = await self._ledger(user_id)
-            try:
-                return ledger.current_session(self._clock())
-            finally:
-                self._after_change(user_id, ledger)
+        return await self._in_turn(user_id, lambda ledger, now: ledger.current_session(now))
 
     async def list_sessions(self, user_id: str, limit: int) -> Page[SessionSummary]:
         """Newest first: the store's history with this shard's newer, not yet written state on top."""
         await self._limit_rate(user_id)
         async with self._admitted():
             store = await self._running()
-            await self._ledger(user_id)
-            try:
-                stored = await store.list_sessions(user_id, limit)
-            except StoreError as exc:
-                raise Unavailable("session history is unavailable") from exc
-            ledger = await self._ledger(user_id)
+            stored = await self._read("session history", store.list_sessions(user_id, limit))
+
+        def merge(ledger: UserLedger, now: int) -> Page[SessionSummary]:
             merged = {record.session_id: record for record in stored}
             for record in ledger.resident_sessions():
                 merged[record.session_id] = record
             newest = sorted(merged.values(), key=lambda r: (-r.started_at_ms, r.session_id))[:limit]
             return Page([_summary(record) for record in newest], ledger.version)
+
+        return await self._in_turn(user_id, merge)
 
     # ----------------------------------------------------------- user writes
 
@@ -519,22 +536,55 @@ class LedgerShard:
     ) -> SessionProgress:
         """Write-behind: the time billed is durable at the next flush."""
         await self._limit_rate(user_id)
-        return await self._once(user_id, idem, lambda: self._heartbeat(user_id, session_id, seq))
+        return await self._once(user_id, idem, lambda: self._heartbeat(user_id, session_id, seq, idem))
 
-    async def _heartbeat(self, user_id: str, session_id: str, seq: int | None) -> SessionProgress:
+    async def _heartbeat(
+        self, user_id: str, session_id: str, seq: int | None, idem: IdempotencyKey | None
+    ) -> SessionProgress:
         async with self._admitted():
-            ledger = await self._ledger(user_id)
+            ledger = await self._begin(user_id, idem=idem)
             try:
-                progress = ledger.heartbeat(self._clock(), session_id, seq=seq)
+                now = self._clock()
+                deadline = ledger.next_deadline_ms()
+                if ledger.active_session_id == session_id and (deadline is None or now < deadline):
+                    # The common case: no alarm is due, so the session goes on; written behind.
+                    progress = ledger.heartbeat(now, session_id, seq=seq)
+                    self._after_change(user_id, ledger)
+                    return progress
+                return await self._heartbeat_that_may_end(user_id, ledger, session_id, seq, now)
+            finally:
+                self._turns.release(user_id)
+
+    async def _heartbeat_that_may_end(
+        self, user_id: str, ledger: UserLedger, session_id: str, seq: int | None, now: int
+    ) -> SessionProgress:
+        """A heartbeat with an alarm due, or for a session that is not running: its answer may be
+        the session's final account, which is durable before a client hears it (or, if it cannot
+        be made durable, nothing changes and the caller gets `Unavailable`). In the user's turn."""
+        draft = ledger.clone()
+        outcome: SessionProgress | LedgerError
+        try:
+            try:
+                outcome = draft.heartbeat(now, session_id, seq=seq)
             except SessionNotFound:
                 record = await self._stored_ended_session(user_id, session_id)
-                progress = (await self._ledger(user_id)).heartbeat_after_end(session_id, record)
-            finally:
-                self._after_change(user_id, self._ledgers[user_id])
-            if progress.state == "ended" and self._ledgers[user_id].is_dirty:
-                # The client hears that its session is over: write the end first.
-                await self._write_through(user_id)
-            return progress
+                outcome = draft.heartbeat_after_end(session_id, record)
+                if outcome.state == "ended":
+                    return outcome  # ended long ago: final and durable already
+        except LedgerError as refusal:
+            outcome = refusal
+        ended = isinstance(outcome, SessionEnded) or (
+            isinstance(outcome, SessionProgress) and outcome.state == "ended"
+        )
+        changed = draft.version != ledger.version
+        if ended and (changed or ledger.is_dirty):
+            await self._write_and_commit(user_id, draft)
+        elif changed:  # an alarm fired (a period rolled, say) and the session goes on: written behind
+            self._ledgers[user_id] = draft
+            self._after_change(user_id, draft)
+        if isinstance(outcome, LedgerError):
+            raise outcome
+        return outcome
 
     async def end_session(
         self,
@@ -553,18 +603,16 @@ class LedgerShard:
         self, user_id: str, session_id: str, request_id: str | None, idem: IdempotencyKey | None
     ) -> SessionProgress:
         try:
+            # An end is durable before it is answered, whoever ended the session (an alarm, say).
             ended, changed = await self._durable(
-                user_id, lambda ledger, now: ledger.end_session(now, session_id), idem=idem
+                user_id, lambda ledger, now: ledger.end_session(now, session_id), idem=idem, write_dirty=True
             )
         except SessionNotFound:
             record = await self._stored_ended_session(user_id, session_id)
             if record is None:
                 raise
-            return (await self._ledger(user_id)).progress_of(record)
+            return await self._in_turn(user_id, lambda ledger, now: ledger.progress_of(record))
         if not changed:
-            if self._ledgers[user_id].is_dirty:
-                # Ended earlier by an alarm and not written yet: write it before answering.
-                await self._write_through(user_id)
             return ended  # ended before: nothing new to log
         log.info(
             "session_ended",
@@ -693,103 +741,102 @@ class LedgerShard:
         idem: IdempotencyKey | None,
     ) -> R:
         """Apply a delivery from billing at most once: a retry gets the first answer again."""
-        async with self._admitted(), self._durable_entry(user_id):
+        async with self._admitted():
+            deadline = self._begin_by()
+            ledger = await self._begin(user_id, deadline=deadline, idem=idem)
             try:
-                known = await find(self._require_store())
-            except StoreError as exc:
-                raise Unavailable("storage is unavailable") from exc
-            if known is not None:
-                if not same(known):
-                    raise EventConflict(
-                        "this delivery id was used for a different request", delivery_id=delivery_id
-                    )
-                return replay(known)
-            draft = self._ledgers[user_id].clone()
-            now = self._clock()
-            result, record = apply(draft, now)
-            if idem is not None:
-                draft.remember_reply(idem, encode_result(result), now)
-            await self._write_and_commit(user_id, draft, delivery=record)
-            return result
+                known = await self._read("storage", find(self._require_store()), deadline=deadline)
+                if known is not None:
+                    if not same(known):
+                        raise EventConflict(
+                            "this delivery id was used for a different request", delivery_id=delivery_id
+                        )
+                    return replay(known)
+                draft = ledger.clone()
+                now = self._clock()
+                result, record = apply(draft, now)
+                if idem is not None:
+                    draft.remember_reply(idem, encode_result(result), now)
+                await self._write_and_commit(user_id, draft, delivery=record)
+                return result
+            finally:
+                self._turns.release(user_id)
 
     async def consume_meter(
         self, user_id: str, meter: str, amount: int, *, idem: IdempotencyKey | None = None
     ) -> MeterConsumed:
         """Use a count meter: decided in memory, written behind."""
         await self._limit_rate(user_id)
-        return await self._once(user_id, idem, lambda: self._consume_meter(user_id, meter, amount))
-
-    async def _consume_meter(self, user_id: str, meter: str, amount: int) -> MeterConsumed:
-        async with self._admitted():
-            ledger = await self._ledger(user_id)
-            try:
-                return ledger.consume_meter(self._clock(), meter, amount)
-            finally:
-                self._after_change(user_id, ledger)
+        return await self._once(
+            user_id,
+            idem,
+            lambda: self._in_turn(
+                user_id, lambda ledger, now: ledger.consume_meter(now, meter, amount), idem
+            ),
+        )
 
     async def credits(self, user_id: str) -> CreditsView:
         await self._limit_rate(user_id)
-        async with self._admitted():
-            ledger = await self._ledger(user_id)
-            view = ledger.credits(self._clock())
-            self._after_change(user_id, ledger)
-            return view
+        return await self._in_turn(user_id, lambda ledger, now: ledger.credits(now))
 
     async def usage_history(self, user_id: str, periods: int) -> Page[PeriodSummary]:
         """Newest first: the store's periods with this shard's newer, not yet written ones on top."""
         await self._limit_rate(user_id)
         async with self._admitted():
             store = await self._running()
-            await self._ledger(user_id)
-            try:
-                stored = await store.list_periods(user_id, periods)
-            except StoreError as exc:
-                raise Unavailable("usage history is unavailable") from exc
-            ledger = await self._ledger(user_id)
-            ledger.advance(self._clock())
-            self._after_change(user_id, ledger)
+            stored = await self._read("usage history", store.list_periods(user_id, periods))
+
+        def merge(ledger: UserLedger, now: int) -> Page[PeriodSummary]:
+            ledger.advance(now)
             merged = {record.start_ms: PeriodSummary.of(record) for record in stored}
             for summary in ledger.resident_periods():
                 merged[summary.period_start_ms] = summary
             newest = sorted(merged.values(), key=lambda p: -p.period_start_ms)[:periods]
             return Page(newest, ledger.version)
 
+        return await self._in_turn(user_id, merge)
+
     async def credit_history(self, user_id: str, limit: int) -> Page[CreditEntry]:
         """Newest first. The user is written first, so consumption still open is in it."""
         await self._limit_rate(user_id)
-        async with self._admitted(), self._durable_entry(user_id):
-            await self._write_user(user_id)
+        async with self._admitted():
+            ledger = await self._begin(user_id)
             try:
-                entries = await self._require_store().credit_history(user_id, limit)
-            except StoreError as exc:
-                raise Unavailable("credit history is unavailable") from exc
-            return Page(entries, self._ledgers[user_id].version)
+                await self._write_user(user_id)
+                store = self._require_store()
+                entries = await self._read("credit history", store.credit_history(user_id, limit))
+                return Page(entries, ledger.version)
+            finally:
+                self._turns.release(user_id)
 
     async def reconcile(self, user_id: str) -> Reconciliation:
         """Compare the live balances with what the credit ledger's entries add up to."""
-        async with self._admitted(), self._durable_entry(user_id):
-            # Alarms due now fire first, so the state written is the state compared.
-            now = self._clock()
-            self._advance(user_id, self._ledgers[user_id], now)
-            await self._write_user(user_id, even_if_clean=True)
+        async with self._admitted():
+            await self._begin(user_id)
             try:
-                derived = await self._require_store().credit_balances(user_id)
-            except StoreError as exc:
-                raise Unavailable("the credit ledger is unavailable") from exc
-            ledger = self._ledgers[user_id]
-            checks = tuple(
-                BalanceCheck(
-                    bucket=bucket,
-                    window_start_ms=window,
-                    live=live,
-                    derived=derived.get((bucket, window), (0, 0))[0],
-                    recorded=derived.get((bucket, window), (0, 0))[1],
-                )
-                for (bucket, window), live in sorted(
-                    ledger.balances(now).items(), key=lambda item: str(item[0])
-                )
+                return await self._reconcile(user_id)
+            finally:
+                self._turns.release(user_id)
+
+    async def _reconcile(self, user_id: str) -> Reconciliation:
+        """Write the user, then compare (the caller holds the user's turn)."""
+        # Alarms due now fire first, so the state written is the state compared.
+        now = self._clock()
+        self._advance(user_id, self._ledgers[user_id], now)
+        await self._write_user(user_id, even_if_clean=True)
+        derived = await self._read("the credit ledger", self._require_store().credit_balances(user_id))
+        ledger = self._ledgers[user_id]
+        checks = tuple(
+            BalanceCheck(
+                bucket=bucket,
+                window_start_ms=window,
+                live=live,
+                derived=derived.get((bucket, window), (0, 0))[0],
+                recorded=derived.get((bucket, window), (0, 0))[1],
             )
-            return Reconciliation(user_id=user_id, checks=checks, version=ledger.version)
+            for (bucket, window), live in sorted(ledger.balances(now).items(), key=lambda item: str(item[0]))
+        )
+        return Reconciliation(user_id=user_id, checks=checks, version=ledger.version)
 
     async def watch(self, user_id: str, after_version: int, timeout_s: float) -> UsageChange | None:
         """Once the version is above `after_version`: the usage object and the events since
@@ -817,13 +864,13 @@ class LedgerShard:
         return await self._change_since(user_id, after_version)
 
     async def _change_since(self, user_id: str, after_version: int) -> UsageChange | None:
-        async with self._admitted():
-            ledger = await self._ledger(user_id)
-            view = ledger.usage(self._clock())
-            self._after_change(user_id, ledger)
+        def change(ledger: UserLedger, now: int) -> UsageChange | None:
+            view = ledger.usage(now)
             if view.version <= after_version:
                 return None
             return UsageChange(usage=view, events=ledger.events_after(after_version))
+
+        return await self._in_turn(user_id, change)
 
     # ------------------------------------------------------------- operations
 
@@ -835,9 +882,11 @@ class LedgerShard:
             held_back = self._unwritable | self._in_doubt.keys()
             users = [u for u in self._dirty if u not in held_back and self._ledgers[u].is_dirty]
             for begin in range(0, len(users), FLUSH_BATCH_USERS):
-                # Users with a durable write in flight are written by it: their credit entries are
-                # numbered in its draft. Checked per batch, as such a write may begin meanwhile.
-                batch = [u for u in users[begin : begin + FLUSH_BATCH_USERS] if u not in self._gates]
+                # A busy user is written by the operation holding its turn (see the module docstring);
+                # a durable write's credit entries are numbered in its draft, so writing the live
+                # ledger beside it could number them twice. Checked per batch: a turn may begin
+                # meanwhile.
+                batch = [u for u in users[begin : begin + FLUSH_BATCH_USERS] if not self._turns.busy(u)]
                 snapshots = [self._ledgers[user_id].snapshot() for user_id in batch]
                 try:
                     saved = await self._save_isolating_failures(snapshots)
@@ -884,22 +933,35 @@ class LedgerShard:
         now = self._clock()
         fired = 0
         for user_id in self._timers.pop_due(now):
-            ledger = self._ledgers.get(user_id)
-            if ledger is None:
-                continue
-            if user_id in self._gates:
-                self._timers.arm(user_id, now + GATE_RETRY_MS)
+            if user_id not in self._ledgers:
                 continue
             if user_id in self._in_doubt:
+                # Settled by the user's next operation, or by the flush loop; come back then.
                 self._timers.arm(user_id, now + DOUBT_RETRY_MS)
                 continue
-            try:
-                fired += self._advance(user_id, ledger, now)
-            except Exception:
-                # One user's failure must not cost the others their alarms.
-                log.exception("alarm_failed", shard=self._config.shard_index, user_id=user_id)
-                self._timers.arm(user_id, now + DOUBT_RETRY_MS)
+            if self._turns.busy(user_id):
+                # Its alarms fire in its line, when its turn comes (once, however often asked).
+                if user_id not in self._alarms_in_line:
+                    self._alarms_in_line.add(user_id)
+                    self._turns.call_when_free(user_id, functools.partial(self._alarm_in_turn, user_id))
+                continue
+            fired += self._alarm(user_id, now)
         return fired
+
+    def _alarm_in_turn(self, user_id: str) -> None:
+        self._alarms_in_line.discard(user_id)
+        if user_id not in self._in_doubt:
+            self._alarm(user_id, self._clock())
+
+    def _alarm(self, user_id: str, now: int) -> int:
+        """Fire the user's alarms due at `now` (the caller holds, or could take, the user's turn)."""
+        try:
+            return self._advance(user_id, self._ledgers[user_id], now)
+        except Exception:
+            # One user's failure must not cost the others their alarms.
+            log.exception("alarm_failed", shard=self._config.shard_index, user_id=user_id)
+            self._timers.arm(user_id, now + DOUBT_RETRY_MS)
+            return 0
 
     def _advance(self, user_id: str, ledger: UserLedger, now: int) -> int:
         """Fire the user's due alarms; a session they end is written promptly, not at the next sync."""
@@ -922,10 +984,18 @@ class LedgerShard:
         self._after_change(user_id, ledger)
         return fired
 
-    async def batch(self, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> list[tuple[bool, Any]]:
+    async def batch(
+        self, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]
+    ) -> list[tuple[bool | None, Any]]:
         """Run several calls that arrived together at a gateway, as one Ray call (Ray's per-call cost
         is paid once). Each is exactly the call it would have been alone, run concurrently; each
-        answer is `(True, result)` or `(False, the exception it raised)`, in order."""
+        answer is `(True, result)` or `(False, the exception it raised)`, in order.
+
+        A batch answers once its calls are done or `BATCH_WAIT_MAX_S` has passed, whichever comes
+        first: a call still running then (waiting for its user's turn behind a durable write, or
+        for a slow store) is answered `(None, ticket)`, and the caller fetches its answer with
+        `collect(ticket)`. So one user's wait never holds up the other calls of its batch, nor the
+        gateway's next batch."""
 
         async def one(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
             if method not in BATCHABLE_METHODS and method not in BATCHABLE_WRITES:
@@ -935,7 +1005,33 @@ class LedgerShard:
             except Exception as exc:  # handed back to the caller that made this call
                 return False, exc
 
-        return list(await asyncio.gather(*(one(*call) for call in calls)))
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(one(*call)) for call in calls]
+        if not tasks:
+            return []
+        await asyncio.wait(tasks, timeout=BATCH_WAIT_MAX_S)
+        answers: list[tuple[bool | None, Any]] = []
+        for task in tasks:
+            if task.done():
+                answers.append(task.result())
+                continue
+            ticket = next(self._tickets)
+            self._deferred[ticket] = task
+            # Kept for its caller a while after it is done; a caller that never comes (its gateway
+            # died) leaves nothing behind for long.
+            task.add_done_callback(functools.partial(self._forget_deferred_later, ticket))
+            answers.append((None, ticket))
+        return answers
+
+    def _forget_deferred_later(self, ticket: int, _: asyncio.Task[tuple[bool, Any]]) -> None:
+        asyncio.get_running_loop().call_later(DEFERRED_KEPT_S, self._deferred.pop, ticket, None)
+
+    async def collect(self, ticket: int) -> tuple[bool, Any]:
+        """The answer of a batched call that `batch` answered `(None, ticket)`, once it is done."""
+        task = self._deferred.pop(ticket, None)
+        if task is None:
+            return False, Unavailable("this call's answer is no longer kept; retry it")
+        return await asyncio.shield(task)
 
     async def stats(self) -> ShardStats:
         store = self._store
@@ -954,6 +1050,7 @@ class LedgerShard:
             last_flush_at_ms=self._last_flush_at_ms,
             users_in_doubt=len(self._in_doubt),
             unwritable_users=len(self._unwritable),
+            unreadable_users=len(self._unreadable),
             watchers=self._waiting.total(),
             store_calls=dict(store.calls) if store is not None else {},
             reactivating=self._reactivating,
@@ -964,6 +1061,7 @@ class LedgerShard:
             pid=self._pid,
             durable_writes=self._commits.writes if self._commits is not None else 0,
             durable_transactions=self._commits.transactions if self._commits is not None else 0,
+            busy_users=len(self._turns),
         )
 
     async def ready(self) -> ShardStats:
@@ -1008,21 +1106,82 @@ class LedgerShard:
         finally:
             self._pending_calls -= 1
 
-    async def _ledger(self, user_id: str) -> UserLedger:
-        """The user's committed ledger, once no durable write for them is in flight."""
-        await self._activate(user_id)
-        while user_id in self._gates:
-            async with self._gate(user_id):
-                pass
-        if user_id in self._in_doubt:
-            async with self._gate(user_id):
-                await self._resolve_doubt(user_id)
-        return self._ledgers[user_id]
+    def _begin_by(self) -> float:
+        """The loop time by which an operation starting now must have begun (`wait_budget_s`)."""
+        return asyncio.get_running_loop().time() + self._config.wait_budget_s
+
+    async def _begin(
+        self, user_id: str, *, deadline: float | None = None, idem: IdempotencyKey | None = None
+    ) -> UserLedger:
+        """Take the user's turn: returns the user's live ledger, for the caller alone until it calls
+        `self._turns.release(user_id)` (always, in a `finally`).
+
+        Uncontended and resident, this neither awaits nor allocates. Otherwise it loads the user,
+        waits in the user's line and settles a write in doubt, all by `deadline` (default: within
+        `wait_budget_s`): past it, `Unavailable` (nothing was done). A keyed request whose outcome
+        the ledger already holds ends here with `_Known` (see `_once`), the turn given back."""
+        if user_id not in self._ledgers or user_id in self._in_doubt or not self._turns.try_take(user_id):
+            await self._wait_for_turn(user_id, deadline if deadline is not None else self._begin_by())
+        ledger = self._ledgers[user_id]
+        if idem is not None and (known := ledger.reply(idem.key, self._clock())) is not None:
+            self._turns.release(user_id)
+            raise _Known(known)
+        return ledger
+
+    async def _wait_for_turn(self, user_id: str, deadline: float) -> None:
+        """`_begin`'s slow path: on return the caller holds the user's turn, and no write is in doubt."""
+        took = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._running()
+                await self._activate(user_id)
+                if not self._turns.try_take(user_id):
+                    await self._turns.take(user_id, deadline=deadline)
+                took = True
+                if user_id in self._in_doubt:
+                    await self._resolve_doubt(user_id)
+        except TimeoutError:
+            if took:
+                self._turns.release(user_id)
+            raise Unavailable("the shard is too busy to begin this operation; nothing was changed") from None
+        except TooManyWaiters:
+            raise Overloaded(
+                "too many calls are waiting for this user; nothing was changed", limit=USER_WAITERS_MAX
+            ) from None
+        except BaseException:
+            if took:
+                self._turns.release(user_id)
+            raise
+
+    async def _read(self, what: str, read: Awaitable[T], *, deadline: float | None = None) -> T:
+        """A store read an operation needs, by `deadline` (default: within `resolve_timeout_s`):
+        `Unavailable` if the store fails or is too slow (nothing was changed)."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self._config.resolve_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await read
+        except (StoreError, TimeoutError) as exc:
+            raise Unavailable(f"{what} is unavailable; nothing was changed") from exc
+
+    async def _in_turn(
+        self, user_id: str, operate: Callable[[UserLedger, int], T], idem: IdempotencyKey | None = None
+    ) -> T:
+        """Run `operate` on the user's live ledger in the user's turn, with no await inside: it is
+        answered from memory (a change it makes is written behind)."""
+        async with self._admitted():
+            ledger = await self._begin(user_id, idem=idem)
+            try:
+                return operate(ledger, self._clock())
+            finally:
+                self._after_change(user_id, ledger)
+                self._turns.release(user_id)
 
     async def _activate(self, user_id: str) -> None:
         if user_id in self._ledgers:
             return
         await self._running()
+        self._refuse_if_unreadable(user_id)
         task = self._loading.get(user_id)
         if task is None:
             # Users asked for in the same moment (a gateway's batch, say) are loaded together, in
@@ -1038,6 +1197,23 @@ class LedgerShard:
             task.add_done_callback(functools.partial(self._loaded, user_id))
         # Shielded: a caller giving up must not cancel the load others wait for.
         await asyncio.shield(task)
+        if user_id not in self._ledgers:
+            self._refuse_if_unreadable(user_id)
+
+    def _refuse_if_unreadable(self, user_id: str) -> None:
+        """`Unavailable` for a user whose stored state could not be read, until it is tried again."""
+        unreadable = self._unreadable.get(user_id)
+        if unreadable is None:
+            return
+        reason, retry_at_ms = unreadable
+        if self._clock() >= retry_at_ms:
+            del self._unreadable[user_id]  # perhaps repaired: the next load tries again
+            return
+        raise Unavailable(
+            "this user's stored state cannot be read; an operator must repair it (the shard's log "
+            "says why: user_unreadable)",
+            reason=reason,
+        )
 
     def _loaded(self, user_id: str, task: asyncio.Task[None]) -> None:
         if self._loading.get(user_id) is task:
@@ -1060,56 +1236,33 @@ class LedgerShard:
             if user_id in self._ledgers:
                 continue
             found = stored.get(user_id)
-            if found is not None:
-                ledger = UserLedger.restore(found, self._policy, now)
-            else:
-                ledger = UserLedger.new(user_id, self._policy, now)
-            self._ledgers[user_id] = ledger
-            self._activations += 1
-            # Alarms that fell due while the user was not resident fire now.
-            self._advance(user_id, ledger, now)
-
-    @contextlib.asynccontextmanager
-    async def _gate(self, user_id: str, *, wait_s: float | None = None) -> AsyncIterator[None]:
-        """Hold the user's gate; waiting for it longer than `wait_s` raises TimeoutError."""
-        gate = self._gates.get(user_id)
-        if gate is None:
-            gate = self._gates[user_id] = _Gate()
-        gate.users += 1
-        try:
-            async with asyncio.timeout(wait_s):
-                await gate.lock.acquire()
             try:
-                yield
-            finally:
-                gate.lock.release()
-        finally:
-            gate.users -= 1
-            if gate.users == 0:
-                del self._gates[user_id]
-
-    @contextlib.asynccontextmanager
-    async def _durable_entry(self, user_id: str) -> AsyncIterator[None]:
-        """Begin a durable operation within `wait_budget_s`: started, user loaded, gate held, no doubt."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._config.wait_budget_s
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._running()
-                await self._activate(user_id)
-            gate = self._gate(user_id, wait_s=max(0.0, deadline - loop.time()))
-            await gate.__aenter__()
-        except TimeoutError:
-            raise Unavailable("the shard is too busy to begin this operation; nothing was changed") from None
-        try:
-            if user_id in self._in_doubt:
-                await self._resolve_doubt(user_id)
-            yield
-        except BaseException as exc:
-            if not await gate.__aexit__(type(exc), exc, exc.__traceback__):
-                raise
-        else:
-            await gate.__aexit__(None, None, None)
+                if isinstance(found, UnreadableLedger):
+                    raise StoredStateError(found.reason)
+                if found is not None:
+                    ledger = UserLedger.restore(found, self._policy, now)
+                else:
+                    ledger = UserLedger.new(user_id, self._policy, now)
+                self._ledgers[user_id] = ledger
+                # Alarms that fell due while the user was not resident fire now.
+                self._advance(user_id, ledger, now)
+            except Exception as exc:
+                # One user's rows must not cost the others their load (nor the shard its start):
+                # that user is refused, and tried again later, after a repair perhaps.
+                self._ledgers.pop(user_id, None)
+                self._dirty.discard(user_id)
+                self._timers.arm(user_id, None)
+                self._unreadable[user_id] = (repr(exc), now + UNREADABLE_RETRY_MS)
+                log.error(
+                    "user_unreadable",
+                    shard=self._config.shard_index,
+                    user_id=user_id,
+                    error=repr(exc),
+                    retry_in_s=UNREADABLE_RETRY_MS // 1000,
+                    hint="the user's rows break the ledger's rules (written by an older version?)",
+                )
+                continue
+            self._activations += 1
 
     async def _durable(
         self,
@@ -1117,20 +1270,28 @@ class LedgerShard:
         operate: Callable[[UserLedger, int], T],
         *,
         idem: IdempotencyKey | None = None,
+        write_dirty: bool = False,
     ) -> tuple[T, bool]:
         """Run `operate` on a clone, make the clone durable (with the reply to `idem`), then swap
-        it in. Returns the result and whether anything changed (and was written)."""
-        async with self._admitted(), self._durable_entry(user_id):
-            ledger = self._ledgers[user_id]
-            draft = ledger.clone()
-            now = self._clock()
-            result = operate(draft, now)
-            changed = draft.version != ledger.version
-            if changed:
-                if idem is not None:
-                    draft.remember_reply(idem, encode_result(result), now)
-                await self._write_and_commit(user_id, draft)
-            return result, changed
+        it in, all in the user's turn. Returns the result and whether anything changed (and was
+        written). With `write_dirty`, a live ledger that changed nothing now but has changes not
+        yet written (an alarm's) is written before the answer too."""
+        async with self._admitted():
+            ledger = await self._begin(user_id, idem=idem)
+            try:
+                draft = ledger.clone()
+                now = self._clock()
+                result = operate(draft, now)
+                changed = draft.version != ledger.version
+                if changed:
+                    if idem is not None:
+                        draft.remember_reply(idem, encode_result(result), now)
+                    await self._write_and_commit(user_id, draft)
+                elif write_dirty and ledger.is_dirty:
+                    await self._write_and_commit(user_id, draft)
+                return result, changed
+            finally:
+                self._turns.release(user_id)
 
     async def _limit_rate(self, user_id: str) -> None:
         """Take one of the user's tokens (their plan's `rate_limit`); `RateLimited` when none is left.
@@ -1153,8 +1314,10 @@ class LedgerShard:
     async def _once(self, user_id: str, idem: IdempotencyKey | None, run: Callable[[], Awaitable[R]]) -> R:
         """Run a request at most once per `Idempotency-Key`: a retry gets the first outcome again.
 
-        Durable operations remember their reply in the write they make; any other outcome is
-        remembered here, on the live ledger, and written with its next write."""
+        The operation looks the key up in the user's turn (`_begin`), after any write in doubt is
+        settled, so what it finds is the truth. Durable operations remember their reply in the
+        write they make; any other outcome is remembered here, on the live ledger (still in the
+        operation's turn: nothing runs between its end and this), and written with its next write."""
         if idem is None:
             return await run()
         slot = (user_id, idem.key)
@@ -1170,15 +1333,13 @@ class LedgerShard:
             )
         self._claims[slot] = idem.request_hash
         try:
-            async with self._admitted():
-                known = (await self._ledger(user_id)).reply(idem.key, self._clock())
-            if known is not None:
-                replayed: R = replay(known, idem)
-                return replayed
             try:
                 result = await run()
+            except _Known as known:
+                replayed: R = replay(known.record, idem)
+                return replayed
             except LedgerError as exc:
-                if is_replayable(exc):
+                if is_replayable(exc) and user_id in self._ledgers:
                     self._ledgers[user_id].remember_reply(idem, encode_refusal(exc), self._clock())
                 raise
             ledger = self._ledgers[user_id]
@@ -1193,7 +1354,7 @@ class LedgerShard:
     ) -> None:
         """Write `draft` and make it the live ledger once durable. Not cancellable half-way: a
         caller cancelled meanwhile still waits (within the write's bound) for its transaction, so
-        memory always follows what Postgres holds, and the user's gate is held until then."""
+        memory always follows what Postgres holds, and the user's turn is held until then."""
         work = asyncio.get_running_loop().create_task(self._commit_draft(user_id, draft, delivery))
         cancelled = False
         while True:
@@ -1226,6 +1387,8 @@ class LedgerShard:
             await self._settle(user_id, receipt, exc)
         draft.mark_synced(snapshot.version)
         self._ledgers[user_id] = draft
+        if not draft.is_dirty:
+            self._dirty.discard(user_id)
         self._after_change(user_id, draft)
 
     async def _settle(self, user_id: str, receipt: WriteReceipt, exc: BaseException) -> None:
@@ -1252,7 +1415,7 @@ class LedgerShard:
     async def _resolve_doubt(self, user_id: str) -> None:
         """Settle a write of unknown outcome: adopt the store's state if it committed.
 
-        The caller holds the user's gate."""
+        The caller holds the user's turn."""
         receipt = self._in_doubt.get(user_id)
         if receipt is None:
             return
@@ -1267,53 +1430,49 @@ class LedgerShard:
                     stored = await self._require_store().load([user_id], now_ms=self._clock())
             except (StoreError, TimeoutError) as exc:
                 raise Unavailable("this user's last write is still unresolved; retry shortly") from exc
-            ledger = UserLedger.restore(stored[user_id], self._policy, self._clock())
+            found = stored.get(user_id)
+            if not isinstance(found, StoredLedger):
+                raise Unavailable("this user's last write is still unresolved; retry shortly")
+            ledger = UserLedger.restore(found, self._policy, self._clock())
             self._ledgers[user_id] = ledger
             self._dirty.discard(user_id)
             self._advance(user_id, ledger, self._clock())
         log.info("write_in_doubt_settled", user_id=user_id, outcome=outcome)
         del self._in_doubt[user_id]
 
+    async def _settle_doubts(self) -> None:
+        """Settle the writes in doubt of users nobody is calling (a call settles its user's first)."""
+        for user_id in list(self._in_doubt):
+            if not self._turns.try_take(user_id):
+                continue  # the operation holding the turn settles it
+            try:
+                await self._resolve_doubt(user_id)
+            except Unavailable as exc:
+                log.info("write_in_doubt_still", user_id=user_id, error=repr(exc))
+            finally:
+                self._turns.release(user_id)
+
     async def _write_user(self, user_id: str, *, even_if_clean: bool = False) -> None:
-        """Make this user's state durable now (the caller holds the user's gate)."""
+        """Make this user's state durable now (the caller holds the user's turn)."""
         ledger = self._ledgers[user_id]
         if not (ledger.is_dirty or even_if_clean):
             return
         snapshot = ledger.snapshot()
         try:
-            await self._require_store().save([snapshot])
-        except StoreError as exc:
-            raise Unavailable("storage is unavailable") from exc
+            async with asyncio.timeout(self._config.write_timeout_s):
+                await self._require_store().save([snapshot])
+        except (StoreError, TimeoutError) as exc:
+            raise Unavailable("storage is unavailable; nothing was changed") from exc
         ledger.mark_synced(snapshot.version)
         if not ledger.is_dirty:
             self._dirty.discard(user_id)
 
-    async def _write_through(self, user_id: str) -> None:
-        """Write this user now. With the store down, leave it to the flush: alarm-made ends are
-        deterministic, so a crash before the retry recomputes the same end on recovery."""
-        ledger = self._ledgers[user_id]
-        snapshot = ledger.snapshot()
-        try:
-            await self._require_store().save([snapshot])
-        except StoreFenced as exc:
-            # Replaced: the end will never be written from here, so the client is not told of it.
-            raise Unavailable("this shard was replaced by a newer activation") from exc
-        except StoreError as exc:
-            log.warning("write_through_deferred", user_id=user_id, error=repr(exc))
-            self._flush_soon.set()
-            return
-        current = self._ledgers[user_id]
-        current.mark_synced(snapshot.version)
-        if not current.is_dirty:
-            self._dirty.discard(user_id)
-
     async def _stored_ended_session(self, user_id: str, session_id: str) -> SessionRecord | None:
-        """A session this ledger no longer holds in memory, from the store (None if unknown or open)."""
-        try:
-            record = await self._require_store().find_session(user_id, session_id)
-        except StoreError as exc:
-            raise Unavailable("storage is unavailable") from exc
-        return record if record is not None and not record.is_open else None
+        """A session this ledger no longer holds in memory, from the store (None if unknown, open,
+        or still pending: the ledger holds those)."""
+        store = self._require_store()
+        record = await self._read("session history", store.find_session(user_id, session_id))
+        return record if record is not None and not record.is_open and not record.is_pending else None
 
     def _after_change(self, user_id: str, ledger: UserLedger) -> None:
         if ledger.is_dirty:
@@ -1373,6 +1532,7 @@ class LedgerShard:
                 if written:
                     log.debug("flushed", shard=self._config.shard_index, users=written)
                 await self._check_fence()
+                await self._settle_doubts()
                 await self._prune_replies_when_due()
             except Exception as exc:
                 # Whatever went wrong, the loop must survive it: dirty state stays dirty

@@ -58,6 +58,15 @@ class Fence:
     epoch: int
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableLedger:
+    """What `load` returns for a user whose stored rows cannot make a ledger (a time an older
+    version let in, say): that user is refused until the rows are repaired; the others load."""
+
+    user_id: str
+    reason: str
+
+
 class StoreOutcomeUnknown(StoreUnavailable):
     """The commit itself failed (the connection broke or timed out during COMMIT): the write may
     or may not have landed. Read it back before deciding."""
@@ -75,13 +84,17 @@ class WriteReceipt:
 
 
 class LedgerStore(Protocol):
-    async def load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
+    async def load(
+        self, user_ids: Sequence[str], *, now_ms: int
+    ) -> dict[str, StoredLedger | UnreadableLedger]:
         """What is stored of each user as of `now_ms` (the shard's clock: replies expired by then are
-        left out); users never seen are absent from the result."""
+        left out); users never seen are absent from the result, users whose rows cannot be read
+        are `UnreadableLedger` (the others are loaded all the same)."""
         ...
 
     async def open_session_users(self) -> list[str]:
-        """Users with a session that has not ended."""
+        """Users with a session that has not ended, or whose held tail is not resolved yet (both
+        have alarms that must run)."""
         ...
 
     async def claim(self, owner: str) -> Fence:
@@ -172,22 +185,34 @@ class MemoryStore:
         if not self.available:
             raise StoreUnavailable("memory store switched off")
 
-    async def load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
+    async def load(
+        self, user_ids: Sequence[str], *, now_ms: int
+    ) -> dict[str, StoredLedger | UnreadableLedger]:
         self._check()
-        found: dict[str, StoredLedger] = {}
+        found: dict[str, StoredLedger | UnreadableLedger] = {}
         for user_id in user_ids:
             user = self.users.get(user_id)
             if user is None:
                 continue
             mine = [p for (owner, _), p in self.periods.items() if owner == user_id]
             open_sessions = [s for s in self.sessions.values() if s.user_id == user_id and s.is_open]
+            pending = [s for s in self.sessions.values() if s.user_id == user_id and s.is_pending]
             periods = [p for p in mine if not p.archived][:1]
             if open_sessions:
                 heard = open_sessions[0].last_heartbeat_at_ms
                 periods += [p for p in mine if p.archived and p.start_ms <= heard < p.end_ms][:1]
+            held_in = {start for record in pending for start, *_ in record.pending}
+            periods += [p for p in mine if p.archived and p.start_ms in held_in and p not in periods]
+            applied = [
+                (event.occurred_at_ms, event.delivery_id)
+                for event in self.plan_events.values()
+                if event.user_id == user_id and event.applied
+            ]
             found[user_id] = StoredLedger(
+                last_applied_plan_event=max(applied, default=None),
                 user=user,
                 periods=tuple(periods),
+                pending_sessions=tuple(pending),
                 open_session=open_sessions[0] if open_sessions else None,
                 meters=tuple(m for (owner, _), m in self.meters.items() if owner == user_id),
                 replies=tuple(
@@ -209,7 +234,7 @@ class MemoryStore:
 
     async def open_session_users(self) -> list[str]:
         self._check()
-        return sorted({s.user_id for s in self.sessions.values() if s.is_open})
+        return sorted({s.user_id for s in self.sessions.values() if s.is_open or s.is_pending})
 
     async def save(
         self,
@@ -390,7 +415,9 @@ class CountingStore:
         self.calls["holds"] += 1
         return await self.inner.holds(fence)
 
-    async def load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
+    async def load(
+        self, user_ids: Sequence[str], *, now_ms: int
+    ) -> dict[str, StoredLedger | UnreadableLedger]:
         self.calls["load"] += 1
         return await self.inner.load(user_ids, now_ms=now_ms)
 

@@ -12,6 +12,15 @@ from datetime import UTC, datetime
 MS_PER_SECOND = 1_000
 MS_PER_MINUTE = 60_000
 
+# Every time that enters the system (request bodies, billing events, tokens) lies in
+# [EARLIEST_MS, LATEST_MS): what a ledger computes with them (periods, alarms) and what Postgres
+# stores of them stay ordinary dates. A stored time outside it (written by an older version) makes
+# its user unreadable, not its shard (`persistence`).
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+EARLIEST_MS = 946_684_800_000
+LATEST_MS = 7_258_118_400_000
+
 
 def wall_clock_ms() -> int:
     """The real clock, in integer milliseconds since the epoch."""
@@ -30,6 +39,25 @@ def from_datetime(value: datetime) -> int:
         raise ValueError("naive datetime: the ledger only accepts timezone-aware times")
     delta = value - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * MS_PER_SECOND + delta.microseconds // 1_000
+
+
+def checked_instant(value: datetime) -> int:
+    """Epoch milliseconds of a time from outside, if it is timezone-aware and within
+    [EARLIEST, LATEST); `ValueError` (with what is wrong) otherwise."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("a time must carry its timezone (e.g. 2026-11-01T00:00:00Z)")
+    try:
+        ms = from_datetime(value)
+    except OverflowError:
+        raise ValueError("a time must lie between 2000-01-01 and 2200-01-01 UTC") from None
+    return checked_ms(ms)
+
+
+def checked_ms(ms: int) -> int:
+    """`ms` if it lies within [EARLIEST_MS, LATEST_MS); `ValueError` otherwise."""
+    if not EARLIEST_MS <= ms < LATEST_MS:
+        raise ValueError("a time must lie between 2000-01-01 and 2200-01-01 UTC")
+    return ms
 
 
 def minutes_to_ms(minutes: float) -> int:

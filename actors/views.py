@@ -41,6 +41,7 @@ class UsageView:
     warning: Warning | None
     active_session: ActiveSessionView | None
     version: int
+    held_ms: int = 0  # held, not yet billed (tails of sessions the limit ended); not in `remaining_ms`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -32,7 +33,7 @@ from actors.records import (
     PlanAction,
     PurchaseReason,
 )
-from actors.times import from_datetime, minutes_to_ms, rfc3339, to_datetime, to_minutes
+from actors.times import checked_instant, from_datetime, minutes_to_ms, rfc3339, to_datetime, to_minutes
 from actors.views import (
     ActiveSessionView,
     BalanceCheck,
@@ -54,6 +55,16 @@ Timestamp = Annotated[
     PlainSerializer(rfc3339, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
+
+
+def _in_range(value: datetime) -> datetime:
+    checked_instant(value)
+    return value
+
+
+# A time in a request: RFC 3339 with its timezone, between 2000-01-01 and 2200-01-01 UTC
+# (`actors.times.checked_instant`); anything else is 422 and changes nothing.
+Instant = Annotated[AwareDatetime, Field(strict=False), AfterValidator(_in_range)]
 WarningKind = Literal["low_balance", "exhausted"]
 # Free text, but no control characters other than tab and line breaks (Postgres text cannot hold NUL).
 Topic = Annotated[
@@ -138,10 +149,10 @@ class CreditsRequest(RequestModel):
 class PlanChangeRequest(RequestModel):
     plan: PlanName
     action: PlanAction
-    occurred_at: Annotated[AwareDatetime, Field(strict=False)]
+    occurred_at: Instant
     reset_usage: bool = False
-    period_start: Annotated[AwareDatetime, Field(strict=False)] | None = None
-    period_end: Annotated[AwareDatetime, Field(strict=False)] | None = None
+    period_start: Instant | None = None
+    period_end: Instant | None = None
 
     @model_validator(mode="after")
     def _period_is_whole(self) -> PlanChangeRequest:
@@ -189,6 +200,10 @@ class Usage(ResponseModel):
     warning: WarningKind | None
     active_session: ActiveSession | None
     version: int
+    # Held, not yet billed: the time a session the limit ended ran after its last heartbeat, billed
+    # once its client is heard from (within the stale timeout), dropped otherwise. Not counted in
+    # `minutes_remaining` (nor in `purchased_minutes`).
+    minutes_held: float = 0.0
 
     @classmethod
     def from_view(cls, view: UsageView) -> Usage:
@@ -201,10 +216,11 @@ class Usage(ResponseModel):
             minutes_used=to_minutes(view.used_ms),
             minutes_remaining=to_minutes(view.remaining_ms),
             purchased_minutes=to_minutes(view.purchased_ms),
-            percent_used=percent(view.used_ms, view.remaining_ms),
+            percent_used=percent(view.used_ms + view.held_ms, view.remaining_ms),
             warning=view.warning,
             active_session=ActiveSession.from_view(view.active_session) if view.active_session else None,
             version=view.version,
+            minutes_held=to_minutes(view.held_ms),
         )
 
 

@@ -14,6 +14,10 @@ wait, without a call, for the methods that take a rate token: the shard said
 when a token comes back, and until then it would only say no again. An abusive
 client then costs this process a token check, and its shard nothing.
 
+A call that the shard could not answer within its batch (its user's turn is
+held by a durable write, say) is answered by a `collect` call of its own, so
+it never holds up the others (`LedgerShard.batch`).
+
 Every call is bounded by `call_timeout_s`; a shard that does not answer in
 time, has died, or is restarting surfaces as `Unavailable` (503), never as a
 hung request. A call that may be repeated without a second effect (reads,
@@ -109,12 +113,33 @@ class ShardBatcher:
                 for (*_, future), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue  # its caller stopped waiting (timeout)
-                    if ok:
+                    if ok is None:  # still running on the shard: fetched by a call of its own
+                        self._collect(value, future)
+                    elif ok:
                         future.set_result(value)
                     else:
                         future.set_exception(value)
         finally:
             self._in_flight -= 1
+
+    def _collect(self, ticket: int, future: asyncio.Future[Any]) -> None:
+        """Answer `future` with the shard's answer to a deferred call (see `LedgerShard.batch`)."""
+
+        async def fetch() -> None:
+            try:
+                ok, value = await self._handle.collect.remote(ticket)
+            except Exception as exc:
+                ok, value = False, exc
+            if future.done():
+                return
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+        collector = asyncio.get_running_loop().create_task(fetch())
+        self._senders.add(collector)
+        collector.add_done_callback(self._senders.discard)
 
 
 class ShardRouter:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from actors.credits import CreditKey
 from actors.records import CreditEntry, CreditPurchaseRecord
-from actors.times import from_datetime, to_datetime
+from actors.times import to_datetime
+from persistence.decode import instant_ms, optional_instant_ms
 from persistence.errors import PersistenceError
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ async def insert_entries(connection: Connection, *, entries: Sequence[CreditEntr
     stored = {(row["user_id"], row["seq"]): row for row in rows}
     for entry in repeated:
         row = stored[(entry.user_id, entry.seq)]
-        window = from_datetime(row["window_start"]) if row["window_start"] is not None else None
+        window = optional_instant_ms(row["window_start"], "credit_ledger.window_start")
         kept = (row["bucket"], window, row["delta"], row["balance_after"], row["reason"])
         if kept != (entry.bucket, entry.window_start_ms, entry.delta, entry.balance_after, entry.reason):
             raise PersistenceError(
@@ -78,9 +79,9 @@ async def fetch_entries(connection: Connection, *, user_id: str, limit: int) -> 
         CreditEntry(
             user_id=row["user_id"],
             seq=row["seq"],
-            occurred_at_ms=from_datetime(row["occurred_at"]),
+            occurred_at_ms=instant_ms(row["occurred_at"], "credit_ledger.occurred_at"),
             bucket=row["bucket"],
-            window_start_ms=from_datetime(row["window_start"]) if row["window_start"] is not None else None,
+            window_start_ms=optional_instant_ms(row["window_start"], "credit_ledger.window_start"),
             delta=row["delta"],
             balance_after=row["balance_after"],
             reason=row["reason"],
@@ -98,7 +99,7 @@ async def fetch_balances(connection: Connection, *, user_id: str) -> dict[Credit
         user_id,
     )
     return {
-        (row["bucket"], from_datetime(row["window_start"]) if row["window_start"] is not None else None): (
+        (row["bucket"], optional_instant_ms(row["window_start"], "credit_ledger.window_start")): (
             int(row["balance"]),
             int(row["last_balance_after"]),
         )

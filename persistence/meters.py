@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from actors.records import MeterRecord
-from actors.times import from_datetime, to_datetime
+from actors.times import to_datetime
+from persistence.decode import instant_ms
 
 if TYPE_CHECKING:
     from persistence.database import Connection
@@ -51,8 +52,8 @@ async def fetch_meters(connection: Connection, *, user_ids: Sequence[str]) -> di
             MeterRecord(
                 user_id=row["user_id"],
                 meter=row["meter"],
-                window_start_ms=from_datetime(row["window_start"]),
-                window_end_ms=from_datetime(row["window_end"]),
+                window_start_ms=instant_ms(row["window_start"], "usage_meters.window_start"),
+                window_end_ms=instant_ms(row["window_end"], "usage_meters.window_end"),
                 used=row["used"],
                 version=row["version"],
             )

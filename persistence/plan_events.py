@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from actors.records import PlanEventRecord
-from actors.times import from_datetime, to_datetime
+from actors.times import to_datetime
+from persistence.decode import instant_ms, optional_instant_ms
 
 if TYPE_CHECKING:
     from persistence.database import Connection
@@ -36,6 +38,25 @@ async def insert_plan_event(connection: Connection, *, event: PlanEventRecord) -
     return bool(status == "INSERT 0 1")
 
 
+async def fetch_last_applied(
+    connection: Connection, *, user_ids: Sequence[str]
+) -> dict[str, tuple[int, str]]:
+    """Each user's newest applied plan event, as (occurred_at, delivery id): the order key a
+    renewal that changed nothing moved without writing the user (see `UserLedger.change_plan`)."""
+    rows = await connection.fetch(
+        """
+        select distinct on (user_id) user_id, occurred_at, delivery_id
+        from plan_events where user_id = any($1::text[]) and applied
+        order by user_id, occurred_at desc, delivery_id desc
+        """,
+        list(user_ids),
+    )
+    return {
+        row["user_id"]: (instant_ms(row["occurred_at"], "plan_events.occurred_at"), row["delivery_id"])
+        for row in rows
+    }
+
+
 async def fetch_plan_event(connection: Connection, *, delivery_id: str) -> PlanEventRecord | None:
     row = await connection.fetchrow(
         """
@@ -52,10 +73,10 @@ async def fetch_plan_event(connection: Connection, *, delivery_id: str) -> PlanE
         user_id=row["user_id"],
         plan=row["plan"],
         action=row["action"],
-        occurred_at_ms=from_datetime(row["occurred_at"]),
+        occurred_at_ms=instant_ms(row["occurred_at"], "plan_events.occurred_at"),
         reset_usage=row["reset_usage"],
-        period_start_ms=from_datetime(row["period_start"]) if row["period_start"] is not None else None,
-        period_end_ms=from_datetime(row["period_end"]) if row["period_end"] is not None else None,
+        period_start_ms=optional_instant_ms(row["period_start"], "plan_events.period_start"),
+        period_end_ms=optional_instant_ms(row["period_end"], "plan_events.period_end"),
         applied=row["applied"],
         response=json.loads(row["response"]),
     )

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from actors.records import ReplyRecord
-from actors.times import from_datetime, to_datetime
+from actors.replies import REPLIES_PER_USER_MAX
+from actors.times import to_datetime
+from persistence.decode import instant_ms
 
 if TYPE_CHECKING:
     from persistence.database import Connection
@@ -41,14 +43,20 @@ async def insert_replies(connection: Connection, *, replies: Sequence[ReplyRecor
 async def fetch_replies(
     connection: Connection, *, user_ids: Sequence[str], now_ms: int
 ) -> dict[str, list[ReplyRecord]]:
-    """Each user's replies not expired at `now_ms`, at version 0 (they are written already)."""
+    """Each user's replies not expired at `now_ms`, the newest `REPLIES_PER_USER_MAX` of them (the
+    ledger keeps no more), at version 0 (they are written already)."""
     rows = await connection.fetch(
         """
         select user_id, key, request_hash, outcome, created_at, expires_at
-        from idempotency_keys where user_id = any($1::text[]) and expires_at > $2
+        from (
+            select *, row_number() over (partition by user_id order by expires_at desc) as newest
+            from idempotency_keys where user_id = any($1::text[]) and expires_at > $2
+        ) kept
+        where newest <= $3
         """,
         list(user_ids),
         to_datetime(now_ms),
+        REPLIES_PER_USER_MAX,
     )
     found: dict[str, list[ReplyRecord]] = defaultdict(list)
     for row in rows:
@@ -58,8 +66,8 @@ async def fetch_replies(
                 key=row["key"],
                 request_hash=row["request_hash"],
                 outcome=row["outcome"],
-                created_at_ms=from_datetime(row["created_at"]),
-                expires_at_ms=from_datetime(row["expires_at"]),
+                created_at_ms=instant_ms(row["created_at"], "idempotency_keys.created_at"),
+                expires_at_ms=instant_ms(row["expires_at"], "idempotency_keys.expires_at"),
                 version=0,
             )
         )

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import asyncpg
 
 from actors.records import SessionRecord
-from actors.times import from_datetime, to_datetime
+from actors.times import to_datetime
+from persistence.decode import instant_ms, optional_instant_ms
 
 if TYPE_CHECKING:
     from persistence.database import Connection
 
 _COLUMNS = """
     id, user_id, started_at, last_heartbeat_at, ended_at, used_ms,
-    topic, difficulty, end_reason, last_seq, version
+    topic, difficulty, end_reason, last_seq, version, pending
 """
 
 
@@ -24,16 +27,30 @@ def _record(row: asyncpg.Record) -> SessionRecord:
     return SessionRecord(
         session_id=str(row["id"]),
         user_id=row["user_id"],
-        started_at_ms=from_datetime(row["started_at"]),
-        last_heartbeat_at_ms=from_datetime(row["last_heartbeat_at"]),
+        started_at_ms=instant_ms(row["started_at"], "usage_sessions.started_at"),
+        last_heartbeat_at_ms=instant_ms(row["last_heartbeat_at"], "usage_sessions.last_heartbeat_at"),
         used_ms=row["used_ms"],
         topic=row["topic"],
         difficulty=row["difficulty"],
         version=row["version"],
-        ended_at_ms=from_datetime(row["ended_at"]) if row["ended_at"] is not None else None,
+        ended_at_ms=optional_instant_ms(row["ended_at"], "usage_sessions.ended_at"),
         end_reason=row["end_reason"],
         last_seq=row["last_seq"],
+        pending=_pending_from(row["pending"]),
     )
+
+
+def _pending_from(value: str | None) -> tuple[tuple[int, int, int], ...]:
+    """`pending` as stored (jsonb text: [[period start ms, allowance ms, purchased ms], ...])."""
+    if value is None:
+        return ()
+    return tuple(
+        (int(start), int(allowance), int(purchased)) for start, allowance, purchased in json.loads(value)
+    )
+
+
+def _pending_to(pending: tuple[tuple[int, int, int], ...]) -> str | None:
+    return json.dumps([list(draw) for draw in pending]) if pending else None
 
 
 def _as_uuid(session_id: str) -> uuid.UUID | None:
@@ -49,7 +66,7 @@ async def upsert_sessions(connection: Connection, *, sessions: Sequence[SessionR
         insert into usage_sessions as s ({_COLUMNS})
         select * from unnest(
             $1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[],
-            $6::bigint[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[]
+            $6::bigint[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::jsonb[]
         )
         on conflict (id) do update
             set last_heartbeat_at = excluded.last_heartbeat_at,
@@ -58,6 +75,7 @@ async def upsert_sessions(connection: Connection, *, sessions: Sequence[SessionR
                 end_reason = excluded.end_reason,
                 last_seq = excluded.last_seq,
                 version = excluded.version,
+                pending = excluded.pending,
                 updated_at = now()
             where s.version < excluded.version and s.user_id = excluded.user_id
         """,
@@ -72,20 +90,44 @@ async def upsert_sessions(connection: Connection, *, sessions: Sequence[SessionR
         [s.end_reason for s in sessions],
         [s.last_seq for s in sessions],
         [s.version for s in sessions],
+        [_pending_to(s.pending) for s in sessions],
     )
 
 
-async def fetch_open_sessions(connection: Connection, *, user_ids: Sequence[str]) -> dict[str, SessionRecord]:
+async def fetch_live_sessions(
+    connection: Connection, *, user_ids: Sequence[str]
+) -> tuple[dict[str, SessionRecord], dict[str, list[SessionRecord]]]:
+    """Each user's open session, and their ended sessions whose tail is still held (`pending`)."""
     rows = await connection.fetch(
-        f"select {_COLUMNS} from usage_sessions where user_id = any($1::text[]) and ended_at is null",
+        f"""
+        select {_COLUMNS} from usage_sessions
+        where user_id = any($1::text[]) and ended_at is null
+        union all
+        select {_COLUMNS} from usage_sessions
+        where user_id = any($1::text[]) and pending is not null
+        """,
         list(user_ids),
     )
-    return {row["user_id"]: _record(row) for row in rows}
+    open_sessions: dict[str, SessionRecord] = {}
+    pending: dict[str, list[SessionRecord]] = defaultdict(list)
+    for row in rows:
+        record = _record(row)
+        if record.is_open:
+            open_sessions[record.user_id] = record
+        elif record.is_pending:
+            pending[record.user_id].append(record)
+    return open_sessions, pending
 
 
 async def fetch_open_session_users(connection: Connection) -> list[str]:
+    """Users with an open session or a held tail: their alarms must run after a restart."""
     rows = await connection.fetch(
-        "select user_id from usage_sessions where ended_at is null order by user_id"
+        """
+        select user_id from usage_sessions where ended_at is null
+        union
+        select user_id from usage_sessions where pending is not null
+        order by user_id
+        """
     )
     return [row["user_id"] for row in rows]
 

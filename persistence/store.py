@@ -28,9 +28,10 @@ from actors.records import (
     SessionRecord,
     StoredLedger,
 )
-from actors.store import Fence, StoreFenced, WriteOutcome, WriteReceipt
+from actors.store import Fence, StoreFenced, UnreadableLedger, WriteOutcome, WriteReceipt
 from persistence import credit_ledger, events, meters, plan_events, replies, sessions, users
 from persistence.database import PoolLimits, create_pool
+from persistence.decode import UnreadableRow
 from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, PersistenceError, translate_errors
 
 # How often `write_outcome` asks again about a transaction still in progress.
@@ -46,17 +47,41 @@ class PostgresStore:
         """A pooled connection, waiting at most `acquire_timeout_s` for one."""
         return self._pool.acquire(timeout=self._acquire_timeout_s)
 
-    async def load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
+    async def load(
+        self, user_ids: Sequence[str], *, now_ms: int
+    ) -> dict[str, StoredLedger | UnreadableLedger]:
+        """Users in one round of queries; if a row cannot be read, user by user, so only the users
+        whose rows hold it are `UnreadableLedger`."""
+        try:
+            return dict(await self._load(user_ids, now_ms=now_ms))
+        except UnreadableRow as exc:
+            if len(user_ids) == 1:
+                return {user_ids[0]: UnreadableLedger(user_ids[0], exc.reason)}
+        found: dict[str, StoredLedger | UnreadableLedger] = {}
+        for user_id in user_ids:
+            found.update(await self.load([user_id], now_ms=now_ms))
+        return found
+
+    async def _load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
         with translate_errors("load"):
             async with self._connection() as connection:
                 known = await users.fetch_users(connection, user_ids=user_ids)
                 if not known:
                     return {}
                 ids = list(known)
-                periods = await users.fetch_recent_periods(connection, user_ids=ids)
-                open_sessions = await sessions.fetch_open_sessions(connection, user_ids=ids)
+                open_sessions, pending = await sessions.fetch_live_sessions(connection, user_ids=ids)
+                held = sorted(
+                    {
+                        (user_id, start)
+                        for user_id, records in pending.items()
+                        for r in records
+                        for start, *_ in r.pending
+                    }
+                )
+                periods = await users.fetch_recent_periods(connection, user_ids=ids, held=held)
                 user_meters = await meters.fetch_meters(connection, user_ids=ids)
                 user_replies = await replies.fetch_replies(connection, user_ids=ids, now_ms=now_ms)
+                applied = await plan_events.fetch_last_applied(connection, user_ids=ids)
         return {
             user_id: StoredLedger(
                 user=user,
@@ -64,6 +89,8 @@ class PostgresStore:
                 open_session=open_sessions.get(user_id),
                 meters=tuple(user_meters.get(user_id, ())),
                 replies=tuple(user_replies.get(user_id, ())),
+                pending_sessions=tuple(pending.get(user_id, ())),
+                last_applied_plan_event=applied.get(user_id),
             )
             for user_id, user in known.items()
         }

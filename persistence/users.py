@@ -13,14 +13,11 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from actors.records import PeriodRecord, UserRecord
-from actors.times import from_datetime, to_datetime
+from actors.times import to_datetime
+from persistence.decode import instant_ms, optional_instant_ms
 
 if TYPE_CHECKING:
     from persistence.database import Connection
-
-
-def _ms_or_none(value: object) -> int | None:
-    return from_datetime(value) if value is not None else None  # type: ignore[arg-type]
 
 
 def _time_or_none(ms: int | None) -> object:
@@ -112,10 +109,10 @@ async def fetch_users(connection: Connection, *, user_ids: Sequence[str]) -> dic
             user_id=row["user_id"],
             plan=row["plan"],
             version=row["version"],
-            plan_event_at_ms=_ms_or_none(row["plan_event_at"]),
+            plan_event_at_ms=optional_instant_ms(row["plan_event_at"], "usage_users.plan_event_at"),
             plan_event_id=row["plan_event_id"],
             purchased_ms=row["purchased_ms"],
-            anchor_start_ms=_ms_or_none(row["anchor_start"]),
+            anchor_start_ms=optional_instant_ms(row["anchor_start"], "usage_users.anchor_start"),
             anchor_months=row["anchor_months"],
             anchor_duration_ms=row["anchor_duration_ms"],
             next_entry_seq=row["next_entry_seq"],
@@ -126,23 +123,29 @@ async def fetch_users(connection: Connection, *, user_ids: Sequence[str]) -> dic
 
 
 async def fetch_recent_periods(
-    connection: Connection, *, user_ids: Sequence[str]
+    connection: Connection, *, user_ids: Sequence[str], held: Sequence[tuple[str, int]] = ()
 ) -> dict[str, list[PeriodRecord]]:
     """Each user's current period, then the archived period holding the open session's last
-    heartbeat (if there is such a session and period)."""
+    heartbeat (if there is such a session and period), then the archived periods named in `held`
+    (user, period start): those the held tails of the user's sessions hold time in."""
     rows = await connection.fetch(
         """
         select p.user_id, p.period_start, p.period_end, p.plan, p.used_ms, p.limit_ms, p.archived,
                p.version, p.purchased_used_ms
         from usage_periods p
         left join usage_sessions s on s.user_id = p.user_id and s.ended_at is null
+        left join unnest($2::text[], $3::timestamptz[]) as h (user_id, period_start)
+            on h.user_id = p.user_id and h.period_start = p.period_start
         where p.user_id = any($1::text[])
           and (not p.archived
                or (s.id is not null
-                   and p.period_start <= s.last_heartbeat_at and s.last_heartbeat_at < p.period_end))
-        order by p.user_id, p.archived
+                   and p.period_start <= s.last_heartbeat_at and s.last_heartbeat_at < p.period_end)
+               or h.user_id is not null)
+        order by p.user_id, p.archived, p.period_start desc
         """,
         list(user_ids),
+        [user for user, _ in held],
+        [to_datetime(start) for _, start in held],
     )
     found: dict[str, list[PeriodRecord]] = defaultdict(list)
     for row in rows:
@@ -167,8 +170,8 @@ async def fetch_periods(connection: Connection, *, user_id: str, limit: int) -> 
 def _period(row: asyncpg.Record) -> PeriodRecord:
     return PeriodRecord(
         user_id=row["user_id"],
-        start_ms=from_datetime(row["period_start"]),
-        end_ms=from_datetime(row["period_end"]),
+        start_ms=instant_ms(row["period_start"], "usage_periods.period_start"),
+        end_ms=instant_ms(row["period_end"], "usage_periods.period_end"),
         plan=row["plan"],
         used_ms=row["used_ms"],
         limit_ms=row["limit_ms"],

@@ -13,7 +13,7 @@ import pytest
 import time_machine
 
 from actors.ledger import LedgerPolicy, UserLedger
-from actors.plans import PlanCatalog
+from actors.plans import Plan, PlanCatalog
 from actors.records import PlanEventRecord
 from actors.replies import REPLY_TTL_MS, IdempotencyKey
 from actors.store import StoreFenced, WriteReceipt
@@ -75,6 +75,38 @@ async def test_snapshot_round_trips_through_postgres(store: PostgresStore) -> No
     assert replace(restored.usage(after), version=0) == replace(ledger.usage(after), version=0)
     assert restored.version > ledger.version  # versions never repeat across a restore
     assert user in await store.open_session_users()
+
+
+async def test_a_held_tail_round_trips_with_the_periods_it_holds_time_in(store: PostgresStore) -> None:
+    """A session the limit ended across a month's end: its held time, in both months, survives a
+    restart, is shown as held, and is billed to both months once the client is heard from."""
+    tiny = LedgerPolicy(
+        plans=PlanCatalog(plans={"tiny": Plan("tiny", 6_000)}, default_plan="tiny"),
+        stale_session_ms=10 * MS_PER_MINUTE,
+        low_balance_ms=0,
+    )
+    user = user_id()
+    month_end = from_datetime(datetime(2026, 12, 1, tzinfo=UTC))
+    ledger = UserLedger.new(user, tiny, month_end - 4_000)
+    session_id = str(uuid.uuid4())
+    ledger.start_session(month_end - 4_000, session_id)
+    ledger.advance(month_end + 7_000)  # the limit at month_end + 6 s: 4 s held in Nov, 6 s in Dec
+    await store.save([ledger.snapshot()])
+    assert user in await store.open_session_users(), "a held tail is re-armed after a restart"
+    loaded = (await store.load([user], now_ms=month_end + 8_000))[user]
+    assert loaded.open_session is None
+    assert [s.session_id for s in loaded.pending_sessions] == [session_id]
+    restored = UserLedger.restore(loaded, tiny, month_end + 8_000)
+    assert restored.usage(month_end + 8_000).held_ms == 10_000
+    ended = restored.end_session(month_end + 9_000, session_id)
+    assert (ended.end_reason, ended.session_used_ms) == ("limit_reached", 10_000)
+    await store.save([restored.snapshot()])
+    record = await store.find_session(user, session_id)
+    assert record is not None and (record.used_ms, record.pending) == (10_000, ())
+    assert user not in await store.open_session_users()
+    periods = {p.start_ms: p for p in await store.list_periods(user, 5)}
+    assert periods[month_end].used_ms == 6_000
+    assert [p.used_ms for p in periods.values() if p.end_ms == month_end] == [4_000]
 
 
 async def test_older_versions_never_overwrite_newer(store: PostgresStore) -> None:

@@ -124,7 +124,9 @@ async def test_six_second_plan_ends_limit_reached_at_the_limit(
 
 
 async def test_limit_alarm_ends_session_without_a_heartbeat_at_the_end(client: httpx.AsyncClient) -> None:
-    """Heartbeats stop a second before the limit; the shard's alarm ends the session at the limit."""
+    """Heartbeats stop a second before the limit; the shard's alarm ends the session at the limit.
+    The second since the last heartbeat is held, and billed once the client is heard from again
+    (within the stale timeout of its last heartbeat)."""
     user = new_user()
     await change_plan(client, user, "tiny")
     session_id = (await client.post("/v1/sessions", headers=auth(user))).json()["session_id"]
@@ -142,7 +144,13 @@ async def test_limit_alarm_ends_session_without_a_heartbeat_at_the_end(client: h
     started = datetime.fromisoformat(history[0]["started_at"])
     finished = datetime.fromisoformat(history[0]["ended_at"])
     assert (finished - started).total_seconds() == 6.0
-    assert history[0]["session_id"] == session_id and history[0]["minutes_used"] == 0.1
+    assert history[0]["session_id"] == session_id and history[0]["minutes_used"] < 0.1
+    late = await client.post(f"/v1/sessions/{session_id}/heartbeat", headers=auth(user))
+    assert late.status_code == 200, late.text
+    assert (late.json()["state"], late.json()["end_reason"]) == ("ended", "limit_reached")
+    assert late.json()["session_minutes"] == 0.1, "heard from after the limit: billed to the limit"
+    history = (await client.get("/v1/sessions", headers=auth(user))).json()["sessions"]
+    assert history[0]["minutes_used"] == 0.1
 
 
 async def test_silent_session_ends_stale_billed_to_last_heartbeat(
@@ -221,6 +229,51 @@ async def test_unknown_query_parameters_and_undecodable_bodies_are_422(client: h
     )
     assert_problem(not_utf8, 422, "invalid_request")
     assert (await client.get("/v1/usage", headers=auth(user))).json()["active_session"] is None
+
+
+async def test_bodies_that_are_not_utf8_json_are_422_and_change_nothing(client: httpx.AsyncClient) -> None:
+    """JSON is UTF-8: a UTF-16 or UTF-32 body (which a lenient parser would guess and accept) is 422."""
+    user = new_user()
+    for encoding in ("utf-16", "utf-16-le", "utf-32"):
+        answer = await client.post(
+            "/v1/sessions",
+            content='{"topic": "ordering coffee"}'.encode(encoding),
+            headers={**auth(user), "content-type": "application/json"},
+        )
+        assert_problem(answer, 422, "invalid_request")
+    assert (await client.get("/v1/usage", headers=auth(user))).json()["active_session"] is None
+
+
+async def test_a_keyed_request_is_the_same_request_however_it_is_written(client: httpx.AsyncClient) -> None:
+    """Numbers by value (`1` and `1.0`), JSON however spaced or ordered, a session id in any case:
+    the retry gets the first answer again, with no second effect."""
+    user = new_user()
+    first = await client.post(
+        "/v1/meters/generations/consume", json={"amount": 1}, headers={**auth(user), "Idempotency-Key": "m-1"}
+    )
+    assert first.status_code == 200, first.text
+    for body in (b'{"amount": 1.0}', b'{ "amount" : 1e0 }', b'{"amount":10E-1}'):
+        again = await client.post(
+            "/v1/meters/generations/consume",
+            content=body,
+            headers={**auth(user), "Idempotency-Key": "m-1", "content-type": "application/json"},
+        )
+        assert (again.status_code, again.json()) == (200, first.json()), body
+    credits = (await client.get("/v1/credits", headers=auth(user))).json()
+    assert credits["meters"]["generations"]["used"] == 1, "one use, however often it was retried"
+    session_id = (await client.post("/v1/sessions", headers=auth(user))).json()["session_id"]
+    ended = await client.post(
+        f"/v1/sessions/{session_id}/end", headers={**auth(user), "Idempotency-Key": "e-1"}
+    )
+    assert ended.status_code == 200, ended.text
+    shouted = await client.post(
+        f"/v1/sessions/{session_id.upper()}/end", headers={**auth(user), "Idempotency-Key": "e-1"}
+    )
+    assert (shouted.status_code, shouted.json()) == (200, ended.json())
+    other = await client.post(
+        "/v1/meters/generations/consume", json={"amount": 2}, headers={**auth(user), "Idempotency-Key": "m-1"}
+    )
+    assert_problem(other, 422, "idempotency_conflict")
 
 
 async def test_heartbeat_rejects_wrong_types(client: httpx.AsyncClient) -> None:

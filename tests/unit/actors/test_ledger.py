@@ -120,6 +120,7 @@ class TestHeartbeat:
         assert user.heartbeat(T0 + 60 * SEC, "s1", seq=3).session_used_ms == 60 * SEC
 
     def test_heartbeat_after_limit_alarm_answers_ended_limit_reached(self) -> None:
+        """The heartbeat shows the client was alive: the held time to the limit is billed, once."""
         user = ledger("tiny")
         user.start_session(T0, "s1")
         user.advance(T0 + 6 * SEC)
@@ -127,7 +128,10 @@ class TestHeartbeat:
         result = user.heartbeat(T0 + 30 * SEC, "s1")
         assert (result.state, result.end_reason) == ("ended", "limit_reached")
         assert result.session_used_ms == 6 * SEC
-        assert user.version == version
+        assert user.version == version + 1
+        again = user.heartbeat(T0 + 31 * SEC, "s1")
+        assert again.session_used_ms == 6 * SEC
+        assert user.version == version + 1
 
     def test_heartbeat_after_stale_end_is_session_ended(self) -> None:
         user = ledger("basic")
@@ -174,6 +178,7 @@ class TestEndSession:
 
 class TestAlarms:
     def test_session_ends_limit_reached_exactly_at_limit(self) -> None:
+        """The gate closes at the limit; the time since the last heartbeat is held, not billed."""
         user = ledger("tiny")
         user.start_session(T0, "s1")
         user.heartbeat(T0 + 2 * SEC, "s1")
@@ -185,8 +190,64 @@ class TestAlarms:
         assert record is not None
         assert record.end_reason == "limit_reached"
         assert record.ended_at_ms == T0 + 6 * SEC
-        assert record.used_ms == 6 * SEC
+        assert record.last_heartbeat_at_ms == T0 + 2 * SEC  # an alarm never moves it
+        assert record.used_ms == 2 * SEC
+        usage = user.usage(T0 + 9 * SEC)
+        assert (usage.used_ms, usage.held_ms, usage.remaining_ms) == (2 * SEC, 4 * SEC, 0)
+        assert usage.warning == "exhausted" and usage.active_session is None
+        assert not user.has_credits(T0 + 9 * SEC)
+        with pytest.raises(NoCredits):
+            user.start_session(T0 + 9 * SEC, "s2")
+
+    def test_a_silent_client_is_billed_to_its_last_heartbeat(self) -> None:
+        user = ledger("tiny")
+        user.start_session(T0, "s1")
+        user.heartbeat(T0 + 2 * SEC, "s1")
+        fired = user.advance(T0 + 2 * SEC + STALE_MS)
+        assert [alarm.kind for alarm in fired] == ["limit", "release"]
+        record = user.ended_session("s1")
+        assert record is not None and not record.is_pending
+        assert (record.end_reason, record.ended_at_ms, record.used_ms) == (
+            "limit_reached",
+            T0 + 6 * SEC,
+            2 * SEC,
+        )
+        usage = user.usage(T0 + 2 * SEC + STALE_MS)
+        assert (usage.used_ms, usage.held_ms, usage.remaining_ms) == (2 * SEC, 0, 4 * SEC)
+        # A heartbeat after the release bills nothing more: it answers the final account.
+        late = user.heartbeat(T0 + 3 * SEC + STALE_MS, "s1")
+        assert (late.state, late.end_reason, late.session_used_ms) == ("ended", "limit_reached", 2 * SEC)
+
+    def test_an_honest_client_ending_after_the_limit_pays_exactly_to_the_limit(self) -> None:
+        user = ledger("tiny")
+        user.start_session(T0, "s1")
+        user.heartbeat(T0 + 2 * SEC, "s1")
+        user.advance(T0 + 7 * SEC)
+        ended = user.end_session(T0 + 40 * SEC, "s1")
+        assert (ended.end_reason, ended.session_used_ms, ended.remaining_ms) == ("limit_reached", 6 * SEC, 0)
+        record = user.ended_session("s1")
+        assert record is not None and not record.is_pending
+        assert (record.ended_at_ms, record.used_ms) == (T0 + 6 * SEC, 6 * SEC)
         assert user.used_ms == user.limit_ms
+        assert user.usage(T0 + 41 * SEC).held_ms == 0
+        assert user.advance(T0 + 2 * SEC + STALE_MS) == [], "nothing is left to release"
+
+    def test_the_held_time_is_billed_in_the_period_it_was_held_in(self) -> None:
+        """A client heard from after the period ended still pays the old period, not the new one."""
+        start = DEC_1 - 4 * SEC
+        user = ledger("tiny", now=start)
+        user.start_session(start, "s1")
+        user.advance(DEC_1 + 7 * SEC)  # the limit at DEC_1 + 6 s: 4 s held in Nov, 6 s in Dec
+        usage = user.usage(DEC_1 + 7 * SEC)
+        assert (usage.used_ms, usage.held_ms, usage.remaining_ms) == (0, 10 * SEC, 0)
+        assert user.balances(DEC_1 + 7 * SEC)[("monthly", DEC_1 - 30 * 86_400_000)] == 6 * SEC
+        ended = user.end_session(DEC_1 + 30 * SEC, "s1")
+        assert ended.session_used_ms == 10 * SEC
+        periods = {p.start_ms: p for p in user.snapshot().periods}
+        assert periods[DEC_1].used_ms == 6 * SEC
+        assert periods[DEC_1 - 30 * 86_400_000].used_ms == 4 * SEC
+        assert periods[DEC_1 - 30 * 86_400_000].archived
+        assert user.balances(DEC_1 + 31 * SEC) == {("monthly", DEC_1): 0, ("purchased", None): 0}
 
     def test_silent_session_ends_stale_billed_to_last_heartbeat(self) -> None:
         user = ledger("basic")
@@ -242,6 +303,48 @@ class TestPlans:
         assert user.plan == "pro"
         assert user.version == version
 
+    def test_a_renewal_of_the_plan_in_force_with_the_current_period_changes_nothing(self) -> None:
+        user = ledger()
+        start, end = T0 - 5 * MIN, T0 - 5 * MIN + 30 * 86_400_000
+        assert user.change_plan(T0, change("basic", T0, "d1", period_start_ms=start, period_end_ms=end))
+        user.mark_synced(user.snapshot().version)
+        version, events = user.version, user.events_after(0)
+        assert user.change_plan(
+            T0 + MIN, change("basic", T0 + MIN, "d2", period_start_ms=start, period_end_ms=end)
+        )
+        assert user.change_plan(T0 + 2 * MIN, change("basic", T0 + 2 * MIN, "d3"))  # no period: the same
+        assert (user.version, user.events_after(0), user.is_dirty) == (version, events, False)
+        later = user.usage(end + MIN)  # periods roll on; billing's renewal names the new one
+        assert user.change_plan(
+            end + 2 * MIN,
+            change(
+                "basic",
+                end + 2 * MIN,
+                "d5",
+                period_start_ms=later.period_start_ms,
+                period_end_ms=later.period_end_ms,
+            ),
+        )
+        assert (user.version, user.usage(end + 2 * MIN).period_end_ms) == (later.version, later.period_end_ms)
+        # The order of billing's events still moved: an event older than the renewal is not applied.
+        assert not user.change_plan(T0 + 3 * MIN, change("pro", T0 + 90 * SEC, "d4"))
+        assert user.plan == "basic"
+
+    def test_the_order_a_renewal_moved_survives_a_restore_through_the_plan_events(self) -> None:
+        user = ledger()
+        assert user.change_plan(T0, change("basic", T0, "d1"))
+        snapshot = user.snapshot()
+        assert user.change_plan(T0 + MIN, change("basic", T0 + MIN, "d2"))  # writes no user row
+        stored = StoredLedger(
+            user=snapshot.user,
+            periods=snapshot.periods,
+            open_session=None,
+            last_applied_plan_event=(T0 + MIN, "d2"),  # what the plan events hold
+        )
+        restored = UserLedger.restore(stored, POLICY, T0 + 2 * MIN)
+        assert not restored.change_plan(T0 + 2 * MIN, change("pro", T0 + 30 * SEC, "d3"))
+        assert restored.plan == "basic"
+
     def test_replayed_event_is_not_applied_twice(self) -> None:
         user = ledger()
         assert user.change_plan(T0, change("pro", T0, "d1", reset_usage=True))
@@ -277,7 +380,8 @@ class TestPlans:
         assert user.plan_event_at_ms is None
 
     def test_downgrade_below_usage_ends_running_session_at_the_change(self) -> None:
-        """The time since the last heartbeat ran under the old plan: billed, and the session ends now."""
+        """The time since the last heartbeat ran under the old plan: the session ends now, and that
+        time is held, billed once the client is heard from."""
         user = ledger("pro")
         user.start_session(T0, "s1")
         user.heartbeat(T0 + 9 * MIN, "s1")
@@ -287,8 +391,10 @@ class TestPlans:
         assert record is not None
         assert record.end_reason == "limit_reached"
         assert record.ended_at_ms == T0 + 18 * MIN + 20 * SEC
-        assert user.used_ms == 18 * MIN + 20 * SEC
+        assert (user.used_ms, user.usage(T0 + 19 * MIN).held_ms) == (18 * MIN, 20 * SEC)
         assert user.usage(T0 + 19 * MIN).warning == "exhausted"
+        assert user.heartbeat(T0 + 19 * MIN, "s1").session_used_ms == 18 * MIN + 20 * SEC
+        assert user.used_ms == 18 * MIN + 20 * SEC
 
     def test_downgrade_that_leaves_room_bills_nothing_at_the_change(self) -> None:
         user = ledger("pro")

@@ -14,8 +14,12 @@ boundaries. After every step it checks:
 - every balance equals the sum of its credit-ledger entries, each entry's
   `balance_after` is the running sum, and sequence numbers have no gaps;
 - no bucket goes negative;
-- no session is billed for more time than it ran, and a stale session is
-  billed only to its last heartbeat.
+- no session is billed for more time than it ran, nor past its client's last
+  sign of life (its start, a heartbeat or an end); a stale session is billed
+  only to its last heartbeat;
+- what a period has billed or holds never grows past its limit (a tail held
+  under a plan later lowered may be billed, but nothing new is taken);
+- held time is held once: what the tails hold is what the ledger shows held.
 """
 
 from __future__ import annotations
@@ -85,9 +89,11 @@ clock_steps = st.one_of(
 def _without_versions(
     user: UserRecord, periods: dict[int, PeriodRecord], sessions: dict[str, SessionRecord]
 ) -> tuple[object, ...]:
-    """What a store holds, minus version numbers: to tell whether anything durable changed."""
+    """What a store holds, minus version numbers: to tell whether anything durable changed. (The
+    order key of billing's events is left out too: a renewal that changes nothing moves it alone,
+    without a version, and the plan events keep it.)"""
     return (
-        replace(user, version=0),
+        replace(user, version=0, plan_event_at_ms=None, plan_event_id=None),
         tuple(replace(p, version=0) for _, p in sorted(periods.items())),
         tuple(replace(x, version=0) for _, x in sorted(sessions.items())),
     )
@@ -100,8 +106,10 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger = UserLedger.new("u", POLICY, self.now)
         self.counter = 0
         self.known_sessions: list[str] = []
-        # The model: when each session last heard from its client, and its last accepted seq.
+        # The model: when each session last heard from its client (a heartbeat it accepted), when
+        # its client last called for it at all (its last sign of life), and its last accepted seq.
         self.last_beat: dict[str, int] = {}
+        self.contact: dict[str, int] = {}
         self.last_seq: dict[str, int] = {}
         self.seq = 0
         # Everything ever recorded, latest record per key (as a store would keep it).
@@ -114,6 +122,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.last_version = 0
         self.last_content: tuple[object, ...] | None = None
         self.used_before = self.ledger.used_ms
+        self.spent_before = self.ledger.used_ms
         self.period_before = self.ledger.period.start_ms
 
     # ------------------------------------------------------------------ rules
@@ -133,6 +142,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         self.known_sessions.append(session_id)
         self.last_beat[session_id] = self.now
+        self.contact[session_id] = self.now
 
     @rule(data=st.data(), seq_delta=st.none() | st.integers(min_value=-2, max_value=2))
     @precondition(lambda self: bool(self.known_sessions))
@@ -142,6 +152,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if seq_delta is not None:
             self.seq = max(0, self.seq + seq_delta)
             seq = self.seq
+        self.contact[session_id] = self.now
         try:
             result = self.ledger.heartbeat(self.now, session_id, seq=seq)
         except (SessionEnded, SessionNotFound):
@@ -159,6 +170,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.known_sessions))
     def end(self, data: st.DataObject) -> None:
         session_id = data.draw(st.sampled_from(self.known_sessions))
+        self.contact[session_id] = self.now
         first = self.ledger.end_session(self.now, session_id)
         again = self.ledger.end_session(self.now, session_id)
         assert first.session_id == again.session_id
@@ -220,6 +232,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if applied and reset and self.ledger.period.start_ms == period:
             self.reset_ms += used
         self.used_before = self.ledger.used_ms
+        self.spent_before = self.ledger.used_ms + self.ledger.held_in_period_ms
 
     @rule()
     def crash_and_restore(self) -> None:
@@ -227,17 +240,25 @@ class LedgerMachine(RuleBasedStateMachine):
         snapshot = self.ledger.snapshot()
         self._absorb(snapshot)
         open_sessions = [s for s in snapshot.sessions if s.is_open]
+        pending = [s for s in self.sessions.values() if s.is_pending]
         stored_periods = [p for p in snapshot.periods if not p.archived]
         if open_sessions:
             heard = open_sessions[0].last_heartbeat_at_ms
             stored_periods += [
                 p for p in self.periods.values() if p.archived and p.start_ms <= heard < p.end_ms
             ]
+        held_in = {start for record in pending for start, *_ in record.pending}
+        stored_periods += [
+            p
+            for p in self.periods.values()
+            if p.archived and p.start_ms in held_in and p not in stored_periods
+        ]
         stored = StoredLedger(
             user=snapshot.user,
             periods=tuple(stored_periods),
             open_session=open_sessions[0] if open_sessions else None,
             meters=tuple(self.meters.values()),
+            pending_sessions=tuple(pending),
         )
         before_usage = self.ledger.usage(self.now)
         before_deadline = self.ledger.next_deadline_ms()
@@ -246,7 +267,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert replace(after_usage, version=0) == replace(before_usage, version=0)
         assert after_usage.version > before_usage.version, "versions after a restore are newer"
         assert self.ledger.next_deadline_ms() == before_deadline
-        self.known_sessions = [s for s in self.known_sessions if s in {x.session_id for x in open_sessions}]
+        alive = {x.session_id for x in open_sessions} | {x.session_id for x in pending}
+        self.known_sessions = [s for s in self.known_sessions if s in alive]
 
     # ------------------------------------------------------------- invariants
 
@@ -283,11 +305,18 @@ class LedgerMachine(RuleBasedStateMachine):
         self.last_version = snapshot.version
         self.last_content = content
 
-        # billing never pushes usage past the limit
-        if self.ledger.period.start_ms == self.period_before and self.ledger.used_ms > self.used_before:
-            assert self.ledger.used_ms <= self.ledger.limit_ms, "billed past the limit"
+        # billing and holding never push what the period spent or holds past its limit
+        spent = self.ledger.used_ms + self.ledger.held_in_period_ms
+        if self.ledger.period.start_ms == self.period_before and spent > self.spent_before:
+            assert spent <= self.ledger.limit_ms, "billed or held past the limit"
         self.used_before = self.ledger.used_ms
+        self.spent_before = spent
         self.period_before = self.ledger.period.start_ms
+
+        # what the tails hold is what the ledger shows held, and it is unavailable
+        pending = [s for s in self.sessions.values() if s.is_pending]
+        held = sum(allowance + purchased for record in pending for _, allowance, purchased in record.pending)
+        assert held == self.ledger.held_ms
 
         # at most one open session, and it is the ledger's active one
         open_sessions = [s for s in self.sessions.values() if s.is_open]
@@ -336,10 +365,13 @@ class LedgerMachine(RuleBasedStateMachine):
             elif event.kind == "exhausted":
                 assert event.remaining_ms == 0, event
 
-        # no session billed for more than it ran; silence is never billed
+        # no session billed for more than it ran, nor past its last sign of life; silence is never billed
         for session in self.sessions.values():
             end = session.ended_at_ms if session.ended_at_ms is not None else session.last_heartbeat_at_ms
             assert 0 <= session.used_ms <= end - session.started_at_ms
+            assert session.used_ms <= self.contact[session.session_id] - session.started_at_ms, (
+                "billed past the last sign of life"
+            )
             if session.end_reason == "stale":
                 heard = self.last_beat[session.session_id]
                 assert session.ended_at_ms == session.last_heartbeat_at_ms == heard

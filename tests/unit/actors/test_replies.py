@@ -8,7 +8,15 @@ import pytest
 
 from actors.errors import IdempotencyInFlight, IdempotencyMismatch, NoCredits, SessionActive
 from actors.records import ReplyRecord
-from actors.replies import REPLY_TTL_MS, IdempotencyKey, encode_refusal, encode_result, replay
+from actors.replies import (
+    REPLIES_PER_USER_MAX,
+    REPLY_TTL_MS,
+    IdempotencyKey,
+    ReplyBook,
+    encode_refusal,
+    encode_result,
+    replay,
+)
 from actors.shard import PlanEvent
 from actors.store import MemoryStore
 from actors.views import ActiveSessionView, PlanChangeResult, SessionStarted, UsageView
@@ -20,6 +28,26 @@ KEY = IdempotencyKey(key="k-1", request_hash="hash-a")
 
 def reply(outcome: str) -> ReplyRecord:
     return ReplyRecord("u1", KEY.key, KEY.request_hash, outcome, T0, T0 + REPLY_TTL_MS, 1)
+
+
+class TestBounds:
+    def test_past_the_bound_the_oldest_replies_expire_early(self) -> None:
+        book = ReplyBook("u1")
+        for index in range(REPLIES_PER_USER_MAX + 3):
+            book.remember(IdempotencyKey(f"k{index}", "h"), "{}", T0 + index, version=index + 1)
+        assert len(book) == REPLIES_PER_USER_MAX
+        assert [book.get(f"k{index}", T0) for index in range(3)] == [None, None, None]
+        assert book.get(f"k{REPLIES_PER_USER_MAX + 2}", T0) is not None
+        assert book.get("k3", T0) is not None
+
+    def test_a_restored_book_keeps_the_newest_within_the_bound(self) -> None:
+        stored = tuple(
+            ReplyRecord("u1", f"k{index}", "h", "{}", T0 + index, T0 + index + REPLY_TTL_MS, 0)
+            for index in range(REPLIES_PER_USER_MAX + 5)
+        )
+        book = ReplyBook("u1", stored)
+        assert len(book) == REPLIES_PER_USER_MAX
+        assert book.get("k4", T0) is None and book.get("k5", T0) is not None
 
 
 class TestCodec:

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import itertools
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 import pytest
 import pytest_asyncio
@@ -270,13 +271,50 @@ class TestAlarms:
         assert shard.fire_due_alarms() == 1
         await shard.flush()
         record = store.sessions[started.session_id]
-        assert (record.end_reason, record.used_ms, record.ended_at_ms) == (
-            "limit_reached",
-            6 * SEC,
-            T0 + 6 * SEC,
-        )
+        # Ended at the limit; its 6 s since the start are held, not billed, until the client is heard.
+        assert (record.end_reason, record.used_ms, record.ended_at_ms) == ("limit_reached", 0, T0 + 6 * SEC)
+        assert record.is_pending
         with pytest.raises(NoCredits):
             await shard.start_session("u1")
+        ended = await shard.end_session("u1", started.session_id)
+        assert (ended.end_reason, ended.session_used_ms) == ("limit_reached", 6 * SEC)
+        record = store.sessions[started.session_id]  # the end is durable before its answer
+        assert (record.used_ms, record.is_pending) == (6 * SEC, False)
+
+    async def test_a_silent_session_at_the_limit_is_billed_to_its_last_heartbeat_across_a_restart(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        first = make_shard(store, clock)
+        await first.start()
+        await first.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
+        started = await first.start_session("u1")
+        clock.now += 2 * SEC
+        await first.heartbeat("u1", started.session_id)
+        clock.now += 8 * SEC
+        first.fire_due_alarms()
+        await first.stop()  # the limit ended it at T0 + 6 s; 4 s are held
+        assert store.sessions[started.session_id].is_pending
+        assert "u1" in await store.open_session_users(), "a held tail is re-armed after a restart"
+        second = make_shard(store, clock)
+        await second.start()
+
+        async def reactivated() -> bool:
+            return not (await second.stats()).reactivating
+
+        await eventually(reactivated)
+        assert (await second.usage("u1")).held_ms == 4 * SEC
+        clock.now = T0 + 2 * SEC + STALE_MS
+        second.fire_due_alarms()
+        await second.flush()
+        record = store.sessions[started.session_id]
+        assert (record.used_ms, record.last_heartbeat_at_ms, record.is_pending) == (
+            2 * SEC,
+            T0 + 2 * SEC,
+            False,
+        )
+        usage = await second.usage("u1")
+        assert (usage.held_ms, usage.remaining_ms) == (0, 4 * SEC)
+        await second.stop()
 
     async def test_restarted_shard_ends_silent_session_stale(
         self, store: MemoryStore, clock: FakeClock
@@ -382,19 +420,23 @@ class TestHeartbeatThatEnds:
         assert store.sessions[started.session_id].end_reason == "limit_reached"
         assert (await shard.stats()).dirty_users == 0
 
-    async def test_heartbeat_reporting_an_end_answers_while_store_is_down(
+    async def test_heartbeat_reporting_an_end_is_unavailable_until_the_end_is_written(
         self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
     ) -> None:
+        """A client told its session ended is told the final account: that is durable first."""
         await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
         started = await shard.start_session("u1")
         store.available = False
         clock.now += 7 * SEC
-        progress = await shard.heartbeat("u1", started.session_id)
-        assert progress.end_reason == "limit_reached"
+        with pytest.raises(Unavailable):
+            await shard.heartbeat("u1", started.session_id)
         assert store.sessions[started.session_id].is_open
         store.available = True
-        await shard.flush()
+        clock.now += 1 * SEC
+        progress = await shard.heartbeat("u1", started.session_id)  # the client's retry
+        assert (progress.state, progress.end_reason) == ("ended", "limit_reached")
         assert store.sessions[started.session_id].end_reason == "limit_reached"
+        assert store.sessions[started.session_id].used_ms == progress.session_used_ms
 
 
 class FlakyStore(MemoryStore):
@@ -412,6 +454,43 @@ class FlakyStore(MemoryStore):
 
 
 class TestFaults:
+    async def test_a_user_whose_rows_cannot_make_a_ledger_is_refused_and_the_others_are_served(
+        self, clock: FakeClock
+    ) -> None:
+        """Rows an older version could leave: a held tail in a period the store does not have. That
+        user is refused (503) and tried again a minute later; the shard's start and the other
+        users, their open sessions re-armed, are not held up."""
+        seeded = MemoryStore()
+        first = make_shard(seeded, clock)
+        await first.start()
+        healthy = await first.start_session("healthy")
+        broken = await first.start_session("broken")
+        await first.stop()
+        row = seeded.sessions[broken.session_id]
+        seeded.sessions[broken.session_id] = replace(
+            row, ended_at_ms=T0, end_reason="limit_reached", pending=((T0 - 90 * 86_400_000, 1_000, 0),)
+        )
+        second = make_shard(seeded, clock)
+        await second.start()
+
+        async def reactivated() -> bool:
+            return not (await second.stats()).reactivating
+
+        await eventually(reactivated)
+        assert (await second.stats()).unreadable_users == 1
+        with pytest.raises(Unavailable):
+            await second.usage("broken")
+        assert (await second.usage("healthy")).active_session is not None
+        clock.now += STALE_MS + SEC
+        second.fire_due_alarms()
+        assert seeded.sessions[healthy.session_id].is_open  # written behind: ended in memory first
+        await second.flush()
+        assert seeded.sessions[healthy.session_id].end_reason == "stale", "re-armed and fired"
+        seeded.sessions[broken.session_id] = replace(row, ended_at_ms=T0, end_reason="stale")  # repaired
+        clock.now += 60 * SEC
+        assert (await second.usage("broken")).user_id == "broken", "tried again after a minute"
+        await second.stop()
+
     async def test_start_survives_a_failed_load_while_reactivating(self, clock: FakeClock) -> None:
         seeded = MemoryStore()
         first = make_shard(seeded, clock)

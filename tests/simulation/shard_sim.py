@@ -1,0 +1,800 @@
+"""A deterministic simulation of one `LedgerShard`: many clients per user, faults, virtual time.
+
+Modelled on TigerBeetle's VOPR and FoundationDB's simulation: one seed decides
+everything (the clients' choices and timings, the store's faults, the shard's
+crashes), the run happens on virtual time (`tests.simulation.loop`), so an hour
+of traffic takes a fraction of a second and a failing seed replays exactly.
+
+What runs: one real `LedgerShard` over a `MemoryStore` (through the faults of
+`tests.simulation.faults`), driven by, for each user, a voice client (starts,
+heartbeats, duplicate heartbeats, ends, silences, crashes mid-session), two
+browser tabs holding live streams (`watch`) and reading usage, and an app
+(meter uses, credit and usage history, session lists, checks); one billing
+client for all (purchases and plan changes, redelivered and conflicting,
+billing anchors of short periods, reconciliations); and a nemesis that makes
+the store slow, takes it down, loses a commit's reply, cuts a write, holds a
+commit in flight, and kills the shard (its connections severed, its calls
+lost) for a new one to start from the store. Calls are made as Ray makes them
+(`tests.simulation.calls`): a caller that stops waiting does not cancel the
+shard's work; the hot ones (checks, heartbeats, meter uses, keyed starts) go
+through the gateway's own `ShardBatcher`, as in production, so users share
+batches. A bystander user, resident and only reading, is timed throughout.
+
+Invariants, checked as the run goes and at its end:
+
+Liveness
+  L1  every call answers within its bound (the gateway's call timeout; a stream's
+      wait plus that), whatever the other calls for the same user do;
+  L2  once the clients stop, the shard's loop goes idle: only its timer and its
+      flush wake it;
+  L3  once the clients stop and the store is healthy, every session ends (a
+      silent one as stale), every held tail is resolved and every user is
+      written: nothing waits forever;
+  L4  the bystander is answered within `BYSTANDER_WAIT_MAX_S` whatever the
+      other users do: one user's waits delay no one else (a shard restart
+      aside, after which it is loaded again).
+
+Safety
+  S1  nothing a client was told succeeded is lost: an acknowledged start, plan
+      change or purchase is in the store when it is answered; a session a
+      client was told ended is ended in the store with the reason and the
+      minutes it was told;
+  S2  never billed past the last sign of life: a session's billed time is at
+      most the time from its start to the last call its client made for it
+      (start, heartbeat, end), and a session no client learned of bills nothing;
+  S3  the credit ledger's balance identity: per user and bucket, the entries'
+      deltas add up to the balance the ledger holds, purchases are credited
+      exactly once per delivery, and the minutes billed to sessions equal the
+      ledger's consumption; `reconcile` finds no drift;
+  S4  at most one open session per user, in memory and in the store;
+  S5  a keyed retry of a request that succeeded gets the first answer again;
+  S6  no call fails with anything but the domain's own refusals (no crash of
+      the shard's code: a 500 at the gateway).
+
+Run one seed: `LEDGER_SIM_SEED=123 pytest tests/simulation -q`; a failure
+prints its seed, the broken invariant and the trace's last lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import random
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from actors.errors import (
+    DomainError,
+    IdempotencyInFlight,
+    LedgerError,
+    Overloaded,
+    SessionEnded,
+    SessionNotFound,
+    Unavailable,
+)
+from actors.ledger import LedgerPolicy
+from actors.plans import parse_plans
+from actors.records import MONTHLY_BUCKET, PURCHASED_BUCKET
+from actors.replies import IdempotencyKey
+from actors.shard import BATCHABLE_WRITES, LedgerShard, PlanEvent, Purchase, ShardConfig
+from actors.store import LedgerStore, MemoryStore
+from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
+from actors.views import CreditsAdded, PlanChangeResult, SessionProgress, SessionStarted
+from gateway.metrics import Metrics
+from gateway.shards import ShardBatcher
+from tests.simulation.calls import RemoteHandle, ShardDied
+from tests.simulation.faults import Faults, FaultyStore
+from tests.simulation.loop import Deadlock, VirtualLoop
+
+PLANS = parse_plans(
+    """
+    default_plan = "free"
+    [plans.free]
+    minutes = 3
+    [plans.free.meters.generations]
+    limit = 5
+    window = "day"
+    [plans.basic]
+    minutes = 6
+    [plans.basic.meters.generations]
+    limit = 20
+    window = "period"
+    [plans.pro]
+    minutes = 12
+    [plans.pro.rate_limit]
+    requests_per_s = 5
+    burst = 20
+    [plans.pro.meters.generations]
+    limit = "unlimited"
+    window = "day"
+    """,
+    source="simulation",
+)
+STALE_S = 120
+POLICY = LedgerPolicy(plans=PLANS, stale_session_ms=STALE_S * MS_PER_SECOND, low_balance_ms=MS_PER_MINUTE)
+SYNC_INTERVAL_S = 5.0
+# Where a run's virtual clock starts: mid-month, or shortly before a month (and a year) ends.
+EPOCHS_MS = (
+    from_datetime(datetime(2026, 11, 12, 9, 30, tzinfo=UTC)),
+    from_datetime(datetime(2026, 11, 30, 23, 40, tzinfo=UTC)),
+    from_datetime(datetime(2027, 12, 31, 23, 50, tzinfo=UTC)),
+)
+# Refusals and failures a call may end in; anything else is a bug in the shard (S6).
+EXPECTED = (LedgerError, Unavailable, Overloaded, IdempotencyInFlight)
+# L4: the longest the bystander (resident, only reading) may wait, whatever the others do.
+BYSTANDER_WAIT_MAX_S = 0.1
+BYSTANDER = "bystander"
+TRACE_LINES_KEPT = 60
+
+
+class Violation(AssertionError):
+    """An invariant broke; the message names it, the seed and how to replay."""
+
+
+@dataclass
+class SimConfig:
+    users: int = 3
+    clients_s: float = 1500.0  # how long the clients go on (virtual seconds)
+    call_timeout_s: float = 12.0  # the gateway's bound on a call (L1)
+    step_s: float = 0.001  # the virtual CPU cost of one loop iteration
+    crashes: bool = True
+
+
+@dataclass
+class SessionTrack:
+    user: str
+    started_at_ms: int
+    last_contact_ms: int  # when the latest start, heartbeat or end call for it finished
+    told: tuple[str | None, int] | None = None  # (end_reason, used_ms) a client was told
+
+
+@dataclass
+class Outcome:
+    value: Any = None
+    error: BaseException | None = None
+    lost: bool = False  # the shard died under the call: its effect is unknown
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.lost
+
+
+@dataclass
+class SimReport:
+    seed: int
+    calls: Counter[str] = field(default_factory=Counter)
+    crashes: int = 0
+    virtual_s: float = 0.0
+    busy_iterations: int = 0
+    digest: str = ""
+
+
+class Simulation:
+    def __init__(self, seed: int, config: SimConfig | None = None) -> None:
+        self.seed = seed
+        self.config = config or SimConfig()
+        self.rng = random.Random(seed)
+        self.epoch_ms = self.rng.choice(EPOCHS_MS) + self.rng.randrange(0, 20 * MS_PER_MINUTE)
+        self.users = [f"u{index}" for index in range(self.config.users)]
+        self.memory = MemoryStore()
+        self.faults = Faults()
+        self.report = SimReport(seed)
+        self.trace: deque[str] = deque(maxlen=TRACE_LINES_KEPT)
+        self._digest = hashlib.blake2b(digest_size=16)
+        self._session_ids = itertools.count(1)
+        self._delivery_ids = itertools.count(1)
+        self._keys = itertools.count(1)
+        self.sessions: dict[str, SessionTrack] = {}
+        self.purchases: dict[str, tuple[str, Purchase, CreditsAdded]] = {}
+        self.plan_events: dict[str, tuple[str, PlanEvent, PlanChangeResult]] = {}
+        self.keyed: dict[tuple[str, str], tuple[str, Any]] = {}  # (user, key) -> (hash, first answer)
+        self.clients_done = False
+        self.generation = 0
+        self.loop: VirtualLoop | None = None
+        self.shard: LedgerShard | None = None
+        self.metrics = Metrics()
+        self.reads: ShardBatcher | None = None
+        self.writes: ShardBatcher | None = None
+        self.connection: FaultyStore | None = None
+        # Per shard generation, its calls under way (a dict, not a set: the order they are
+        # cancelled in when the shard dies must not depend on where tasks live in memory).
+        self._calls_in_flight: dict[int, dict[asyncio.Task[Any], None]] = {}
+        self._violation: Violation | None = None
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> SimReport:
+        loop = self.loop = VirtualLoop(step_s=self.config.step_s)
+        try:
+            loop.run_until_complete(self._main())
+        except Deadlock as exc:
+            self._fail(f"L1: {exc}")
+        finally:
+            self._close(loop)
+        if self._violation is not None:
+            raise self._violation
+        self.report.virtual_s = loop.time()
+        self.report.busy_iterations = loop.busy_iterations
+        self.report.digest = self._digest.hexdigest()
+        return self.report
+
+    def _close(self, loop: VirtualLoop) -> None:
+        with contextlib.suppress(Deadlock, RuntimeError):
+            tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+    def now_ms(self) -> int:
+        assert self.loop is not None
+        return self.epoch_ms + int(self.loop.time() * 1000)
+
+    def note(self, line: str) -> None:
+        assert self.loop is not None
+        entry = f"{self.loop.time():10.3f}  {line}"
+        self.trace.append(entry)
+        self._digest.update(entry.encode())
+
+    def _fail(self, message: str) -> None:
+        if self._violation is None:
+            trace = "\n".join(self.trace)
+            self._violation = Violation(
+                f"seed {self.seed}: {message}\n"
+                f"replay: LEDGER_SIM_SEED={self.seed} pytest tests/simulation -q\n"
+                f"last {len(self.trace)} steps:\n{trace}"
+            )
+
+    def violated(self, message: str) -> Violation:
+        self._fail(message)
+        assert self._violation is not None
+        return self._violation
+
+    async def _main(self) -> None:
+        try:
+            await self._start_shard()
+            clients = [self._voice(user, 0) for user in self.users]
+            clients += [self._tab(user, tab) for user in self.users for tab in range(2)]
+            clients += [self._app(user) for user in self.users]
+            clients += [self._billing(), self._bystander()]
+            nemesis = asyncio.get_running_loop().create_task(self._nemesis())
+            await asyncio.gather(*clients)
+            self.clients_done = True
+            nemesis.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await nemesis
+            await self._heal_and_settle()
+        except Violation:
+            return
+
+    # ----------------------------------------------------------------- the shard
+
+    def _new_shard(self) -> LedgerShard:
+        self.generation += 1
+        connection = self.connection = FaultyStore(self.memory, self.faults, random.Random(self.rng.random()))
+
+        async def factory() -> LedgerStore:
+            return connection
+
+        config = ShardConfig(
+            shard_index=0,
+            shard_count=1,
+            policy=POLICY,
+            sync_interval_s=SYNC_INTERVAL_S,
+            max_pending_calls=10_000,
+            start_wait_s=3.0,
+            owner="sim/shard-0",
+        )
+        shard = LedgerShard(
+            config, factory, clock=self.now_ms, new_session_id=lambda: f"s{next(self._session_ids)}"
+        )
+        in_flight = self._calls_in_flight[self.generation] = {}
+        handle = RemoteHandle(shard, in_flight)
+        # As a gateway does: hot calls in batches, starts and ends in batches of their own.
+        self.reads = ShardBatcher(handle, self.metrics)
+        self.writes = ShardBatcher(handle, self.metrics)
+        return shard
+
+    async def _start_shard(self) -> None:
+        self.shard = self._new_shard()
+        self.note(f"shard generation {self.generation} starting")
+        starting = asyncio.get_running_loop().create_task(self.shard.start())
+        self._background(starting)
+
+    def _background(self, task: asyncio.Task[Any]) -> None:
+        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+
+    async def _crash(self) -> None:
+        """The shard's process dies: its connection is severed, its calls are lost, a new one starts."""
+        assert self.shard is not None and self.connection is not None
+        self.report.crashes += 1
+        old, generation = self.shard, self.generation
+        self.note(f"shard generation {generation} killed")
+        self.connection.sever()
+        for task in self._calls_in_flight.pop(generation):
+            task.cancel()
+        stopping = asyncio.get_running_loop().create_task(old.stop())
+        self._background(stopping)
+        await self._start_shard()
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(
+        self, label: str, operation: Callable[[LedgerShard], Awaitable[Any]], *, bound_s: float = 0.0
+    ) -> Outcome:
+        """Call the live shard as Ray would: the caller's timeout does not cancel the shard's work."""
+        if self._violation is not None:
+            raise self._violation
+        assert self.shard is not None
+        shard, generation = self.shard, self.generation
+        self.report.calls[label.split(" ")[0]] += 1
+        task = asyncio.get_running_loop().create_task(operation(shard))
+        in_flight = self._calls_in_flight[generation]
+        in_flight[task] = None
+        task.add_done_callback(lambda done: in_flight.pop(done, None))
+        bound = bound_s + self.config.call_timeout_s
+        assert self.loop is not None
+        busy_before = self.loop.busy_iterations
+        done, _ = await asyncio.wait({task}, timeout=bound)
+        if not done:
+            if generation != self.generation:
+                outcome = Outcome(lost=True)
+            else:
+                busy = self.loop.busy_iterations - busy_before
+                raise self.violated(
+                    f"L1: {label} did not answer within {bound:.0f} s "
+                    f"(the loop ran {busy} busy iterations meanwhile, {busy / bound:.0f} a second)"
+                )
+        elif task.cancelled() or isinstance(task.exception(), ShardDied):
+            outcome = Outcome(lost=True)
+        elif (error := task.exception()) is not None:
+            if not isinstance(error, EXPECTED):
+                raise self.violated(f"S6: {label} failed with {error!r}") from error
+            outcome = Outcome(error=error)
+        else:
+            outcome = Outcome(value=task.result())
+        self.note(f"{label} -> {_describe(outcome)}")
+        return outcome
+
+    async def hot(self, label: str, method: str, *args: Any, **kwargs: Any) -> Outcome:
+        """A call the gateway batches (`BATCHABLE_METHODS`; `BATCHABLE_WRITES` in batches of their
+        own), through the live shard generation's batchers."""
+        batcher = self.writes if method in BATCHABLE_WRITES else self.reads
+        assert batcher is not None
+        return await self.call(label, lambda _: batcher.call(method, args, kwargs))
+
+    async def think(self, rng: random.Random, low_s: float, high_s: float) -> None:
+        await asyncio.sleep(rng.uniform(low_s, high_s))
+
+    def clients_go_on(self) -> bool:
+        assert self.loop is not None
+        return self.loop.time() < self.config.clients_s and self._violation is None
+
+    def key(self, rng: random.Random) -> str | None:
+        return f"k{next(self._keys)}" if rng.random() < 0.3 else None
+
+    def check_keyed(self, user: str, idem: IdempotencyKey | None, outcome: Outcome, label: str) -> None:
+        """S5: a key's first successful answer is every later answer to the same request."""
+        if idem is None or not outcome.ok:
+            return
+        first = self.keyed.get((user, idem.key))
+        if first is None:
+            self.keyed[(user, idem.key)] = (idem.request_hash, outcome.value)
+        elif first[0] == idem.request_hash and first[1] != outcome.value:
+            raise self.violated(
+                f"S5: {label} with key {idem.key} answered {outcome.value!r}, first {first[1]!r}"
+            )
+
+    # ---------------------------------------------------------------- sessions
+
+    def contact(self, session_id: str) -> None:
+        track = self.sessions.get(session_id)
+        if track is not None:
+            track.last_contact_ms = max(track.last_contact_ms, self.now_ms())
+
+    def told_ended(self, session_id: str, end_reason: str | None, used_ms: int) -> None:
+        track = self.sessions.get(session_id)
+        if track is None:
+            return
+        if track.told is not None and track.told != (end_reason, used_ms):
+            raise self.violated(
+                f"S1: session {session_id} was told it ended {track.told}, now {(end_reason, used_ms)}"
+            )
+        track.told = (end_reason, used_ms)
+
+    async def _voice(self, user: str, index: int) -> None:
+        rng = random.Random(self.rng.random())
+        name = f"voice {user}"
+        await self.think(rng, 0, 30)
+        while self.clients_go_on():
+            key = self.key(rng)
+            idem = IdempotencyKey(key, "start") if key else None
+            started = await self._start(user, idem, name)
+            if started is None and idem is not None and rng.random() < 0.7:
+                started = await self._start(user, idem, name + " retry")  # the same key again
+            if started is None:
+                await self.think(rng, 5, 60)
+                continue
+            await self._run_session(user, started, rng, name)
+            await self.think(rng, 1, 90)
+
+    async def _start(self, user: str, idem: IdempotencyKey | None, name: str) -> SessionStarted | None:
+        outcome = await self.hot(
+            f"start {user} key={idem.key if idem else None}", "start_session", user, topic="sim", idem=idem
+        )
+        self.check_keyed(user, idem, outcome, "start")
+        if not outcome.ok:
+            return None
+        started: SessionStarted = outcome.value
+        stored = self.memory.sessions.get(started.session_id)
+        if stored is None:
+            raise self.violated(f"S1: session {started.session_id} was acknowledged but is not in the store")
+        track = self.sessions.setdefault(
+            started.session_id, SessionTrack(user, started.started_at_ms, self.now_ms())
+        )
+        track.last_contact_ms = max(track.last_contact_ms, self.now_ms())
+        return started
+
+    async def _run_session(self, user: str, started: SessionStarted, rng: random.Random, name: str) -> None:
+        session_id = started.session_id
+        beats = rng.randrange(1, 30)
+        for seq in range(1, beats + 1):
+            if not self.clients_go_on():
+                break
+            gap = rng.choice((rng.uniform(5, 40), rng.uniform(5, 40), rng.uniform(40, STALE_S + 60)))
+            await asyncio.sleep(gap)
+            copies = 2 if rng.random() < 0.15 else 1  # a client retrying a heartbeat it thinks was lost
+            answers = await asyncio.gather(
+                *(self._heartbeat(user, session_id, seq, rng) for _ in range(copies))
+            )
+            if any(answer == "ended" for answer in answers):
+                return
+        fate = rng.random()
+        if fate < 0.25:
+            self.note(f"{name} goes silent (session {session_id})")
+            return  # the client died: its session must end stale, billed to its last sign of life
+        copies = 2 if rng.random() < 0.2 else 1
+        await asyncio.gather(*(self._end(user, session_id, rng) for _ in range(copies)))
+
+    async def _heartbeat(self, user: str, session_id: str, seq: int, rng: random.Random) -> str:
+        key = self.key(rng)
+        idem = IdempotencyKey(key, f"heartbeat:{session_id}:{seq}") if key else None
+        outcome = await self.hot(
+            f"heartbeat {user} {session_id} seq={seq}", "heartbeat", user, session_id, seq=seq, idem=idem
+        )
+        self.contact(session_id)
+        self.check_keyed(user, idem, outcome, "heartbeat")
+        if outcome.ok:
+            progress: SessionProgress = outcome.value
+            if progress.state == "ended":
+                self.told_ended(session_id, progress.end_reason, progress.session_used_ms)
+                return "ended"
+            return "active"
+        if isinstance(outcome.error, SessionEnded):
+            fields = outcome.error.fields
+            self.told_ended(session_id, fields.get("end_reason"), fields.get("session_used_ms", 0))
+            return "ended"
+        if isinstance(outcome.error, SessionNotFound):
+            raise self.violated(f"S1: heartbeat for acknowledged session {session_id} found no session")
+        return "unknown"
+
+    async def _end(self, user: str, session_id: str, rng: random.Random) -> None:
+        for _attempt in range(3):
+            key = self.key(rng)
+            idem = IdempotencyKey(key, f"end:{session_id}") if key else None
+            outcome = await self.hot(f"end {user} {session_id}", "end_session", user, session_id, idem=idem)
+            self.contact(session_id)
+            self.check_keyed(user, idem, outcome, "end")
+            if outcome.ok:
+                progress: SessionProgress = outcome.value
+                self.told_ended(session_id, progress.end_reason, progress.session_used_ms)
+                return
+            if isinstance(outcome.error, SessionNotFound):
+                raise self.violated(f"S1: end of acknowledged session {session_id} found no session")
+            await self.think(rng, 0.5, 5)
+
+    # -------------------------------------------------------------- readers
+
+    async def _tab(self, user: str, tab: int) -> None:
+        """A browser tab with the live stream open: long polls, and a usage read now and then."""
+        rng = random.Random(self.rng.random())
+        seen = -1
+        await self.think(rng, 0, 5)
+        while self.clients_go_on():
+            if rng.random() < 0.2:
+                await self.hot(f"usage {user}", "usage", user)
+                continue
+            after = seen
+            timeout_s = rng.uniform(5, 25)
+            outcome = await self.call(
+                f"watch {user} after={after}",
+                lambda shard, after=after, timeout_s=timeout_s: shard.watch(user, after, timeout_s),
+                bound_s=timeout_s,
+            )
+            if outcome.ok and outcome.value is not None:
+                seen = outcome.value.usage.version
+            elif not outcome.ok:
+                await self.think(rng, 0.5, 3)
+
+    async def _app(self, user: str) -> None:
+        rng = random.Random(self.rng.random())
+        reads: list[tuple[str, Callable[[LedgerShard], Awaitable[Any]]]] = [
+            ("has_credits", lambda shard: shard.has_credits(user)),
+            ("credits", lambda shard: shard.credits(user)),
+            ("current_session", lambda shard: shard.current_session(user)),
+            ("list_sessions", lambda shard: shard.list_sessions(user, 5)),
+            ("usage_history", lambda shard: shard.usage_history(user, 3)),
+            ("credit_history", lambda shard: shard.credit_history(user, 10)),
+            ("usage_of", lambda shard: shard.usage_of(user)),
+        ]
+        while self.clients_go_on():
+            await self.think(rng, 0.1, 20)
+            if rng.random() < 0.35:
+                amount = rng.choice((1, 1, 2, 5))
+                key = self.key(rng)
+                idem = IdempotencyKey(key, f"consume:generations:{amount}") if key else None
+                outcome = await self.hot(
+                    f"consume {user} {amount}", "consume_meter", user, "generations", amount, idem=idem
+                )
+                self.check_keyed(user, idem, outcome, "consume")
+                continue
+            label, read = rng.choice(reads)
+            burst = rng.choice((1, 1, 1, 3))  # a page that fires several reads at once
+            await asyncio.gather(*(self.call(f"{label} {user}", read) for _ in range(burst)))
+
+    async def _bystander(self) -> None:
+        """L4: a user who only reads, timed: nothing the others do may keep it waiting."""
+        rng = random.Random(self.rng.random())
+        assert self.loop is not None
+        resident_in = 0  # the shard generation that has it in memory
+        while self.clients_go_on():
+            await self.think(rng, 0.2, 3)
+            generation, began = self.generation, self.loop.time()
+            method = rng.choice(("usage", "has_credits", "credits"))
+            outcome = await self.hot(f"{method} {BYSTANDER}", method, BYSTANDER)
+            took = self.loop.time() - began
+            if outcome.ok and resident_in == generation == self.generation and took > BYSTANDER_WAIT_MAX_S:
+                raise self.violated(
+                    f"L4: a bystander's {method} took {took * 1000:.0f} ms "
+                    f"(at most {BYSTANDER_WAIT_MAX_S * 1000:.0f} ms)"
+                )
+            if outcome.ok and generation == self.generation:
+                resident_in = generation
+
+    # ---------------------------------------------------------------- billing
+
+    async def _billing(self) -> None:
+        rng = random.Random(self.rng.random())
+        while self.clients_go_on():
+            await self.think(rng, 5, 60)
+            user = rng.choice(self.users)
+            choice = rng.random()
+            if choice < 0.4:
+                await self._purchase(user, rng)
+            elif choice < 0.8:
+                await self._plan_change(user, rng)
+            else:
+                outcome = await self.call(f"reconcile {user}", lambda shard, user=user: shard.reconcile(user))
+                if outcome.ok and outcome.value.drifting:
+                    raise self.violated(f"S3: reconcile of {user} found drift: {outcome.value.drifting}")
+
+    async def _purchase(self, user: str, rng: random.Random) -> None:
+        if self.purchases and rng.random() < 0.3:  # a redelivery, or the same id with another amount
+            delivery_id = rng.choice(sorted(self.purchases))
+            owner, purchase, first = self.purchases[delivery_id]
+            if rng.random() < 0.3:
+                purchase = Purchase(delivery_id, purchase.minutes_ms + MS_PER_MINUTE, "purchase")
+            outcome = await self.call(
+                f"purchase {owner} {delivery_id} again", lambda shard: shard.add_credits(owner, purchase)
+            )
+            if outcome.ok and outcome.value != first:
+                raise self.violated(f"S5: redelivered purchase {delivery_id} answered otherwise")
+            if outcome.ok and purchase != self.purchases[delivery_id][1]:
+                raise self.violated(f"S1: purchase {delivery_id} with another amount was accepted")
+            return
+        delivery_id = f"p{next(self._delivery_ids)}"
+        minutes_ms = rng.choice((1, 2, 5)) * MS_PER_MINUTE // rng.choice((1, 2))
+        purchase = Purchase(delivery_id, minutes_ms, rng.choice(("purchase", "grant")), reference=delivery_id)
+        for _attempt in range(3):
+            outcome = await self.call(
+                f"purchase {user} {delivery_id} {minutes_ms}", lambda shard: shard.add_credits(user, purchase)
+            )
+            if outcome.ok:
+                if delivery_id not in self.memory.purchases:
+                    raise self.violated(f"S1: purchase {delivery_id} was acknowledged but is not stored")
+                self.purchases.setdefault(delivery_id, (user, purchase, outcome.value))
+                return
+            await self.think(rng, 1, 10)
+
+    async def _plan_change(self, user: str, rng: random.Random) -> None:
+        now = self.now_ms()
+        plan = rng.choice(("free", "basic", "pro"))
+        action = rng.choice(("upgrade", "downgrade", "cancel"))
+        occurred_at = now - rng.choice((0, 0, 0, 60_000, 3_600_000))
+        period: tuple[int | None, int | None] = (None, None)
+        if rng.random() < 0.3:  # billing anchors the user to a short subscription period
+            start = now - rng.randrange(0, 10 * MS_PER_MINUTE)
+            period = (start, start + rng.choice((20, 30, 45)) * MS_PER_MINUTE)
+        event = PlanEvent(
+            delivery_id=f"e{next(self._delivery_ids)}",
+            plan=plan,
+            action=action,
+            occurred_at_ms=occurred_at,
+            reset_usage=rng.random() < 0.1,
+            period_start_ms=period[0],
+            period_end_ms=period[1],
+        )
+        for attempt in range(2):
+            outcome = await self.call(
+                f"plan {user} {event.delivery_id} {action} {plan} try={attempt}",
+                lambda shard: shard.change_plan(user, event),
+            )
+            if outcome.ok:
+                if event.delivery_id not in self.memory.plan_events:
+                    raise self.violated(f"S1: plan event {event.delivery_id} acknowledged but not stored")
+                first = self.plan_events.setdefault(event.delivery_id, (user, event, outcome.value))
+                if first[2] != outcome.value:
+                    raise self.violated(f"S5: redelivered plan event {event.delivery_id} answered otherwise")
+            if not outcome.ok and not isinstance(outcome.error, Unavailable):
+                return
+            if rng.random() < 0.5:
+                return
+            await self.think(rng, 0.5, 5)
+
+    # ----------------------------------------------------------------- nemesis
+
+    async def _nemesis(self) -> None:
+        rng = random.Random(self.rng.random())
+        faults = self.faults
+        while True:
+            await self.think(rng, 10, 120)
+            choice = rng.random()
+            if choice < 0.25:
+                faults.latency_s = rng.choice(((0.0, 0.0), (0.001, 0.05), (0.01, 0.4), (0.5, 4.0)))
+                self.note(f"nemesis: store latency {faults.latency_s}")
+            elif choice < 0.4:
+                faults.down = True
+                self.note("nemesis: store down")
+                await self.think(rng, 2, 60)
+                faults.down = False
+                self.note("nemesis: store up")
+            elif choice < 0.75:
+                faults.next_write = rng.choice(("lose_reply", "cut", "hold"))
+                self.note(f"nemesis: next write {faults.next_write}")
+            elif self.config.crashes:
+                await self._crash()
+
+    # -------------------------------------------------------------- the end
+
+    async def _heal_and_settle(self) -> None:
+        assert self.loop is not None and self.connection is not None
+        self.faults.down = False
+        self.faults.latency_s = (0.0, 0.0)
+        self.faults.next_write = None
+        self.note("clients stopped, store healed")
+        await self.connection.settle()
+        # L3: silent sessions end stale (and their held tails are resolved), every user is written
+        # within a few sync intervals of its last change (a period may roll at any time).
+        await asyncio.sleep(STALE_S + 30)
+        shard = self.shard
+        assert shard is not None
+        stats = await shard.stats()
+        for _ in range(int(3 * SYNC_INTERVAL_S)):
+            if not (stats.active_sessions or stats.dirty_users or stats.users_in_doubt):
+                break
+            await asyncio.sleep(1.0)
+            stats = await shard.stats()
+        else:
+            raise self.violated(
+                f"L3: clients gone for {STALE_S + 30 + 3 * SYNC_INTERVAL_S:.0f} s, yet "
+                f"{stats.active_sessions} sessions are open, {stats.dirty_users} users unwritten, "
+                f"{stats.users_in_doubt} in doubt"
+            )
+        # L2: nothing but the timer and the flush wakes the loop now.
+        before, quiet_s = self.loop.busy_iterations, 300.0
+        await asyncio.sleep(quiet_s)
+        busy = self.loop.busy_iterations - before
+        allowed = 40 * quiet_s / SYNC_INTERVAL_S
+        if busy > allowed:
+            raise self.violated(f"L2: the shard's loop ran {busy} busy iterations in {quiet_s:.0f} quiet s")
+        await self._check_store()
+        for user in self.users:
+            outcome = await self.call(f"reconcile {user}", lambda shard, user=user: shard.reconcile(user))
+            if not outcome.ok:
+                raise self.violated(f"S3: reconcile of {user} failed with the store healthy: {outcome}")
+            if outcome.value.drifting:
+                raise self.violated(f"S3: reconcile of {user} found drift: {outcome.value.drifting}")
+        await shard.stop()
+
+    async def _check_store(self) -> None:
+        memory = self.memory
+        open_sessions = Counter(s.user_id for s in memory.sessions.values() if s.is_open)
+        if open_sessions:
+            raise self.violated(f"S4/L3: sessions still open in the store: {dict(open_sessions)}")
+        pending = [s.session_id for s in memory.sessions.values() if s.is_pending]
+        if pending:
+            raise self.violated(f"L3: held tails never resolved, long after their deadline: {pending}")
+        for session_id, record in memory.sessions.items():
+            track = self.sessions.get(session_id)
+            if track is None:
+                if record.used_ms != 0:
+                    raise self.violated(
+                        f"S2: session {session_id} that no client learned of billed {record.used_ms} ms"
+                    )
+                continue
+            contact_ms = track.last_contact_ms - record.started_at_ms
+            if record.used_ms > contact_ms:
+                raise self.violated(
+                    f"S2: session {session_id} billed {record.used_ms} ms, its last sign of life was "
+                    f"{contact_ms} ms after its start ({record.end_reason})"
+                )
+            if track.told is not None and track.told != (record.end_reason, record.used_ms):
+                raise self.violated(
+                    f"S1: session {session_id} was told it ended {track.told}; the store has "
+                    f"{(record.end_reason, record.used_ms)}"
+                )
+        for user in self.users:
+            self._check_credit_ledger(user)
+
+    def _check_credit_ledger(self, user: str) -> None:
+        memory = self.memory
+        entries = sorted(
+            (e for (owner, _), e in memory.entries.items() if owner == user), key=lambda e: e.seq
+        )
+        chains: dict[tuple[str, int | None], list[Any]] = {}
+        for entry in entries:
+            chains.setdefault((entry.bucket, entry.window_start_ms), []).append(entry)
+        for key, chain in chains.items():
+            total = 0
+            for entry in chain:
+                total += entry.delta
+                if total != entry.balance_after:
+                    raise self.violated(
+                        f"S3: {user} {key}: entry #{entry.seq} says {entry.balance_after}, "
+                        f"deltas add up to {total}"
+                    )
+        purchased = sum(
+            e.delta for e in entries if e.bucket == PURCHASED_BUCKET and e.reason in ("purchase", "grant")
+        )
+        delivered = sum(p.minutes_ms for p in memory.purchases.values() if p.user_id == user)
+        if purchased != delivered:
+            raise self.violated(f"S3: {user}: {delivered} ms delivered, {purchased} ms credited")
+        consumed = -sum(
+            e.delta
+            for e in entries
+            if e.reason == "consume" and e.bucket in (MONTHLY_BUCKET, PURCHASED_BUCKET)
+        )
+        billed = sum(s.used_ms for s in memory.sessions.values() if s.user_id == user)
+        if consumed != billed:
+            raise self.violated(
+                f"S3: {user}: sessions billed {billed} ms, the credit ledger consumed {consumed}"
+            )
+        stored_user = memory.users.get(user)
+        purchased_chain = chains.get((PURCHASED_BUCKET, None))
+        if stored_user is not None and purchased_chain is not None:  # noqa: SIM102
+            if purchased_chain[-1].balance_after != stored_user.purchased_ms:
+                raise self.violated(
+                    f"S3: {user}: purchased balance {stored_user.purchased_ms}, "
+                    f"the credit ledger says {purchased_chain[-1].balance_after}"
+                )
+
+
+def _describe(outcome: Outcome) -> str:
+    if outcome.lost:
+        return "lost (shard died)"
+    if outcome.error is not None:
+        error = outcome.error
+        return f"{type(error).__name__}({error.detail if isinstance(error, DomainError) else error})"
+    value = outcome.value
+    if isinstance(value, SessionProgress):
+        return f"{value.state} {value.end_reason} used={value.session_used_ms} v{value.version}"
+    if isinstance(value, SessionStarted):
+        return f"started {value.session_id} v{value.version}"
+    version = getattr(value, "version", None)
+    return f"{type(value).__name__} v{version}" if version is not None else type(value).__name__
