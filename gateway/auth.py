@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx
 import jwt
@@ -35,6 +35,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from actors.times import EARLIEST_MS, LATEST_MS, MS_PER_SECOND
 from gateway.asgi import read_body, replaying
 from gateway.errors import Unauthorized, problem
 
@@ -42,7 +43,7 @@ log = structlog.get_logger("gateway.auth")
 
 USER_ID_MAX_LENGTH = 255
 # A user id: 1-255 characters, none of them control characters (Postgres text cannot hold NUL,
-# and log lines should not carry the others).
+# and log lines should not carry the others); and text UTF-8 can hold (`is_user_id`).
 USER_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,255}$"
 WEBHOOK_ID_MAX_LENGTH = 255
 _USER_ID = re.compile(USER_ID_PATTERN)
@@ -190,9 +191,25 @@ class TokenVerifier:
         except jwt.InvalidTokenError:
             raise Unauthorized("invalid token") from None
         subject = claims.get("sub")
-        if not isinstance(subject, str) or _USER_ID.match(subject) is None:
+        if not is_user_id(subject):
             raise Unauthorized("invalid token")
+        for claim in ("exp", "iat", "nbf"):  # times from outside lie between 2000 and 2200
+            value = claims.get(claim)
+            if value is not None and not EARLIEST_MS <= value * MS_PER_SECOND < LATEST_MS:
+                raise Unauthorized("invalid token")
         return subject, float(claims["exp"])
+
+
+def is_user_id(value: object) -> TypeGuard[str]:
+    """Whether `value` is a user id: `USER_ID_PATTERN`, and no lone surrogate (JSON can carry
+    "\ud800", but no UTF-8 text holds it: not Postgres, not the hash that routes users)."""
+    if not isinstance(value, str) or _USER_ID.match(value) is None:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def issue_token(

@@ -47,6 +47,8 @@ from typing import Any, Literal
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from actors.plans import BillingCatalog, BillingProvider
+from actors.times import MS_PER_SECOND, checked_instant, checked_ms, from_datetime
+from gateway.auth import is_user_id
 from gateway.errors import ApiError
 
 STRIPE_TOLERANCE_S = 300
@@ -138,7 +140,7 @@ def _event_object(event: Any) -> dict[str, Any]:
 def polar_action(event: dict[str, Any], catalog: BillingCatalog) -> BillingAction:
     kind = event["type"]
     data = _object(event.get("data"))
-    occurred_at = _iso(event.get("timestamp")) or datetime.now(UTC)
+    occurred_at = _iso(event.get("timestamp"), "timestamp") or datetime.now(UTC)
     user_id = _user(data)
     if kind.startswith("subscription."):
         if user_id is None:
@@ -161,12 +163,14 @@ def polar_action(event: dict[str, Any], catalog: BillingCatalog) -> BillingActio
         if status not in _ACTIVE:
             return Ignored("not_active")
         plan = catalog.plan_for("polar", _product_id(data))
-        start, end = _iso(data.get("current_period_start")), _iso(data.get("current_period_end"))
+        start = _iso(data.get("current_period_start"), "data.current_period_start")
+        end = _iso(data.get("current_period_end"), "data.current_period_end")
         return _subscribed(user_id, plan, occurred_at, start, end)
     if kind == "order.paid":
         if user_id is None:
             return Ignored("unknown_user")
-        return _purchase("polar", catalog, user_id, _product_id(data), f"polar:order:{data.get('id')}")
+        order = identifier(data.get("id"), "data.id")
+        return _purchase("polar", catalog, user_id, _product_id(data), f"polar:order:{order}")
     return Ignored("event_type")
 
 
@@ -181,7 +185,7 @@ def _product_id(data: dict[str, Any]) -> str:
 def stripe_action(event: dict[str, Any], catalog: BillingCatalog) -> BillingAction:
     kind = event["type"]
     data = _object(_object(event.get("data")).get("object"))
-    occurred_at = _unix(event.get("created")) or datetime.now(UTC)
+    occurred_at = _unix(event.get("created"), "created") or datetime.now(UTC)
     if kind.startswith("customer.subscription."):
         user_id = _user(data)
         if user_id is None:
@@ -199,7 +203,13 @@ def stripe_action(event: dict[str, Any], catalog: BillingCatalog) -> BillingActi
         # Newer API versions keep the period on the subscription item, older on the subscription.
         start = data.get("current_period_start", item.get("current_period_start"))
         end = data.get("current_period_end", item.get("current_period_end"))
-        return _subscribed(user_id, plan, occurred_at, _unix(start), _unix(end))
+        return _subscribed(
+            user_id,
+            plan,
+            occurred_at,
+            _unix(start, "current_period_start"),
+            _unix(end, "current_period_end"),
+        )
     # A delayed payment method (SEPA, ACH) completes unpaid, then succeeds later.
     if kind in ("checkout.session.completed", "checkout.session.async_payment_succeeded"):
         user_id = data.get("client_reference_id") or _user(data)
@@ -210,7 +220,8 @@ def stripe_action(event: dict[str, Any], catalog: BillingCatalog) -> BillingActi
         if data.get("payment_status") != "paid":
             return Ignored("not_paid")
         price_id = str(_object(data.get("metadata")).get("price_id") or "")
-        return _purchase("stripe", catalog, user_id, price_id, f"stripe:checkout:{data.get('id')}")
+        checkout = identifier(data.get("id"), "data.object.id")
+        return _purchase("stripe", catalog, user_id, price_id, f"stripe:checkout:{checkout}")
     return Ignored("event_type")
 
 
@@ -230,6 +241,8 @@ def _subscribed(
     if plan is None:
         return Ignored("unknown_product")
     whole = start is not None and end is not None
+    if start is not None and end is not None and from_datetime(start) >= from_datetime(end):
+        raise _invalid("the subscription's period must start before it ends")
     return PlanChangeAction(
         user_id, plan, "upgrade", occurred_at, start if whole else None, end if whole else None
     )
@@ -258,15 +271,46 @@ def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _unix(value: Any) -> datetime | None:
-    return datetime.fromtimestamp(value, UTC) if isinstance(value, int) else None
+def _invalid(detail: str) -> ApiError:
+    """An event this server cannot take as it is: 422, nothing changed (the provider shows it)."""
+    return ApiError(422, "invalid_request", detail)
 
 
-def _iso(value: Any) -> datetime | None:
-    if not isinstance(value, str):
+def _unix(value: Any, name: str) -> datetime | None:
+    """A Stripe time (whole seconds since the epoch); None when absent."""
+    if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(f"{name} must be a whole number of seconds since the epoch")
+    try:
+        checked_ms(value * MS_PER_SECOND)
+    except ValueError as exc:
+        raise _invalid(f"{name}: {exc}") from None
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _iso(value: Any, name: str) -> datetime | None:
+    """A Polar time (ISO 8601; a time without a timezone is UTC); None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _invalid(f"{name} must be an ISO 8601 time")
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        checked_instant(moment)
+    except ValueError as exc:
+        raise _invalid(f"{name}: {exc}") from None
+    return moment
+
+
+def identifier(value: Any, name: str) -> str:
+    """The id of what a delivery is about (an event, an order, a Checkout session): what
+    deduplicates it. Text of 1-255 characters that UTF-8 can hold, no control characters."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        raise _invalid(f"{name} is missing: without it the delivery cannot be told apart from others")
+    if not is_user_id(value):  # the same rules as a user id's
+        raise _invalid(f"{name} must be 1-255 characters of text without control characters")
+    return value

@@ -15,7 +15,8 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 
 from actors.errors import DomainError, IdempotencyInFlight
 from actors.times import MS_PER_MINUTE, rfc3339, to_datetime
@@ -136,14 +137,35 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     return problem(422, "invalid_request", "the request is not valid", errors=errors)
 
 
-async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400:
         # FastAPI's answer to a body it cannot decode (bytes that are not UTF-8 JSON): the same
         # `invalid_request` as any other malformed request.
         return problem(422, "invalid_request", "the request body is not valid JSON")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route that matched the path only; a path
+        # several routes share (GET and POST /v1/sessions) answers for all of them.
+        allowed = ", ".join(sorted(_methods_for(request)))
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers={"Allow": allowed})
+        headers["Allow"] = allowed
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return problem(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+    return problem(exc.status_code, code, str(exc.detail), headers=headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _methods_for(request: Request) -> set[str]:
+    """Every method some route of the app answers on the request's path, and OPTIONS."""
+    routes = request.app.router.routes
+    return {"OPTIONS"} | {
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    }
 
 
 def install_error_handlers(app: FastAPI) -> None:

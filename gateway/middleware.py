@@ -167,7 +167,8 @@ class ConcurrencyLimitMiddleware:
 class BodyLimitMiddleware:
     """Reads the whole body before the app runs: 413 `payload_too_large` past `max_bytes`, and
     408 `request_timeout` if it has not all arrived within `read_timeout_s` (so a client that
-    trickles its body cannot hold one of the process's request slots for long)."""
+    trickles its body cannot hold one of the process's request slots for long). A body that is
+    not UTF-8 text is 422 `invalid_request`, whatever the route."""
 
     def __init__(
         self,
@@ -214,11 +215,26 @@ class BodyLimitMiddleware:
             return
         if body is None:
             return  # the client went away
+        if body and not _is_utf8_text(body):
+            # JSON is UTF-8 (RFC 8259); a parser that guesses (UTF-16, say) must not get to guess.
+            await _close_with(send, 422, "invalid_request", "the request body is not UTF-8 JSON")
+            return
         await self.app(scope, replaying(body, receive), send)
 
     async def _too_large(self, send: Send, max_bytes: int) -> None:
         detail = f"request bodies are limited to {max_bytes} bytes"
         await _close_with(send, 413, "payload_too_large", detail)
+
+
+def _is_utf8_text(body: bytes) -> bool:
+    """UTF-8 with no NUL byte (JSON text has none; UTF-16 and UTF-32 of JSON always do)."""
+    if b"\x00" in body:
+        return False
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _close_with(send: Send, status: int, code: str, detail: str) -> None:

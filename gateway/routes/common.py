@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from datetime import datetime
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
 from typing import Annotated, Any
 
 from fastapi import Header, Request
@@ -124,16 +126,42 @@ async def idempotency_key(
         ),
     ] = None,
 ) -> IdempotencyKey | None:
-    """The request's `Idempotency-Key` with the hash of what it asks (method, path and body)."""
+    """The request's `Idempotency-Key` with the hash of what it asks (method, path and body), in
+    canonical form: the same request hashes the same however it is written."""
     if key is None:
         return None
     body = await request.body()
     try:
-        # Equal JSON is the same request however it is spaced or ordered.
-        canonical = (
-            json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode() if body else b""
-        )
-    except ValueError:
-        canonical = body  # not JSON: validation answers it, byte for byte is the best we can do
-    digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + canonical)
+        canonical = _canonical(json.loads(body, parse_float=Decimal, parse_int=Decimal)) if body else ""
+    except (ValueError, RecursionError):
+        canonical = body.hex()  # not JSON: validation answers it, byte for byte is the best we can do
+    digest = hashlib.sha256(f"{request.method} {_canonical_path(request)}\n{canonical}".encode())
     return IdempotencyKey(key=key, request_hash=digest.hexdigest())
+
+
+def _canonical(value: Any) -> str:
+    """JSON in one form: keys sorted, no spaces, numbers by value (`1`, `1.0` and `1e0` are one
+    number), strings as `json` escapes them."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{_canonical(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_canonical(item) for item in value) + "]"
+    if isinstance(value, Decimal):
+        if value.is_zero():
+            return "0"
+        # Exact (as many digits as the number has), whatever its exponent.
+        exact = Context(prec=max(1, len(value.as_tuple().digits)), Emax=MAX_EMAX, Emin=MIN_EMIN)
+        return str(value.normalize(exact))
+    return json.dumps(value)
+
+
+def _canonical_path(request: Request) -> str:
+    """The path with its session id in canonical form (a UUID in any case or spelling is one id)."""
+    session_id = request.path_params.get("session_id")
+    if not isinstance(session_id, str):
+        return request.url.path
+    try:
+        canonical = str(uuid.UUID(session_id))
+    except ValueError:
+        return request.url.path
+    return request.url.path.replace(session_id, canonical, 1)

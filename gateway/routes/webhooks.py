@@ -10,8 +10,8 @@ so the provider does not retry it forever. A route whose secret is not configure
 
 from __future__ import annotations
 
-import re
 import time
+from typing import Any
 
 import structlog
 from fastapi import APIRouter, Depends, Request
@@ -20,12 +20,13 @@ from pydantic import BaseModel
 from actors.plans import BillingProvider
 from actors.shard import Purchase
 from actors.times import minutes_to_ms
-from gateway.auth import USER_ID_PATTERN
+from gateway.auth import is_user_id
 from gateway.billing import (
     BillingAction,
     Ignored,
     PlanChangeAction,
     PurchaseAction,
+    identifier,
     polar_action,
     stripe_action,
     verify_polar,
@@ -34,13 +35,18 @@ from gateway.billing import (
 from gateway.errors import ApiError
 from gateway.routes.common import plan_event, problems, request_id, runtime
 from gateway.runtime import Runtime
+from gateway.schemas import Problem
 from gateway.settings import Settings
 
 log = structlog.get_logger("gateway.webhooks")
 
 router = APIRouter(prefix="/webhooks", tags=["billing webhooks"])
 
-_USER_ID = re.compile(USER_ID_PATTERN)
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **problems(401, 413, 422, 503),
+    404: {"model": Problem, "description": "This provider's webhooks are not configured here (`not_found`)"},
+}
 
 
 class WebhookAnswer(BaseModel):
@@ -59,7 +65,7 @@ def _secret(request: Request, provider: BillingProvider) -> str:
     return value.get_secret_value()
 
 
-@router.post("/polar", response_model=WebhookAnswer, responses=problems(401, 413, 422, 503))
+@router.post("/polar", response_model=WebhookAnswer, responses=_RESPONSES)
 async def polar(
     request: Request, rt: Runtime = Depends(runtime), rid: str | None = Depends(request_id)
 ) -> WebhookAnswer:
@@ -71,7 +77,7 @@ async def polar(
     return await _apply(rt, polar_action(event, rt.plans.billing), event["type"], delivery, rid)
 
 
-@router.post("/stripe", response_model=WebhookAnswer, responses=problems(401, 413, 422, 503))
+@router.post("/stripe", response_model=WebhookAnswer, responses=_RESPONSES)
 async def stripe(
     request: Request, rt: Runtime = Depends(runtime), rid: str | None = Depends(request_id)
 ) -> WebhookAnswer:
@@ -79,14 +85,14 @@ async def stripe(
     secret = _secret(request, "stripe")
     body = await request.body()
     event = verify_stripe(secret, body, request.headers.get("stripe-signature"), now_s=time.time())
-    delivery = f"stripe:{event.get('id')}"
+    delivery = f"stripe:{identifier(event.get('id'), 'id')}"
     return await _apply(rt, stripe_action(event, rt.plans.billing), event["type"], delivery, rid)
 
 
 async def _apply(
     rt: Runtime, action: BillingAction, kind: str, delivery: str, rid: str | None
 ) -> WebhookAnswer:
-    if not isinstance(action, Ignored) and not _USER_ID.match(action.user_id):
+    if not isinstance(action, Ignored) and not is_user_id(action.user_id):
         action = Ignored("unknown_user")
     if isinstance(action, Ignored):
         log.warning("billing_event_ignored", event_type=kind, delivery=delivery, reason=action.reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -388,7 +389,7 @@ async def test_junk_signatures_and_bodies_are_401_not_500(client: httpx.AsyncCli
         "webhook-signature": Webhook(key).sign("msg_2", datetime.fromtimestamp(now, UTC), polar.decode()),
     }
     not_utf8 = await client.post("/webhooks/polar", content=b"\xff\xfe" + polar, headers=signed)
-    assert not_utf8.status_code == 401, not_utf8.text
+    assert (not_utf8.status_code, not_utf8.json()["code"]) == (422, "invalid_request"), not_utf8.text
     assert (await usage(client, user))["plan"] == "free"
 
 
@@ -416,3 +417,86 @@ async def test_a_delayed_stripe_payment_credits_once_when_it_succeeds(client: ht
     again = handled(await send_stripe(client, event("checkout.session.completed", "paid")))
     assert again["handled"] is True
     assert (await usage(client, user))["purchased_minutes"] == 60
+
+
+# ------------------------------------------------------------------ times and ids at the edge
+
+
+def _item(event: dict[str, Any]) -> dict[str, Any]:
+    """The first item of a Stripe subscription event (where newer API versions keep the period)."""
+    item: dict[str, Any] = event["data"]["object"]["items"]["data"][0]
+    return item
+
+
+def _edited(body: bytes, edit: Any) -> bytes:
+    event = json.loads(body)
+    edit(event)
+    return json.dumps(event).encode()
+
+
+async def test_stripe_events_with_times_or_ids_it_cannot_take_are_422_and_change_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    """A time outside 2000-2200 (or not a whole number of seconds), or no event id to deduplicate
+    by: refused, never 500, never applied, never deduplicated under `None`."""
+    user = new_user()
+    good = stripe_subscription(user, "customer.subscription.updated", "price_pro_monthly")
+    edits = {
+        "created 10^20": lambda e: e.update(created=10**20),
+        "created 1e20": lambda e: e.update(created=1e20),
+        "created true": lambda e: e.update(created=True),
+        "period in the year 1": lambda e: _item(e).update(current_period_start=-62135596800),
+        "period ending as it starts": lambda e: _item(e).update(
+            current_period_end=_item(e)["current_period_start"]
+        ),
+        "no event id": lambda e: e.pop("id"),
+    }
+    for name, edit in edits.items():
+        answer = await send_stripe(client, _edited(good, edit))
+        assert answer.status_code == 422, (name, answer.text)
+        assert answer.json()["code"] == "invalid_request", name
+    assert (await usage(client, user))["plan"] == "free"
+    checkout = fixture(
+        "stripe_checkout.json",
+        event_id=f"evt_{uuid.uuid4().hex[:24]}",
+        created=int(NOW.timestamp()),
+        session_id="cs_test",
+        user_id=user,
+        price_id="price_pack_60",
+        payment_status="paid",
+    )
+    answer = await send_stripe(client, _edited(checkout, lambda e: e["data"]["object"].pop("id")))
+    assert answer.status_code == 422, answer.text
+    assert (await usage(client, user))["purchased_minutes"] == 0
+
+
+async def test_polar_events_with_times_or_ids_it_cannot_take_are_422_and_change_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    user = new_user()
+    subscription = polar_subscription(user, "subscription.updated", "prod-polar-pro")
+    edits = {
+        "timestamp in the year 1": lambda e: e.update(timestamp="0001-01-01T00:00:00+14:00"),
+        "period in 9999": lambda e: e["data"].update(current_period_end="9999-12-31T23:59:59.999Z"),
+        "period ending as it starts": lambda e: e["data"].update(
+            current_period_end=e["data"]["current_period_start"]
+        ),
+        "timestamp not a time": lambda e: e.update(timestamp=12),
+    }
+    for name, edit in edits.items():
+        answer = await send_polar(client, _edited(subscription, edit))
+        assert answer.status_code == 422, (name, answer.text)
+    assert (await usage(client, user))["plan"] == "free"
+    order = fixture(
+        "polar_order.json",
+        occurred_at=iso(NOW),
+        order_id="o-1",
+        product_id="prod-polar-pack-60",
+        user_id=user,
+    )
+    answer = await send_polar(client, _edited(order, lambda e: e["data"].pop("id")))
+    assert answer.status_code == 422, answer.text
+    surrogate = _edited(order, lambda e: e["data"]["customer"].update(external_id="x\ud800"))
+    answer = await send_polar(client, surrogate)
+    assert (answer.status_code, answer.json()["reason"]) == (200, "unknown_user"), answer.text
+    assert (await usage(client, user))["purchased_minutes"] == 0
