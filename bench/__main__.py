@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench import client, shards
+from bench import client, replies, shards
 from bench.loadgen import FlowSpec, LoadSpec, Step, http_request, run_load
 from bench.server import BenchServer, baseline_server, bench_database, bench_server
 
@@ -252,6 +252,7 @@ STANDALONE: dict[str, Callable[[str, bool, int], dict[str, Any]]] = {
     "restart": shards.scenario_restart,
     "actors": shards.scenario_actors,
     "client": client.scenario_client,
+    "replies": replies.scenario_replies,
 }
 # What `--short` runs besides the HTTP scenarios (the others take minutes each on their own).
 SHORT_STANDALONE = ("memory",)
