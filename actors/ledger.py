@@ -657,9 +657,14 @@ class UserLedger:
         self.advance(now_ms)
         session = self._session
         if session is None or session.session_id != session_id:
-            if session_id in self._tails:
-                return self._ended_progress(self._capture(session_id, now_ms))
-            return self.heartbeat_after_end(session_id, self.ended_session(session_id))
+            tail = self._tails.get(session_id)
+            if tail is None:
+                return self.heartbeat_after_end(session_id, self.ended_session(session_id))
+            last_seq = tail.record.last_seq
+            if seq is not None and last_seq is not None and seq <= last_seq:
+                # A heartbeat already heard, delivered again: no sign of life after the last one.
+                return self._ended_progress(tail.record)
+            return self._ended_progress(self._capture(session_id, now_ms))
         if seq is not None and session.last_seq is not None and seq <= session.last_seq:
             return self._active_progress(session)
         self._bump()

@@ -427,6 +427,11 @@ class LedgerShard:
             return
         fenced = self._state == "fenced"
         self._state = "draining"
+        # Operations under way finish first (new ones are refused now): the final flush leaves a
+        # busy user to the operation holding its turn, which may write nothing.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._config.durable_call_max_s):
+                await self._turns.wait_idle()
         tasks = list(self._background)
         if self._start_task is not None and not self._start_task.done():
             tasks.append(self._start_task)  # still retrying its way up: give up
@@ -470,24 +475,23 @@ class LedgerShard:
     # ------------------------------------------------------------ user reads
 
     async def usage(self, user_id: str) -> UsageView:
-        await self._limit_rate(user_id)
-        return await self.usage_of(user_id)
+        return await self._in_turn(user_id, lambda ledger, now: ledger.usage(now), rate_limited=True)
 
     async def usage_of(self, user_id: str) -> UsageView:
         """`usage` for billing and ops (internal calls): not counted against the user's rate limit."""
         return await self._in_turn(user_id, lambda ledger, now: ledger.usage(now))
 
     async def has_credits(self, user_id: str) -> bool:
-        await self._limit_rate(user_id)
-        return await self._in_turn(user_id, lambda ledger, now: ledger.has_credits(now))
+        return await self._in_turn(user_id, lambda ledger, now: ledger.has_credits(now), rate_limited=True)
 
     async def current_session(self, user_id: str) -> CurrentSession:
-        await self._limit_rate(user_id)
-        return await self._in_turn(user_id, lambda ledger, now: ledger.current_session(now))
+        return await self._in_turn(
+            user_id, lambda ledger, now: ledger.current_session(now), rate_limited=True
+        )
 
     async def list_sessions(self, user_id: str, limit: int) -> Page[SessionSummary]:
         """Newest first: the store's history with this shard's newer, not yet written state on top."""
-        await self._limit_rate(user_id)
+        await self._limit_rate(user_id, deadline=self._begin_by())
         async with self._admitted():
             store = await self._running()
             stored = await self._read("session history", store.list_sessions(user_id, limit))
@@ -518,11 +522,11 @@ class LedgerShard:
                 user_id,
                 lambda ledger, now: ledger.start_session(now, session_id, topic=topic, difficulty=difficulty),
                 idem=idem,
+                rate_limited=True,
             )
             log.info("session_started", user_id=user_id, session_id=session_id, request_id=request_id)
             return started
 
-        await self._limit_rate(user_id)
         return await self._once(user_id, idem, start)
 
     async def heartbeat(
@@ -535,14 +539,13 @@ class LedgerShard:
         idem: IdempotencyKey | None = None,
     ) -> SessionProgress:
         """Write-behind: the time billed is durable at the next flush."""
-        await self._limit_rate(user_id)
         return await self._once(user_id, idem, lambda: self._heartbeat(user_id, session_id, seq, idem))
 
     async def _heartbeat(
         self, user_id: str, session_id: str, seq: int | None, idem: IdempotencyKey | None
     ) -> SessionProgress:
         async with self._admitted():
-            ledger = await self._begin(user_id, idem=idem)
+            ledger = await self._begin(user_id, idem=idem, rate_limited=True)
             try:
                 now = self._clock()
                 deadline = ledger.next_deadline_ms()
@@ -551,12 +554,18 @@ class LedgerShard:
                     progress = ledger.heartbeat(now, session_id, seq=seq)
                     self._after_change(user_id, ledger)
                     return progress
-                return await self._heartbeat_that_may_end(user_id, ledger, session_id, seq, now)
+                return await self._heartbeat_that_may_end(user_id, ledger, session_id, seq, now, idem)
             finally:
                 self._turns.release(user_id)
 
     async def _heartbeat_that_may_end(
-        self, user_id: str, ledger: UserLedger, session_id: str, seq: int | None, now: int
+        self,
+        user_id: str,
+        ledger: UserLedger,
+        session_id: str,
+        seq: int | None,
+        now: int,
+        idem: IdempotencyKey | None,
     ) -> SessionProgress:
         """A heartbeat with an alarm due, or for a session that is not running: its answer may be
         the session's final account, which is durable before a client hears it (or, if it cannot
@@ -578,6 +587,12 @@ class LedgerShard:
         )
         changed = draft.version != ledger.version
         if ended and (changed or ledger.is_dirty):
+            if idem is not None:  # the reply to a keyed heartbeat goes with the write it answers
+                if isinstance(outcome, LedgerError):
+                    if is_replayable(outcome):
+                        draft.remember_reply(idem, encode_refusal(outcome), now)
+                else:
+                    draft.remember_reply(idem, encode_result(outcome), now)
             await self._write_and_commit(user_id, draft)
         elif changed:  # an alarm fired (a period rolled, say) and the session goes on: written behind
             self._ledgers[user_id] = draft
@@ -594,7 +609,6 @@ class LedgerShard:
         request_id: str | None = None,
         idem: IdempotencyKey | None = None,
     ) -> SessionProgress:
-        await self._limit_rate(user_id)
         return await self._once(
             user_id, idem, lambda: self._end_session(user_id, session_id, request_id, idem)
         )
@@ -605,7 +619,11 @@ class LedgerShard:
         try:
             # An end is durable before it is answered, whoever ended the session (an alarm, say).
             ended, changed = await self._durable(
-                user_id, lambda ledger, now: ledger.end_session(now, session_id), idem=idem, write_dirty=True
+                user_id,
+                lambda ledger, now: ledger.end_session(now, session_id),
+                idem=idem,
+                write_dirty=True,
+                rate_limited=True,
             )
         except SessionNotFound:
             record = await self._stored_ended_session(user_id, session_id)
@@ -766,22 +784,23 @@ class LedgerShard:
         self, user_id: str, meter: str, amount: int, *, idem: IdempotencyKey | None = None
     ) -> MeterConsumed:
         """Use a count meter: decided in memory, written behind."""
-        await self._limit_rate(user_id)
         return await self._once(
             user_id,
             idem,
             lambda: self._in_turn(
-                user_id, lambda ledger, now: ledger.consume_meter(now, meter, amount), idem
+                user_id,
+                lambda ledger, now: ledger.consume_meter(now, meter, amount),
+                idem,
+                rate_limited=True,
             ),
         )
 
     async def credits(self, user_id: str) -> CreditsView:
-        await self._limit_rate(user_id)
-        return await self._in_turn(user_id, lambda ledger, now: ledger.credits(now))
+        return await self._in_turn(user_id, lambda ledger, now: ledger.credits(now), rate_limited=True)
 
     async def usage_history(self, user_id: str, periods: int) -> Page[PeriodSummary]:
         """Newest first: the store's periods with this shard's newer, not yet written ones on top."""
-        await self._limit_rate(user_id)
+        await self._limit_rate(user_id, deadline=self._begin_by())
         async with self._admitted():
             store = await self._running()
             stored = await self._read("usage history", store.list_periods(user_id, periods))
@@ -798,9 +817,8 @@ class LedgerShard:
 
     async def credit_history(self, user_id: str, limit: int) -> Page[CreditEntry]:
         """Newest first. The user is written first, so consumption still open is in it."""
-        await self._limit_rate(user_id)
         async with self._admitted():
-            ledger = await self._begin(user_id)
+            ledger = await self._begin(user_id, rate_limited=True)
             try:
                 await self._write_user(user_id)
                 store = self._require_store()
@@ -942,16 +960,19 @@ class LedgerShard:
             if self._turns.busy(user_id):
                 # Its alarms fire in its line, when its turn comes (once, however often asked).
                 if user_id not in self._alarms_in_line:
-                    self._alarms_in_line.add(user_id)
                     self._turns.call_when_free(user_id, functools.partial(self._alarm_in_turn, user_id))
+                    self._alarms_in_line.add(user_id)
                 continue
             fired += self._alarm(user_id, now)
         return fired
 
     def _alarm_in_turn(self, user_id: str) -> None:
         self._alarms_in_line.discard(user_id)
-        if user_id not in self._in_doubt:
-            self._alarm(user_id, self._clock())
+        now = self._clock()
+        if user_id in self._in_doubt:
+            self._timers.arm(user_id, now + DOUBT_RETRY_MS)  # come back once the doubt is settled
+        elif user_id in self._ledgers:
+            self._alarm(user_id, now)
 
     def _alarm(self, user_id: str, now: int) -> int:
         """Fire the user's alarms due at `now` (the caller holds, or could take, the user's turn)."""
@@ -1111,7 +1132,12 @@ class LedgerShard:
         return asyncio.get_running_loop().time() + self._config.wait_budget_s
 
     async def _begin(
-        self, user_id: str, *, deadline: float | None = None, idem: IdempotencyKey | None = None
+        self,
+        user_id: str,
+        *,
+        deadline: float | None = None,
+        idem: IdempotencyKey | None = None,
+        rate_limited: bool = False,
     ) -> UserLedger:
         """Take the user's turn: returns the user's live ledger, for the caller alone until it calls
         `self._turns.release(user_id)` (always, in a `finally`).
@@ -1119,13 +1145,20 @@ class LedgerShard:
         Uncontended and resident, this neither awaits nor allocates. Otherwise it loads the user,
         waits in the user's line and settles a write in doubt, all by `deadline` (default: within
         `wait_budget_s`): past it, `Unavailable` (nothing was done). A keyed request whose outcome
-        the ledger already holds ends here with `_Known` (see `_once`), the turn given back."""
+        the ledger already holds ends here with `_Known` (see `_once`); a `rate_limited` one takes
+        a token of the user's rate limit here (`RateLimited`); either way the turn is given back."""
         if user_id not in self._ledgers or user_id in self._in_doubt or not self._turns.try_take(user_id):
             await self._wait_for_turn(user_id, deadline if deadline is not None else self._begin_by())
         ledger = self._ledgers[user_id]
         if idem is not None and (known := ledger.reply(idem.key, self._clock())) is not None:
             self._turns.release(user_id)
             raise _Known(known)
+        if rate_limited:
+            try:
+                self._take_token(user_id, ledger)
+            except RateLimited:
+                self._turns.release(user_id)
+                raise
         return ledger
 
     async def _wait_for_turn(self, user_id: str, deadline: float) -> None:
@@ -1165,17 +1198,24 @@ class LedgerShard:
             raise Unavailable(f"{what} is unavailable; nothing was changed") from exc
 
     async def _in_turn(
-        self, user_id: str, operate: Callable[[UserLedger, int], T], idem: IdempotencyKey | None = None
+        self,
+        user_id: str,
+        operate: Callable[[UserLedger, int], T],
+        idem: IdempotencyKey | None = None,
+        *,
+        rate_limited: bool = False,
     ) -> T:
         """Run `operate` on the user's live ledger in the user's turn, with no await inside: it is
         answered from memory (a change it makes is written behind)."""
         async with self._admitted():
-            ledger = await self._begin(user_id, idem=idem)
+            ledger = await self._begin(user_id, idem=idem, rate_limited=rate_limited)
             try:
                 return operate(ledger, self._clock())
             finally:
-                self._after_change(user_id, ledger)
-                self._turns.release(user_id)
+                try:
+                    self._after_change(user_id, ledger)
+                finally:
+                    self._turns.release(user_id)
 
     async def _activate(self, user_id: str) -> None:
         if user_id in self._ledgers:
@@ -1195,6 +1235,7 @@ class LedgerShard:
             self._next_load_users.append(user_id)
             task = self._loading[user_id] = self._next_load
             task.add_done_callback(functools.partial(self._loaded, user_id))
+            task.add_done_callback(_retrieve)  # its failure is each waiter's; none may be left
         # Shielded: a caller giving up must not cancel the load others wait for.
         await asyncio.shield(task)
         if user_id not in self._ledgers:
@@ -1271,13 +1312,14 @@ class LedgerShard:
         *,
         idem: IdempotencyKey | None = None,
         write_dirty: bool = False,
+        rate_limited: bool = False,
     ) -> tuple[T, bool]:
         """Run `operate` on a clone, make the clone durable (with the reply to `idem`), then swap
         it in, all in the user's turn. Returns the result and whether anything changed (and was
         written). With `write_dirty`, a live ledger that changed nothing now but has changes not
         yet written (an alarm's) is written before the answer too."""
         async with self._admitted():
-            ledger = await self._begin(user_id, idem=idem)
+            ledger = await self._begin(user_id, idem=idem, rate_limited=rate_limited)
             try:
                 draft = ledger.clone()
                 now = self._clock()
@@ -1293,13 +1335,24 @@ class LedgerShard:
             finally:
                 self._turns.release(user_id)
 
-    async def _limit_rate(self, user_id: str) -> None:
-        """Take one of the user's tokens (their plan's `rate_limit`); `RateLimited` when none is left.
-
-        Decided here, in the call that does the work, with no I/O (activating a cold user aside)."""
+    async def _limit_rate(self, user_id: str, *, deadline: float) -> None:
+        """Take a rate-limit token before a read that goes to the store ahead of its turn (the
+        others take theirs in `_begin`); the user is loaded first, by `deadline`."""
         async with self._admitted():
-            await self._activate(user_id)
-        plan = self._policy.plans.get(self._ledgers[user_id].plan)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._running()
+                    await self._activate(user_id)
+            except TimeoutError:
+                raise Unavailable(
+                    "the shard is too busy to begin this operation; nothing was changed"
+                ) from None
+        self._take_token(user_id, self._ledgers[user_id])
+
+    def _take_token(self, user_id: str, ledger: UserLedger) -> None:
+        """Take one of the user's tokens (their plan's `rate_limit`); `RateLimited` when none is left.
+        Decided in the call that does the work, with no I/O."""
+        plan = self._policy.plans.get(ledger.plan)
         limit = plan.rate_limit if plan is not None else None
         if limit is None:
             return
@@ -1431,14 +1484,19 @@ class LedgerShard:
             except (StoreError, TimeoutError) as exc:
                 raise Unavailable("this user's last write is still unresolved; retry shortly") from exc
             found = stored.get(user_id)
-            if not isinstance(found, StoredLedger):
-                raise Unavailable("this user's last write is still unresolved; retry shortly")
-            ledger = UserLedger.restore(found, self._policy, self._clock())
+            try:
+                if not isinstance(found, StoredLedger):
+                    raise StoredStateError(found.reason if found is not None else "the user's rows are gone")
+                ledger = UserLedger.restore(found, self._policy, self._clock())
+            except Exception as exc:  # rows that make no ledger: this user is refused, not the shard
+                log.error("user_unreadable", user_id=user_id, error=repr(exc), after="a write in doubt")
+                raise Unavailable("this user's last write is still unresolved; retry shortly") from exc
             self._ledgers[user_id] = ledger
             self._dirty.discard(user_id)
             self._advance(user_id, ledger, self._clock())
         log.info("write_in_doubt_settled", user_id=user_id, outcome=outcome)
         del self._in_doubt[user_id]
+        self._after_change(user_id, self._ledgers[user_id])  # its alarms, held back meanwhile
 
     async def _settle_doubts(self) -> None:
         """Settle the writes in doubt of users nobody is calling (a call settles its user's first)."""
@@ -1546,6 +1604,12 @@ class LedgerShard:
                     error=repr(exc),
                     exc_info=not isinstance(exc, StoreError),
                 )
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a shared task's failure as seen (its waiters, if any are left, get it too)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _summary(record: SessionRecord) -> SessionSummary:

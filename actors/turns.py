@@ -38,7 +38,7 @@ class TooManyWaiters(Exception):
 
 
 class UserTurns:
-    __slots__ = ("_queues", "waiters_max")
+    __slots__ = ("_idle", "_queues", "waiters_max")
 
     def __init__(self, *, waiters_max: int) -> None:
         assert waiters_max > 0, "waiters_max must be positive"
@@ -46,6 +46,7 @@ class UserTurns:
         # A user present here is busy (an operation has its turn); the value is its queue of
         # waiters, None while nobody waits.
         self._queues: dict[str, deque[_Waiter] | None] = {}
+        self._idle: asyncio.Event | None = None  # set when no user is busy (`wait_idle`)
 
     def busy(self, user_id: str) -> bool:
         return user_id in self._queues
@@ -57,6 +58,14 @@ class UserTurns:
     def waiting(self, user_id: str) -> int:
         queue = self._queues.get(user_id)
         return len(queue) if queue is not None else 0
+
+    async def wait_idle(self) -> None:
+        """Return once no user is busy (at that instant)."""
+        if not self._queues:
+            return
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        await self._idle.wait()
 
     def try_take(self, user_id: str) -> bool:
         """Take the user's turn if it is free (no await, no allocation)."""
@@ -85,14 +94,17 @@ class UserTurns:
             raise
 
     def call_when_free(self, user_id: str, callback: Callable[[], None]) -> None:
-        """Run `callback` in the user's turn: now if it is free, else when it comes (in line)."""
+        """Run `callback` in the user's turn: now if it is free, else when it comes (in line).
+
+        Not counted against `waiters_max` (the caller keeps at most one per user in line: the
+        shard's timer), so it is always taken."""
         if self.try_take(user_id):
             try:
                 callback()
             finally:
                 self.release(user_id)
             return
-        self._enqueue(user_id, callback)
+        self._enqueue(user_id, callback, bounded=False)
 
     def release(self, user_id: str) -> None:
         """End the current turn: hand it to the next waiter, or mark the user free."""
@@ -109,12 +121,15 @@ class UserTurns:
             except Exception:  # a callback's failure is its own: logged, and the line goes on
                 log.exception("turn_callback_failed", user_id=user_id)
         del self._queues[user_id]
+        if not self._queues and self._idle is not None:
+            self._idle.set()
+            self._idle = None
 
-    def _enqueue(self, user_id: str, waiter: _Waiter) -> None:
+    def _enqueue(self, user_id: str, waiter: _Waiter, *, bounded: bool = True) -> None:
         queue = self._queues[user_id]
         if queue is None:
             queue = self._queues[user_id] = deque()
-        elif len(queue) >= self.waiters_max:
+        elif bounded and len(queue) >= self.waiters_max:
             raise TooManyWaiters(user_id)
         queue.append(waiter)
 

@@ -195,7 +195,11 @@ class TokenVerifier:
             raise Unauthorized("invalid token")
         for claim in ("exp", "iat", "nbf"):  # times from outside lie between 2000 and 2200
             value = claims.get(claim)
-            if value is not None and not EARLIEST_MS <= value * MS_PER_SECOND < LATEST_MS:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise Unauthorized("invalid token")  # (PyJWT takes "1790000000" for a number)
+            if not EARLIEST_MS <= value * MS_PER_SECOND < LATEST_MS:  # NaN fails this too
                 raise Unauthorized("invalid token")
         return subject, float(claims["exp"])
 

@@ -216,7 +216,7 @@ class Usage(ResponseModel):
             minutes_used=to_minutes(view.used_ms),
             minutes_remaining=to_minutes(view.remaining_ms),
             purchased_minutes=to_minutes(view.purchased_ms),
-            percent_used=percent(view.used_ms + view.held_ms, view.remaining_ms),
+            percent_used=percent(view.used_ms, view.remaining_ms),
             warning=view.warning,
             active_session=ActiveSession.from_view(view.active_session) if view.active_session else None,
             version=view.version,

@@ -47,7 +47,7 @@ async def fetch_last_applied(
         """
         select distinct on (user_id) user_id, occurred_at, delivery_id
         from plan_events where user_id = any($1::text[]) and applied
-        order by user_id, occurred_at desc, delivery_id desc
+        order by user_id, occurred_at desc, delivery_id collate "C" desc
         """,
         list(user_ids),
     )

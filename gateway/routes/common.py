@@ -133,7 +133,7 @@ async def idempotency_key(
     body = await request.body()
     try:
         canonical = _canonical(json.loads(body, parse_float=Decimal, parse_int=Decimal)) if body else ""
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, ArithmeticError):  # ArithmeticError: Decimal's, at 1e10**20
         canonical = body.hex()  # not JSON: validation answers it, byte for byte is the best we can do
     digest = hashlib.sha256(f"{request.method} {_canonical_path(request)}\n{canonical}".encode())
     return IdempotencyKey(key=key, request_hash=digest.hexdigest())

@@ -274,6 +274,12 @@ async def test_a_keyed_request_is_the_same_request_however_it_is_written(client:
         "/v1/meters/generations/consume", json={"amount": 2}, headers={**auth(user), "Idempotency-Key": "m-1"}
     )
     assert_problem(other, 422, "idempotency_conflict")
+    absurd = await client.post(  # a number no canonical form can hold: validation answers it
+        "/v1/meters/generations/consume",
+        content=b'{"amount": 1e1000000000000000000}',
+        headers={**auth(user), "Idempotency-Key": "m-2", "content-type": "application/json"},
+    )
+    assert_problem(absurd, 422, "invalid_request")
 
 
 async def test_heartbeat_rejects_wrong_types(client: httpx.AsyncClient) -> None:

@@ -7,12 +7,14 @@ import inspect
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from actors.errors import (
     EventConflict,
+    LedgerError,
     NoCredits,
     Overloaded,
     RateLimited,
@@ -26,7 +28,15 @@ from actors.plans import parse_plans
 from actors.records import Delivery, LedgerSnapshot, StoredLedger
 from actors.replies import IdempotencyKey
 from actors.routing import shard_index
-from actors.shard import ACTIVATION_BATCH_USERS, RATE_LIMITED_METHODS, LedgerShard, PlanEvent, ShardConfig
+from actors.shard import (
+    ACTIVATION_BATCH_USERS,
+    RATE_LIMITED_METHODS,
+    USER_WAITERS_MAX,
+    LedgerShard,
+    PlanEvent,
+    Purchase,
+    ShardConfig,
+)
 from actors.store import (
     Fence,
     LedgerStore,
@@ -420,6 +430,18 @@ class TestHeartbeatThatEnds:
         assert store.sessions[started.session_id].end_reason == "limit_reached"
         assert (await shard.stats()).dirty_users == 0
 
+    async def test_a_keyed_heartbeat_reporting_an_end_writes_its_reply_with_it(
+        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+    ) -> None:
+        """Its retry after a crash must get the same answer: the reply is in the end's write."""
+        await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
+        started = await shard.start_session("u1")
+        clock.now += 7 * SEC
+        progress = await shard.heartbeat("u1", started.session_id, idem=IdempotencyKey("hb-1", "h"))
+        assert progress.state == "ended"
+        assert ("u1", "hb-1") in store.replies
+        assert (await shard.stats()).dirty_users == 0
+
     async def test_heartbeat_reporting_an_end_is_unavailable_until_the_end_is_written(
         self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
     ) -> None:
@@ -677,15 +699,58 @@ LIMITED = LedgerPolicy(
 
 
 class TestRateLimit:
-    async def test_the_methods_named_rate_limited_are_those_that_take_a_token(self) -> None:
+    async def test_the_methods_named_rate_limited_are_those_that_take_a_token(
+        self, store: MemoryStore, clock: FakeClock
+    ) -> None:
         """Gateways refuse RATE_LIMITED_METHODS for a user their shard just limited; the set must
-        be exactly the methods that take a token, or a gateway would refuse billing's calls."""
-        taking = {
-            name
-            for name, method in inspect.getmembers(LedgerShard, inspect.iscoroutinefunction)
-            if not name.startswith("_") and "self._limit_rate(" in inspect.getsource(method)
+        be exactly the methods that take a token, or a gateway would refuse billing's calls. Each
+        user method is called, once its user's tokens are spent, to see whether it is refused."""
+        shard = make_shard(store, clock, policy=LIMITED)
+        await shard.start()
+        calls: dict[str, Any] = {
+            "usage": lambda user, sid: shard.usage(user),
+            "usage_of": lambda user, sid: shard.usage_of(user),
+            "has_credits": lambda user, sid: shard.has_credits(user),
+            "current_session": lambda user, sid: shard.current_session(user),
+            "list_sessions": lambda user, sid: shard.list_sessions(user, 5),
+            "start_session": lambda user, sid: shard.start_session(user),
+            "heartbeat": lambda user, sid: shard.heartbeat(user, sid),
+            "end_session": lambda user, sid: shard.end_session(user, sid),
+            "consume_meter": lambda user, sid: shard.consume_meter(user, "generations", 1),
+            "credits": lambda user, sid: shard.credits(user),
+            "usage_history": lambda user, sid: shard.usage_history(user, 3),
+            "credit_history": lambda user, sid: shard.credit_history(user, 5),
+            "change_plan": lambda user, sid: shard.change_plan(
+                user, PlanEvent(f"d-{user}", "free", "upgrade", T0)
+            ),
+            "add_credits": lambda user, sid: shard.add_credits(user, Purchase(f"p-{user}", MIN, "grant")),
+            "reconcile": lambda user, sid: shard.reconcile(user),
+            "watch": lambda user, sid: shard.watch(user, -1, 1.0),
         }
+        infrastructure = {"start", "stop", "flush", "stats", "ready", "batch", "collect"}
+        public = {
+            name
+            for name, _ in inspect.getmembers(LedgerShard, inspect.iscoroutinefunction)
+            if not name.startswith("_")
+        }
+        assert public - infrastructure == set(calls), "a new user method must say whether it takes a token"
+        taking = set()
+        for index, (name, call) in enumerate(calls.items()):
+            user = f"limited-{index}"
+            started = await shard.start_session(user)
+            while True:  # spend the user's tokens
+                try:
+                    await shard.usage(user)
+                except RateLimited:
+                    break
+            try:
+                await call(user, started.session_id)
+            except RateLimited:
+                taking.add(name)
+            except LedgerError:
+                pass  # refused for another reason, after the token (or without one)
         assert taking == RATE_LIMITED_METHODS
+        await shard.stop()
 
     async def test_a_burst_then_the_refill_rate_and_other_users_unaffected(
         self, store: MemoryStore, clock: FakeClock
@@ -797,3 +862,109 @@ class TestFencing:
         with pytest.raises(Unavailable):
             await old.usage("u1")
         await old.stop()
+
+
+class GatedStore(MemoryStore):
+    """A MemoryStore whose writes, and dedupe reads, wait while `gate` is clear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = asyncio.Event()
+
+    async def save(
+        self,
+        snapshots: Sequence[LedgerSnapshot],
+        *,
+        delivery: Delivery | None = None,
+        receipt: WriteReceipt | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        self.waiting.set()
+        await self.gate.wait()
+        await super().save(snapshots, delivery=delivery, receipt=receipt, fence=fence)
+
+    async def find_purchase(self, delivery_id: str) -> Any:
+        self.waiting.set()
+        await self.gate.wait()
+        return await super().find_purchase(delivery_id)
+
+
+class TestAlarmsOfBusyUsers:
+    """Found by review: alarms popped for users whose turn was held could be lost."""
+
+    async def test_a_full_line_costs_no_user_its_alarm(self, clock: FakeClock) -> None:
+        store = GatedStore()
+        shard = make_shard(store, clock)
+        await shard.start()
+        await shard.start_session("a")
+        clock.now += SEC
+        other = await shard.start_session("b")  # b's stale deadline is a second after a's
+        store.gate.clear()
+        store.waiting.clear()
+        buying = asyncio.create_task(shard.add_credits("a", Purchase("d1", MIN, "purchase")))
+        await store.waiting.wait()
+        readers = [asyncio.create_task(shard.usage_of("a")) for _ in range(USER_WAITERS_MAX)]
+        await asyncio.sleep(0.01)
+        clock.now = T0 + STALE_MS + 2 * SEC
+        shard.fire_due_alarms()  # a's alarm joins a's full line; b's fires
+        store.gate.set()
+        await buying
+        await asyncio.gather(*readers)
+        await shard.flush()
+        assert store.sessions[other.session_id].end_reason == "stale"
+        assert (await shard.usage("a")).active_session is None, "a's alarm fired in its turn"
+        await shard.stop()
+
+    async def test_an_alarm_behind_a_write_left_in_doubt_fires_once_the_doubt_is_settled(
+        self, clock: FakeClock
+    ) -> None:
+        store = GatedStore()
+        shard = make_shard(store, clock)
+        await shard.start()
+        started = await shard.start_session("u1")
+        store.gate.clear()
+        store.waiting.clear()
+        store.hold_next_commit = True  # the write ends with its outcome unknown
+        buying = asyncio.create_task(shard.add_credits("u1", Purchase("d1", MIN, "purchase")))
+        await store.waiting.wait()
+        clock.now = T0 + STALE_MS + 1
+        shard.fire_due_alarms()  # queued in u1's line, behind the purchase
+        store.gate.set()
+        with pytest.raises(Unavailable):
+            await buying
+        assert (await shard.stats()).users_in_doubt == 1
+        assert store._pending_commit is not None
+        transaction, _ = store._pending_commit
+        store._pending_commit = None
+        store._transactions[transaction] = "aborted"  # the commit failed after all
+        clock.now += 2 * SEC
+        await shard.flush()  # the flush loop's round: settles the doubt
+        await shard._settle_doubts()
+        clock.now += 2 * SEC
+        shard.fire_due_alarms()
+        await shard.flush()
+        assert store.sessions[started.session_id].end_reason == "stale"
+        await shard.stop()
+
+    async def test_stop_waits_for_the_operations_under_way_before_the_final_flush(
+        self, clock: FakeClock
+    ) -> None:
+        store = GatedStore()
+        shard = make_shard(store, clock)
+        await shard.start()
+        started = await shard.start_session("u1")
+        await shard.add_credits("u1", Purchase("d1", MIN, "purchase"))
+        clock.now += 3 * MIN
+        await shard.heartbeat("u1", started.session_id)  # written behind
+        store.gate.clear()
+        store.waiting.clear()
+        retry = asyncio.create_task(shard.add_credits("u1", Purchase("d1", MIN, "purchase")))
+        await store.waiting.wait()  # billing's retry holds u1's turn, reading its dedupe row
+        stopping = asyncio.create_task(shard.stop())
+        await asyncio.sleep(0.05)
+        store.gate.set()
+        await retry
+        await stopping
+        assert store.sessions[started.session_id].used_ms == 3 * MIN

@@ -36,6 +36,14 @@ def _claims(**claims: object) -> dict[str, object]:
         (lambda: jwt.encode(_claims(sub=""), SECRET, algorithm="HS256"), "invalid token"),
         (lambda: jwt.encode(_claims(sub="u" * 256), SECRET, algorithm="HS256"), "invalid token"),
         (lambda: "not.a.token", "invalid token"),
+        (
+            lambda: jwt.encode(_claims(sub="u", exp=str(int(time.time()) + 60)), SECRET, algorithm="HS256"),
+            "invalid token",
+        ),
+        (lambda: jwt.encode(_claims(sub="u", exp=10**20), SECRET, algorithm="HS256"), "invalid token"),
+        (lambda: jwt.encode(_claims(sub="u", iat=1), SECRET, algorithm="HS256"), "invalid token"),
+        (lambda: jwt.encode(_claims(sub="u", nbf="0"), SECRET, algorithm="HS256"), "invalid token"),
+        (lambda: jwt.encode(_claims(sub="x\ud800"), SECRET, algorithm="HS256"), "invalid token"),
     ],
     ids=[
         "expired",
@@ -48,6 +56,11 @@ def _claims(**claims: object) -> dict[str, object]:
         "empty-sub",
         "long-sub",
         "junk",
+        "exp-a-string",
+        "exp-past-2200",
+        "iat-in-1970",
+        "nbf-a-string",
+        "sub-a-lone-surrogate",
     ],
 )
 def test_bad_tokens_are_refused(make_token: Callable[[], str], reason: str) -> None:
