@@ -138,6 +138,30 @@ async def test_polar_subscription_sets_the_plan_and_its_period_once_per_delivery
     assert (await usage(client, user))["version"] == now["version"], "a redelivery changes nothing"
 
 
+async def test_a_renewal_of_the_plan_in_force_with_its_period_changes_nothing(
+    client: httpx.AsyncClient, database: asyncpg.Connection
+) -> None:
+    """A subscription.updated that says what is already in force (another event, the same plan and
+    period): no version, no plan_changed event; and an older event arriving after it is still late."""
+    user = new_user()
+    first = polar_subscription(
+        user, "subscription.created", "prod-polar-basic", at=NOW - timedelta(minutes=2)
+    )
+    assert handled(await send_polar(client, first))["applied"] is True
+    before = await usage(client, user)
+    renewal = polar_subscription(user, "subscription.updated", "prod-polar-basic", at=NOW)
+    assert handled(await send_polar(client, renewal))["applied"] is True
+    after = await usage(client, user)
+    assert after == before, "nothing changed, not even the version"
+    events = await database.fetchval(
+        "select count(*) from usage_events where user_id = $1 and kind = 'plan_changed'", user
+    )
+    assert events == 1, "only the first event changed the plan"
+    late = polar_subscription(user, "subscription.updated", "prod-polar-pro", at=NOW - timedelta(minutes=1))
+    assert handled(await send_polar(client, late))["applied"] is False
+    assert (await usage(client, user))["plan"] == "basic"
+
+
 async def test_polar_events_out_of_order_leave_the_newest_plan(client: httpx.AsyncClient) -> None:
     user = new_user()
     newer = polar_subscription(user, "subscription.updated", "prod-polar-pro", at=NOW + timedelta(minutes=5))

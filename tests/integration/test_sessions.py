@@ -282,6 +282,20 @@ async def test_a_keyed_request_is_the_same_request_however_it_is_written(client:
     assert_problem(absurd, 422, "invalid_request")
 
 
+async def test_options_and_openapi_say_what_each_path_answers(client: httpx.AsyncClient) -> None:
+    """OPTIONS names every method of the path (GET and POST share /v1/sessions), and so does a
+    405; the OpenAPI document names the 404 of billing webhooks whose secret is not set."""
+    options = await client.options("/v1/sessions")
+    assert options.status_code == 204
+    assert options.headers["allow"] == "GET, OPTIONS, POST"
+    wrong = await client.delete("/v1/sessions", headers=auth(new_user()))
+    assert_problem(wrong, 405, "method_not_allowed")
+    assert wrong.headers["allow"] == "GET, OPTIONS, POST"
+    spec = (await client.get("/openapi.json")).json()
+    for provider in ("polar", "stripe"):
+        assert "404" in spec["paths"][f"/webhooks/{provider}"]["post"]["responses"]
+
+
 async def test_heartbeat_rejects_wrong_types(client: httpx.AsyncClient) -> None:
     user = new_user()
     session_id = (await client.post("/v1/sessions", headers=auth(user))).json()["session_id"]
