@@ -657,14 +657,12 @@ class UserLedger:
         self.advance(now_ms)
         session = self._session
         if session is None or session.session_id != session_id:
-            tail = self._tails.get(session_id)
-            if tail is None:
-                return self.heartbeat_after_end(session_id, self.ended_session(session_id))
-            last_seq = tail.record.last_seq
-            if seq is not None and last_seq is not None and seq <= last_seq:
-                # A heartbeat already heard, delivered again: no sign of life after the last one.
-                return self._ended_progress(tail.record)
-            return self._ended_progress(self._capture(session_id, now_ms))
+            if session_id in self._tails:
+                # Any heartbeat of the session, even one sent again with its old `seq`, was sent by
+                # a client still alive after its last heartbeat: the held time is billed. (Told
+                # otherwise, a client could later be told a second, different final account.)
+                return self._ended_progress(self._capture(session_id, now_ms))
+            return self.heartbeat_after_end(session_id, self.ended_session(session_id))
         if seq is not None and session.last_seq is not None and seq <= session.last_seq:
             return self._active_progress(session)
         self._bump()

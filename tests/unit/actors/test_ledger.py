@@ -199,17 +199,17 @@ class TestAlarms:
         with pytest.raises(NoCredits):
             user.start_session(T0 + 9 * SEC, "s2")
 
-    def test_a_heartbeat_delivered_again_is_no_sign_of_life(self) -> None:
-        """A duplicate (its `seq` not above the last) after the limit does not bill the held time."""
+    def test_a_heartbeat_sent_again_after_the_limit_bills_the_held_time_once(self) -> None:
+        """Even with its old `seq`: the client sent it again, so it was alive after its last
+        heartbeat. It bills the held time (no more), and its answer is the final one."""
         user = ledger("tiny")
         user.start_session(T0, "s1")
         user.heartbeat(T0 + 2 * SEC, "s1", seq=7)
         user.advance(T0 + 7 * SEC)
         again = user.heartbeat(T0 + 8 * SEC, "s1", seq=7)
-        assert (again.state, again.end_reason, again.session_used_ms) == ("ended", "limit_reached", 2 * SEC)
-        assert user.usage(T0 + 8 * SEC).held_ms == 4 * SEC, "still held"
-        fresh = user.heartbeat(T0 + 9 * SEC, "s1", seq=8)
-        assert fresh.session_used_ms == 6 * SEC
+        assert (again.state, again.end_reason, again.session_used_ms) == ("ended", "limit_reached", 6 * SEC)
+        assert user.usage(T0 + 8 * SEC).held_ms == 0
+        assert user.end_session(T0 + 9 * SEC, "s1").session_used_ms == 6 * SEC, "one final account"
 
     def test_a_silent_client_is_billed_to_its_last_heartbeat(self) -> None:
         user = ledger("tiny")
