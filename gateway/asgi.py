@@ -6,7 +6,11 @@ from starlette.types import Message, Receive, Scope
 
 
 class BodyTooLarge(Exception):
-    """The body grew past the bound before it ended."""
+    """The body grew past the bound; `ended` when its last part was read too (nothing to drain)."""
+
+    def __init__(self, *, ended: bool) -> None:
+        super().__init__("the request body is too large")
+        self.ended = ended
 
 
 async def read_body(receive: Receive, *, max_bytes: int | None = None) -> bytes | None:
@@ -18,7 +22,7 @@ async def read_body(receive: Receive, *, max_bytes: int | None = None) -> bytes 
             return None
         body.extend(message.get("body", b""))
         if max_bytes is not None and len(body) > max_bytes:
-            raise BodyTooLarge
+            raise BodyTooLarge(ended=not message.get("more_body", False))
         if not message.get("more_body", False):
             return bytes(body)
 

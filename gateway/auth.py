@@ -43,8 +43,10 @@ log = structlog.get_logger("gateway.auth")
 
 USER_ID_MAX_LENGTH = 255
 # A user id: 1-255 characters, none of them control characters (Postgres text cannot hold NUL,
-# and log lines should not carry the others); and text UTF-8 can hold (`is_user_id`).
-USER_ID_PATTERN = r"^[^\x00-\x1f\x7f]{1,255}$"
+# and log lines should not carry the others), nor U+FFFD (what bytes that are not UTF-8 decode to,
+# in a path's `%FF` say: two different ids would meet in one account); and text UTF-8 can hold
+# (`is_user_id`).
+USER_ID_PATTERN = r"^[^\x00-\x1f\x7f\ufffd]{1,255}$"
 WEBHOOK_ID_MAX_LENGTH = 255
 _USER_ID = re.compile(USER_ID_PATTERN)
 JWT_ALGORITHMS = ("HS256",)

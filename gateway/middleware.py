@@ -200,9 +200,10 @@ class BodyLimitMiddleware:
             async with asyncio.timeout(self.read_timeout_s):
                 try:
                     body = await read_body(receive, max_bytes=max_bytes)
-                except BodyTooLarge:
+                except BodyTooLarge as exc:
                     too_large = True
-                    await _drain(receive, DRAIN_BYTES_MAX)
+                    if not exc.ended:
+                        await _drain(receive, DRAIN_BYTES_MAX)
         except TimeoutError:
             if too_large:
                 await self._too_large(send, max_bytes)

@@ -62,9 +62,18 @@ def _in_range(value: datetime) -> datetime:
     return value
 
 
+def _not_a_number(value: object) -> object:
+    """A time is RFC 3339 text: a JSON number (seconds? milliseconds?) is refused, not guessed."""
+    if isinstance(value, int | float):
+        raise ValueError("a time is an RFC 3339 string, such as 2026-11-01T00:00:00Z")
+    return value
+
+
 # A time in a request: RFC 3339 with its timezone, between 2000-01-01 and 2200-01-01 UTC
 # (`actors.times.checked_instant`); anything else is 422 and changes nothing.
-Instant = Annotated[AwareDatetime, Field(strict=False), AfterValidator(_in_range)]
+Instant = Annotated[
+    AwareDatetime, Field(strict=False), BeforeValidator(_not_a_number), AfterValidator(_in_range)
+]
 WarningKind = Literal["low_balance", "exhausted"]
 # Free text, but no control characters other than tab and line breaks (Postgres text cannot hold NUL).
 Topic = Annotated[

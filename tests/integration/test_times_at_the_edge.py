@@ -31,13 +31,14 @@ from tests.harness import (
     signed,
 )
 
-OUT_OF_RANGE = [
+OUT_OF_RANGE: list[str | int] = [
     "0001-01-01T00:00:00Z",
     "0001-01-01T00:00:00+14:00",  # the year 0 in UTC
     "1999-12-31T23:59:59Z",
     "2200-01-01T00:00:00Z",
     "9999-12-31T23:59:59.999Z",
     "2026-11-01T00:00:00",  # no timezone
+    1765000000,  # a number: seconds? milliseconds? (RFC 3339 text only)
 ]
 
 
@@ -55,7 +56,7 @@ def assert_invalid(answer: httpx.Response) -> None:
 
 @pytest.mark.parametrize("moment", OUT_OF_RANGE)
 async def test_a_plan_change_dated_outside_2000_to_2200_is_422_and_changes_nothing(
-    client: httpx.AsyncClient, moment: str
+    client: httpx.AsyncClient, moment: str | int
 ) -> None:
     user = new_user()
     assert (await change_plan(client, user, "basic")).status_code == 200
@@ -109,6 +110,17 @@ async def test_a_token_whose_subject_is_not_text_is_401_not_500(client: httpx.As
     token = jwt.api_jws.encode(payload.encode("utf-8", "surrogatepass"), JWT_SECRET, algorithm="HS256")
     answer = await client.get("/v1/usage", headers={"Authorization": f"Bearer {token}"})
     assert answer.status_code == 401, answer.text
+
+
+@pytest.mark.parametrize("raw", ["%FF%FE", "%ED%A0%80", "u%FF"])
+async def test_a_user_id_in_a_path_that_is_not_utf8_is_422_and_changes_nothing(
+    client: httpx.AsyncClient, raw: str
+) -> None:
+    """Bytes that are not UTF-8 decode to U+FFFD: two different paths would meet in one account."""
+    body, headers = signed(json.dumps({"minutes": 3, "reason": "grant"}))
+    assert_invalid(await client.post(f"/internal/v1/users/{raw}/credits", content=body, headers=headers))
+    _, headers = signed("")
+    assert_invalid(await client.get("/internal/v1/users/\ufffd\ufffd/usage", headers=headers))
 
 
 async def test_a_user_whose_stored_times_are_out_of_range_is_503_and_the_shard_goes_on(
