@@ -79,6 +79,7 @@ from actors.records import (
     MeterRecord,
     PeriodRecord,
     PlanAction,
+    PlanEvent,
     PurchaseReason,
     ReplyRecord,
     SessionRecord,
@@ -152,23 +153,6 @@ class Alarm:
     kind: AlarmKind
     at_ms: int
     session_id: str | None = None  # the tail a `release` frees
-
-
-@dataclass(frozen=True, slots=True)
-class PlanChange:
-    """A plan event from billing. `delivery_id` orders events with equal `occurred_at_ms`.
-
-    `period_start_ms`/`period_end_ms`, when given, are the subscription's current
-    period: from then on the user's periods follow that anchor.
-    """
-
-    plan: str
-    action: PlanAction
-    occurred_at_ms: int
-    delivery_id: str
-    reset_usage: bool = False
-    period_start_ms: int | None = None
-    period_end_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -785,7 +769,7 @@ class UserLedger:
 
     # -------------------------------------------------------------------- plans
 
-    def change_plan(self, now_ms: int, change: PlanChange) -> bool:
+    def change_plan(self, now_ms: int, change: PlanEvent) -> bool:
         """Apply a plan event unless an event at least as recent was applied. Returns whether applied."""
         self.advance(now_ms)
         target = (
@@ -848,7 +832,7 @@ class UserLedger:
         self.advance(now_ms)
         return True
 
-    def _renews(self, target: Plan, anchor: PeriodAnchor | None, change: PlanChange) -> bool:
+    def _renews(self, target: Plan, anchor: PeriodAnchor | None, change: PlanEvent) -> bool:
         """Whether `change` is a renewal that changes nothing: the plan in force, no reset, and no
         period, or the subscription period already in force (the one that anchored the user, or
         the current period exactly, once periods have rolled on)."""

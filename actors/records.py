@@ -8,7 +8,7 @@ so replayed or late writes never overwrite newer state.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Difficulty = Literal["beginner", "intermediate", "advanced"]
@@ -137,39 +137,39 @@ class SessionRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class PlanEventRecord:
-    """A plan change as billing delivered it, applied or not; `response` is the first answer given."""
+class PlanEvent:
+    """A plan change as billing sent it: one type from the gateway through the ledger to the store.
+    `delivery_id` (the webhook id) deduplicates retries and orders events with equal `occurred_at_ms`.
+
+    `period_start_ms`/`period_end_ms`, when given, are the subscription's current
+    period: from then on the user's periods follow that anchor.
+    """
 
     delivery_id: str
-    user_id: str
     plan: str
     action: PlanAction
     occurred_at_ms: int
-    reset_usage: bool
-    period_start_ms: int | None
-    period_end_ms: int | None
-    applied: bool
-    response: dict[str, Any]
+    reset_usage: bool = False
+    period_start_ms: int | None = None
+    period_end_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanEventRecord:
+    """A plan event as recorded for its user, applied or not; `response` is the first answer given."""
+
+    user_id: str
+    event: PlanEvent
+    applied: bool = False
+    response: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def delivery_id(self) -> str:
+        return self.event.delivery_id
 
     def same_event(self, other: PlanEventRecord) -> bool:
         """True when `other` is a retry of this delivery (everything but the outcome matches)."""
-        return (
-            self.user_id,
-            self.plan,
-            self.action,
-            self.occurred_at_ms,
-            self.reset_usage,
-            self.period_start_ms,
-            self.period_end_ms,
-        ) == (
-            other.user_id,
-            other.plan,
-            other.action,
-            other.occurred_at_ms,
-            other.reset_usage,
-            other.period_start_ms,
-            other.period_end_ms,
-        )
+        return (self.user_id, self.event) == (other.user_id, other.event)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ reports so anyone can see how many storage round trips a workload cost.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, TypeVar
 
@@ -155,19 +155,10 @@ class LedgerStore(Protocol):
 
 
 class MemoryStore:
-    """A `LedgerStore` in dicts. Set `available = False` to make every call fail as an outage would."""
+    """A `LedgerStore` in dicts: what tests and the simulation run shards on. (It has no fault
+    switches: the tests' `FaultyMemoryStore` and the simulation's `FaultyStore` add them.)"""
 
     def __init__(self) -> None:
-        self.available = True
-        # Set to make the next save apply and then fail as a lost COMMIT reply would.
-        self.lose_next_commit_reply = False
-        # Set to make the next save fail as a lost reply would, with its commit still in progress
-        # until `finish_pending_commit()` (the commit outlives the caller's patience).
-        self.hold_next_commit = False
-        # Set to make the next save fail mid-transaction as a dropped connection would: its
-        # transaction aborts, but the caller is not told which.
-        self.cut_next_write = False
-        self._pending_commit: tuple[int, dict[str, object]] | None = None
         self._transactions: dict[int, WriteOutcome] = {}
         self._next_transaction = 1
         self.users: dict[str, UserRecord] = {}
@@ -181,14 +172,9 @@ class MemoryStore:
         self.events: dict[str, LedgerEvent] = {}  # the outbox, by event id
         self.epochs: dict[str, int] = {}  # the newest claim of each owner
 
-    def _check(self) -> None:
-        if not self.available:
-            raise StoreUnavailable("memory store switched off")
-
     async def load(
         self, user_ids: Sequence[str], *, now_ms: int
     ) -> dict[str, StoredLedger | UnreadableLedger]:
-        self._check()
         found: dict[str, StoredLedger | UnreadableLedger] = {}
         for user_id in user_ids:
             user = self.users.get(user_id)
@@ -204,9 +190,9 @@ class MemoryStore:
             held_in = {start for record in pending for start, *_ in record.pending}
             periods += [p for p in mine if p.archived and p.start_ms in held_in and p not in periods]
             applied = [
-                (event.occurred_at_ms, event.delivery_id)
-                for event in self.plan_events.values()
-                if event.user_id == user_id and event.applied
+                (record.event.occurred_at_ms, record.delivery_id)
+                for record in self.plan_events.values()
+                if record.user_id == user_id and record.applied
             ]
             found[user_id] = StoredLedger(
                 last_applied_plan_event=max(applied, default=None),
@@ -224,16 +210,13 @@ class MemoryStore:
         return found
 
     async def claim(self, owner: str) -> Fence:
-        self._check()
         self.epochs[owner] = self.epochs.get(owner, 0) + 1
         return Fence(owner, self.epochs[owner])
 
     async def holds(self, fence: Fence) -> bool:
-        self._check()
         return self.epochs.get(fence.owner) == fence.epoch
 
     async def open_session_users(self) -> list[str]:
-        self._check()
         return sorted({s.user_id for s in self.sessions.values() if s.is_open or s.is_pending})
 
     async def save(
@@ -244,7 +227,6 @@ class MemoryStore:
         receipt: WriteReceipt | None = None,
         fence: Fence | None = None,
     ) -> None:
-        self._check()
         if fence is not None and self.epochs.get(fence.owner) != fence.epoch:
             raise StoreFenced(f"{fence.owner} was claimed after epoch {fence.epoch}")
         transaction = self._next_transaction
@@ -252,9 +234,6 @@ class MemoryStore:
         if receipt is not None:
             receipt.transaction_id = transaction
         self._transactions[transaction] = "aborted"  # until it commits
-        if self.cut_next_write:
-            self.cut_next_write = False
-            raise StoreOutcomeUnknown("connection lost during the write")
         users, periods, sessions = dict(self.users), dict(self.periods), dict(self.sessions)
         meters, entries, replies = dict(self.meters), dict(self.entries), dict(self.replies)
         events = dict(self.events)
@@ -282,57 +261,22 @@ class MemoryStore:
                 raise StoreError(f"user {user_id} would have {open_count} open sessions")
         if delivery is not None and delivery.delivery_id in self._deliveries_of(delivery):
             raise StoreError(f"delivery {delivery.delivery_id} already recorded")
-        state: dict[str, object] = {
-            "users": users,
-            "periods": periods,
-            "sessions": sessions,
-            "meters": meters,
-            "entries": entries,
-            "replies": replies,
-            "events": events,
-        }
-        if self.hold_next_commit:
-            self.hold_next_commit = False
-            self._transactions[transaction] = "unknown"  # in progress
-            self._pending_commit = (transaction, {**state, "delivery": delivery})
-            raise StoreOutcomeUnknown("no answer to COMMIT; the commit is still in progress")
-        self._apply(state, delivery)
-        self._transactions[transaction] = "committed"
-        if self.lose_next_commit_reply:
-            self.lose_next_commit_reply = False
-            raise StoreOutcomeUnknown("the write landed but its acknowledgement was lost")
-
-    def finish_pending_commit(self) -> None:
-        """Let a held commit land (see `hold_next_commit`)."""
-        assert self._pending_commit is not None
-        transaction, state = self._pending_commit
-        self._pending_commit = None
-        delivery = state.pop("delivery")
-        self._apply(state, delivery)  # type: ignore[arg-type]
-        self._transactions[transaction] = "committed"
-
-    def _apply(self, state: dict[str, object], delivery: Delivery | None) -> None:
-        self.users = state["users"]  # type: ignore[assignment]
-        self.periods = state["periods"]  # type: ignore[assignment]
-        self.sessions = state["sessions"]  # type: ignore[assignment]
-        self.meters = state["meters"]  # type: ignore[assignment]
-        self.entries = state["entries"]  # type: ignore[assignment]
-        self.replies = state["replies"]  # type: ignore[assignment]
-        self.events = state["events"]  # type: ignore[assignment]
+        # All checked: the transaction commits, all of it at once.
+        self.users, self.periods, self.sessions = users, periods, sessions
+        self.meters, self.entries, self.replies, self.events = meters, entries, replies, events
         if isinstance(delivery, PlanEventRecord):
             self.plan_events[delivery.delivery_id] = delivery
         elif isinstance(delivery, CreditPurchaseRecord):
             self.purchases[delivery.delivery_id] = delivery
+        self._transactions[transaction] = "committed"
 
     async def prune_replies(self, now_ms: int) -> int:
-        self._check()
         expired = [slot for slot, reply in self.replies.items() if reply.expires_at_ms <= now_ms]
         for slot in expired:
             del self.replies[slot]
         return len(expired)
 
     async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
-        self._check()
         if receipt.transaction_id is None:
             return "aborted"
         return self._transactions.get(receipt.transaction_id, "unknown")
@@ -343,27 +287,22 @@ class MemoryStore:
         return self.plan_events if isinstance(delivery, PlanEventRecord) else self.purchases
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
-        self._check()
         session = self.sessions.get(session_id)
         return session if session is not None and session.user_id == user_id else None
 
     async def list_sessions(self, user_id: str, limit: int) -> list[SessionRecord]:
-        self._check()
         mine = [s for s in self.sessions.values() if s.user_id == user_id]
         return sorted(mine, key=lambda s: (-s.started_at_ms, s.session_id))[:limit]
 
     async def list_periods(self, user_id: str, limit: int) -> list[PeriodRecord]:
-        self._check()
         mine = [p for (owner, _), p in self.periods.items() if owner == user_id]
         return sorted(mine, key=lambda p: -p.start_ms)[:limit]
 
     async def credit_history(self, user_id: str, limit: int) -> list[CreditEntry]:
-        self._check()
         mine = [e for (owner, _), e in self.entries.items() if owner == user_id]
         return sorted(mine, key=lambda e: -e.seq)[:limit]
 
     async def credit_balances(self, user_id: str) -> dict[CreditKey, tuple[int, int]]:
-        self._check()
         chains: dict[CreditKey, list[CreditEntry]] = defaultdict(list)
         for (owner, _), entry in self.entries.items():
             if owner == user_id:
@@ -374,11 +313,9 @@ class MemoryStore:
         }
 
     async def find_plan_event(self, delivery_id: str) -> PlanEventRecord | None:
-        self._check()
         return self.plan_events.get(delivery_id)
 
     async def find_purchase(self, delivery_id: str) -> CreditPurchaseRecord | None:
-        self._check()
         return self.purchases.get(delivery_id)
 
     async def close(self) -> None:
@@ -401,15 +338,10 @@ class CountingStore:
     def __init__(self, inner: LedgerStore) -> None:
         self.inner = inner
         self.calls: Counter[str] = Counter()
-        # This shard activation's claim (`claim`), carried by every save made through this wrapper,
-        # and what to do when a save finds it superseded.
-        self.fence: Fence | None = None
-        self.on_fenced: Callable[[], None] | None = None
 
     async def claim(self, owner: str) -> Fence:
         self.calls["claim"] += 1
-        self.fence = await self.inner.claim(owner)
-        return self.fence
+        return await self.inner.claim(owner)
 
     async def holds(self, fence: Fence) -> bool:
         self.calls["holds"] += 1
@@ -434,12 +366,7 @@ class CountingStore:
         fence: Fence | None = None,
     ) -> None:
         self.calls["save"] += 1
-        try:
-            await self.inner.save(snapshots, delivery=delivery, receipt=receipt, fence=fence or self.fence)
-        except StoreFenced:
-            if self.on_fenced is not None:
-                self.on_fenced()
-            raise
+        await self.inner.save(snapshots, delivery=delivery, receipt=receipt, fence=fence)
 
     async def prune_replies(self, now_ms: int) -> int:
         self.calls["prune_replies"] += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from actors.records import Difficulty, EndReason, LedgerEvent, PeriodRecord
+from actors.records import Difficulty, EndReason, LedgerEvent, PeriodRecord, SessionRecord
 
 Warning = Literal["low_balance", "exhausted"]
 Item = TypeVar("Item")
@@ -106,6 +106,18 @@ class SessionSummary:
     topic: str | None
     difficulty: Difficulty | None
     end_reason: EndReason | None
+
+    @classmethod
+    def of(cls, record: SessionRecord) -> SessionSummary:
+        return cls(
+            session_id=record.session_id,
+            started_at_ms=record.started_at_ms,
+            ended_at_ms=record.ended_at_ms,
+            used_ms=record.used_ms,
+            topic=record.topic,
+            difficulty=record.difficulty,
+            end_reason=record.end_reason,
+        )
 
 
 @dataclass(frozen=True, slots=True)

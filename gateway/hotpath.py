@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -36,11 +37,14 @@ from gateway.errors import error_problem
 from gateway.routes import sessions, usage
 from gateway.runtime import Runtime
 from gateway.schemas import HeartbeatRequest, HeartbeatResponse, Usage
+from gateway.shards import ShardClient
 
 USAGE_PATH = "/v1/usage"
 HEARTBEAT_ROUTE = "/v1/sessions/{session_id}/heartbeat"
 _HEARTBEAT_PATH = re.compile(r"^/v1/sessions/([^/]+)/heartbeat$")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+
+T = TypeVar("T")
 
 
 class HotPathMiddleware:
@@ -66,7 +70,8 @@ class HotPathMiddleware:
             user_id = await self._user(scope)
             if user_id is not None:
                 scope["route"] = self._routes["GET", USAGE_PATH]
-                await self._answer(scope, receive, send, Usage.from_view, (user_id, "usage", user_id))
+                shards = self._shards()
+                await self._answer(scope, receive, send, Usage.from_view, shards.usage(user_id))
                 return
         elif method == "POST" and (match := _HEARTBEAT_PATH.match(path)) is not None:
             body = await read_body(receive)
@@ -75,19 +80,13 @@ class HotPathMiddleware:
             receive = replaying(body, receive)
             session_id, seq = _heartbeat_input(scope, match.group(1), body)
             user_id = await self._user(scope) if session_id is not None else None
-            if user_id is not None:
+            if user_id is not None and session_id is not None:
                 scope["route"] = self._routes["POST", HEARTBEAT_ROUTE]
                 request_id = scope.get("state", {}).get("request_id")
-                await self._answer(
-                    scope,
-                    receive,
-                    send,
-                    HeartbeatResponse.from_view,
-                    (user_id, "heartbeat", user_id, session_id),
-                    seq=seq,
-                    request_id=request_id,
-                    idem=None,
+                answer = self._shards().heartbeat(
+                    user_id, session_id, seq=seq, request_id=request_id, idem=None
                 )
+                await self._answer(scope, receive, send, HeartbeatResponse.from_view, answer)
                 return
         await self.app(scope, receive, send)
 
@@ -107,13 +106,21 @@ class HotPathMiddleware:
         scope.setdefault("state", {})["user_id"] = user_id
         return user_id
 
-    async def _answer(
-        self, scope: Scope, receive: Receive, send: Send, render: Any, call: tuple[Any, ...], **kwargs: Any
-    ) -> None:
-        """Calls the user's shard with `call` (user id, method, *args) and sends `render(answer)`."""
+    def _shards(self) -> ShardClient:
         runtime: Runtime = self._fastapi.state.runtime
+        return runtime.shards
+
+    async def _answer(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        render: Callable[[T], BaseModel],
+        answer: Awaitable[T],
+    ) -> None:
+        """Sends `render(await answer)` (the shard's answer), or the error it raised as a problem."""
         try:
-            model: BaseModel = render(await runtime.router.call(*call, **kwargs))
+            model = render(await answer)
         except Exception as exc:  # answered as the app's own handlers would
             await error_problem(exc)(scope, receive, send)
             return

@@ -29,7 +29,7 @@ from actors.times import MS_PER_MINUTE, MS_PER_SECOND
 from gateway.events import EventDelivery
 from gateway.metrics import Metrics
 from gateway.settings import CALL_MARGIN_S, RESOLVE_TIMEOUT_S, WRITE_SLACK_S, Settings, SettingsError
-from gateway.shards import ShardRouter
+from gateway.shards import ShardClient, ShardRouter
 from persistence.database import PoolLimits, create_pool
 from persistence.embedded import DATABASE_NAME, EmbeddedPostgres, ensure_database
 from persistence.migrate import MigrationProgress, migrate
@@ -150,6 +150,7 @@ class Runtime:
         self.database = database
         self.pool = pool
         self.router = router
+        self.shards = ShardClient(router)  # what routes call
         self.owns_ray = owns_ray
         self.state: RuntimeState = "running"
         self.delivery: EventDelivery | None = None
@@ -212,7 +213,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SHARDS_READY_WAIT_S
         while True:
-            results = await self.router.each("ready")
+            results = await self.shards.ready()
             failures = [r for r in results if isinstance(r, BaseException)]
             if not failures:
                 return
@@ -221,9 +222,9 @@ class Runtime:
                 return
             await asyncio.sleep(0.5)
 
-    async def database_ok(self) -> bool:
+    async def database_ok(self, *, timeout_s: float | None = None) -> bool:
         try:
-            async with asyncio.timeout(self.settings.db_statement_timeout_s):
+            async with asyncio.timeout(timeout_s or self.settings.db_statement_timeout_s):
                 async with self.pool.acquire() as connection:
                     return bool(await connection.fetchval("select true"))
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -235,10 +236,11 @@ class Runtime:
         self.state = "stopping"
         if self.delivery is not None:
             await self.delivery.stop()
-        method = "stop" if self.owns_ray else "flush"
         try:
             async with asyncio.timeout(SHUTDOWN_FLUSH_TIMEOUT_S):
-                results = await self.router.each(method)
+                results: list[object] = list(
+                    await (self.shards.stop() if self.owns_ray else self.shards.flush())
+                )
             for index, result in enumerate(results):
                 if isinstance(result, BaseException):
                     log.error("shard_final_flush_failed", shard=index, error=repr(result))

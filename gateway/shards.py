@@ -1,12 +1,20 @@
 """ShardRouter: sends each call to the shard that owns the user, with a time limit.
 
-Hot calls (`BATCHABLE_METHODS`: checks, heartbeats, meter uses) travel in
+Routes call shards through `ShardClient`, one typed method per shard
+operation (`await shards.usage(user_id) -> UsageView`); it names each
+operation by the shard's method itself (`LedgerShard.usage`), so mypy checks
+the arguments and the result against the shard, and the router reads what it
+needs to know of the call from the operation's declaration
+(`actors.shard.operations`): its batch lane, whether it may be retried,
+whether it takes a rate-limit token, whether it changes the plan.
+
+Hot calls (lane "read": checks, heartbeats, meter uses) travel in
 batches: while `MAX_BATCHES_IN_FLIGHT` batch calls to a shard are under way,
 the calls that arrive for it wait and leave together in the next one, as one
 Ray call. Under load Ray's per-call cost (about a millisecond of CPU on each
 side) is paid once per batch instead of once per request; when idle, a call
 leaves at once, alone. Each call in a batch keeps its own timeout, retries and
-errors. Session starts and ends (`BATCHABLE_WRITES`) are batched the same way
+errors. Session starts and ends (lane "write") are batched the same way
 in batches of their own, so a read never waits for a write's transaction.
 
 A user the shard refused with `RateLimited` is refused here for the same
@@ -32,42 +40,41 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import ray.exceptions
 import structlog
 
 from actors.errors import DomainError, RateLimited, Unavailable
+from actors.records import CreditEntry, Difficulty, PlanEvent
+from actors.replies import IdempotencyKey
 from actors.routing import shard_index
-from actors.shard import BATCHABLE_METHODS, BATCHABLE_WRITES, RATE_LIMITED_METHODS, ShardStats
+from actors.shard import LedgerShard, Operation, Purchase, ShardStats, operation_of
+from actors.views import (
+    CreditsAdded,
+    CreditsView,
+    CurrentSession,
+    MeterConsumed,
+    Page,
+    PeriodSummary,
+    PlanChangeResult,
+    Reconciliation,
+    SessionProgress,
+    SessionStarted,
+    SessionSummary,
+    UsageChange,
+    UsageView,
+)
 from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.shards")
 
-# Shard methods a retry cannot apply twice: reads; heartbeats (they bill server time since the
-# previous one); ends (an ended session answers its result again); deliveries (once per webhook-id).
-REPEATABLE = frozenset(
-    {
-        "usage",
-        "usage_of",
-        "has_credits",
-        "current_session",
-        "list_sessions",
-        "credits",
-        "usage_history",
-        "credit_history",
-        "reconcile",
-        "watch",
-        "stats",
-        "heartbeat",
-        "end_session",
-        "change_plan",
-        "add_credits",
-    }
-)
-# Calls after which a remembered refusal no longer holds.
-PLAN_CHANGES = frozenset({"change_plan"})
+P = ParamSpec("P")
+R = TypeVar("R")
+# A shard operation as the class holds it: `LedgerShard.usage`, say (the first parameter is the shard).
+ShardMethod = Callable[Concatenate[LedgerShard, P], Awaitable[R]]
+
 # Batch calls under way to one shard from this process; calls arriving meanwhile wait for the next.
 MAX_BATCHES_IN_FLIGHT = 2
 # Past this many remembered refusals, the expired ones are dropped.
@@ -161,24 +168,26 @@ class ShardRouter:
     def call_timeout_s(self) -> float:
         return self._timeout_s
 
-    async def call(
-        self, user_id: str, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any
-    ) -> Any:
-        """Call `method` on the shard that owns `user_id` (within `timeout_s`, default the router's)."""
-        rate_limited = method in RATE_LIMITED_METHODS
-        if rate_limited:
+    async def call(self, user_id: str, method: ShardMethod[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call `method` (a declared `LedgerShard` operation) on the shard that owns `user_id`."""
+        return await self.call_within(self._timeout_s, user_id, method, *args, **kwargs)
+
+    async def call_within(
+        self, timeout_s: float, user_id: str, method: ShardMethod[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """`call`, bounded by `timeout_s` instead of the router's `call_timeout_s`."""
+        operation = operation_of(method)
+        if operation.rate_limited:
             self._refuse_if_still_limited(user_id)
         index = shard_index(user_id, len(self._handles))
-        repeatable = method in REPEATABLE or kwargs.get("idem") is not None
+        repeatable = operation.repeatable or kwargs.get("idem") is not None
         try:
-            result = await self._call(
-                index, method, *args, timeout_s=timeout_s, repeatable=repeatable, **kwargs
-            )
+            result: R = await self._call(index, operation, args, kwargs, timeout_s, repeatable=repeatable)
         except RateLimited as refused:
-            if rate_limited:
+            if operation.rate_limited:
                 self._remember_refusal(user_id, refused.fields.get("wait_ms", 0) / 1000)
             raise
-        if method in PLAN_CHANGES:
+        if operation.changes_plan:
             self._refused_until.pop(user_id, None)  # a new plan, a new rate: the shard decides again
         return result
 
@@ -203,22 +212,24 @@ class ShardRouter:
     async def _call(
         self,
         index: int,
-        method: str,
-        *args: Any,
-        timeout_s: float | None = None,
-        repeatable: bool = False,
-        **kwargs: Any,
+        operation: Operation,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout_s: float,
+        *,
+        repeatable: bool,
     ) -> Any:
+        method = operation.name
         started = time.perf_counter()
         outcome = "ok"
         try:
-            async with asyncio.timeout(timeout_s if timeout_s is not None else self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 delay = RETRY_DELAY_MIN_S
                 while True:
                     try:
-                        if method in BATCHABLE_METHODS:
+                        if operation.lane == "read":
                             return await self._batchers[index].call(method, args, kwargs)
-                        if method in BATCHABLE_WRITES:
+                        if operation.lane == "write":
                             return await self._write_batchers[index].call(method, args, kwargs)
                         return await getattr(self._handles[index], method).remote(*args, **kwargs)
                     except ray.exceptions.RayActorError as exc:
@@ -249,14 +260,139 @@ class ShardRouter:
         finally:
             self._metrics.shard_calls.labels(method, outcome).observe(time.perf_counter() - started)
 
-    async def each(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Call `method` on every shard; each result is the value or the exception it raised."""
+    async def each(
+        self, method: Callable[[LedgerShard], Awaitable[R]], *, timeout_s: float | None = None
+    ) -> list[R | BaseException]:
+        """Call `method` (a declared shard-wide call) on every shard, each within `timeout_s`
+        (default: `call_timeout_s`); each result is the value or the exception it raised."""
+        bound_s = timeout_s if timeout_s is not None else self._timeout_s
+        operation = operation_of(method)
         return list(
             await asyncio.gather(
-                *(self._call(index, method, *args, **kwargs) for index in range(len(self._handles))),
+                *(
+                    # Not retried: a status asked of every shard reports a dead one at once.
+                    self._call(index, operation, (), {}, bound_s, repeatable=False)
+                    for index in range(len(self._handles))
+                ),
                 return_exceptions=True,
             )
         )
 
+
+class ShardClient:
+    """The gateway's typed view of the shards: one method per shard operation (see the module's
+    docstring). Adding an operation to the shard means adding its method here."""
+
+    def __init__(self, router: ShardRouter) -> None:
+        self.router = router
+
+    # Reads
+
+    async def usage(self, user_id: str) -> UsageView:
+        return await self.router.call(user_id, LedgerShard.usage, user_id)
+
+    async def usage_of(self, user_id: str) -> UsageView:
+        """`usage` for billing and ops: not counted against the user's rate limit."""
+        return await self.router.call(user_id, LedgerShard.usage_of, user_id)
+
+    async def has_credits(self, user_id: str) -> bool:
+        return await self.router.call(user_id, LedgerShard.has_credits, user_id)
+
+    async def current_session(self, user_id: str) -> CurrentSession:
+        return await self.router.call(user_id, LedgerShard.current_session, user_id)
+
+    async def credits(self, user_id: str) -> CreditsView:
+        return await self.router.call(user_id, LedgerShard.credits, user_id)
+
+    async def list_sessions(self, user_id: str, limit: int) -> Page[SessionSummary]:
+        return await self.router.call(user_id, LedgerShard.list_sessions, user_id, limit)
+
+    async def usage_history(self, user_id: str, periods: int) -> Page[PeriodSummary]:
+        return await self.router.call(user_id, LedgerShard.usage_history, user_id, periods)
+
+    async def credit_history(self, user_id: str, limit: int) -> Page[CreditEntry]:
+        return await self.router.call(user_id, LedgerShard.credit_history, user_id, limit)
+
+    async def reconcile(self, user_id: str) -> Reconciliation:
+        return await self.router.call(user_id, LedgerShard.reconcile, user_id)
+
+    async def watch(self, user_id: str, after_version: int, wait_s: float) -> UsageChange | None:
+        """The user's next change after `after_version`, or None after `wait_s` without one."""
+        timeout_s = wait_s + self.router.call_timeout_s
+        return await self.router.call_within(
+            timeout_s, user_id, LedgerShard.watch, user_id, after_version, wait_s
+        )
+
+    # Writes
+
+    async def start_session(
+        self,
+        user_id: str,
+        *,
+        topic: str | None,
+        difficulty: Difficulty | None,
+        request_id: str | None,
+        idem: IdempotencyKey | None,
+    ) -> SessionStarted:
+        return await self.router.call(
+            user_id,
+            LedgerShard.start_session,
+            user_id,
+            topic=topic,
+            difficulty=difficulty,
+            request_id=request_id,
+            idem=idem,
+        )
+
+    async def heartbeat(
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        seq: int | None,
+        request_id: str | None,
+        idem: IdempotencyKey | None,
+    ) -> SessionProgress:
+        return await self.router.call(
+            user_id, LedgerShard.heartbeat, user_id, session_id, seq=seq, request_id=request_id, idem=idem
+        )
+
+    async def end_session(
+        self, user_id: str, session_id: str, *, request_id: str | None, idem: IdempotencyKey | None
+    ) -> SessionProgress:
+        return await self.router.call(
+            user_id, LedgerShard.end_session, user_id, session_id, request_id=request_id, idem=idem
+        )
+
+    async def consume_meter(
+        self, user_id: str, meter: str, amount: int, *, idem: IdempotencyKey | None
+    ) -> MeterConsumed:
+        return await self.router.call(user_id, LedgerShard.consume_meter, user_id, meter, amount, idem=idem)
+
+    async def change_plan(
+        self, user_id: str, event: PlanEvent, *, request_id: str | None, idem: IdempotencyKey | None = None
+    ) -> PlanChangeResult:
+        return await self.router.call(
+            user_id, LedgerShard.change_plan, user_id, event, request_id=request_id, idem=idem
+        )
+
+    async def add_credits(
+        self, user_id: str, purchase: Purchase, *, request_id: str | None, idem: IdempotencyKey | None = None
+    ) -> CreditsAdded:
+        return await self.router.call(
+            user_id, LedgerShard.add_credits, user_id, purchase, request_id=request_id, idem=idem
+        )
+
+    # Every shard
+
     async def stats(self) -> list[ShardStats | BaseException]:
-        return await self.each("stats")
+        return await self.router.each(LedgerShard.stats)
+
+    async def ready(self, *, timeout_s: float | None = None) -> list[ShardStats | BaseException]:
+        return await self.router.each(LedgerShard.ready, timeout_s=timeout_s)
+
+    async def flush(self) -> list[int | BaseException]:
+        return await self.router.each(LedgerShard.flush)
+
+    async def stop(self) -> list[BaseException | None]:
+        return await self.router.each(LedgerShard.stop)

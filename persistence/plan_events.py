@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from actors.records import PlanEventRecord
+from actors.records import PlanEvent, PlanEventRecord
 from actors.times import to_datetime
 from persistence.decode import instant_ms, optional_instant_ms
 
@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from persistence.database import Connection
 
 
-async def insert_plan_event(connection: Connection, *, event: PlanEventRecord) -> bool:
+async def insert_plan_event(connection: Connection, *, record: PlanEventRecord) -> bool:
     """Record the event; False when its delivery id is already recorded."""
+    event = record.event
     status = await connection.execute(
         """
         insert into plan_events (
@@ -25,15 +26,15 @@ async def insert_plan_event(connection: Connection, *, event: PlanEventRecord) -
         on conflict (delivery_id) do nothing
         """,
         event.delivery_id,
-        event.user_id,
+        record.user_id,
         event.plan,
         event.action,
         to_datetime(event.occurred_at_ms),
         event.reset_usage,
         to_datetime(event.period_start_ms) if event.period_start_ms is not None else None,
         to_datetime(event.period_end_ms) if event.period_end_ms is not None else None,
-        event.applied,
-        json.dumps(event.response),
+        record.applied,
+        json.dumps(record.response),
     )
     return bool(status == "INSERT 0 1")
 
@@ -68,15 +69,18 @@ async def fetch_plan_event(connection: Connection, *, delivery_id: str) -> PlanE
     )
     if row is None:
         return None
-    return PlanEventRecord(
+    event = PlanEvent(
         delivery_id=row["delivery_id"],
-        user_id=row["user_id"],
         plan=row["plan"],
         action=row["action"],
         occurred_at_ms=instant_ms(row["occurred_at"], "plan_events.occurred_at"),
         reset_usage=row["reset_usage"],
         period_start_ms=optional_instant_ms(row["period_start"], "plan_events.period_start"),
         period_end_ms=optional_instant_ms(row["period_end"], "plan_events.period_end"),
+    )
+    return PlanEventRecord(
+        user_id=row["user_id"],
+        event=event,
         applied=row["applied"],
         response=json.loads(row["response"]),
     )

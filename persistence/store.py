@@ -252,7 +252,7 @@ class PostgresStore:
 
 async def _record_delivery(connection: Any, delivery: Delivery) -> bool:
     if isinstance(delivery, PlanEventRecord):
-        return await plan_events.insert_plan_event(connection, event=delivery)
+        return await plan_events.insert_plan_event(connection, record=delivery)
     return await credit_ledger.insert_purchase(connection, purchase=delivery)
 
 

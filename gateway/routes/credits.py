@@ -31,7 +31,7 @@ MeterPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0
 
 @router.get("/v1/credits", response_model=Credits, responses=problems(401, 429, 503))
 async def get_credits(user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)) -> Credits:
-    return Credits.from_view(await rt.router.call(user_id, "credits", user_id))
+    return Credits.from_view(await rt.shards.credits(user_id))
 
 
 @router.get("/v1/credits/history", response_model=CreditHistory, responses=problems(401, 422, 429, 503))
@@ -41,7 +41,7 @@ async def credit_history(
     rt: Runtime = Depends(runtime),
 ) -> CreditHistory:
     """Newest first. Consumption still open in the ledger is written first, so it is included."""
-    page = await rt.router.call(user_id, "credit_history", user_id, limit)
+    page = await rt.shards.credit_history(user_id, limit)
     return CreditHistory(
         entries=[CreditHistoryEntry.from_record(entry) for entry in page.items], version=page.version
     )
@@ -59,5 +59,5 @@ async def consume_meter(
     rt: Runtime = Depends(runtime),
     idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> MeterConsumeResponse:
-    consumed = await rt.router.call(user_id, "consume_meter", user_id, meter, body.amount, idem=idem)
+    consumed = await rt.shards.consume_meter(user_id, meter, body.amount, idem=idem)
     return MeterConsumeResponse.from_view(consumed)

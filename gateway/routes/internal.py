@@ -58,7 +58,7 @@ async def change_plan(
         period_end=body.period_end,
         reset_usage=body.reset_usage,
     )
-    result = await rt.router.call(user_id, "change_plan", user_id, event, request_id=rid, idem=idem)
+    result = await rt.shards.change_plan(user_id, event, request_id=rid, idem=idem)
     return PlanChangeResponse(applied=result.applied, usage=Usage.from_view(result.usage))
 
 
@@ -80,7 +80,7 @@ async def add_credits(
         reason=body.reason,
         reference=body.reference,
     )
-    added = await rt.router.call(user_id, "add_credits", user_id, purchase, request_id=rid, idem=idem)
+    added = await rt.shards.add_credits(user_id, purchase, request_id=rid, idem=idem)
     return CreditsResponse(
         purchased_minutes=to_minutes(added.purchased_ms), usage=Usage.from_view(added.usage)
     )
@@ -91,12 +91,12 @@ async def add_credits(
 )
 async def reconcile(user_id: UserIdPath, rt: Runtime = Depends(runtime)) -> ReconciliationReport:
     """Compare the user's live balances with what the credit ledger's entries add up to."""
-    return ReconciliationReport.from_view(await rt.router.call(user_id, "reconcile", user_id))
+    return ReconciliationReport.from_view(await rt.shards.reconcile(user_id))
 
 
 @router.get("/users/{user_id}/usage", response_model=Usage, responses=problems(401, 422, 503))
 async def get_user_usage(user_id: UserIdPath, rt: Runtime = Depends(runtime)) -> Usage:
-    return Usage.from_view(await rt.router.call(user_id, "usage_of", user_id))
+    return Usage.from_view(await rt.shards.usage_of(user_id))
 
 
 @router.get("/users/{user_id}/sessions", response_model=SessionList, responses=problems(401, 422, 503))
@@ -106,7 +106,7 @@ async def list_user_sessions(
     rt: Runtime = Depends(runtime),
 ) -> SessionList:
     """Any user's recent sessions, newest first (`usage-ledger user`)."""
-    page = await rt.router.call(user_id, "list_sessions", user_id, limit)
+    page = await rt.shards.list_sessions(user_id, limit)
     return SessionList(sessions=[SessionItem.from_view(item) for item in page.items], version=page.version)
 
 
@@ -115,7 +115,7 @@ async def status(rt: Runtime = Depends(runtime)) -> Status:
     """Every shard: where it runs, its users and sessions, its write-behind (`usage-ledger status`).
     A shard that did not answer is listed with the error's name."""
     shards = []
-    for index, result in enumerate(await rt.router.stats()):
+    for index, result in enumerate(await rt.shards.stats()):
         if not isinstance(result, ShardStats):
             shards.append(ShardStatus(shard=index, state="unreachable", error=type(result).__name__))
             continue

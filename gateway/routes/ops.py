@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -15,6 +17,10 @@ from gateway.schemas import Health, Readiness, ShardReadiness
 
 router = APIRouter(tags=["operations"])
 
+# Readiness answers within this (Postgres and the shards asked at once): a probe with a short
+# timeout sees 503, not a hang, when a dependency does not answer.
+READY_WAIT_S = 2.0
+
 
 @router.get("/healthz", response_model=Health)
 async def healthz() -> Health:
@@ -24,10 +30,12 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(rt: Runtime = Depends(runtime)) -> JSONResponse:
-    """Ready when Postgres answers and every shard has started."""
-    database = await rt.database_ok()
+    """Ready when Postgres answers and every shard has started (each asked for `READY_WAIT_S`)."""
+    database, answers = await asyncio.gather(
+        rt.database_ok(timeout_s=READY_WAIT_S), rt.shards.ready(timeout_s=READY_WAIT_S)
+    )
     shards = []
-    for index, result in enumerate(await rt.router.each("ready")):
+    for index, result in enumerate(answers):
         if isinstance(result, ShardStats):
             shards.append(
                 ShardReadiness(
@@ -49,7 +57,7 @@ async def readyz(rt: Runtime = Depends(runtime)) -> JSONResponse:
 async def metrics(request: Request, rt: Runtime = Depends(runtime)) -> Response:
     registry: Metrics = request.app.state.metrics
     now_ms = wall_clock_ms()
-    for result in await rt.router.stats():
+    for result in await rt.shards.stats():
         if isinstance(result, ShardStats):
             shard = str(result.shard_index)
             for name, gauge in registry.shard_gauges.items():

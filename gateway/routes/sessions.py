@@ -56,14 +56,8 @@ async def start_session(
     idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> SessionStartedResponse:
     request = body or StartSessionRequest()
-    started = await rt.router.call(
-        user_id,
-        "start_session",
-        user_id,
-        topic=request.topic,
-        difficulty=request.difficulty,
-        request_id=rid,
-        idem=idem,
+    started = await rt.shards.start_session(
+        user_id, topic=request.topic, difficulty=request.difficulty, request_id=rid, idem=idem
     )
     return SessionStartedResponse.from_view(started)
 
@@ -82,9 +76,7 @@ async def heartbeat(
     idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> HeartbeatResponse:
     seq = body.seq if body is not None else None
-    progress = await rt.router.call(
-        user_id, "heartbeat", user_id, session_id, seq=seq, request_id=rid, idem=idem
-    )
+    progress = await rt.shards.heartbeat(user_id, session_id, seq=seq, request_id=rid, idem=idem)
     return HeartbeatResponse.from_view(progress)
 
 
@@ -101,7 +93,7 @@ async def end_session(
     rid: str | None = Depends(request_id),
     idem: IdempotencyKey | None = Depends(idempotency_key),
 ) -> EndSessionResponse:
-    ended = await rt.router.call(user_id, "end_session", user_id, session_id, request_id=rid, idem=idem)
+    ended = await rt.shards.end_session(user_id, session_id, request_id=rid, idem=idem)
     return EndSessionResponse.from_view(ended)
 
 
@@ -109,7 +101,7 @@ async def end_session(
 async def current_session(
     user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)
 ) -> CurrentSessionResponse:
-    return CurrentSessionResponse.from_view(await rt.router.call(user_id, "current_session", user_id))
+    return CurrentSessionResponse.from_view(await rt.shards.current_session(user_id))
 
 
 @router.get("", response_model=SessionList, responses=problems(401, 422, 429, 503))
@@ -118,7 +110,7 @@ async def list_sessions(
     user_id: str = Depends(current_user),
     rt: Runtime = Depends(runtime),
 ) -> SessionList:
-    page = await rt.router.call(user_id, "list_sessions", user_id, limit)
+    page = await rt.shards.list_sessions(user_id, limit)
     return SessionList(
         sessions=[SessionItem.from_view(summary) for summary in page.items], version=page.version
     )

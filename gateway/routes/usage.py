@@ -37,7 +37,7 @@ STREAM_RETRY_S = 1.0
 
 @router.get("/v1/usage", response_model=Usage, responses=problems(401, 429, 503))
 async def get_usage(user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)) -> Usage:
-    return Usage.from_view(await rt.router.call(user_id, "usage", user_id))
+    return Usage.from_view(await rt.shards.usage(user_id))
 
 
 @router.get("/v1/usage/history", response_model=UsageHistory, responses=problems(401, 422, 429, 503))
@@ -47,7 +47,7 @@ async def usage_history(
     rt: Runtime = Depends(runtime),
 ) -> UsageHistory:
     """Newest first, the current period included."""
-    page = await rt.router.call(user_id, "usage_history", user_id, periods)
+    page = await rt.shards.usage_history(user_id, periods)
     return UsageHistory(
         periods=[PeriodItem.from_view(summary) for summary in page.items], version=page.version
     )
@@ -71,17 +71,14 @@ async def usage_history(
 async def usage_stream(
     request: Request, user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)
 ) -> StreamingResponse:
-    first: UsageView = await rt.router.call(user_id, "usage", user_id)  # errors answer before streaming
-    watch_timeout_s = STREAM_KEEPALIVE_S + rt.router.call_timeout_s
+    first: UsageView = await rt.shards.usage(user_id)  # errors answer before streaming
 
     async def events() -> AsyncIterator[str]:
         version = first.version
         yield _frame(first)
         while not await request.is_disconnected():
             try:
-                changed = await rt.router.call(
-                    user_id, "watch", user_id, version, STREAM_KEEPALIVE_S, timeout_s=watch_timeout_s
-                )
+                changed = await rt.shards.watch(user_id, version, STREAM_KEEPALIVE_S)
             except ShardError:
                 yield ": shard unavailable; retrying\n\n"
                 await asyncio.sleep(STREAM_RETRY_S)

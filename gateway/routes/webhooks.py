@@ -106,7 +106,7 @@ async def _apply(
             period_start=action.period_start,  # whole or none: `gateway.billing` sees to it
             period_end=action.period_end,
         )
-        result = await rt.router.call(action.user_id, "change_plan", action.user_id, event, request_id=rid)
+        result = await rt.shards.change_plan(action.user_id, event, request_id=rid)
         log.info(
             "billing_plan_event",
             event_type=kind,
@@ -124,7 +124,7 @@ async def _apply(
         reason="purchase",
         reference=action.reference,
     )
-    await rt.router.call(action.user_id, "add_credits", action.user_id, purchase, request_id=rid)
+    await rt.shards.add_credits(action.user_id, purchase, request_id=rid)
     log.info(
         "billing_purchase", event_type=kind, delivery=delivery, user_id=action.user_id, minutes=action.minutes
     )

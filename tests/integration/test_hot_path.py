@@ -46,7 +46,7 @@ async def test_a_credit_check_answers_what_fastapi_renders_for_the_same_ledger(
 
     # FastAPI's own rendering of the same answer from the same (idle, unchanged) ledger.
     route = next(r for r in usage.router.routes if isinstance(r, APIRoute) and r.path == "/v1/usage")
-    view = await server.runtime.router.call(user, "usage", user)
+    view = await server.runtime.shards.usage(user)
     content = await serialize_response(field=route.response_field, response_content=Usage.from_view(view))
     assert hot.json() == json.loads(JSONResponse(content).body)
     assert hot.json()["user_id"] == user and hot.json()["active_session"] is None

@@ -14,7 +14,7 @@ import time_machine
 
 from actors.ledger import LedgerPolicy, UserLedger
 from actors.plans import Plan, PlanCatalog
-from actors.records import PlanEventRecord
+from actors.records import PlanEvent, PlanEventRecord
 from actors.replies import REPLY_TTL_MS, IdempotencyKey
 from actors.store import StoreFenced, WriteReceipt
 from actors.times import MS_PER_MINUTE, from_datetime
@@ -155,14 +155,10 @@ async def test_plan_event_is_recorded_once(store: PostgresStore) -> None:
     ledger = UserLedger.new(user, POLICY, T0)
     ledger.version = 1
     event = PlanEventRecord(
-        delivery_id=f"msg_{uuid.uuid4().hex}",
         user_id=user,
-        plan="pro",
-        action="upgrade",
-        occurred_at_ms=T0,
-        reset_usage=False,
-        period_start_ms=None,
-        period_end_ms=None,
+        event=PlanEvent(
+            delivery_id=f"msg_{uuid.uuid4().hex}", plan="pro", action="upgrade", occurred_at_ms=T0
+        ),
         applied=True,
         response={"applied": True, "usage": {"plan": "pro"}},
     )

@@ -73,8 +73,9 @@ from actors.periods import calendar_month
 from actors.records import MONTHLY_BUCKET, PURCHASED_BUCKET, PlanAction, PurchaseReason
 from actors.replies import REPLY_TTL_MS, IdempotencyKey, is_replayable
 from actors.shard import LedgerShard, PlanEvent, Purchase, ShardConfig
-from actors.store import LedgerStore, MemoryStore, StoreUnavailable
+from actors.store import LedgerStore, StoreUnavailable
 from actors.views import CreditsAdded, PlanChangeResult, SessionProgress, SessionStarted, UsageView
+from tests.faulty_store import FaultyMemoryStore
 from tests.unit.actors.support import DEC_1, MIN, PLANS, POLICY, SEC, STALE_MS, FakeClock
 
 USERS = ("u0", "u1", "u2")
@@ -168,7 +169,7 @@ class ShardMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.store = MemoryStore()
+        self.store = FaultyMemoryStore()
         self.clock = FakeClock(START_MS)
         self.session_ids = itertools.count(1)
         self.delivery_ids = itertools.count(1)
@@ -736,7 +737,7 @@ class ShardMachine(RuleBasedStateMachine):
         assert set(store.plan_events) == set(self.plan_acked), "plan events recorded != acknowledged"
         for delivery_id, (user, event, result) in self.plan_acked.items():
             record = store.plan_events[delivery_id]
-            assert (record.user_id, record.plan, record.action, record.occurred_at_ms) == (
+            assert (record.user_id, record.event.plan, record.event.action, record.event.occurred_at_ms) == (
                 user,
                 event.plan,
                 event.action,
@@ -760,7 +761,7 @@ class ShardMachine(RuleBasedStateMachine):
                     # The order key of the last applied event: on the user's row, or (after a
                     # renewal that changed nothing, which writes no row) in the plan events.
                     recorded = [
-                        (e.occurred_at_ms, e.delivery_id)
+                        (e.event.occurred_at_ms, e.delivery_id)
                         for e in store.plan_events.values()
                         if e.user_id == user and e.applied
                     ]

@@ -81,7 +81,7 @@ from actors.ledger import LedgerPolicy
 from actors.plans import parse_plans
 from actors.records import MONTHLY_BUCKET, PURCHASED_BUCKET
 from actors.replies import IdempotencyKey
-from actors.shard import BATCHABLE_WRITES, LedgerShard, PlanEvent, Purchase, ShardConfig
+from actors.shard import LANES, LedgerShard, PlanEvent, Purchase, ShardConfig
 from actors.store import LedgerStore, MemoryStore
 from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
 from actors.views import CreditsAdded, PlanChangeResult, SessionProgress, SessionStarted
@@ -363,9 +363,9 @@ class Simulation:
         return outcome
 
     async def hot(self, label: str, method: str, *args: Any, **kwargs: Any) -> Outcome:
-        """A call the gateway batches (`BATCHABLE_METHODS`; `BATCHABLE_WRITES` in batches of their
+        """A call the gateway batches (declared with a lane; the "write" lane in batches of its
         own), through the live shard generation's batchers."""
-        batcher = self.writes if method in BATCHABLE_WRITES else self.reads
+        batcher = self.writes if LANES[method] == "write" else self.reads
         assert batcher is not None
         return await self.call(label, lambda _: batcher.call(method, args, kwargs))
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from actors.errors import NoCredits, SessionActive, SessionEnded, SessionNotFound, UnknownPlan
-from actors.ledger import PlanChange, UserLedger
+from actors.ledger import PlanEvent, UserLedger
 from actors.records import StoredLedger
 from actors.times import from_datetime
 from tests.unit.actors.support import DEC_1, MIN, POLICY, SEC, STALE_MS, T0
@@ -18,9 +18,9 @@ def ledger(plan: str | None = None, now: int = T0) -> UserLedger:
     return UserLedger.new("u1", POLICY, now, plan=plan)
 
 
-def change(plan: str, at: int, delivery: str = "d1", **kwargs: object) -> PlanChange:
+def change(plan: str, at: int, delivery: str = "d1", **kwargs: object) -> PlanEvent:
     action = kwargs.pop("action", "upgrade")
-    return PlanChange(plan=plan, action=action, occurred_at_ms=at, delivery_id=delivery, **kwargs)  # type: ignore[arg-type]
+    return PlanEvent(plan=plan, action=action, occurred_at_ms=at, delivery_id=delivery, **kwargs)  # type: ignore[arg-type]
 
 
 class TestNewUser:

@@ -10,7 +10,7 @@ import pytest
 
 from actors.credits import CreditKey
 from actors.errors import MeterNotFound, NoCredits, UnknownPlan
-from actors.ledger import LedgerPolicy, PlanChange, UserLedger
+from actors.ledger import LedgerPolicy, PlanEvent, UserLedger
 from actors.periods import add_months
 from actors.plans import parse_plans
 from actors.records import CreditEntry, LedgerSnapshot, StoredLedger
@@ -211,11 +211,15 @@ class TestMeters:
         book = new()
         ledger = book.ledger
         ledger.consume_meter(T0, "generations", 4)
-        ledger.change_plan(T0, PlanChange("basic", "upgrade", T0, "d1"))
+        ledger.change_plan(T0, PlanEvent(plan="basic", action="upgrade", occurred_at_ms=T0, delivery_id="d1"))
         assert ledger.consume_meter(T0, "generations", 10).remaining == 36
-        ledger.change_plan(T0, PlanChange("pro", "upgrade", T0 + 1, "d2"))
+        ledger.change_plan(
+            T0, PlanEvent(plan="pro", action="upgrade", occurred_at_ms=T0 + 1, delivery_id="d2")
+        )
         assert ledger.consume_meter(T0, "generations", 1000).remaining is None
-        ledger.change_plan(T0, PlanChange("free", "downgrade", T0 + 2, "d3"))
+        ledger.change_plan(
+            T0, PlanEvent(plan="free", action="downgrade", occurred_at_ms=T0 + 2, delivery_id="d3")
+        )
         with pytest.raises(NoCredits):
             ledger.consume_meter(T0, "generations", 1)
         book.assert_balances_add_up(T0)
@@ -228,8 +232,8 @@ class TestAnchoredPeriods:
         start, end = ms(2026, 11, 15, 9), ms(2026, 12, 15, 9)
         ledger.start_session(ms(2026, 11, 15, 10), "s1")
         ledger.end_session(ms(2026, 11, 15, 10, 3), "s1")
-        change = PlanChange(
-            "basic", "upgrade", ms(2026, 11, 16), "d1", period_start_ms=start, period_end_ms=end
+        change = PlanEvent(
+            "d1", "basic", "upgrade", ms(2026, 11, 16), period_start_ms=start, period_end_ms=end
         )
         assert ledger.change_plan(ms(2026, 11, 16), change)
         usage = ledger.usage(ms(2026, 11, 16))
@@ -247,11 +251,11 @@ class TestAnchoredPeriods:
     def test_anchor_on_the_31st_renews_on_month_ends(self) -> None:
         ledger = new(ms(2027, 1, 31, 12)).ledger
         start = ms(2027, 1, 31)
-        change = PlanChange(
+        change = PlanEvent(
+            "d1",
             "basic",
             "upgrade",
             ms(2027, 1, 31, 12),
-            "d1",
             period_start_ms=start,
             period_end_ms=add_months(start, 1),
         )
@@ -270,11 +274,11 @@ class TestAnchoredPeriods:
         ledger.start_session(ms(2026, 11, 20, 12), "s1")
         ledger.heartbeat(ms(2026, 11, 20, 12, 5), "s1")
         change_at = ms(2026, 11, 20, 12, 7)
-        change = PlanChange(
+        change = PlanEvent(
+            "d1",
             "pro",
             "upgrade",
             change_at,
-            "d1",
             period_start_ms=ms(2026, 11, 20),
             period_end_ms=ms(2026, 12, 20),
         )
@@ -287,7 +291,14 @@ class TestAnchoredPeriods:
 
     def test_subscription_period_shorter_than_twice_the_stale_timeout_is_refused(self) -> None:
         ledger = new().ledger
-        change = PlanChange("pro", "upgrade", T0, "d1", period_start_ms=T0, period_end_ms=T0 + 15 * MIN)
+        change = PlanEvent(
+            plan="pro",
+            action="upgrade",
+            occurred_at_ms=T0,
+            delivery_id="d1",
+            period_start_ms=T0,
+            period_end_ms=T0 + 15 * MIN,
+        )
         with pytest.raises(UnknownPlan, match="too short"):
             ledger.change_plan(T0, change)
         assert ledger.version == 0
@@ -297,11 +308,11 @@ class TestAnchoredPeriods:
         ledger = book.ledger
         ledger.add_credits(ms(2026, 11, 10), 7 * MIN, reason="purchase", reference="r")
         ledger.consume_meter(ms(2026, 11, 10), "generations", 2)
-        weekly = PlanChange(
+        weekly = PlanEvent(
+            "d1",
             "basic",
             "upgrade",
             ms(2026, 11, 10),
-            "d1",
             period_start_ms=ms(2026, 11, 9),
             period_end_ms=ms(2026, 11, 16),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from actors.ledger import RECENT_EVENTS_KEPT, PlanChange, UserLedger
+from actors.ledger import RECENT_EVENTS_KEPT, PlanEvent, UserLedger
 from actors.records import ALERT_LOW, LedgerEvent, StoredLedger
 from tests.unit.actors.support import DEC_1, MIN, POLICY, SEC, T0
 
@@ -115,7 +115,7 @@ class TestExhausted:
 class TestPlanAndPeriodEvents:
     def test_an_applied_plan_change_is_announced_with_what_it_replaced(self) -> None:
         user = ledger()
-        change = PlanChange(plan="basic", action="upgrade", occurred_at_ms=T0, delivery_id="d1")
+        change = PlanEvent(plan="basic", action="upgrade", occurred_at_ms=T0, delivery_id="d1")
         assert user.change_plan(T0 + SEC, change)
         (event,) = user.events_after(0)
         assert (event.kind, event.plan, event.previous_plan, event.action) == (
@@ -130,7 +130,7 @@ class TestPlanAndPeriodEvents:
 
     def test_a_downgrade_under_the_threshold_is_announced_with_the_crossing(self) -> None:
         user = ledger()
-        change = PlanChange(plan="tiny", action="downgrade", occurred_at_ms=T0, delivery_id="d1")
+        change = PlanEvent(plan="tiny", action="downgrade", occurred_at_ms=T0, delivery_id="d1")
         user.change_plan(T0, change)
         assert kinds(user.events_after(0)) == ["plan_changed", "low_balance"]
 
@@ -147,7 +147,7 @@ class TestPlanAndPeriodEvents:
 
     def test_a_subscription_anchor_that_opens_a_new_period_announces_it(self) -> None:
         user = ledger()
-        change = PlanChange(
+        change = PlanEvent(
             plan="basic",
             action="upgrade",
             occurred_at_ms=T0,
@@ -211,14 +211,14 @@ class TestEventsAreWrittenWithTheirChange:
         at = T0
         for n in range(RECENT_EVENTS_KEPT + 3):
             at += MIN
-            change = PlanChange(
+            change = PlanEvent(
                 plan="basic" if n % 2 else "pro", action="upgrade", occurred_at_ms=at, delivery_id="d"
             )
             user.change_plan(at, change)
         assert len(user.snapshot().events) == RECENT_EVENTS_KEPT + 3  # none written yet: all kept
         user.mark_synced(user.version)
         at += MIN
-        user.change_plan(at, PlanChange(plan="free", action="cancel", occurred_at_ms=at, delivery_id="d"))
+        user.change_plan(at, PlanEvent(plan="free", action="cancel", occurred_at_ms=at, delivery_id="d"))
         assert len(user.events_after(0)) == RECENT_EVENTS_KEPT
         assert user.events_after(0)[-1].action == "cancel"
 

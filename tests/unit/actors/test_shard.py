@@ -30,22 +30,22 @@ from actors.replies import IdempotencyKey
 from actors.routing import shard_index
 from actors.shard import (
     ACTIVATION_BATCH_USERS,
-    RATE_LIMITED_METHODS,
     USER_WAITERS_MAX,
     LedgerShard,
     PlanEvent,
     Purchase,
     ShardConfig,
+    declared,
 )
 from actors.store import (
     Fence,
     LedgerStore,
-    MemoryStore,
     StoreError,
     StoreFenced,
     StoreUnavailable,
     WriteReceipt,
 )
+from tests.faulty_store import FaultyMemoryStore
 from tests.harness import eventually
 from tests.unit.actors.support import MIN, POLICY, SEC, STALE_MS, T0, FakeClock
 
@@ -54,8 +54,8 @@ SESSION_IDS = itertools.count(1)
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
 
-class HeldStore(MemoryStore):
-    """A MemoryStore whose writes wait until `release` is set (to observe work in flight)."""
+class HeldStore(FaultyMemoryStore):
+    """A FaultyMemoryStore whose writes wait until `release` is set (to observe work in flight)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,8 +103,8 @@ def make_shard(
 
 
 @pytest.fixture
-def store() -> MemoryStore:
-    return MemoryStore()
+def store() -> FaultyMemoryStore:
+    return FaultyMemoryStore()
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def clock() -> FakeClock:
 
 
 @pytest_asyncio.fixture(loop_scope="function")
-async def shard(store: MemoryStore, clock: FakeClock) -> AsyncIterator[LedgerShard]:
+async def shard(store: FaultyMemoryStore, clock: FakeClock) -> AsyncIterator[LedgerShard]:
     shard = make_shard(store, clock)
     await shard.start()
     yield shard
@@ -151,7 +151,7 @@ class TestReads:
         assert (await store_calls(shard))["load"] == before + 2
 
     async def test_more_cold_users_at_once_than_one_load_takes_are_all_loaded(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         shard = make_shard(store, clock, max_pending_calls=10_000)
         await shard.start()
@@ -162,7 +162,7 @@ class TestReads:
         await shard.stop()
 
     async def test_unknown_user_gets_default_plan_without_a_write(
-        self, shard: LedgerShard, store: MemoryStore
+        self, shard: LedgerShard, store: FaultyMemoryStore
     ) -> None:
         view = await shard.usage("new")
         assert (view.plan, view.limit_ms, view.version) == ("free", 10 * MIN, 0)
@@ -172,14 +172,14 @@ class TestReads:
 
 class TestDurableWrites:
     async def test_session_start_is_durable_before_it_returns(
-        self, shard: LedgerShard, store: MemoryStore
+        self, shard: LedgerShard, store: FaultyMemoryStore
     ) -> None:
         started = await shard.start_session("u1", topic="verbs")
         assert store.sessions[started.session_id].is_open
         assert store.users["u1"].version == started.version
 
     async def test_start_with_store_down_changes_nothing(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         await shard.usage("u1")
         store.available = False
@@ -198,7 +198,7 @@ class TestDurableWrites:
             await shard.start_session("u1")
 
     async def test_end_is_durable_and_idempotent(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         started = await shard.start_session("u1")
         clock.now += 30 * SEC
@@ -217,7 +217,9 @@ class TestDurableWrites:
         with pytest.raises(SessionNotFound):
             await shard.end_session("u2", started.session_id)
 
-    async def test_durable_write_holds_that_user_only(self, store: MemoryStore, clock: FakeClock) -> None:
+    async def test_durable_write_holds_that_user_only(
+        self, store: FaultyMemoryStore, clock: FakeClock
+    ) -> None:
         held = HeldStore()
         shard = make_shard(held, clock)
         await shard.start()
@@ -242,7 +244,7 @@ class TestDurableWrites:
 
 class TestWriteBehind:
     async def test_heartbeats_are_written_by_one_batched_flush(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         sessions = {f"u{n}": (await shard.start_session(f"u{n}")).session_id for n in range(20)}
         clock.now += 30 * SEC
@@ -255,7 +257,7 @@ class TestWriteBehind:
         assert (await shard.stats()).dirty_users == 0
 
     async def test_heartbeats_answer_from_memory_while_store_is_down(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         started = await shard.start_session("u1")
         store.available = False
@@ -273,7 +275,7 @@ class TestWriteBehind:
 
 class TestAlarms:
     async def test_limit_alarm_ends_session_exactly_at_limit(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
         started = await shard.start_session("u1")
@@ -292,7 +294,7 @@ class TestAlarms:
         assert (record.used_ms, record.is_pending) == (6 * SEC, False)
 
     async def test_a_silent_session_at_the_limit_is_billed_to_its_last_heartbeat_across_a_restart(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         first = make_shard(store, clock)
         await first.start()
@@ -327,7 +329,7 @@ class TestAlarms:
         await second.stop()
 
     async def test_restarted_shard_ends_silent_session_stale(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         first = make_shard(store, clock)
         await first.start()
@@ -348,7 +350,7 @@ class TestAlarms:
         await second.stop()
 
     async def test_restart_reactivates_only_this_shards_users(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         users = [f"user-{n}" for n in range(12)]
         for user_id in users:
@@ -365,7 +367,7 @@ class TestAlarms:
 
 class TestPlanEvents:
     async def test_replayed_delivery_returns_first_answer_without_effect(
-        self, shard: LedgerShard, store: MemoryStore
+        self, shard: LedgerShard, store: FaultyMemoryStore
     ) -> None:
         first = await shard.change_plan("u1", PlanEvent("d1", "pro", "upgrade", T0, reset_usage=True))
         again = await shard.change_plan("u1", PlanEvent("d1", "pro", "upgrade", T0, reset_usage=True))
@@ -377,14 +379,18 @@ class TestPlanEvents:
         with pytest.raises(EventConflict):
             await shard.change_plan("u1", PlanEvent("d1", "free", "downgrade", T0))
 
-    async def test_late_event_is_recorded_not_applied(self, shard: LedgerShard, store: MemoryStore) -> None:
+    async def test_late_event_is_recorded_not_applied(
+        self, shard: LedgerShard, store: FaultyMemoryStore
+    ) -> None:
         await shard.change_plan("u1", PlanEvent("d2", "pro", "upgrade", T0))
         late = await shard.change_plan("u1", PlanEvent("d1", "free", "downgrade", T0 - MIN))
         assert not late.applied
         assert late.usage.plan == "pro"
         assert store.plan_events["d1"].applied is False
 
-    async def test_concurrent_duplicates_apply_once(self, shard: LedgerShard, store: MemoryStore) -> None:
+    async def test_concurrent_duplicates_apply_once(
+        self, shard: LedgerShard, store: FaultyMemoryStore
+    ) -> None:
         results = await asyncio.gather(
             *(shard.change_plan("u1", PlanEvent("d9", "pro", "upgrade", T0)) for _ in range(10))
         )
@@ -408,7 +414,7 @@ class TestBounds:
         await starting
         await shard.stop()
 
-    async def test_stop_flushes_dirty_ledgers(self, store: MemoryStore, clock: FakeClock) -> None:
+    async def test_stop_flushes_dirty_ledgers(self, store: FaultyMemoryStore, clock: FakeClock) -> None:
         shard = make_shard(store, clock)
         await shard.start()
         started = await shard.start_session("u1")
@@ -420,7 +426,7 @@ class TestBounds:
 
 class TestHeartbeatThatEnds:
     async def test_heartbeat_reporting_an_end_writes_it_first(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
         started = await shard.start_session("u1")
@@ -431,7 +437,7 @@ class TestHeartbeatThatEnds:
         assert (await shard.stats()).dirty_users == 0
 
     async def test_a_keyed_heartbeat_reporting_an_end_writes_its_reply_with_it(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         """Its retry after a crash must get the same answer: the reply is in the end's write."""
         await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
@@ -443,7 +449,7 @@ class TestHeartbeatThatEnds:
         assert (await shard.stats()).dirty_users == 0
 
     async def test_heartbeat_reporting_an_end_is_unavailable_until_the_end_is_written(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         """A client told its session ended is told the final account: that is durable first."""
         await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
@@ -461,8 +467,8 @@ class TestHeartbeatThatEnds:
         assert store.sessions[started.session_id].used_ms == progress.session_used_ms
 
 
-class FlakyStore(MemoryStore):
-    """A MemoryStore whose first `load_failures` loads fail as an outage would."""
+class FlakyStore(FaultyMemoryStore):
+    """A FaultyMemoryStore whose first `load_failures` loads fail as an outage would."""
 
     def __init__(self, load_failures: int) -> None:
         super().__init__()
@@ -482,7 +488,7 @@ class TestFaults:
         """Rows an older version could leave: a held tail in a period the store does not have. That
         user is refused (503) and tried again a minute later; the shard's start and the other
         users, their open sessions re-armed, are not held up."""
-        seeded = MemoryStore()
+        seeded = FaultyMemoryStore()
         first = make_shard(seeded, clock)
         await first.start()
         healthy = await first.start_session("healthy")
@@ -514,7 +520,7 @@ class TestFaults:
         await second.stop()
 
     async def test_start_survives_a_failed_load_while_reactivating(self, clock: FakeClock) -> None:
-        seeded = MemoryStore()
+        seeded = FaultyMemoryStore()
         first = make_shard(seeded, clock)
         await first.start()
         await first.start_session("u1")
@@ -533,7 +539,7 @@ class TestFaults:
         await second.stop()
 
     async def test_lost_commit_reply_is_settled_by_its_transaction(
-        self, shard: LedgerShard, store: MemoryStore
+        self, shard: LedgerShard, store: FaultyMemoryStore
     ) -> None:
         await shard.usage("u1")
         store.lose_next_commit_reply = True
@@ -543,7 +549,7 @@ class TestFaults:
         assert (await shard.stats()).users_in_doubt == 0
 
     async def test_write_cut_off_before_its_commit_changes_nothing(
-        self, shard: LedgerShard, store: MemoryStore
+        self, shard: LedgerShard, store: FaultyMemoryStore
     ) -> None:
         await shard.usage("u1")
         store.cut_next_write = True
@@ -555,7 +561,7 @@ class TestFaults:
         assert (await shard.start_session("u1")).session_id in store.sessions  # and a retry works
 
     async def test_commit_still_in_progress_holds_the_user_until_it_lands(
-        self, shard: LedgerShard, store: MemoryStore
+        self, shard: LedgerShard, store: FaultyMemoryStore
     ) -> None:
         await shard.usage("u2")  # another user, to show they are not held
         await shard.usage("u1")
@@ -566,7 +572,7 @@ class TestFaults:
         with pytest.raises(Unavailable, match="unresolved"):
             await shard.usage("u1")
         assert (await shard.usage("u2")).user_id == "u2"
-        store.finish_pending_commit()  # the commit outlived the shard's patience, and landed
+        await store.finish_pending_commit()  # the commit outlived the shard's patience, and landed
         usage = await shard.usage("u1")
         assert usage.active_session is not None, "the write committed: the stored state is adopted"
         assert (await shard.stats()).users_in_doubt == 0
@@ -574,9 +580,9 @@ class TestFaults:
             await shard.start_session("u1")
 
     async def test_refused_user_does_not_block_the_others(
-        self, shard: LedgerShard, store: MemoryStore
+        self, shard: LedgerShard, store: FaultyMemoryStore
     ) -> None:
-        class Refusing(MemoryStore):
+        class Refusing(FaultyMemoryStore):
             async def save(
                 self,
                 snapshots: Sequence[LedgerSnapshot],
@@ -594,8 +600,8 @@ class TestFaults:
         await shard2.start()
         for user_id in ("a", "b", "bad", "c", "d"):
             await shard2.usage(user_id)
-            shard2._ledgers[user_id].advance(T0 + 40 * 24 * 60 * MIN)  # roll the period: dirty
-            shard2._dirty.add(user_id)
+            shard2._residency.ledgers[user_id].advance(T0 + 40 * 24 * 60 * MIN)  # roll the period: dirty
+            shard2._residency.dirty.add(user_id)
         assert await shard2.flush() == 4
         assert set(refusing.users) == {"a", "b", "c", "d"}
         stats = await shard2.stats()
@@ -603,7 +609,9 @@ class TestFaults:
         assert await shard2.flush() == 0  # the refused user is not retried in every flush
         await shard2.stop()
 
-    async def test_nothing_is_admitted_once_draining(self, store: MemoryStore, clock: FakeClock) -> None:
+    async def test_nothing_is_admitted_once_draining(
+        self, store: FaultyMemoryStore, clock: FakeClock
+    ) -> None:
         shard = make_shard(store, clock)
         await shard.start()
         started = await shard.start_session("u1")
@@ -612,7 +620,7 @@ class TestFaults:
             await shard.heartbeat("u1", started.session_id)
 
     async def test_stop_while_start_is_still_retrying(self, clock: FakeClock) -> None:
-        store = MemoryStore()
+        store = FaultyMemoryStore()
         store.available = False
         shard = make_shard(store, clock)
         starting = asyncio.create_task(shard.start())
@@ -624,13 +632,13 @@ class TestFaults:
         assert (await shard.stats()).state == "stopped"
 
     async def test_end_of_a_session_an_alarm_ended_is_written_before_answering(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         await shard.change_plan("u1", PlanEvent("d1", "tiny", "upgrade", T0))
         started = await shard.start_session("u1")
         clock.now += 7 * SEC
         shard.fire_due_alarms()
-        shard._flush_soon.clear()  # keep the background flush out of this test
+        shard._residency.flush_soon.clear()  # keep the background flush out of this test
         assert store.sessions[started.session_id].is_open
         ended = await shard.end_session("u1", started.session_id)
         assert ended.end_reason == "limit_reached"
@@ -651,7 +659,7 @@ class TestWatch:
         assert (await shard.stats()).watchers == 0
 
     async def test_watch_carries_the_events_of_the_change_and_the_flush_writes_them(
-        self, shard: LedgerShard, store: MemoryStore, clock: FakeClock
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         started = await shard.start_session("u1")
         waiting = asyncio.create_task(shard.watch("u1", started.version, 5))
@@ -672,7 +680,7 @@ class TestWatch:
         first = await shard.usage("u1")
         assert await shard.watch("u1", first.version, 0.05) is None
         assert (await shard.stats()).watchers == 0
-        assert "u1" not in shard._watchers
+        assert "u1" not in shard._watchers._events
 
     async def test_watch_answers_at_once_when_already_newer(self, shard: LedgerShard) -> None:
         await shard.start_session("u1")
@@ -700,11 +708,12 @@ LIMITED = LedgerPolicy(
 
 class TestRateLimit:
     async def test_the_methods_named_rate_limited_are_those_that_take_a_token(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
-        """Gateways refuse RATE_LIMITED_METHODS for a user their shard just limited; the set must
-        be exactly the methods that take a token, or a gateway would refuse billing's calls. Each
-        user method is called, once its user's tokens are spent, to see whether it is refused."""
+        """Gateways refuse the operations declared `rate_limited` for a user their shard just
+        limited; the set must be exactly the methods that take a token, or a gateway would refuse
+        billing's calls. Each user method is called, once its user's tokens are spent, to see
+        whether it is refused."""
         shard = make_shard(store, clock, policy=LIMITED)
         await shard.start()
         calls: dict[str, Any] = {
@@ -749,11 +758,11 @@ class TestRateLimit:
                 taking.add(name)
             except LedgerError:
                 pass  # refused for another reason, after the token (or without one)
-        assert taking == RATE_LIMITED_METHODS
+        assert taking == {name for name, spec in declared(LedgerShard).items() if spec.rate_limited}
         await shard.stop()
 
     async def test_a_burst_then_the_refill_rate_and_other_users_unaffected(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         shard = make_shard(store, clock, policy=LIMITED)
         await shard.start()
@@ -772,7 +781,7 @@ class TestRateLimit:
         await shard.stop()
 
     async def test_a_refused_keyed_request_runs_when_retried_later(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         shard = make_shard(store, clock, policy=LIMITED)
         await shard.start()
@@ -787,7 +796,9 @@ class TestRateLimit:
         assert started.session_id in store.sessions
         await shard.stop()
 
-    async def test_a_plan_without_a_limit_is_not_limited(self, store: MemoryStore, clock: FakeClock) -> None:
+    async def test_a_plan_without_a_limit_is_not_limited(
+        self, store: FaultyMemoryStore, clock: FakeClock
+    ) -> None:
         shard = make_shard(store, clock, policy=LIMITED)
         await shard.start()
         event = PlanEvent(delivery_id="d-1", plan="pro", action="upgrade", occurred_at_ms=clock.now)
@@ -803,7 +814,7 @@ OWNER = "test/ledger-shard-0-of-1"
 
 class TestFencing:
     async def test_a_newer_activation_fences_the_old_one_which_then_writes_nothing(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         old = make_shard(store, clock, owner=OWNER)
         await old.start()
@@ -832,7 +843,7 @@ class TestFencing:
         assert store.sessions[started.session_id].end_reason == "user_ended"
 
     async def test_a_durable_write_of_a_replaced_activation_is_refused_whole(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         old = make_shard(store, clock, owner=OWNER)
         await old.start()
@@ -843,12 +854,14 @@ class TestFencing:
         assert (await old.stats()).state == "fenced"
         await old.stop()
 
-    async def test_a_shard_with_no_owner_claims_nothing(self, shard: LedgerShard, store: MemoryStore) -> None:
+    async def test_a_shard_with_no_owner_claims_nothing(
+        self, shard: LedgerShard, store: FaultyMemoryStore
+    ) -> None:
         await shard.start_session("u1")
         assert store.epochs == {}
 
     async def test_a_replaced_shard_that_only_serves_reads_learns_of_it_within_a_sync_interval(
-        self, store: MemoryStore, clock: FakeClock
+        self, store: FaultyMemoryStore, clock: FakeClock
     ) -> None:
         old = make_shard(store, clock, owner=OWNER, sync_interval_s=0.05)
         await old.start()
@@ -864,8 +877,8 @@ class TestFencing:
         await old.stop()
 
 
-class GatedStore(MemoryStore):
-    """A MemoryStore whose writes, and dedupe reads, wait while `gate` is clear."""
+class GatedStore(FaultyMemoryStore):
+    """A FaultyMemoryStore whose writes, and dedupe reads, wait while `gate` is clear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -935,13 +948,11 @@ class TestAlarmsOfBusyUsers:
         with pytest.raises(Unavailable):
             await buying
         assert (await shard.stats()).users_in_doubt == 1
-        assert store._pending_commit is not None
-        transaction, _ = store._pending_commit
-        store._pending_commit = None
-        store._transactions[transaction] = "aborted"  # the commit failed after all
+        assert store.pending_commit is not None
+        store.abort_pending_commit()  # the commit failed after all
         clock.now += 2 * SEC
         await shard.flush()  # the flush loop's round: settles the doubt
-        await shard._settle_doubts()
+        await shard._durable.resolve_idle(shard._turns)
         clock.now += 2 * SEC
         shard.fire_due_alarms()
         await shard.flush()

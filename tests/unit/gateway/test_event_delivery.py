@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.ledger import PlanChange, UserLedger
+from actors.ledger import PlanEvent, UserLedger
 from gateway.events import retry_delay_s
 from persistence.events import event_payload
 from tests.unit.actors.support import DEC_1, MIN, POLICY, T0
@@ -41,9 +41,9 @@ def test_a_period_rolled_body_names_the_period_it_closed() -> None:
 
 def test_a_plan_changed_body_says_what_it_replaced_and_how() -> None:
     user = UserLedger.new("alice", POLICY, T0)
-    user.change_plan(T0, PlanChange(plan="free", action="cancel", occurred_at_ms=T0, delivery_id="d"))
+    user.change_plan(T0, PlanEvent(plan="free", action="cancel", occurred_at_ms=T0, delivery_id="d"))
     user.change_plan(
-        T0 + MIN, PlanChange(plan="pro", action="upgrade", occurred_at_ms=T0 + MIN, delivery_id="d")
+        T0 + MIN, PlanEvent(plan="pro", action="upgrade", occurred_at_ms=T0 + MIN, delivery_id="d")
     )
     body = event_payload(user.events_after(0)[-1])
     assert body["type"] == "plan_changed"

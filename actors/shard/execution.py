@@ -1,0 +1,264 @@
+"""Per-user execution: the one pipeline every user operation runs through.
+
+    admit → Idempotency-Key claim → the user's turn (activation, doubt,
+    remembered reply, rate-limit token) → body → record the change → give the
+    turn back
+
+Each resident user has at most one operation running at a time; the others
+wait in arrival order (`actors.turns`), bounded (`wait_budget_s`, then
+`Unavailable`; `USER_WAITERS_MAX`, then `Overloaded`). Uncontended and
+resident, taking the turn neither awaits nor allocates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from actors.errors import (
+    IdempotencyInFlight,
+    IdempotencyMismatch,
+    LedgerError,
+    Overloaded,
+    RateLimited,
+    Unavailable,
+)
+from actors.ledger import UserLedger
+from actors.ratelimit import TokenBucket
+from actors.records import ReplyRecord
+from actors.replies import IdempotencyKey, encode_refusal, encode_result, is_replayable, replay
+from actors.shard.config import USER_WAITERS_MAX, ShardConfig
+from actors.shard.durable import Durable
+from actors.shard.operations import Operation, Turn
+from actors.shard.residency import Residency
+from actors.turns import TooManyWaiters, UserTurns
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _Known(Exception):
+    """A keyed request's outcome is already in the ledger (raised by `begin`, caught by `_once`)."""
+
+    def __init__(self, record: ReplyRecord) -> None:
+        super().__init__(record.key)
+        self.record = record
+
+
+class Execution:
+    def __init__(
+        self,
+        config: ShardConfig,
+        clock: Callable[[], int],
+        *,
+        residency: Residency,
+        durable: Durable,
+        refusal: Callable[[], Unavailable | None],
+        running: Callable[[], Awaitable[object]],
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._residency = residency
+        self._durable = durable
+        self._refusal = refusal  # why the shard takes no new call now (None: it does)
+        self._running = running  # waits (bounded) until the shard serves
+        self.turns = UserTurns(waiters_max=USER_WAITERS_MAX)
+        # Keyed requests still running: (user, Idempotency-Key) -> the request's hash.
+        self._claims: dict[tuple[str, str], str] = {}
+        # Each resident user's request budget (see `actors.ratelimit`).
+        self._buckets: dict[str, TokenBucket] = {}
+        self.pending_calls = 0
+
+    async def run(
+        self,
+        spec: Operation,
+        user_id: str,
+        idem: IdempotencyKey | None,
+        body: Callable[[Any], Awaitable[R]],
+    ) -> R:
+        """Run one declared operation's `body` through the pipeline (see the module docstring)."""
+        async with self.admitted():
+            if not spec.in_turn:
+                assert idem is None, f"{spec.name} takes no Idempotency-Key"
+                if spec.rate_limited:
+                    await self._limit_rate(user_id, deadline=self.begin_by())
+                return await body(user_id)
+            return await self._once(user_id, idem, lambda: self._in_turn(spec, user_id, idem, body))
+
+    async def _in_turn(
+        self, spec: Operation, user_id: str, idem: IdempotencyKey | None, body: Callable[[Turn], Awaitable[R]]
+    ) -> R:
+        deadline = self.begin_by()
+        ledger = await self.begin(user_id, deadline=deadline, idem=idem, rate_limited=spec.rate_limited)
+        try:
+            return await body(Turn(user_id, ledger, idem, deadline))
+        finally:
+            try:
+                if user_id in self._residency.ledgers:
+                    self._residency.changed(user_id, self._residency.ledgers[user_id])
+            finally:
+                self.turns.release(user_id)
+
+    async def in_turn(self, user_id: str, operate: Callable[[UserLedger, int], T]) -> T:
+        """Run `operate` on the user's live ledger in the user's turn, with no await inside: it is
+        answered from memory (a change it makes is written behind). For what is not an operation
+        of its own (a stream's read, a history's merge)."""
+        async with self.admitted():
+            ledger = await self.begin(user_id)
+            try:
+                return operate(ledger, self._clock())
+            finally:
+                try:
+                    self._residency.changed(user_id, ledger)
+                finally:
+                    self.turns.release(user_id)
+
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
+        if self.pending_calls >= self._config.max_pending_calls:
+            raise Overloaded("shard has too many pending calls", limit=self._config.max_pending_calls)
+        self.pending_calls += 1
+        try:
+            yield
+        finally:
+            self.pending_calls -= 1
+
+    def begin_by(self) -> float:
+        """The loop time by which an operation starting now must have begun (`wait_budget_s`)."""
+        return asyncio.get_running_loop().time() + self._config.wait_budget_s
+
+    async def begin(
+        self,
+        user_id: str,
+        *,
+        deadline: float | None = None,
+        idem: IdempotencyKey | None = None,
+        rate_limited: bool = False,
+    ) -> UserLedger:
+        """Take the user's turn: returns the user's live ledger, for the caller alone until it calls
+        `self.turns.release(user_id)` (always, in a `finally`).
+
+        Uncontended and resident, this neither awaits nor allocates. Otherwise it loads the user,
+        waits in the user's line and settles a write in doubt, all by `deadline` (default: within
+        `wait_budget_s`): past it, `Unavailable` (nothing was done). A keyed request whose outcome
+        the ledger already holds ends here with `_Known` (see `_once`); a `rate_limited` one takes
+        a token of the user's rate limit here (`RateLimited`); either way the turn is given back."""
+        ledgers = self._residency.ledgers
+        if user_id not in ledgers or user_id in self._durable.in_doubt or not self.turns.try_take(user_id):
+            await self._wait_for_turn(user_id, deadline if deadline is not None else self.begin_by())
+        ledger = ledgers[user_id]
+        if idem is not None and (known := ledger.reply(idem.key, self._clock())) is not None:
+            self.turns.release(user_id)
+            raise _Known(known)
+        if rate_limited:
+            try:
+                self._take_token(user_id, ledger)
+            except RateLimited:
+                self.turns.release(user_id)
+                raise
+        return ledger
+
+    async def _wait_for_turn(self, user_id: str, deadline: float) -> None:
+        """`begin`'s slow path: on return the caller holds the user's turn, and no write is in doubt."""
+        took = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._running()
+                await self._residency.activate(user_id)
+                if not self.turns.try_take(user_id):
+                    await self.turns.take(user_id, deadline=deadline)
+                took = True
+                if user_id in self._durable.in_doubt:
+                    await self._durable.resolve(user_id)
+        except TimeoutError:
+            if took:
+                self.turns.release(user_id)
+            if user_id not in self._residency.ledgers:
+                raise _not_loaded() from None
+            raise _too_busy() from None
+        except TooManyWaiters:
+            raise Overloaded(
+                "too many calls are waiting for this user; nothing was changed", limit=USER_WAITERS_MAX
+            ) from None
+        except BaseException:
+            if took:
+                self.turns.release(user_id)
+            raise
+
+    async def _limit_rate(self, user_id: str, *, deadline: float) -> None:
+        """Take a rate-limit token before a read that goes to the store ahead of its turn (the
+        others take theirs in `begin`); the user is loaded first, by `deadline`."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._running()
+                await self._residency.activate(user_id)
+        except TimeoutError:
+            raise _not_loaded() from None
+        self._take_token(user_id, self._residency.ledgers[user_id])
+
+    def _take_token(self, user_id: str, ledger: UserLedger) -> None:
+        """Take one of the user's tokens (their plan's `rate_limit`); `RateLimited` when none is left.
+        Decided in the call that does the work, with no I/O."""
+        plan = self._config.policy.plans.get(ledger.plan)
+        limit = plan.rate_limit if plan is not None else None
+        if limit is None:
+            return
+        now = self._clock()
+        bucket = self._buckets.get(user_id)
+        if bucket is None:
+            bucket = self._buckets[user_id] = TokenBucket(float(limit.burst), now)
+        wait_s = bucket.take(limit, now)
+        if wait_s > 0:
+            raise RateLimited.waiting(wait_s)
+
+    async def _once(self, user_id: str, idem: IdempotencyKey | None, run: Callable[[], Awaitable[R]]) -> R:
+        """Run a request at most once per `Idempotency-Key`: a retry gets the first outcome again.
+
+        The operation looks the key up in the user's turn (`begin`), after any write in doubt is
+        settled, so what it finds is the truth. Durable operations remember their reply in the
+        write they make; any other outcome is remembered here, on the live ledger (still in the
+        operation's turn: nothing runs between its end and this), and written with its next write."""
+        if idem is None:
+            return await run()
+        slot = (user_id, idem.key)
+        running = self._claims.get(slot)
+        if running is not None:
+            if running != idem.request_hash:
+                raise IdempotencyMismatch(
+                    "this Idempotency-Key was used for a different request", idempotency_key=idem.key
+                )
+            raise IdempotencyInFlight(
+                "a request with this Idempotency-Key is still running; retry shortly",
+                idempotency_key=idem.key,
+            )
+        self._claims[slot] = idem.request_hash
+        ledgers = self._residency.ledgers
+        try:
+            try:
+                result = await run()
+            except _Known as known:
+                replayed: R = replay(known.record, idem)
+                return replayed
+            except LedgerError as exc:
+                if is_replayable(exc) and user_id in ledgers:
+                    ledgers[user_id].remember_reply(idem, encode_refusal(exc), self._clock())
+                raise
+            ledger = ledgers[user_id]
+            if ledger.reply(idem.key, self._clock()) is None:
+                ledger.remember_reply(idem, encode_result(result), self._clock())
+            return result
+        finally:
+            del self._claims[slot]
+
+
+def _too_busy() -> Unavailable:
+    return Unavailable("the shard is too busy to begin this operation; nothing was changed")
+
+
+def _not_loaded() -> Unavailable:
+    return Unavailable("this user could not be loaded in time (is storage reachable?); nothing was changed")

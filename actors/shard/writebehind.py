@@ -1,0 +1,161 @@
+"""Write-behind: dirty ledgers written every `sync_interval_s`, in batches of one store call each.
+
+Retried with backoff while the store is down, and on `stop`. A user whose rows
+the store refuses outright (not an outage) is set aside, so the other users'
+writes go through. A busy user is left to the operation holding its turn (see
+the shard's docstring). The loop also checks the shard's fence, settles the
+writes in doubt nobody is asking about, and (shard 0) prunes expired replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import structlog
+
+from actors.records import LedgerSnapshot
+from actors.shard.config import (
+    ALARM_FLUSH_DELAY_S,
+    FLUSH_BATCH_USERS,
+    PRUNE_EVERY_S,
+    RETRY_DELAY_MIN_S,
+    ShardConfig,
+)
+from actors.shard.durable import Durable
+from actors.shard.fencing import Fencing
+from actors.shard.residency import Residency
+from actors.store import StoreError, StoreUnavailable
+from actors.turns import UserTurns
+
+log = structlog.get_logger("actors.shard")
+
+
+class WriteBehind:
+    def __init__(
+        self,
+        config: ShardConfig,
+        clock: Callable[[], int],
+        *,
+        residency: Residency,
+        durable: Durable,
+        turns: UserTurns,
+        fencing: Fencing,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._residency = residency
+        self._durable = durable
+        self._turns = turns
+        self._fencing = fencing
+        self._lock = asyncio.Lock()
+        self.unwritable: set[str] = set()  # users whose rows the store refuses; kept out of flushes
+        self.flushes = 0
+        self.failures = 0
+        self.last_flush_at_ms: int | None = None
+        self.last_flush_duration_ms: float | None = None
+        self._next_prune_ms = 0
+
+    async def flush(self) -> int:
+        """Write every dirty ledger now, in batches of one store call each. Returns users written."""
+        residency = self._residency
+        ledgers = residency.ledgers
+        written = 0
+        async with self._lock:
+            began = time.perf_counter()
+            held_back = self.unwritable | self._durable.in_doubt.keys()
+            users = [u for u in residency.dirty if u not in held_back and ledgers[u].is_dirty]
+            for begin in range(0, len(users), FLUSH_BATCH_USERS):
+                # A busy user is written by the operation holding its turn (see the shard's
+                # docstring); a durable write's credit entries are numbered in its draft, so writing
+                # the live ledger beside it could number them twice. Checked per batch: a turn may
+                # begin meanwhile.
+                batch = [u for u in users[begin : begin + FLUSH_BATCH_USERS] if not self._turns.busy(u)]
+                snapshots = [ledgers[user_id].snapshot() for user_id in batch]
+                try:
+                    saved = await self._save_isolating_failures(snapshots)
+                except StoreError:
+                    self.failures += 1
+                    raise
+                for snapshot in saved:
+                    user_id = snapshot.user.user_id
+                    ledger = ledgers[user_id]
+                    ledger.mark_synced(snapshot.version)
+                    if not ledger.is_dirty:
+                        residency.dirty.discard(user_id)
+                written += len(saved)
+            residency.dirty = {user_id for user_id in residency.dirty if ledgers[user_id].is_dirty}
+            self.flushes += 1
+            self.last_flush_at_ms = self._clock()
+            self.last_flush_duration_ms = round((time.perf_counter() - began) * 1000, 3)
+        return written
+
+    async def _save_isolating_failures(self, snapshots: list[LedgerSnapshot]) -> list[LedgerSnapshot]:
+        """Save a batch; if the store refuses it outright, halve it until the refused users are found.
+
+        An outage (`StoreUnavailable`) is raised as is: the whole batch is retried later.
+        """
+        try:
+            await self._fencing.save(snapshots)
+            return snapshots
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            if len(snapshots) == 1:
+                user_id = snapshots[0].user.user_id
+                self.unwritable.add(user_id)
+                log.error("user_unwritable", shard=self._config.shard_index, user_id=user_id, error=repr(exc))
+                return []
+        middle = len(snapshots) // 2
+        return [
+            *await self._save_isolating_failures(snapshots[:middle]),
+            *await self._save_isolating_failures(snapshots[middle:]),
+        ]
+
+    async def _prune_replies_when_due(self) -> None:
+        """Shard 0 deletes expired `Idempotency-Key` replies from the store every `PRUNE_EVERY_S`."""
+        now = self._clock()
+        if self._config.shard_index != 0 or now < self._next_prune_ms:
+            return
+        self._next_prune_ms = now + PRUNE_EVERY_S * 1000
+        pruned = await self._residency.require_store().prune_replies(now)
+        if pruned:
+            log.info("idempotency_keys_pruned", keys=pruned)
+
+    # The loop waits with `asyncio.timeout`, not `asyncio.wait_for`: on Python 3.11, `wait_for` loses
+    # a cancellation that arrives as the event fires, and `stop()` would then wait on a loop that
+    # never ends.
+
+    async def run(self, running: Callable[[], bool]) -> None:
+        """Flush every `sync_interval_s` (sooner when a session ended) while `running()`."""
+        interval_s = self._config.sync_interval_s
+        soon = self._residency.flush_soon
+        retry_s = 0.0
+        while running():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(retry_s or interval_s):
+                    await soon.wait()
+                    await asyncio.sleep(ALARM_FLUSH_DELAY_S)
+            soon.clear()
+            try:
+                written = await self.flush()
+                retry_s = 0.0
+                if written:
+                    log.debug("flushed", shard=self._config.shard_index, users=written)
+                await self._fencing.check()
+                await self._durable.resolve_idle(self._turns)
+                await self._prune_replies_when_due()
+            except Exception as exc:
+                # Whatever went wrong, the loop must survive it: dirty state stays dirty
+                # and the next attempt comes with backoff.
+                retry_s = min(max(retry_s * 2, RETRY_DELAY_MIN_S * 5), interval_s)
+                log.warning(
+                    "flush_failed",
+                    shard=self._config.shard_index,
+                    dirty_users=len(self._residency.dirty),
+                    retry_in_s=retry_s,
+                    error=repr(exc),
+                    exc_info=not isinstance(exc, StoreError),
+                )
