@@ -24,6 +24,7 @@ boundaries. After every step it checks:
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from actors.errors import LedgerError, SessionEnded, SessionNotFound
-from actors.ledger import LedgerPolicy, PlanChange, UserLedger
+from actors.ledger import LedgerPolicy, PlanEvent, UserLedger
 from actors.plans import parse_plans
 from actors.records import (
     ALERT_EXHAUSTED,
@@ -213,7 +214,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if anchor is not None:
             period_start = self.now + anchor[0] * MS_PER_MINUTE
             period_end = period_start + anchor[1] * MS_PER_MINUTE
-        change = PlanChange(
+        change = PlanEvent(
             plan=plan,
             action=action,  # type: ignore[arg-type]
             occurred_at_ms=self.now + age,
@@ -263,12 +264,42 @@ class LedgerMachine(RuleBasedStateMachine):
         before_usage = self.ledger.usage(self.now)
         before_deadline = self.ledger.next_deadline_ms()
         self.ledger = UserLedger.restore(stored, POLICY, self.now)
+        # The round trip keeps the user's row and meters as they were (versions aside).
+        again = self.ledger.clone().snapshot()
+        assert replace(again.user, version=0) == replace(snapshot.user, version=0)
+        meters = {replace(m, version=0) for m in snapshot.meters}
+        assert {replace(m, version=0) for m in again.meters} == meters
         after_usage = self.ledger.usage(self.now)
         assert replace(after_usage, version=0) == replace(before_usage, version=0)
         assert after_usage.version > before_usage.version, "versions after a restore are newer"
         assert self.ledger.next_deadline_ms() == before_deadline
         alive = {x.session_id for x in open_sessions} | {x.session_id for x in pending}
         self.known_sessions = [s for s in self.known_sessions if s in alive]
+
+    @rule(days=st.integers(min_value=0, max_value=40))
+    def a_clone_is_a_twin_that_changes_alone(self, days: int) -> None:
+        """`clone().snapshot() == snapshot()`, and whatever is done to the clone leaves the original
+        as it was (the shard mutates a clone, writes it, and only then swaps it in)."""
+        original = self.ledger.snapshot()
+        deadline = self.ledger.next_deadline_ms()
+        twin = self.ledger.clone()
+        assert twin.snapshot() == original
+        assert twin.next_deadline_ms() == deadline
+        later = self.now + days * 24 * 60 * MS_PER_MINUTE
+        twin.add_credits(self.now, MS_PER_MINUTE, reason="grant", reference=None)
+        for operation in (
+            lambda: twin.consume_meter(self.now, "g", 1),
+            lambda: twin.start_session(self.now, "twin-session"),
+            lambda: twin.heartbeat(later, "twin-session"),
+            lambda: twin.change_plan(later, PlanEvent("twin", "basic", "upgrade", later, reset_usage=True)),
+        ):
+            with contextlib.suppress(LedgerError):
+                operation()
+        twin.advance(later)
+        twin.snapshot()
+        twin.mark_synced(twin.version)
+        assert self.ledger.snapshot() == original
+        assert self.ledger.next_deadline_ms() == deadline
 
     # ------------------------------------------------------------- invariants
 

@@ -1,0 +1,173 @@
+"""The hot path, as ASGI, over the typed shard client and a fake shard handle: the well-formed credit
+check or heartbeat is answered here; anything it does not fully understand goes to the app."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from starlette.types import Message, Receive, Scope, Send
+
+from actors.errors import SessionNotFound
+from actors.ledger import UserLedger
+from gateway.auth import TokenVerifier, issue_token
+from gateway.hotpath import HotPathMiddleware
+from gateway.metrics import Metrics
+from gateway.schemas import HeartbeatResponse, Usage
+from gateway.shards import ShardClient, ShardRouter
+from tests.unit.actors.support import POLICY, T0
+from tests.unit.gateway.fake_shard import FakeShard
+
+SECRET = "hot-path-secret-0123456789abcdef0123456789"
+SESSION = str(uuid.uuid4())
+
+
+def ledger() -> UserLedger:
+    user = UserLedger.new("u1", POLICY, T0)
+    user.start_session(T0, SESSION)
+    return user
+
+
+def answer(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if method == "usage":
+        return ledger().usage(T0)
+    if method == "heartbeat":
+        if args[1] != SESSION:
+            raise SessionNotFound("no such session", session_id=args[1])
+        return ledger().heartbeat(T0 + 1000, SESSION, seq=kwargs["seq"])
+    raise AssertionError(method)
+
+
+class Fallthrough:
+    """The FastAPI app behind the hot path (here: a recorder answering 299)."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.paths.append(scope["path"])
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def hot_path() -> tuple[HotPathMiddleware, Fallthrough, FakeShard]:
+    shard = FakeShard(answer)
+    fastapi = FastAPI()
+    router = ShardRouter([shard], call_timeout_s=2.0, metrics=Metrics())
+    fastapi.state.runtime = SimpleNamespace(shards=ShardClient(router))
+    fastapi.state.token_verifier = TokenVerifier(secret=SECRET)
+    app = Fallthrough()
+    return HotPathMiddleware(app, fastapi=fastapi), app, shard
+
+
+def token(user: str = "u1") -> bytes:
+    return f"Bearer {issue_token(secret=SECRET, user_id=user, ttl_s=600)}".encode()
+
+
+async def call(
+    middleware: HotPathMiddleware,
+    method: str,
+    path: str,
+    *,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    body: bytes = b"",
+    query: bytes = b"",
+) -> tuple[int, bytes]:
+    scope: Scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": list(headers),
+        "query_string": query,
+        "state": {"request_id": "r1"},
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await middleware(scope, receive, send)
+    return int(sent[0]["status"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_a_credit_check_is_answered_here_as_the_route_would() -> None:
+    middleware, app, shard = hot_path()
+    status, body = await call(middleware, "GET", "/v1/usage", headers=[(b"authorization", token())])
+    assert status == 200
+    assert json.loads(body) == json.loads(Usage.from_view(ledger().usage(T0)).model_dump_json())
+    assert app.paths == []
+    assert shard.ray_calls == [("batch", ["usage"])]
+
+
+async def test_a_heartbeat_is_answered_here_with_its_seq() -> None:
+    middleware, app, _ = hot_path()
+    status, body = await call(
+        middleware,
+        "POST",
+        f"/v1/sessions/{SESSION.upper()}/heartbeat",
+        headers=[(b"authorization", token()), (b"content-type", b"application/json")],
+        body=b'{"seq": 7}',
+    )
+    assert status == 200
+    expected = HeartbeatResponse.from_view(ledger().heartbeat(T0 + 1000, SESSION, seq=7))
+    assert json.loads(body) == json.loads(expected.model_dump_json())
+    assert app.paths == []
+
+
+async def test_a_shard_refusal_is_the_same_problem_the_app_would_answer() -> None:
+    middleware, _, _ = hot_path()
+    other = str(uuid.uuid4())
+    status, body = await call(
+        middleware, "POST", f"/v1/sessions/{other}/heartbeat", headers=[(b"authorization", token())]
+    )
+    assert status == 404
+    assert json.loads(body)["code"] == "session_not_found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body", "query"),
+    [
+        ("GET", "/v1/usage", [], b"", b""),  # no token: the app says why
+        ("GET", "/v1/usage", [(b"authorization", b"Bearer not-a-jwt")], b"", b""),
+        ("GET", "/v1/usage", [(b"authorization", b"Basic dTpw")], b"", b""),
+        ("GET", "/v1/usage", [(b"authorization", token())], b"", b"x=1"),  # a query string
+        (
+            "POST",
+            f"/v1/sessions/{SESSION}/heartbeat",
+            [(b"authorization", token()), (b"idempotency-key", b"k")],
+            b"",
+            b"",
+        ),
+        ("POST", "/v1/sessions/not-a-uuid/heartbeat", [(b"authorization", token())], b"", b""),
+        (
+            "POST",
+            f"/v1/sessions/{SESSION}/heartbeat",
+            [(b"authorization", token())],
+            b'{"seq": 1}',
+            b"",
+        ),  # no type
+        (
+            "POST",
+            f"/v1/sessions/{SESSION}/heartbeat",
+            [(b"authorization", token()), (b"content-type", b"application/json")],
+            b'{"seq": -1}',
+            b"",
+        ),
+        ("GET", "/v1/credits", [(b"authorization", token())], b"", b""),  # not a hot route
+    ],
+)
+async def test_what_the_hot_path_does_not_fully_understand_goes_to_the_app(
+    method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, query: bytes
+) -> None:
+    middleware, app, shard = hot_path()
+    status, _ = await call(middleware, method, path, headers=headers, body=body, query=query)
+    assert (status, app.paths) == (299, [path])
+    assert shard.ray_calls == []
