@@ -1,0 +1,309 @@
+"""Periods and time accounting: billing a session through an instant, the allowance then purchased
+minutes, periods that roll over or switch, held tails, and the alarms that drive them. See
+`actors.ledger`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from actors.empty import EMPTY, writable
+from actors.ledger.alerts import Alerts
+from actors.ledger.state import (
+    ALARM_PRIORITY,
+    MAX_ALARMS_PER_ADVANCE,
+    Alarm,
+    PeriodState,
+    Tail,
+)
+from actors.periods import PeriodBounds, period_containing
+from actors.plans import Plan
+from actors.records import (
+    MONTHLY_BUCKET,
+    PURCHASED_BUCKET,
+    EndReason,
+    SessionRecord,
+)
+
+
+class Allowance(Alerts):
+    __slots__ = ()
+
+    def advance(self, now_ms: int) -> list[Alarm]:
+        """Fire, in time order, every alarm due at or before `now_ms`."""
+        fired: list[Alarm] = []
+        for _ in range(MAX_ALARMS_PER_ADVANCE):
+            alarm = self._next_alarm()
+            if alarm is None or alarm.at_ms > now_ms:
+                return fired
+            self._bump()
+            if alarm.kind == "stale":
+                self._end(self._require_session().last_heartbeat_at_ms, "stale")
+            elif alarm.kind == "release":
+                assert alarm.session_id is not None
+                self._settle(alarm.session_id, capture=False)
+            elif alarm.kind == "limit":
+                self._end_at_limit(alarm.at_ms)
+            else:
+                self._roll_over(now_ms)
+            self._note_balance(alarm.at_ms)
+            fired.append(alarm)
+        raise AssertionError(f"more than {MAX_ALARMS_PER_ADVANCE} alarms in one advance")
+
+    def _next_alarm(self) -> Alarm | None:
+        candidates = [Alarm("period_end", self._period.end_ms)]
+        if (session := self._session) is not None:
+            candidates.append(Alarm("stale", session.last_heartbeat_at_ms + self._policy.stale_session_ms))
+            candidates.append(Alarm("limit", self._exhaustion_ms()))
+        candidates += [Alarm("release", tail.release_at_ms, key) for key, tail in self._tails.items()]
+        return min(candidates, key=lambda alarm: (alarm.at_ms, ALARM_PRIORITY[alarm.kind]))
+
+    def _end_at_limit(self, end_ms: int) -> None:
+        """The balance ran out (or a plan change left none) at `end_ms`: the session ends then, and
+        the stretch since its last heartbeat, unbilled, is held as its tail until the client shows
+        it was alive (`_capture`) or stays silent until its stale deadline (`_settle`)."""
+        session = self._require_session()
+        heard_at = session.last_heartbeat_at_ms
+        draws: list[tuple[int, int, int]] = []
+        exhausted_at = self._bill(end_ms, holding=draws)
+        record = self._end(exhausted_at if exhausted_at is not None else end_ms, "limit_reached")
+        if not draws:
+            return  # nothing unbilled (the balance ran out at a heartbeat)
+        record = replace(record, pending=tuple(draws))
+        self._keep_ended(record)
+        tails = self._tails = writable(self._tails)
+        tails[record.session_id] = Tail(record, heard_at + self._policy.stale_session_ms, draws)
+
+    def _capture(self, session_id: str, now_ms: int) -> SessionRecord:
+        """The client of a session whose tail is held showed it was alive: bill the tail."""
+        self._bump()
+        record = self._settle(session_id, capture=True)
+        self._note_balance(now_ms)
+        return record
+
+    def _settle(self, session_id: str, *, capture: bool) -> SessionRecord:
+        """Resolve a tail, once: bill what it holds where it holds it (capture), or free it
+        (release). Returns the session's final record."""
+        tails = self._tails = writable(self._tails)
+        tail = tails.pop(session_id)
+        self._tails = tails or EMPTY
+        record = tail.record
+        assert record.ended_at_ms is not None
+        self._materialize()  # open consumption at the balances before the tail is resolved
+        billed = 0
+        for start, allowance, purchased in tail.draws:
+            period = self._resident_period(start)
+            balance_before = period.remaining_ms
+            period.held_ms -= allowance
+            period.held_purchased_ms -= purchased
+            self._purchased_held_ms -= purchased
+            if capture:
+                # (Never more than the balance the credit ledger has: what is held is in it.)
+                from_allowance = min(allowance, balance_before)
+                from_purchased = min(purchased, self.purchased_ms)
+                period.used_ms += from_allowance
+                period.purchased_used_ms += from_purchased
+                self.purchased_ms -= from_purchased
+                self._book.consume((MONTHLY_BUCKET, start), from_allowance, record.ended_at_ms)
+                self._book.consume((PURCHASED_BUCKET, None), from_purchased, record.ended_at_ms)
+                billed += from_allowance + from_purchased
+            elif period.remaining_ms != balance_before:
+                # Released, what a lowered plan had left in the balance only for this hold goes.
+                self._record(
+                    (MONTHLY_BUCKET, start),
+                    delta=period.remaining_ms - balance_before,
+                    balance_after=period.remaining_ms,
+                    reason="adjust",
+                    at_ms=tail.release_at_ms,
+                )
+            if self._held_over.get(start) is period and (capture or not period.holds):
+                # An archived period: its row is written again (what it billed, or no longer holds).
+                self._archive(period)
+        settled = replace(
+            record,
+            used_ms=record.used_ms + billed,
+            # Billed through the end: the client was heard from after it.
+            last_heartbeat_at_ms=record.ended_at_ms if capture else record.last_heartbeat_at_ms,
+            pending=(),
+            version=self.version,
+        )
+        self._keep_ended(settled)
+        return settled
+
+    def _open_period_entry(self, now_ms: int) -> None:
+        """The allowance of a period that just started (the `reset` of the monthly bucket)."""
+        period = self._period
+        self._record(
+            (MONTHLY_BUCKET, period.start_ms),
+            delta=period.remaining_ms,
+            balance_after=period.remaining_ms,
+            reason="reset",
+            at_ms=max(now_ms, period.start_ms),
+        )
+
+    def _budget_in_current_period(self) -> tuple[int, int]:
+        """Where billing of the running session resumes in the current period, and the
+        purchased minutes left then; for a session straddling the boundary, after the
+        old period's part. (If the balance runs out before the boundary, `_exhaustion_ms`
+        answers first.)"""
+        at = self._require_session().last_heartbeat_at_ms
+        purchased = self.purchased_available_ms
+        if (prior := self._prior) is not None:
+            spent_from_purchased = max(0, (prior.end_ms - at) - prior.available_ms)
+            purchased = max(0, purchased - spent_from_purchased)
+            at = prior.end_ms
+        return at, purchased
+
+    def _exhaustion_ms(self) -> int:
+        """When the balance runs out if the running session goes on (within the current period)."""
+        at = self._require_session().last_heartbeat_at_ms
+        if (prior := self._prior) is not None:
+            left = prior.available_ms + self.purchased_available_ms
+            if at + left < prior.end_ms:
+                return at + left
+        start, purchased = self._budget_in_current_period()
+        return start + self._period.available_ms + purchased
+
+    def _ends_at_ms(self) -> int:
+        """`ends_at` as the API shows it: past the period's end, the next allowance counts too."""
+        exhaustion = self._exhaustion_ms()
+        if exhaustion <= self._period.end_ms:
+            return exhaustion
+        start, purchased = self._budget_in_current_period()
+        spent_from_purchased = max(0, (self._period.end_ms - start) - self._period.available_ms)
+        return self._period.end_ms + self._plan_limit_ms() + max(0, purchased - spent_from_purchased)
+
+    def _plan_limit_ms(self) -> int:
+        plan = self._current_plan()
+        return plan.limit_ms if plan is not None else self._period.limit_ms
+
+    def _take(
+        self, period: PeriodState, duration_ms: int, at_ms: int, holding: list[tuple[int, int, int]] | None
+    ) -> int:
+        """Bill up to `duration_ms` of session time to `period`: allowance first, then purchased.
+        With `holding`, hold it instead (a tail), and note there what was held where."""
+        from_allowance = min(duration_ms, period.available_ms)
+        from_purchased = min(duration_ms - from_allowance, self.purchased_available_ms)
+        if holding is not None:
+            period.held_ms += from_allowance
+            period.held_purchased_ms += from_purchased
+            self._purchased_held_ms += from_purchased
+            if from_allowance or from_purchased:
+                holding.append((period.start_ms, from_allowance, from_purchased))
+            return from_allowance + from_purchased
+        period.used_ms += from_allowance
+        period.purchased_used_ms += from_purchased
+        self.purchased_ms -= from_purchased
+        self._require_session().used_ms += from_allowance + from_purchased
+        self._book.consume((MONTHLY_BUCKET, period.start_ms), from_allowance, at_ms)
+        self._book.consume((PURCHASED_BUCKET, None), from_purchased, at_ms)
+        return from_allowance + from_purchased
+
+    def _bill(self, to_ms: int, *, holding: list[tuple[int, int, int]] | None = None) -> int | None:
+        """Bill the running session through `to_ms`, capped by the balance (with `holding`: hold
+        it, leaving what the session was billed, and its last heartbeat, as they were).
+
+        Returns the instant the balance ran out, or None if some is left.
+        """
+        session = self._require_session()
+        at = session.last_heartbeat_at_ms
+        to_ms = max(to_ms, at)  # a clock stepping back bills nothing
+
+        def billed_through(instant: int) -> None:
+            if holding is None:
+                session.last_heartbeat_at_ms = instant
+
+        if (prior := self._prior) is not None:
+            segment_end = min(to_ms, prior.end_ms)
+            taken = self._take(prior, segment_end - at, segment_end, holding)
+            nothing_left = prior.available_ms + self.purchased_available_ms == 0
+            if at + taken < segment_end or (nothing_left and segment_end < prior.end_ms):
+                billed_through(at + taken)
+                return at + taken
+            at = segment_end
+            if to_ms < prior.end_ms:
+                billed_through(at)
+                return None
+            # Whatever was left of the old allowance at the boundary is gone; the new one starts.
+            self._retire_prior()
+        taken = self._take(self._period, to_ms - at, to_ms, holding)
+        billed_through(at + taken)
+        if at + taken < to_ms or self.remaining_ms == 0:
+            return at + taken
+        return None
+
+    def _end(self, at_ms: int, reason: EndReason) -> SessionRecord:
+        session = self._require_session()
+        record = replace(
+            session.record(self.user_id, version=self.version), ended_at_ms=at_ms, end_reason=reason
+        )
+        self._session = None
+        if self._prior is not None:
+            self._retire_prior()
+        self._keep_ended(record)
+        return record
+
+    def _keep_ended(self, record: SessionRecord) -> None:
+        """An ended session's (newest) record: to be written, and kept for idempotent answers."""
+        unsynced = self._unsynced_sessions = writable(self._unsynced_sessions)
+        unsynced[record.session_id] = record
+        ended = self._ended = writable(self._ended)
+        ended.pop(record.session_id, None)
+        ended[record.session_id] = record
+        while len(ended) > self._policy.ended_sessions_kept:
+            del ended[next(iter(ended))]
+
+    def _retire_prior(self) -> None:
+        prior = self._prior
+        assert prior is not None
+        self._archive(prior)
+        self._prior = None
+
+    def _archive(self, period: PeriodState) -> None:
+        """Close a period: its open consumption becomes entries while its balance is still known.
+        A period a tail still holds time in stays at hand (held over) until the tail is resolved."""
+        self._materialize()
+        unsynced = self._unsynced_periods = writable(self._unsynced_periods)
+        unsynced[period.start_ms] = period.record(self.user_id, archived=True, version=self.version)
+        if period.holds:
+            held_over = self._held_over = writable(self._held_over)
+            held_over[period.start_ms] = period
+        elif period.start_ms in self._held_over:
+            held_over = self._held_over = writable(self._held_over)
+            del held_over[period.start_ms]
+            self._held_over = held_over or EMPTY
+
+    def _roll_over(self, now_ms: int) -> None:
+        old = self._period
+        session = self._session
+        straddling = session is not None and session.last_heartbeat_at_ms < old.end_ms
+        if straddling and self._prior is not None:
+            # A second boundary inside one unbilled gap (only a period shortened by a switch is
+            # that short): the current period got none of the session's time; it closes, and the
+            # session's time after the first boundary goes to the next period.
+            self._archive(old)
+            bounds = period_containing(self.anchor, old.end_ms)
+        elif straddling:
+            self._prior = old
+            bounds = period_containing(self.anchor, old.end_ms)
+        else:
+            self._archive(old)
+            # Nobody was using minutes: skip straight to the period containing now.
+            bounds = period_containing(self.anchor, max(now_ms, old.end_ms))
+        self._period = PeriodState(bounds.start_ms, bounds.end_ms, self.plan, self._plan_limit_ms(), 0)
+        self._open_period_entry(now_ms)
+        self._emit_period_rolled(old, old.end_ms)
+
+    def _switch_period(self, now_ms: int, bounds: PeriodBounds, target: Plan) -> None:
+        """Billing anchored the user to a new period: the current one closes now, the new one opens."""
+        assert bounds.start_ms == now_ms > self._period.start_ms, "a switch opens the new period now"
+        old = self._period
+        old.end_ms = now_ms
+        session = self._session
+        if session is not None and session.last_heartbeat_at_ms < old.end_ms:
+            assert self._prior is None, "a switch while a session straddles renews in place"
+            self._prior = old  # the running session's time until now belongs to the old period
+        else:
+            self._archive(old)
+        self._period = PeriodState(bounds.start_ms, bounds.end_ms, target.name, target.limit_ms, 0)
+        self._open_period_entry(now_ms)
+        self._emit_period_rolled(old, now_ms)
