@@ -83,7 +83,18 @@ class IdempotencyKey:
 
 
 def encode_result(result: object) -> str:
-    return _json({"result": _encode(result)})
+    return _json(result_document(result))
+
+
+def result_document(result: object) -> dict[str, Any]:
+    """A result as every remembered answer holds it (`encode_result` is its text): a keyed
+    request's reply, and the first answer to a billing delivery."""
+    return {"result": _encode(result)}
+
+
+def from_document(document: Mapping[str, Any]) -> Any:
+    """The result a `result_document` holds."""
+    return _decode(document["result"])
 
 
 def encode_refusal(refusal: errors.LedgerError) -> str:
@@ -112,7 +123,7 @@ def replay(record: ReplyRecord, request: IdempotencyKey) -> Any:
     if "refusal" in outcome:
         refusal = outcome["refusal"]
         raise _REFUSALS[refusal["type"]](refusal["detail"], **refusal["fields"])
-    return _decode(outcome["result"])
+    return from_document(outcome)
 
 
 def _encode(value: object) -> Any:

@@ -6,8 +6,8 @@ gateway turns them into the API's JSON (minutes, RFC 3339 times).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Generic, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
 
 from actors.records import Difficulty, EndReason, LedgerEvent, PeriodRecord, SessionRecord
 
@@ -42,14 +42,6 @@ class UsageView:
     active_session: ActiveSessionView | None
     version: int
     held_ms: int = 0  # held, not yet billed (tails of sessions the limit ended); not in `remaining_ms`
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UsageView:
-        session = data.get("active_session")
-        return cls(**{**data, "active_session": ActiveSessionView(**session) if session else None})
 
 
 @dataclass(frozen=True, slots=True)

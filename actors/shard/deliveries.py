@@ -9,47 +9,43 @@ written with its record, in one transaction, before it is answered.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from actors.errors import EventConflict
 from actors.ledger import UserLedger
 from actors.records import CreditPurchaseRecord, PlanEvent, PlanEventRecord
-from actors.replies import encode_result
+from actors.replies import encode_result, from_document, result_document
 from actors.shard.config import Purchase
 from actors.shard.durable import Durable
 from actors.shard.operations import Turn
 from actors.shard.residency import Residency
 from actors.store import LedgerStore
-from actors.views import CreditsAdded, PlanChangeResult, UsageView
+from actors.views import CreditsAdded, PlanChangeResult
 
 R = TypeVar("R")
 D = TypeVar("D", PlanEventRecord, CreditPurchaseRecord)
 
 
+@dataclass(eq=False)
 class Deliveries:
-    def __init__(self, clock: Callable[[], int], residency: Residency, durable: Durable) -> None:
-        self._clock = clock
-        self._residency = residency
-        self._durable = durable
+    clock: Callable[[], int]
+    residency: Residency
+    durable: Durable
 
     async def change_plan(self, turn: Turn, event: PlanEvent) -> PlanChangeResult:
         asked = PlanEventRecord(turn.user_id, event)
 
         def apply(draft: UserLedger, now: int) -> tuple[PlanChangeResult, PlanEventRecord]:
             applied = draft.change_plan(now, event)
-            usage = draft.usage(now)
-            response = {"applied": applied, "usage": usage.to_dict()}
-            return PlanChangeResult(applied, usage), replace(asked, applied=applied, response=response)
+            result = PlanChangeResult(applied, draft.usage(now))
+            return result, replace(asked, applied=applied, response=result_document(result))
 
         return await self._deliver(
             turn,
             event.delivery_id,
             find=lambda store: store.find_plan_event(event.delivery_id),
             same=lambda known: known.same_event(asked),
-            replay=lambda known: PlanChangeResult(
-                known.applied, UsageView.from_dict(known.response["usage"])
-            ),
             apply=apply,
         )
 
@@ -67,18 +63,14 @@ class Deliveries:
             balance = draft.add_credits(
                 now, purchase.minutes_ms, reason=purchase.reason, reference=purchase.reference
             )
-            usage = draft.usage(now)
-            response = {"purchased_ms": balance, "usage": usage.to_dict()}
-            return CreditsAdded(balance, usage), replace(asked, response=response)
+            result = CreditsAdded(balance, draft.usage(now))
+            return result, replace(asked, response=result_document(result))
 
         return await self._deliver(
             turn,
             purchase.delivery_id,
             find=lambda store: store.find_purchase(purchase.delivery_id),
             same=lambda known: known.same_request(asked),
-            replay=lambda known: CreditsAdded(
-                known.response["purchased_ms"], UsageView.from_dict(known.response["usage"])
-            ),
             apply=apply,
         )
 
@@ -89,21 +81,24 @@ class Deliveries:
         *,
         find: Callable[[LedgerStore], Awaitable[D | None]],
         same: Callable[[D], bool],
-        replay: Callable[[D], R],
         apply: Callable[[UserLedger, int], tuple[R, D]],
     ) -> R:
-        store = self._residency.require_store()
-        known = await self._durable.read("storage", find(store), deadline=turn.deadline)
+        """Look the delivery up; a known one is answered its first answer again (`response`, kept as
+        every remembered answer is: `actors.replies`); a new one is applied and written with its
+        record, and its answer, in one transaction."""
+        store = self.residency.require_store()
+        known = await self.durable.read("storage", find(store), deadline=turn.deadline)
         if known is not None:
             if not same(known):
                 raise EventConflict(
                     "this delivery id was used for a different request", delivery_id=delivery_id
                 )
-            return replay(known)
+            replayed: R = from_document(known.response)
+            return replayed
         draft = turn.ledger.clone()
-        now = self._clock()
+        now = self.clock()
         result, record = apply(draft, now)
         if turn.idem is not None:
             draft.remember_reply(turn.idem, encode_result(result), now)
-        await self._durable.commit(turn.user_id, draft, delivery=record)
+        await self.durable.commit(turn.user_id, draft, delivery=record)
         return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from actors.errors import (
@@ -47,29 +48,20 @@ class _Known(Exception):
         self.record = record
 
 
+@dataclass(eq=False)
 class Execution:
-    def __init__(
-        self,
-        config: ShardConfig,
-        clock: Callable[[], int],
-        *,
-        residency: Residency,
-        durable: Durable,
-        refusal: Callable[[], Unavailable | None],
-        running: Callable[[], Awaitable[object]],
-    ) -> None:
-        self._config = config
-        self._clock = clock
-        self._residency = residency
-        self._durable = durable
-        self._refusal = refusal  # why the shard takes no new call now (None: it does)
-        self._running = running  # waits (bounded) until the shard serves
-        self.turns = UserTurns(waiters_max=USER_WAITERS_MAX)
-        # Keyed requests still running: (user, Idempotency-Key) -> the request's hash.
-        self._claims: dict[tuple[str, str], str] = {}
-        # Each resident user's request budget (see `actors.ratelimit`).
-        self._buckets: dict[str, TokenBucket] = {}
-        self.pending_calls = 0
+    config: ShardConfig
+    clock: Callable[[], int]
+    residency: Residency
+    durable: Durable
+    refusal: Callable[[], Unavailable | None]  # why the shard takes no new call now (None: it does)
+    running: Callable[[], Awaitable[object]]  # waits (bounded) until the shard serves
+    turns: UserTurns = field(default_factory=lambda: UserTurns(waiters_max=USER_WAITERS_MAX), init=False)
+    pending_calls: int = field(default=0, init=False)
+    # Keyed requests still running: (user, Idempotency-Key) -> the request's hash.
+    _claims: dict[tuple[str, str], str] = field(default_factory=dict, init=False)
+    # Each resident user's request budget (see `actors.ratelimit`).
+    _buckets: dict[str, TokenBucket] = field(default_factory=dict, init=False)
 
     async def run(
         self,
@@ -96,8 +88,8 @@ class Execution:
             return await body(Turn(user_id, ledger, idem, deadline))
         finally:
             try:
-                if user_id in self._residency.ledgers:
-                    self._residency.changed(user_id, self._residency.ledgers[user_id])
+                if user_id in self.residency.ledgers:
+                    self.residency.changed(user_id, self.residency.ledgers[user_id])
             finally:
                 self.turns.release(user_id)
 
@@ -108,20 +100,20 @@ class Execution:
         async with self.admitted():
             ledger = await self.begin(user_id)
             try:
-                return operate(ledger, self._clock())
+                return operate(ledger, self.clock())
             finally:
                 try:
-                    self._residency.changed(user_id, ledger)
+                    self.residency.changed(user_id, ledger)
                 finally:
                     self.turns.release(user_id)
 
     @contextlib.asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
-        refusal = self._refusal()
+        refusal = self.refusal()
         if refusal is not None:
             raise refusal
-        if self.pending_calls >= self._config.max_pending_calls:
-            raise Overloaded("shard has too many pending calls", limit=self._config.max_pending_calls)
+        if self.pending_calls >= self.config.max_pending_calls:
+            raise Overloaded("shard has too many pending calls", limit=self.config.max_pending_calls)
         self.pending_calls += 1
         try:
             yield
@@ -130,7 +122,7 @@ class Execution:
 
     def begin_by(self) -> float:
         """The loop time by which an operation starting now must have begun (`wait_budget_s`)."""
-        return asyncio.get_running_loop().time() + self._config.wait_budget_s
+        return asyncio.get_running_loop().time() + self.config.wait_budget_s
 
     async def begin(
         self,
@@ -148,11 +140,11 @@ class Execution:
         `wait_budget_s`): past it, `Unavailable` (nothing was done). A keyed request whose outcome
         the ledger already holds ends here with `_Known` (see `_once`); a `rate_limited` one takes
         a token of the user's rate limit here (`RateLimited`); either way the turn is given back."""
-        ledgers = self._residency.ledgers
-        if user_id not in ledgers or user_id in self._durable.in_doubt or not self.turns.try_take(user_id):
+        ledgers = self.residency.ledgers
+        if user_id not in ledgers or user_id in self.durable.in_doubt or not self.turns.try_take(user_id):
             await self._wait_for_turn(user_id, deadline if deadline is not None else self.begin_by())
         ledger = ledgers[user_id]
-        if idem is not None and (known := ledger.reply(idem.key, self._clock())) is not None:
+        if idem is not None and (known := ledger.reply(idem.key, self.clock())) is not None:
             self.turns.release(user_id)
             raise _Known(known)
         if rate_limited:
@@ -168,17 +160,17 @@ class Execution:
         took = False
         try:
             async with asyncio.timeout_at(deadline):
-                await self._running()
-                await self._residency.activate(user_id)
+                await self.running()
+                await self.residency.activate(user_id)
                 if not self.turns.try_take(user_id):
                     await self.turns.take(user_id, deadline=deadline)
                 took = True
-                if user_id in self._durable.in_doubt:
-                    await self._durable.resolve(user_id)
+                if user_id in self.durable.in_doubt:
+                    await self.durable.resolve(user_id)
         except TimeoutError:
             if took:
                 self.turns.release(user_id)
-            if user_id not in self._residency.ledgers:
+            if user_id not in self.residency.ledgers:
                 raise _not_loaded() from None
             raise _too_busy() from None
         except TooManyWaiters:
@@ -195,20 +187,20 @@ class Execution:
         others take theirs in `begin`); the user is loaded first, by `deadline`."""
         try:
             async with asyncio.timeout_at(deadline):
-                await self._running()
-                await self._residency.activate(user_id)
+                await self.running()
+                await self.residency.activate(user_id)
         except TimeoutError:
             raise _not_loaded() from None
-        self._take_token(user_id, self._residency.ledgers[user_id])
+        self._take_token(user_id, self.residency.ledgers[user_id])
 
     def _take_token(self, user_id: str, ledger: UserLedger) -> None:
         """Take one of the user's tokens (their plan's `rate_limit`); `RateLimited` when none is left.
         Decided in the call that does the work, with no I/O."""
-        plan = self._config.policy.plans.get(ledger.plan)
+        plan = self.config.policy.plans.get(ledger.plan)
         limit = plan.rate_limit if plan is not None else None
         if limit is None:
             return
-        now = self._clock()
+        now = self.clock()
         bucket = self._buckets.get(user_id)
         if bucket is None:
             bucket = self._buckets[user_id] = TokenBucket(float(limit.burst), now)
@@ -237,7 +229,7 @@ class Execution:
                 idempotency_key=idem.key,
             )
         self._claims[slot] = idem.request_hash
-        ledgers = self._residency.ledgers
+        ledgers = self.residency.ledgers
         try:
             try:
                 result = await run()
@@ -246,11 +238,11 @@ class Execution:
                 return replayed
             except LedgerError as exc:
                 if is_replayable(exc) and user_id in ledgers:
-                    ledgers[user_id].remember_reply(idem, encode_refusal(exc), self._clock())
+                    ledgers[user_id].remember_reply(idem, encode_refusal(exc), self.clock())
                 raise
             ledger = ledgers[user_id]
-            if ledger.reply(idem.key, self._clock()) is None:
-                ledger.remember_reply(idem, encode_result(result), self._clock())
+            if ledger.reply(idem.key, self.clock()) is None:
+                ledger.remember_reply(idem, encode_result(result), self.clock())
             return result
         finally:
             del self._claims[slot]

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -33,46 +34,37 @@ from actors.turns import UserTurns
 log = structlog.get_logger("actors.shard")
 
 
+@dataclass(eq=False)
 class WriteBehind:
-    def __init__(
-        self,
-        config: ShardConfig,
-        clock: Callable[[], int],
-        *,
-        residency: Residency,
-        durable: Durable,
-        turns: UserTurns,
-        fencing: Fencing,
-    ) -> None:
-        self._config = config
-        self._clock = clock
-        self._residency = residency
-        self._durable = durable
-        self._turns = turns
-        self._fencing = fencing
-        self._lock = asyncio.Lock()
-        self.unwritable: set[str] = set()  # users whose rows the store refuses; kept out of flushes
-        self.flushes = 0
-        self.failures = 0
-        self.last_flush_at_ms: int | None = None
-        self.last_flush_duration_ms: float | None = None
-        self._next_prune_ms = 0
+    config: ShardConfig
+    clock: Callable[[], int]
+    residency: Residency
+    durable: Durable
+    turns: UserTurns
+    fencing: Fencing
+    unwritable: set[str] = field(default_factory=set, init=False)  # refused rows; kept out of flushes
+    flushes: int = field(default=0, init=False)
+    failures: int = field(default=0, init=False)
+    last_flush_at_ms: int | None = field(default=None, init=False)
+    last_flush_duration_ms: float | None = field(default=None, init=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _next_prune_ms: int = field(default=0, init=False)
 
     async def flush(self) -> int:
         """Write every dirty ledger now, in batches of one store call each. Returns users written."""
-        residency = self._residency
+        residency = self.residency
         ledgers = residency.ledgers
         written = 0
         async with self._lock:
             began = time.perf_counter()
-            held_back = self.unwritable | self._durable.in_doubt.keys()
+            held_back = self.unwritable | self.durable.in_doubt.keys()
             users = [u for u in residency.dirty if u not in held_back and ledgers[u].is_dirty]
             for begin in range(0, len(users), FLUSH_BATCH_USERS):
                 # A busy user is written by the operation holding its turn (see the shard's
                 # docstring); a durable write's credit entries are numbered in its draft, so writing
                 # the live ledger beside it could number them twice. Checked per batch: a turn may
                 # begin meanwhile.
-                batch = [u for u in users[begin : begin + FLUSH_BATCH_USERS] if not self._turns.busy(u)]
+                batch = [u for u in users[begin : begin + FLUSH_BATCH_USERS] if not self.turns.busy(u)]
                 snapshots = [ledgers[user_id].snapshot() for user_id in batch]
                 try:
                     saved = await self._save_isolating_failures(snapshots)
@@ -88,7 +80,7 @@ class WriteBehind:
                 written += len(saved)
             residency.dirty = {user_id for user_id in residency.dirty if ledgers[user_id].is_dirty}
             self.flushes += 1
-            self.last_flush_at_ms = self._clock()
+            self.last_flush_at_ms = self.clock()
             self.last_flush_duration_ms = round((time.perf_counter() - began) * 1000, 3)
         return written
 
@@ -98,7 +90,7 @@ class WriteBehind:
         An outage (`StoreUnavailable`) is raised as is: the whole batch is retried later.
         """
         try:
-            await self._fencing.save(snapshots)
+            await self.fencing.save(snapshots)
             return snapshots
         except StoreUnavailable:
             raise
@@ -106,7 +98,7 @@ class WriteBehind:
             if len(snapshots) == 1:
                 user_id = snapshots[0].user.user_id
                 self.unwritable.add(user_id)
-                log.error("user_unwritable", shard=self._config.shard_index, user_id=user_id, error=repr(exc))
+                log.error("user_unwritable", shard=self.config.shard_index, user_id=user_id, error=repr(exc))
                 return []
         middle = len(snapshots) // 2
         return [
@@ -116,11 +108,11 @@ class WriteBehind:
 
     async def _prune_replies_when_due(self) -> None:
         """Shard 0 deletes expired `Idempotency-Key` replies from the store every `PRUNE_EVERY_S`."""
-        now = self._clock()
-        if self._config.shard_index != 0 or now < self._next_prune_ms:
+        now = self.clock()
+        if self.config.shard_index != 0 or now < self._next_prune_ms:
             return
         self._next_prune_ms = now + PRUNE_EVERY_S * 1000
-        pruned = await self._residency.require_store().prune_replies(now)
+        pruned = await self.residency.require_store().prune_replies(now)
         if pruned:
             log.info("idempotency_keys_pruned", keys=pruned)
 
@@ -130,8 +122,8 @@ class WriteBehind:
 
     async def run(self, running: Callable[[], bool]) -> None:
         """Flush every `sync_interval_s` (sooner when a session ended) while `running()`."""
-        interval_s = self._config.sync_interval_s
-        soon = self._residency.flush_soon
+        interval_s = self.config.sync_interval_s
+        soon = self.residency.flush_soon
         retry_s = 0.0
         while running():
             with contextlib.suppress(TimeoutError):
@@ -143,9 +135,9 @@ class WriteBehind:
                 written = await self.flush()
                 retry_s = 0.0
                 if written:
-                    log.debug("flushed", shard=self._config.shard_index, users=written)
-                await self._fencing.check()
-                await self._durable.resolve_idle(self._turns)
+                    log.debug("flushed", shard=self.config.shard_index, users=written)
+                await self.fencing.check()
+                await self.durable.resolve_idle(self.turns)
                 await self._prune_replies_when_due()
             except Exception as exc:
                 # Whatever went wrong, the loop must survive it: dirty state stays dirty
@@ -153,8 +145,8 @@ class WriteBehind:
                 retry_s = min(max(retry_s * 2, RETRY_DELAY_MIN_S * 5), interval_s)
                 log.warning(
                     "flush_failed",
-                    shard=self._config.shard_index,
-                    dirty_users=len(self._residency.dirty),
+                    shard=self.config.shard_index,
+                    dirty_users=len(self.residency.dirty),
                     retry_in_s=retry_s,
                     error=repr(exc),
                     exc_info=not isinstance(exc, StoreError),

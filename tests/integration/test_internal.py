@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import httpx
 
+import persistence.migrations
 from tests.harness import auth, change_plan, new_user, signed
 from tests.integration.test_sessions import assert_problem
 
@@ -170,3 +172,44 @@ async def test_unsigned_call_learns_nothing_about_its_body(client: httpx.AsyncCl
         headers={"content-type": "application/json"},
     )
     assert_problem(response, 401, "unauthorized")
+
+
+async def test_a_delivery_recorded_by_an_older_version_replays_its_first_answer(
+    client: httpx.AsyncClient, database: asyncpg.Connection
+) -> None:
+    """Before 0009 a delivery's first answer was kept as {"applied"|"purchased_ms", "usage"} with the
+    usage flat; the migration converts such rows to the form every remembered answer takes, so a
+    retry of an old delivery still gets its first answer. (The rows are turned back into the old
+    form here, as an older version wrote them, and the migration is run on them again.)"""
+    user = new_user()
+    plan_id, purchase_id = f"msg_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+    occurred = datetime.now(UTC).isoformat()
+    first_plan = await change_plan(client, user, "basic", webhook_id=plan_id, occurred_at=occurred)
+    await client.post("/v1/sessions", headers=auth(user))  # an active session inside the usage
+    body, headers = signed({"minutes": 5, "reason": "purchase"}, webhook_id=purchase_id)
+    first_purchase = await client.post(f"/internal/v1/users/{user}/credits", content=body, headers=headers)
+    assert (first_plan.status_code, first_purchase.status_code) == (200, 200)
+    usage = "response->'result'->'fields'->'usage'->'fields'"
+    flat_usage = f"""({usage}) || jsonb_build_object('active_session',
+        coalesce({usage}->'active_session'->'fields', 'null'::jsonb))"""
+    await database.execute(
+        f"""update plan_events set response = jsonb_build_object(
+            'applied', response->'result'->'fields'->'applied', 'usage', {flat_usage})
+        where delivery_id = $1""",
+        plan_id,
+    )
+    await database.execute(
+        f"""update credit_purchases set response = jsonb_build_object(
+            'purchased_ms', response->'result'->'fields'->'purchased_ms', 'usage', {flat_usage})
+        where delivery_id = $1""",
+        purchase_id,
+    )
+    old = await database.fetchval("select response from credit_purchases where delivery_id = $1", purchase_id)
+    assert '"purchased_ms"' in old and '"result"' not in old, old
+    migration = Path(persistence.migrations.__file__).parent / "0009_replayable_responses.sql"
+    await database.execute(migration.read_text())
+    again_plan = await change_plan(client, user, "basic", webhook_id=plan_id, occurred_at=occurred)
+    body, headers = signed({"minutes": 5, "reason": "purchase"}, webhook_id=purchase_id)
+    again_purchase = await client.post(f"/internal/v1/users/{user}/credits", content=body, headers=headers)
+    assert again_plan.json() == first_plan.json()
+    assert again_purchase.json() == first_purchase.json()
