@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.asgi import header, read_body, replaying
-from gateway.auth import TokenVerifier
+from gateway.auth import TokenVerifier, bearer_token
 from gateway.errors import error_problem
 from gateway.routes import sessions, usage
 from gateway.runtime import Runtime
@@ -92,11 +91,8 @@ class HotPathMiddleware:
 
     async def _user(self, scope: Scope) -> str | None:
         """The authenticated user, or None when the app should answer (it will say why)."""
-        authorization = header(scope, b"authorization")
-        if authorization is None:
-            return None
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(header(scope, b"authorization"))
+        if token is None:
             return None
         verifier: TokenVerifier = self._fastapi.state.token_verifier
         try:
@@ -134,9 +130,8 @@ def _heartbeat_input(scope: Scope, raw_session_id: str, body: bytes) -> tuple[st
     """The canonical session id and `seq` of a heartbeat the hot path can take, else (None, None)."""
     if header(scope, b"idempotency-key") is not None:
         return None, None
-    try:
-        session_id = str(uuid.UUID(raw_session_id))
-    except ValueError:
+    session_id = sessions.canonical_session_id(raw_session_id)
+    if session_id is None:
         return None, None
     if not body:
         return session_id, None

@@ -52,10 +52,11 @@ async def no_unknown_query(request: Request) -> None:
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or route.path in QUERY_IGNORED_ON:
         return
-    declared = _DECLARED_QUERY.get(id(route))
-    if declared is None or declared[0] is not route:
-        declared = _DECLARED_QUERY[id(route)] = (route, frozenset(_query_names(route.dependant)))
-    unknown = sorted(set(request.query_params.keys()) - declared[1])
+    declared: frozenset[str] | None = getattr(route, _DECLARED_QUERY, None)
+    if declared is None:  # worked out once per route, and kept on it
+        declared = frozenset(_query_names(route.dependant))
+        setattr(route, _DECLARED_QUERY, declared)
+    unknown = sorted(set(request.query_params.keys()) - declared)
     if unknown:
         raise RequestValidationError(
             [
@@ -65,8 +66,9 @@ async def no_unknown_query(request: Request) -> None:
         )
 
 
-# Each route's declared query parameters, by id(route); the route is kept, so an id is never reused.
-_DECLARED_QUERY: dict[int, tuple[APIRoute, frozenset[str]]] = {}
+# The attribute a route keeps its declared query parameters in (routes compare by value, so they
+# cannot key a dict; an id could be reused once a route is gone).
+_DECLARED_QUERY = "_ledger_declared_query"
 
 
 def _query_names(dependant: Dependant) -> list[str]:

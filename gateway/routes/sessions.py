@@ -33,13 +33,21 @@ from gateway.schemas import (
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 
+def canonical_session_id(raw: str) -> str | None:
+    """A session id in its one form (lower-case, hyphenated); None when `raw` cannot be one."""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        return None
+
+
 async def session_id_path(session_id: str) -> str:
     """The canonical form of a session id from the path; 404 when it cannot be one. (Async: FastAPI
     runs a plain function dependency in its threadpool, a thread hop on every heartbeat.)"""
-    try:
-        return str(uuid.UUID(session_id))
-    except ValueError:
-        raise ApiError(404, "session_not_found", "no such session") from None
+    canonical = canonical_session_id(session_id)
+    if canonical is None:
+        raise ApiError(404, "session_not_found", "no such session")
+    return canonical
 
 
 @router.post(
