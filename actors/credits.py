@@ -82,33 +82,6 @@ class CreditBook:
     ) -> CreditEntry:
         """Append an entry (after materializing what is open, so every running sum stays right)."""
         self.materialize(version=version, balance_of=balance_of)
-        return self._append(key, delta, balance_after, reason, at_ms, version, reference)
-
-    def materialize(self, *, version: int, balance_of: Callable[[CreditKey], int]) -> None:
-        """Turn open consumption into `consume` entries, with each bucket's balance now."""
-        for key, current in self._open.items():
-            self._append(key, -current.amount, balance_of(key), "consume", current.last_at_ms, version, None)
-        self._open = EMPTY
-
-    def mark_synced(self, version: int) -> None:
-        self._pending = tuple(entry for entry in self._pending if entry.version > version)
-
-    def clone(self) -> CreditBook:
-        twin = CreditBook(self._user_id, next_seq=self._next_seq)
-        twin._open = {key: _Open(o.amount, o.last_at_ms) for key, o in self._open.items()} or EMPTY
-        twin._pending = self._pending  # a tuple: shared until either appends
-        return twin
-
-    def _append(
-        self,
-        key: CreditKey,
-        delta: int,
-        balance_after: int,
-        reason: CreditReason,
-        at_ms: int,
-        version: int,
-        reference: str | None,
-    ) -> CreditEntry:
         bucket, window = key
         entry = CreditEntry(
             user_id=self._user_id,
@@ -125,3 +98,26 @@ class CreditBook:
         self._next_seq += 1
         self._pending = (*self._pending, entry)
         return entry
+
+    def materialize(self, *, version: int, balance_of: Callable[[CreditKey], int]) -> None:
+        """Turn open consumption into `consume` entries, with each bucket's balance now."""
+        opened, self._open = self._open, EMPTY
+        for key, current in opened.items():
+            self.record(
+                key,
+                delta=-current.amount,
+                balance_after=balance_of(key),
+                reason="consume",
+                at_ms=current.last_at_ms,
+                version=version,
+                balance_of=balance_of,
+            )
+
+    def mark_synced(self, version: int) -> None:
+        self._pending = tuple(entry for entry in self._pending if entry.version > version)
+
+    def clone(self) -> CreditBook:
+        twin = CreditBook(self._user_id, next_seq=self._next_seq)
+        twin._open = {key: _Open(o.amount, o.last_at_ms) for key, o in self._open.items()} or EMPTY
+        twin._pending = self._pending  # a tuple: shared until either appends
+        return twin

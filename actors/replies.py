@@ -25,20 +25,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from actors import errors
+from actors import errors, views
 from actors.empty import EMPTY, writable
 from actors.records import ReplyRecord
-from actors.views import (
-    ActiveSessionView,
-    CreditsAdded,
-    MeterConsumed,
-    PlanChangeResult,
-    SessionProgress,
-    SessionStarted,
-    UsageView,
-)
+
+C = TypeVar("C")
 
 REPLY_TTL_MS = 24 * 60 * 60 * 1000
 MAX_KEY_LENGTH = 255
@@ -46,32 +39,31 @@ MAX_KEY_LENGTH = 255
 # the shard as long as it is kept; bench `python -m bench memory` measures how much).
 REPLIES_PER_USER_MAX = 256
 
+
+def _by_name(*classes: type[C]) -> dict[str, type[C]]:
+    return {cls.__name__: cls for cls in classes}
+
+
 # What a reply may hold, by name: the results of keyed operations and what they embed...
-_RESULTS: dict[str, type[Any]] = {
-    cls.__name__: cls
-    for cls in (
-        ActiveSessionView,
-        CreditsAdded,
-        MeterConsumed,
-        PlanChangeResult,
-        SessionProgress,
-        SessionStarted,
-        UsageView,
-    )
-}
+_RESULTS: dict[str, type[Any]] = _by_name(
+    views.ActiveSessionView,
+    views.CreditsAdded,
+    views.MeterConsumed,
+    views.PlanChangeResult,
+    views.SessionProgress,
+    views.SessionStarted,
+    views.UsageView,
+)
 # ...and the refusals they can end in.
-_REFUSALS: dict[str, type[errors.LedgerError]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.EventConflict,
-        errors.MeterNotFound,
-        errors.NoCredits,
-        errors.SessionActive,
-        errors.SessionEnded,
-        errors.SessionNotFound,
-        errors.UnknownPlan,
-    )
-}
+_REFUSALS: dict[str, type[errors.LedgerError]] = _by_name(
+    errors.EventConflict,
+    errors.MeterNotFound,
+    errors.NoCredits,
+    errors.SessionActive,
+    errors.SessionEnded,
+    errors.SessionNotFound,
+    errors.UnknownPlan,
+)
 
 
 @dataclass(frozen=True, slots=True)

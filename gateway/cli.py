@@ -48,6 +48,16 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+# Options several commands share.
+DeliveryIdOption = Annotated[
+    str | None, typer.Option(help="The webhook id (deduplicates retries); default a new one.")
+]
+UrlOption = Annotated[
+    str | None,
+    typer.Option(help="Server base URL; default from LEDGER_HOST and LEDGER_INTERNAL_PORT or LEDGER_PORT."),
+]
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Overrides LEDGER_HOST.")] = None,
@@ -183,12 +193,8 @@ def internal_plan(
         str | None, typer.Option(help="The subscription's period start (RFC 3339).")
     ] = None,
     period_end: Annotated[str | None, typer.Option(help="The subscription's period end (RFC 3339).")] = None,
-    delivery_id: Annotated[
-        str | None, typer.Option(help="The webhook id (deduplicates retries); default a new one.")
-    ] = None,
-    url: Annotated[
-        str | None, typer.Option(help="Server base URL; default from LEDGER_HOST/LEDGER_PORT.")
-    ] = None,
+    delivery_id: DeliveryIdOption = None,
+    url: UrlOption = None,
 ) -> None:
     """Change a user's plan through the signed internal API, and print the answer."""
     body: dict[str, object] = {
@@ -208,12 +214,8 @@ def internal_credits(
     minutes: Annotated[float, typer.Argument(help="Minutes to add (they never expire).")],
     reason: Annotated[Literal["purchase", "grant", "refund"], typer.Option(help="Why.")] = "purchase",
     reference: Annotated[str | None, typer.Option(help="Your reference, e.g. an order id.")] = None,
-    delivery_id: Annotated[
-        str | None, typer.Option(help="The webhook id (deduplicates retries); default a new one.")
-    ] = None,
-    url: Annotated[
-        str | None, typer.Option(help="Server base URL; default from LEDGER_HOST/LEDGER_PORT.")
-    ] = None,
+    delivery_id: DeliveryIdOption = None,
+    url: UrlOption = None,
 ) -> None:
     """Add purchased minutes through the signed internal API, and print the answer."""
     body: dict[str, object] = {"minutes": minutes, "reason": reason}
@@ -225,9 +227,7 @@ def internal_credits(
 @internal_app.command("reconcile")
 def internal_reconcile(
     user_id: Annotated[str, typer.Argument(help="The user to check.")],
-    url: Annotated[
-        str | None, typer.Option(help="Server base URL; default from LEDGER_HOST/LEDGER_PORT.")
-    ] = None,
+    url: UrlOption = None,
 ) -> None:
     """Compare a user's live balances with the credit ledger; exit 1 when they drift."""
     answer = _signed("GET", f"/internal/v1/users/{user_id}/reconcile", None, url=url, delivery_id=None)
@@ -296,12 +296,6 @@ def _answer_or_exit(method: Literal["GET"], path: str, url: str | None) -> dict[
         typer.echo(json.dumps(answer, indent=2), err=True)
         raise typer.Exit(1)
     return answer
-
-
-UrlOption = Annotated[
-    str | None,
-    typer.Option(help="Server base URL; default from LEDGER_HOST and LEDGER_INTERNAL_PORT or LEDGER_PORT."),
-]
 
 
 @app.command()

@@ -15,20 +15,15 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from actors.shard.config import DOUBT_RETRY_MS, TIMER_SLEEP_MAX_S, ShardConfig
-from actors.shard.durable import Durable
-from actors.shard.residency import Residency
+from actors.shard.config import DOUBT_RETRY_MS, TIMER_SLEEP_MAX_S
+from actors.shard.parts import ShardPart
 from actors.turns import UserTurns
 
 log = structlog.get_logger("actors.shard")
 
 
 @dataclass(eq=False)
-class Alarms:
-    config: ShardConfig
-    clock: Callable[[], int]
-    residency: Residency
-    durable: Durable
+class Alarms(ShardPart):
     turns: UserTurns
     _in_line: set[str] = field(default_factory=set, init=False)  # busy users whose due alarms wait
 

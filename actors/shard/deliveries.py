@@ -17,9 +17,8 @@ from actors.ledger import UserLedger
 from actors.records import CreditPurchaseRecord, PlanEvent, PlanEventRecord
 from actors.replies import encode_result, from_document, result_document
 from actors.shard.config import Purchase
-from actors.shard.durable import Durable
 from actors.shard.operations import Turn
-from actors.shard.residency import Residency
+from actors.shard.parts import ShardPart
 from actors.store import LedgerStore
 from actors.views import CreditsAdded, PlanChangeResult
 
@@ -28,10 +27,8 @@ D = TypeVar("D", PlanEventRecord, CreditPurchaseRecord)
 
 
 @dataclass(eq=False)
-class Deliveries:
-    clock: Callable[[], int]
-    residency: Residency
-    durable: Durable
+class Deliveries(ShardPart):
+    """Billing's deliveries for the shard's users (see the module docstring)."""
 
     async def change_plan(self, turn: Turn, event: PlanEvent) -> PlanChangeResult:
         asked = PlanEventRecord(turn.user_id, event)

@@ -30,10 +30,9 @@ from actors.ledger import UserLedger
 from actors.ratelimit import TokenBucket
 from actors.records import ReplyRecord
 from actors.replies import IdempotencyKey, encode_refusal, encode_result, is_replayable, replay
-from actors.shard.config import USER_WAITERS_MAX, ShardConfig
-from actors.shard.durable import Durable
+from actors.shard.config import USER_WAITERS_MAX
 from actors.shard.operations import Operation, Turn
-from actors.shard.residency import Residency
+from actors.shard.parts import ShardPart
 from actors.turns import TooManyWaiters, UserTurns
 
 T = TypeVar("T")
@@ -49,11 +48,7 @@ class _Known(Exception):
 
 
 @dataclass(eq=False)
-class Execution:
-    config: ShardConfig
-    clock: Callable[[], int]
-    residency: Residency
-    durable: Durable
+class Execution(ShardPart):
     refusal: Callable[[], Unavailable | None]  # why the shard takes no new call now (None: it does)
     running: Callable[[], Awaitable[object]]  # waits (bounded) until the shard serves
     turns: UserTurns = field(default_factory=lambda: UserTurns(waiters_max=USER_WAITERS_MAX), init=False)

@@ -118,27 +118,13 @@ class LedgerShard:
         self._residency = Residency(config, clock, watchers=self._watchers, running=self._running)
         self._fencing = Fencing(self._residency.require_store, self._fence_lost)
         self._durable = Durable(config, clock, self._residency, self._fencing)
-        self.execution = Execution(
-            config,
-            clock,
-            residency=self._residency,
-            durable=self._durable,
-            refusal=self._refusal,
-            running=self._running,
-        )
+        # What each collaborator is given first (`ShardPart`), then what it needs of its own.
+        part = (config, clock, self._residency, self._durable)
+        self.execution = Execution(*part, refusal=self._refusal, running=self._running)
         self._turns = self.execution.turns
-        self._write_behind = WriteBehind(
-            config,
-            clock,
-            residency=self._residency,
-            durable=self._durable,
-            turns=self._turns,
-            fencing=self._fencing,
-        )
-        self._alarms = Alarms(
-            config, clock, residency=self._residency, durable=self._durable, turns=self._turns
-        )
-        self._deliveries = Deliveries(clock, self._residency, self._durable)
+        self._write_behind = WriteBehind(*part, turns=self._turns, fencing=self._fencing)
+        self._alarms = Alarms(*part, turns=self._turns)
+        self._deliveries = Deliveries(*part)
         self._batches = Batches(lambda name: getattr(self, name) if name in BATCHABLE else None)
         self._host, self._pid = socket.gethostname(), os.getpid()  # a restart is a new process
         self._start_task: asyncio.Task[None] | None = None

@@ -23,11 +23,9 @@ from actors.shard.config import (
     FLUSH_BATCH_USERS,
     PRUNE_EVERY_S,
     RETRY_DELAY_MIN_S,
-    ShardConfig,
 )
-from actors.shard.durable import Durable
 from actors.shard.fencing import Fencing
-from actors.shard.residency import Residency
+from actors.shard.parts import ShardPart
 from actors.store import StoreError, StoreUnavailable
 from actors.turns import UserTurns
 
@@ -35,11 +33,7 @@ log = structlog.get_logger("actors.shard")
 
 
 @dataclass(eq=False)
-class WriteBehind:
-    config: ShardConfig
-    clock: Callable[[], int]
-    residency: Residency
-    durable: Durable
+class WriteBehind(ShardPart):
     turns: UserTurns
     fencing: Fencing
     unwritable: set[str] = field(default_factory=set, init=False)  # refused rows; kept out of flushes
