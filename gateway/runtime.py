@@ -224,7 +224,9 @@ class Runtime:
 
     async def database_ok(self, *, timeout_s: float | None = None) -> bool:
         try:
-            async with asyncio.timeout(timeout_s or self.settings.db_statement_timeout_s):
+            async with asyncio.timeout(
+                self.settings.db_statement_timeout_s if timeout_s is None else timeout_s
+            ):
                 async with self.pool.acquire() as connection:
                     return bool(await connection.fetchval("select true"))
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):

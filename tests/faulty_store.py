@@ -21,7 +21,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from actors.records import Delivery, LedgerSnapshot
-from actors.store import Fence, MemoryStore, StoreOutcomeUnknown, StoreUnavailable, WriteOutcome, WriteReceipt
+from actors.store import (
+    Fence,
+    MemoryStore,
+    StoreError,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+    WriteOutcome,
+    WriteReceipt,
+)
 
 # What the fault transactions are numbered from (well above the memory store's own).
 _FAULT_TRANSACTIONS = 1 << 40
@@ -34,7 +42,7 @@ class FaultyMemoryStore(MemoryStore):
         self.lose_next_commit_reply = False
         self.hold_next_commit = False
         self.cut_next_write = False
-        self.pending_commit: tuple[int, Sequence[LedgerSnapshot], Delivery | None] | None = None
+        self.pending_commit: tuple[int, Sequence[LedgerSnapshot], Delivery | None, Fence | None] | None = None
         self._outcomes: dict[int, WriteOutcome] = {}
         self._fault_transactions = itertools.count(_FAULT_TRANSACTIONS)
 
@@ -46,7 +54,9 @@ class FaultyMemoryStore(MemoryStore):
         receipt: WriteReceipt | None = None,
         fence: Fence | None = None,
     ) -> None:
-        if self.cut_next_write or self.hold_next_commit:
+        if (self.cut_next_write or self.hold_next_commit) and not (
+            fence is not None and self.epochs.get(fence.owner) != fence.epoch  # refused first
+        ):
             transaction = next(self._fault_transactions)
             if receipt is not None:
                 receipt.transaction_id = transaction
@@ -56,7 +66,7 @@ class FaultyMemoryStore(MemoryStore):
                 raise StoreOutcomeUnknown("connection lost during the write")
             self.hold_next_commit = False
             self._outcomes[transaction] = "unknown"  # in progress
-            self.pending_commit = (transaction, snapshots, delivery)
+            self.pending_commit = (transaction, snapshots, delivery, fence)
             raise StoreOutcomeUnknown("no answer to COMMIT; the commit is still in progress")
         await super().save(snapshots, delivery=delivery, receipt=receipt, fence=fence)
         if self.lose_next_commit_reply:
@@ -66,15 +76,19 @@ class FaultyMemoryStore(MemoryStore):
     async def finish_pending_commit(self) -> None:
         """Let a held commit land (see `hold_next_commit`)."""
         assert self.pending_commit is not None
-        transaction, snapshots, delivery = self.pending_commit
+        transaction, snapshots, delivery, fence = self.pending_commit
         self.pending_commit = None
-        await MemoryStore.save(self, snapshots, delivery=delivery)
+        try:
+            await MemoryStore.save(self, snapshots, delivery=delivery, fence=fence)
+        except StoreError:
+            self._outcomes[transaction] = "aborted"  # it failed as it landed
+            raise
         self._outcomes[transaction] = "committed"
 
     def abort_pending_commit(self) -> None:
         """A held commit failed after all (see `hold_next_commit`)."""
         assert self.pending_commit is not None
-        transaction, _, _ = self.pending_commit
+        transaction, *_ = self.pending_commit
         self.pending_commit = None
         self._outcomes[transaction] = "aborted"
 

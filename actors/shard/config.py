@@ -35,8 +35,6 @@ FLUSH_BATCH_USERS = 5_000
 DOUBT_RETRY_MS = 1_000
 # Expired `Idempotency-Key` replies are deleted from the store this often (by shard 0).
 PRUNE_EVERY_S = 600
-# Streams waiting for a change, per shard (each holds one pending `watch` call).
-MAX_WATCHERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)

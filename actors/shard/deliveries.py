@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from actors.errors import EventConflict
 from actors.ledger import UserLedger
@@ -90,7 +90,7 @@ class Deliveries(ShardPart):
                 raise EventConflict(
                     "this delivery id was used for a different request", delivery_id=delivery_id
                 )
-            replayed: R = from_document(known.response)
+            replayed: R = from_document(_current_form(known.response))
             return replayed
         draft = turn.ledger.clone()
         now = self.clock()
@@ -99,3 +99,20 @@ class Deliveries(ShardPart):
             draft.remember_reply(turn.idem, encode_result(result), now)
         await self.durable.commit(turn.user_id, draft, delivery=record)
         return result
+
+
+def _current_form(response: dict[str, Any]) -> dict[str, Any]:
+    """A first answer as `replies.result_document` keeps it. Migration 0009 converted the rows of
+    older versions; one such shard still running through an upgrade may write another, which is
+    converted here the same way (`{"applied"|"purchased_ms", "usage"}`, the usage flat)."""
+    if "result" in response or "usage" not in response:
+        return response
+    usage = dict(response["usage"])
+    session = usage.get("active_session")
+    usage["active_session"] = {"type": "ActiveSessionView", "fields": session} if session else None
+    typed_usage = {"type": "UsageView", "fields": usage}
+    if "applied" in response:
+        fields = {"applied": response["applied"], "usage": typed_usage}
+        return {"result": {"type": "PlanChangeResult", "fields": fields}}
+    fields = {"purchased_ms": response["purchased_ms"], "usage": typed_usage}
+    return {"result": {"type": "CreditsAdded", "fields": fields}}

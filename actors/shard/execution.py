@@ -39,6 +39,19 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class AfterTurn(Exception):
+    """Raised by a body that needs a store read it must not make holding the user's turn (the
+    user's other operations would wait for it): the pipeline gives the turn back, awaits `read()`,
+    then answers `then(value, ledger, now)` in a new turn."""
+
+    def __init__(
+        self, read: Callable[[], Awaitable[Any]], then: Callable[[Any, UserLedger, int], Any]
+    ) -> None:
+        super().__init__("continued after the turn")
+        self.read = read
+        self.then = then
+
+
 class _Known(Exception):
     """A keyed request's outcome is already in the ledger (raised by `begin`, caught by `_once`)."""
 
@@ -66,27 +79,35 @@ class Execution(ShardPart):
         body: Callable[[Any], Awaitable[R]],
     ) -> R:
         """Run one declared operation's `body` through the pipeline (see the module docstring)."""
-        async with self.admitted():
-            if not spec.in_turn:
-                assert idem is None, f"{spec.name} takes no Idempotency-Key"
+        if not spec.in_turn:
+            assert idem is None, f"{spec.name} takes no Idempotency-Key"
+            async with self.admitted():
                 if spec.rate_limited:
                     await self._limit_rate(user_id, deadline=self.begin_by())
                 return await body(user_id)
-            return await self._once(user_id, idem, lambda: self._in_turn(spec, user_id, idem, body))
+        return await self._once(user_id, idem, lambda: self._in_turn(spec, user_id, idem, body))
 
     async def _in_turn(
         self, spec: Operation, user_id: str, idem: IdempotencyKey | None, body: Callable[[Turn], Awaitable[R]]
     ) -> R:
-        deadline = self.begin_by()
-        ledger = await self.begin(user_id, deadline=deadline, idem=idem, rate_limited=spec.rate_limited)
-        try:
-            return await body(Turn(user_id, ledger, idem, deadline))
-        finally:
+        async with self.admitted():
+            deadline = self.begin_by()
+            ledger = await self.begin(user_id, deadline=deadline, idem=idem, rate_limited=spec.rate_limited)
             try:
-                if user_id in self.residency.ledgers:
-                    self.residency.changed(user_id, self.residency.ledgers[user_id])
+                return await body(Turn(user_id, ledger, idem, deadline))
+            except AfterTurn as after:
+                resume = after
             finally:
-                self.turns.release(user_id)
+                try:
+                    if user_id in self.residency.ledgers:
+                        self.residency.changed(user_id, self.residency.ledgers[user_id])
+                finally:
+                    self.turns.release(user_id)
+        # The body needs a store read it must not make in the user's turn: the turn is given back
+        # for it, and the answer is made in a new turn.
+        value = await resume.read()
+        answer: R = await self.in_turn(user_id, lambda ledger, now: resume.then(value, ledger, now))
+        return answer
 
     async def in_turn(self, user_id: str, operate: Callable[[UserLedger, int], T]) -> T:
         """Run `operate` on the user's live ledger in the user's turn, with no await inside: it is

@@ -51,6 +51,7 @@ from actors.records import (
     CreditEntry,
     Difficulty,
     PlanEvent,
+    SessionRecord,
 )
 from actors.replies import IdempotencyKey, encode_refusal, encode_result, is_replayable
 from actors.shard.alarms import Alarms
@@ -63,7 +64,7 @@ from actors.shard.config import (
 )
 from actors.shard.deliveries import Deliveries
 from actors.shard.durable import Durable
-from actors.shard.execution import Execution
+from actors.shard.execution import AfterTurn, Execution
 from actors.shard.fencing import Fencing
 from actors.shard.operations import Turn, declared, operation, shard_call
 from actors.shard.residency import Residency, retrying
@@ -432,11 +433,17 @@ class LedgerShard:
             ended, changed = await self._write(
                 turn, lambda ledger, now: ledger.end_session(now, session_id), write_dirty=True
             )
-        except SessionNotFound:
-            record = await self._durable.stored_ended_session(turn.user_id, session_id)
-            if record is None:
-                raise
-            return turn.ledger.progress_of(record)
+        except SessionNotFound as exc:
+            # Ended long ago, perhaps: the store says, read outside the user's turn.
+            unknown = exc
+
+            def answer(record: SessionRecord | None, ledger: UserLedger, now: int) -> SessionProgress:
+                if record is None:
+                    raise unknown
+                return ledger.progress_of(record)
+
+            stored = self._durable.stored_ended_session
+            raise AfterTurn(lambda: stored(turn.user_id, session_id), answer) from None
         if changed:
             log.info(
                 "session_ended",

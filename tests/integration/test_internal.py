@@ -178,9 +178,9 @@ async def test_a_delivery_recorded_by_an_older_version_replays_its_first_answer(
     client: httpx.AsyncClient, database: asyncpg.Connection
 ) -> None:
     """Before 0009 a delivery's first answer was kept as {"applied"|"purchased_ms", "usage"} with the
-    usage flat; the migration converts such rows to the form every remembered answer takes, so a
-    retry of an old delivery still gets its first answer. (The rows are turned back into the old
-    form here, as an older version wrote them, and the migration is run on them again.)"""
+    usage flat; the migration converts such rows to the form every remembered answer takes, and a
+    row of the old form is read too, so a retry of an old delivery still gets its first answer.
+    (The rows are turned back into the old form here, as an older version wrote them.)"""
     user = new_user()
     plan_id, purchase_id = f"msg_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
     occurred = datetime.now(UTC).isoformat()
@@ -206,8 +206,17 @@ async def test_a_delivery_recorded_by_an_older_version_replays_its_first_answer(
     )
     old = await database.fetchval("select response from credit_purchases where delivery_id = $1", purchase_id)
     assert '"purchased_ms"' in old and '"result"' not in old, old
+    # Read as they are (a shard of an older version still running could write them so)...
+    body, headers = signed({"minutes": 5, "reason": "purchase"}, webhook_id=purchase_id)
+    legacy_purchase = await client.post(f"/internal/v1/users/{user}/credits", content=body, headers=headers)
+    assert legacy_purchase.json() == first_purchase.json()
+    legacy_plan = await change_plan(client, user, "basic", webhook_id=plan_id, occurred_at=occurred)
+    assert legacy_plan.json() == first_plan.json()
+    # ...and once the migration has converted them.
     migration = Path(persistence.migrations.__file__).parent / "0009_replayable_responses.sql"
     await database.execute(migration.read_text())
+    converted = await database.fetchval("select response from plan_events where delivery_id = $1", plan_id)
+    assert '"result"' in converted, converted
     again_plan = await change_plan(client, user, "basic", webhook_id=plan_id, occurred_at=occurred)
     body, headers = signed({"minutes": 5, "reason": "purchase"}, webhook_id=purchase_id)
     again_purchase = await client.post(f"/internal/v1/users/{user}/credits", content=body, headers=headers)

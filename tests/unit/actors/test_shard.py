@@ -192,6 +192,31 @@ class TestDurableWrites:
         started = await shard.start_session("u1")
         assert started.version == 1
 
+    async def test_an_end_looked_up_in_the_store_does_not_hold_the_user_meanwhile(
+        self, store: FaultyMemoryStore, clock: FakeClock
+    ) -> None:
+        """Ending a session the ledger no longer holds reads the store outside the user's turn:
+        the user's other calls are answered meanwhile, and the end is then answered as before."""
+        reading, release = asyncio.Event(), asyncio.Event()
+
+        class SlowLookups(FaultyMemoryStore):
+            async def find_session(self, user_id: str, session_id: str) -> Any:
+                reading.set()
+                await release.wait()
+                return await super().find_session(user_id, session_id)
+
+        slow = SlowLookups()
+        shard = make_shard(slow, clock)
+        await shard.start()
+        ending = asyncio.create_task(shard.end_session("u1", "never-started"))
+        await reading.wait()
+        assert (await shard.usage("u1")).user_id == "u1"  # not held behind the lookup
+        assert (await shard.stats()).busy_users == 0
+        release.set()
+        with pytest.raises(SessionNotFound):
+            await ending
+        await shard.stop()
+
     async def test_second_start_is_refused(self, shard: LedgerShard) -> None:
         await shard.start_session("u1")
         with pytest.raises(SessionActive):
