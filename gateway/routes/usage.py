@@ -61,7 +61,9 @@ async def usage_history(
             "description": (
                 "Server-Sent Events: `event: usage`, `id: <version>`, `data: <usage object>`; "
                 "before it, any threshold events of the change: `event: low_balance|exhausted|"
-                "plan_changed|period_rolled`, `data: <webhook body>`"
+                "plan_changed|period_rolled`, `data: <webhook body>`. With `Last-Event-ID: v` "
+                "(a reconnect) nothing is repeated: the first frame is a change after version v, "
+                "preceded by the threshold events after v the ledger still holds"
             ),
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
@@ -72,10 +74,14 @@ async def usage_stream(
     request: Request, user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)
 ) -> StreamingResponse:
     first: UsageView = await rt.shards.usage(user_id)  # errors answer before streaming
+    seen = _last_event_id(request, first.version)
 
     async def events() -> AsyncIterator[str]:
-        version = first.version
-        yield _frame(first)
+        if seen is None:
+            version = first.version
+            yield _frame(first)
+        else:  # a reconnect: nothing is repeated; the first frame is a change after `seen`
+            version = seen
         while not await request.is_disconnected():
             try:
                 changed = await rt.shards.watch(user_id, version, STREAM_KEEPALIVE_S)
@@ -96,6 +102,16 @@ async def usage_stream(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _last_event_id(request: Request, current: int) -> int | None:
+    """The version a reconnecting client last saw (`Last-Event-ID`), if it can be one: a number no
+    newer than the user's version now. Anything else is a first connect: the current state first."""
+    raw = request.headers.get("last-event-id")
+    if raw is None or not raw.isascii() or not raw.isdigit():
+        return None
+    seen = int(raw)
+    return seen if seen <= current else None
 
 
 def _frame(view: UsageView) -> str:

@@ -281,3 +281,38 @@ async def test_events_are_readable_in_the_dashboard_views(
     assert json.loads(row["payload"])["data"]["plan"] == "pro"
     health = await database.fetchrow("select * from dashboards.event_delivery")
     assert health is not None and health["pending"] >= 0
+
+
+async def test_a_reconnect_with_last_event_id_repeats_nothing_and_misses_no_event(
+    http: httpx.AsyncClient,
+) -> None:
+    """API.md: with `Last-Event-ID: v` the first frame is a change after v, preceded by the
+    threshold events after v; a value that cannot be a version seen is a first connect."""
+    user = new_user()
+    async with http.stream("GET", "/v1/usage/stream", headers=auth(user)) as response:
+        seen = int((await anext(sse_frames(response.aiter_lines())))["id"])
+    assert (await change_plan(http, user, "tiny")).status_code == 200  # while disconnected
+    headers = {**auth(user), "Last-Event-ID": str(seen)}
+    async with http.stream("GET", "/v1/usage/stream", headers=headers) as response:
+        frames = sse_frames(response.aiter_lines())
+        missed = await asyncio.wait_for(anext(frames), timeout=5)
+        usage = await asyncio.wait_for(anext(frames), timeout=5)
+    assert missed["event"] == "plan_changed" and missed["data"]["data"]["plan"] == "tiny"
+    assert usage["event"] == "usage" and int(usage["id"]) > seen
+    now = int(usage["id"])
+    async with http.stream(
+        "GET", "/v1/usage/stream", headers={**auth(user), "Last-Event-ID": str(now)}
+    ) as response:
+        frames = sse_frames(response.aiter_lines())
+        waiting = asyncio.ensure_future(anext(frames))
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "nothing is repeated: no frame until the next change"
+        assert (await change_plan(http, user, "pro")).status_code == 200
+        changed = await asyncio.wait_for(waiting, timeout=5)
+        assert changed["event"] == "plan_changed"
+    for odd in ("abc", "-1", str(now + 10**9)):
+        async with http.stream(
+            "GET", "/v1/usage/stream", headers={**auth(user), "Last-Event-ID": odd}
+        ) as response:
+            first = await asyncio.wait_for(anext(sse_frames(response.aiter_lines())), timeout=5)
+        assert first["event"] == "usage" and first["data"]["plan"] == "pro", odd
