@@ -46,26 +46,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import ray.exceptions
 import structlog
 
+from actors import views
 from actors.errors import DomainError, RateLimited, Unavailable
 from actors.records import CreditEntry, Difficulty, PlanEvent
 from actors.replies import IdempotencyKey
 from actors.routing import shard_index
 from actors.shard import LedgerShard, Operation, Purchase, ShardStats, operation_of
-from actors.views import (
-    CreditsAdded,
-    CreditsView,
-    CurrentSession,
-    MeterConsumed,
-    Page,
-    PeriodSummary,
-    PlanChangeResult,
-    Reconciliation,
-    SessionProgress,
-    SessionStarted,
-    SessionSummary,
-    UsageChange,
-    UsageView,
-)
 from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.shards")
@@ -288,35 +274,35 @@ class ShardClient:
 
     # Reads
 
-    async def usage(self, user_id: str) -> UsageView:
+    async def usage(self, user_id: str) -> views.UsageView:
         return await self.router.call(user_id, LedgerShard.usage, user_id)
 
-    async def usage_of(self, user_id: str) -> UsageView:
+    async def usage_of(self, user_id: str) -> views.UsageView:
         """`usage` for billing and ops: not counted against the user's rate limit."""
         return await self.router.call(user_id, LedgerShard.usage_of, user_id)
 
     async def has_credits(self, user_id: str) -> bool:
         return await self.router.call(user_id, LedgerShard.has_credits, user_id)
 
-    async def current_session(self, user_id: str) -> CurrentSession:
+    async def current_session(self, user_id: str) -> views.CurrentSession:
         return await self.router.call(user_id, LedgerShard.current_session, user_id)
 
-    async def credits(self, user_id: str) -> CreditsView:
+    async def credits(self, user_id: str) -> views.CreditsView:
         return await self.router.call(user_id, LedgerShard.credits, user_id)
 
-    async def list_sessions(self, user_id: str, limit: int) -> Page[SessionSummary]:
+    async def list_sessions(self, user_id: str, limit: int) -> views.Page[views.SessionSummary]:
         return await self.router.call(user_id, LedgerShard.list_sessions, user_id, limit)
 
-    async def usage_history(self, user_id: str, periods: int) -> Page[PeriodSummary]:
+    async def usage_history(self, user_id: str, periods: int) -> views.Page[views.PeriodSummary]:
         return await self.router.call(user_id, LedgerShard.usage_history, user_id, periods)
 
-    async def credit_history(self, user_id: str, limit: int) -> Page[CreditEntry]:
+    async def credit_history(self, user_id: str, limit: int) -> views.Page[CreditEntry]:
         return await self.router.call(user_id, LedgerShard.credit_history, user_id, limit)
 
-    async def reconcile(self, user_id: str) -> Reconciliation:
+    async def reconcile(self, user_id: str) -> views.Reconciliation:
         return await self.router.call(user_id, LedgerShard.reconcile, user_id)
 
-    async def watch(self, user_id: str, after_version: int, wait_s: float) -> UsageChange | None:
+    async def watch(self, user_id: str, after_version: int, wait_s: float) -> views.UsageChange | None:
         """The user's next change after `after_version`, or None after `wait_s` without one."""
         timeout_s = wait_s + self.router.call_timeout_s
         return await self.router.call_within(
@@ -333,7 +319,7 @@ class ShardClient:
         difficulty: Difficulty | None,
         request_id: str | None,
         idem: IdempotencyKey | None,
-    ) -> SessionStarted:
+    ) -> views.SessionStarted:
         return await self.router.call(
             user_id,
             LedgerShard.start_session,
@@ -352,33 +338,33 @@ class ShardClient:
         seq: int | None,
         request_id: str | None,
         idem: IdempotencyKey | None,
-    ) -> SessionProgress:
+    ) -> views.SessionProgress:
         return await self.router.call(
             user_id, LedgerShard.heartbeat, user_id, session_id, seq=seq, request_id=request_id, idem=idem
         )
 
     async def end_session(
         self, user_id: str, session_id: str, *, request_id: str | None, idem: IdempotencyKey | None
-    ) -> SessionProgress:
+    ) -> views.SessionProgress:
         return await self.router.call(
             user_id, LedgerShard.end_session, user_id, session_id, request_id=request_id, idem=idem
         )
 
     async def consume_meter(
         self, user_id: str, meter: str, amount: int, *, idem: IdempotencyKey | None
-    ) -> MeterConsumed:
+    ) -> views.MeterConsumed:
         return await self.router.call(user_id, LedgerShard.consume_meter, user_id, meter, amount, idem=idem)
 
     async def change_plan(
         self, user_id: str, event: PlanEvent, *, request_id: str | None, idem: IdempotencyKey | None = None
-    ) -> PlanChangeResult:
+    ) -> views.PlanChangeResult:
         return await self.router.call(
             user_id, LedgerShard.change_plan, user_id, event, request_id=request_id, idem=idem
         )
 
     async def add_credits(
         self, user_id: str, purchase: Purchase, *, request_id: str | None, idem: IdempotencyKey | None = None
-    ) -> CreditsAdded:
+    ) -> views.CreditsAdded:
         return await self.router.call(
             user_id, LedgerShard.add_credits, user_id, purchase, request_id=request_id, idem=idem
         )
