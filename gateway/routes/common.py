@@ -56,6 +56,16 @@ async def no_unknown_query(request: Request) -> None:
     if declared is None:  # worked out once per route, and kept on it
         declared = frozenset(_query_names(route.dependant))
         setattr(route, _DECLARED_QUERY, declared)
+    repeated = sorted(
+        name for name in set(request.query_params.keys()) if len(request.query_params.getlist(name)) > 1
+    )
+    if repeated:  # `?limit=1&limit=2`: which one would the client mean?
+        raise RequestValidationError(
+            [
+                {"type": "value_error", "loc": ("query", name), "msg": "given more than once"}
+                for name in repeated
+            ]
+        )
     unknown = sorted(set(request.query_params.keys()) - declared)
     if unknown:
         raise RequestValidationError(
@@ -132,6 +142,10 @@ async def idempotency_key(
     canonical form: the same request hashes the same however it is written."""
     if key is None:
         return None
+    if len(request.headers.getlist("idempotency-key")) > 1:  # which one would the client mean?
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("header", "Idempotency-Key"), "msg": "more than one key sent"}]
+        )
     body = await request.body()
     try:
         canonical = _canonical(json.loads(body, parse_float=Decimal, parse_int=Decimal)) if body else ""

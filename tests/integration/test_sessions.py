@@ -231,6 +231,20 @@ async def test_unknown_query_parameters_and_undecodable_bodies_are_422(client: h
     assert (await client.get("/v1/usage", headers=auth(user))).json()["active_session"] is None
 
 
+async def test_a_parameter_or_key_given_twice_is_422_and_changes_nothing(client: httpx.AsyncClient) -> None:
+    """Which of two would the client mean? Neither is guessed (found from outside: the first was
+    used silently)."""
+    user = new_user()
+    twice = await client.get("/v1/sessions?limit=1&limit=2", headers=auth(user))
+    assert_problem(twice, 422, "invalid_request")
+    assert twice.json()["errors"][0]["loc"] == ["query", "limit"]
+    two_keys = httpx.Headers([*auth(user).items(), ("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")])
+    assert_problem(await client.post("/v1/sessions", headers=two_keys), 422, "invalid_request")
+    assert (await client.get("/v1/usage", headers=auth(user))).json()["active_session"] is None
+    one_key = {**auth(user), "Idempotency-Key": "k1"}
+    assert (await client.post("/v1/sessions", headers=one_key)).status_code == 201
+
+
 async def test_bodies_that_are_not_utf8_json_are_422_and_change_nothing(client: httpx.AsyncClient) -> None:
     """JSON is UTF-8: a UTF-16 or UTF-32 body (which a lenient parser would guess and accept) is 422."""
     user = new_user()
