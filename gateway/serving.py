@@ -102,7 +102,9 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
             else:
                 self._abort()  # trailers: the request is already with the app
         else:
-            super().send_400_response(msg)
+            # What the parser refused (a control byte in a header, a length with chunking, a
+            # negative length, ...): problem+json like every other error, not uvicorn's text.
+            self._refuse(400, "bad_request", "the request is not valid HTTP/1.1; nothing was done")
 
     # -- parser callbacks
 
@@ -185,7 +187,9 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
         """The problem+json answer, then close, lingering so that the client reads it."""
         self._deferred = None
         body = problem_bytes(status, code, detail)
-        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[
+            status
+        ]
         self.transport.write(
             b"HTTP/1.1 %d %s\r\n" % (status, reason)
             + f"content-type: {PROBLEM_CONTENT_TYPE}\r\n".encode()

@@ -213,3 +213,30 @@ async def test_pipelined_requests_are_answered_before_an_oversized_head_is_refus
         writer.close()
     statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
     assert statuses == [200, 200, 431], answer[:500]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"GET /v1/usage HTTP/1.1\r\nHost: test\r\nX-Bad: a\x7fb\r\n\r\n", id="control-byte"),
+        pytest.param(
+            b"POST /v1/sessions HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            id="length-and-chunked",
+        ),
+        pytest.param(
+            b"POST /v1/sessions HTTP/1.1\r\nHost: test\r\nContent-Length: -1\r\n\r\n", id="negative"
+        ),
+        pytest.param(
+            b"GET /v1/usage HTTP/1.1\r\nHost: test\r\nContent-Length: 1e20\r\n\r\n", id="not-a-number"
+        ),
+    ],
+)
+async def test_a_request_that_is_not_valid_http_is_400_problem_json(
+    server: RunningServer, request_bytes: bytes
+) -> None:
+    """Found from outside: the parser's refusals were uvicorn's text/plain 400."""
+    status, headers, body = await _raw(server, request_bytes)
+    assert status == 400
+    assert headers["content-type"] == "application/problem+json"
+    assert json.loads(body)["code"] == "bad_request"
