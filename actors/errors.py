@@ -108,6 +108,14 @@ class ShardError(DomainError):
 class Unavailable(ShardError):
     code = "unavailable"
 
+    @classmethod
+    def of_store(cls, what: str = "storage", *, changed: bool = False) -> Unavailable:
+        """The one answer to a store that failed or was too slow for an operation: whether anything
+        changed is said (a write of unknown outcome: "retry shortly"; else "nothing was changed")."""
+        if changed:
+            return cls(f"{what} failed during the write; retry shortly")
+        return cls(f"{what} is unavailable; nothing was changed")
+
 
 class Overloaded(ShardError):
     code = "unavailable"

@@ -12,8 +12,8 @@ aborted, nothing changed. If that cannot be told yet, the user is *in doubt*:
 every operation on them answers `Unavailable` until it can, and then the
 ledger is adopted from the store (committed) or kept as it is (aborted).
 
-Every store failure an operation meets becomes `Unavailable` here (`unavailable`),
-saying whether anything changed.
+Every store failure an operation meets becomes `Unavailable.of_store`, saying whether
+anything changed.
 """
 
 from __future__ import annotations
@@ -37,13 +37,6 @@ from actors.turns import UserTurns
 log = structlog.get_logger("actors.shard")
 
 T = TypeVar("T")
-
-
-def unavailable(what: str, *, changed: bool = False) -> Unavailable:
-    """The one answer to a store that failed or was too slow for an operation."""
-    if changed:
-        return Unavailable(f"{what} failed during the write; retry shortly")
-    return Unavailable(f"{what} is unavailable; nothing was changed")
 
 
 class Durable:
@@ -79,7 +72,7 @@ class Durable:
             async with asyncio.timeout_at(deadline):
                 return await read
         except (StoreError, TimeoutError) as exc:
-            raise unavailable(what) from exc
+            raise Unavailable.of_store(what) from exc
 
     async def commit(self, user_id: str, draft: UserLedger, *, delivery: Delivery | None = None) -> None:
         """Write `draft` and make it the live ledger once durable. Not cancellable half-way: a
@@ -110,7 +103,7 @@ class Durable:
         except StoreOutcomeUnknown as exc:
             await self._settle(user_id, receipt, exc)
         except StoreError as exc:
-            raise unavailable("storage") from exc
+            raise Unavailable.of_store() from exc
         except TimeoutError as exc:
             # Our own bound fired: how far the write got is for its transaction to tell.
             await self._settle(user_id, receipt, exc)
@@ -127,7 +120,7 @@ class Durable:
             async with asyncio.timeout(self._config.write_timeout_s):
                 await self._fencing.save([snapshot])
         except (StoreError, TimeoutError) as exc:
-            raise unavailable("storage") from exc
+            raise Unavailable.of_store() from exc
         ledger.mark_synced(snapshot.version)
         if not ledger.is_dirty:
             self._residency.dirty.discard(user_id)
@@ -140,10 +133,10 @@ class Durable:
             log.warning("write_committed_despite_error", user_id=user_id, error=repr(exc))
             return
         if outcome == "aborted":
-            raise unavailable("storage") from exc
+            raise Unavailable.of_store() from exc
         self.in_doubt[user_id] = receipt
         log.warning("write_in_doubt", user_id=user_id, transaction=receipt.transaction_id, error=repr(exc))
-        raise unavailable("storage", changed=True) from exc
+        raise Unavailable.of_store(changed=True) from exc
 
     async def _outcome(self, receipt: WriteReceipt) -> WriteOutcome:
         """The write's outcome as its transaction tells it, waiting at most `resolve_timeout_s`."""

@@ -166,7 +166,7 @@ class Residency:
         try:
             stored = await self.require_store().load(user_ids, now_ms=self._clock())
         except StoreError as exc:
-            raise Unavailable("cannot load user from storage") from exc
+            raise Unavailable.of_store() from exc
         now = self._clock()
         for user_id in user_ids:
             if user_id in self.ledgers:
