@@ -421,6 +421,9 @@ class PeriodItem(ResponseModel):
     plan: str
     minutes_used: float
     minutes_limit: float
+    # Of the plan's allowance: 100 once the period used all of it (what it used beyond came from
+    # purchased minutes, which a past period no longer knows the balance of).
+    percent_used: float
     archived: bool
 
     @classmethod
@@ -431,6 +434,7 @@ class PeriodItem(ResponseModel):
             plan=view.plan,
             minutes_used=to_minutes(view.used_ms),
             minutes_limit=to_minutes(view.limit_ms),
+            percent_used=percent(view.used_ms, max(0, view.limit_ms - view.used_ms)),
             archived=view.archived,
         )
 

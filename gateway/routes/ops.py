@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import get_args
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from actors.ledger import AlarmKind
 from actors.shard import ShardStats
 from actors.times import wall_clock_ms
 from gateway.metrics import Metrics
@@ -62,8 +64,10 @@ async def metrics(request: Request, rt: Runtime = Depends(runtime)) -> Response:
             shard = str(result.shard_index)
             for name, gauge in registry.shard_gauges.items():
                 gauge.labels(shard).set(getattr(result, name))
-            for kind, fired in result.alarms_by_kind.items():
-                registry.shard_alarms.labels(shard, kind).set(fired)
+            # Every kind, those this shard has not fired too: a restarted shard starts from 0, and a
+            # kind only its previous process fired must not keep that process's count.
+            for kind in get_args(AlarmKind):
+                registry.shard_alarms.labels(shard, kind).set(result.alarms_by_kind.get(kind, 0))
             if result.last_flush_duration_ms is not None:
                 registry.shard_flush_duration.labels(shard).set(result.last_flush_duration_ms / 1000)
             if result.last_flush_at_ms is not None:

@@ -125,6 +125,8 @@ async def test_allowance_first_then_purchased_minutes_which_carry_into_the_next_
     ]
     assert [p["archived"] for p in history[:2]] == [False, True]
     assert abs(history[1]["minutes_used"] - used_ms / 60_000) < 0.011
+    # API.md: each period has percent_used (here: of its 0.1-minute allowance, all of it used).
+    assert history[1]["percent_used"] == 100.0 and history[0]["percent_used"] == 0.0
     assert (await reconcile(client, user))["drift_found"] is False
 
 

@@ -49,6 +49,8 @@ async def test_a_session_moves_correctly_labelled_series(
     # Shard figures are labelled by shard, one label set per shard.
     shards = server.settings.shards
     assert sum(name.startswith("ledger_shard_dirty_users{") for name in after) == shards
+    # Every alarm kind, fired or not (0): a restarted shard's figures replace its old process's.
+    assert sum(name.startswith("ledger_shard_alarms_fired_by_kind{") for name in after) == 4 * shards
 
     async def flushed_everywhere() -> bool:  # a shard reports its flush figures once it has flushed
         found = await samples(client)
