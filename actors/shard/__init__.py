@@ -5,7 +5,9 @@ operation is declared · `execution` the per-user pipeline · `residency` who is
 in memory, and the one place a change is recorded · `durable` writes before
 answering, and writes in doubt · `writebehind` the periodic flush ·
 `fencing` this activation's claim · `alarms` the timer · `watchers` streams ·
-`config` settings, bounds, values and stats.
+`deliveries` billing's deliveries, once each · `batching` several calls in one
+Ray call · `parts` what every collaborator is given · `config` settings, bounds,
+values and stats.
 """
 
 from actors.records import PlanEvent

@@ -1,6 +1,6 @@
 """Per-user execution: the one pipeline every user operation runs through.
 
-    admit → Idempotency-Key claim → the user's turn (activation, doubt,
+    Idempotency-Key claim → admit → the user's turn (activation, doubt,
     remembered reply, rate-limit token) → body → record the change → give the
     turn back
 

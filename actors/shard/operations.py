@@ -4,14 +4,17 @@ An operation is a `LedgerShard` method decorated with `@operation(...)`; the
 decorator records its properties (an `Operation`) and runs its body through
 the one pipeline every user operation takes (`Execution.run`):
 
-    admit → Idempotency-Key claim → the user's turn (activation, doubt,
+    Idempotency-Key claim → admit → the user's turn (activation, doubt,
     remembered reply, rate-limit token) → body → record the change → give the
     turn back
 
 The body receives a `Turn` (the user's live ledger, for it alone) in place of
 the user id its callers pass. `@operation(..., in_turn=False)` is for the few
 that read the store before they take the turn (histories): their body receives
-the user id, with the rate-limit token already taken.
+the user id, with the rate-limit token already taken. A body that finds it needs
+such a read (an end of a session the ledger no longer holds) raises
+`execution.AfterTurn`: the turn is given back for the read, and the answer is
+made in a new turn.
 
 What the gateway needs to know of an operation (which batch lane it travels
 in, whether a retry may repeat it, whether it takes a rate-limit token, whether
