@@ -95,6 +95,14 @@ def encode_refusal(refusal: errors.LedgerError) -> str:
     )
 
 
+def encode_outcome(outcome: object) -> str | None:
+    """How an outcome is remembered: a result, or a refusal a retry should get again; None for
+    one it should not (`is_replayable`)."""
+    if isinstance(outcome, errors.LedgerError):
+        return encode_refusal(outcome) if is_replayable(outcome) else None
+    return encode_result(outcome)
+
+
 def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 

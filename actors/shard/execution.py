@@ -29,7 +29,7 @@ from actors.errors import (
 from actors.ledger import UserLedger
 from actors.ratelimit import TokenBucket
 from actors.records import ReplyRecord
-from actors.replies import IdempotencyKey, encode_refusal, encode_result, is_replayable, replay
+from actors.replies import IdempotencyKey, encode_outcome, encode_result, replay
 from actors.shard.config import USER_WAITERS_MAX
 from actors.shard.operations import Operation, Turn
 from actors.shard.parts import ShardPart
@@ -50,6 +50,10 @@ class AfterTurn(Exception):
         super().__init__("continued after the turn")
         self.read = read
         self.then = then
+
+
+# What `in_turn` runs as: a part of an operation, which took its rate-limit token already.
+_IN_TURN = Operation("in_turn")
 
 
 class _Known(Exception):
@@ -112,16 +116,12 @@ class Execution(ShardPart):
     async def in_turn(self, user_id: str, operate: Callable[[UserLedger, int], T]) -> T:
         """Run `operate` on the user's live ledger in the user's turn, with no await inside: it is
         answered from memory (a change it makes is written behind). For what is not an operation
-        of its own (a stream's read, a history's merge)."""
-        async with self.admitted():
-            ledger = await self.begin(user_id)
-            try:
-                return operate(ledger, self.clock())
-            finally:
-                try:
-                    self.residency.changed(user_id, ledger)
-                finally:
-                    self.turns.release(user_id)
+        of its own (a stream's read, a history's merge): no key, no rate-limit token."""
+
+        async def body(turn: Turn) -> T:
+            return operate(turn.ledger, self.clock())
+
+        return await self._in_turn(_IN_TURN, user_id, None, body)
 
     @contextlib.asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
@@ -253,8 +253,8 @@ class Execution(ShardPart):
                 replayed: R = replay(known.record, idem)
                 return replayed
             except LedgerError as exc:
-                if is_replayable(exc) and user_id in ledgers:
-                    ledgers[user_id].remember_reply(idem, encode_refusal(exc), self.clock())
+                if (reply := encode_outcome(exc)) is not None and user_id in ledgers:
+                    ledgers[user_id].remember_reply(idem, reply, self.clock())
                 raise
             ledger = ledgers[user_id]
             if ledger.reply(idem.key, self.clock()) is None:

@@ -53,7 +53,7 @@ from actors.records import (
     PlanEvent,
     SessionRecord,
 )
-from actors.replies import IdempotencyKey, encode_refusal, encode_result, is_replayable
+from actors.replies import IdempotencyKey, encode_outcome, encode_result
 from actors.shard.alarms import Alarms
 from actors.shard.batching import Batches
 from actors.shard.config import (
@@ -406,12 +406,9 @@ class LedgerShard:
         )
         changed = draft.version != ledger.version
         if ended and (changed or ledger.is_dirty):
-            if idem is not None:  # the reply to a keyed heartbeat goes with the write it answers
-                if isinstance(outcome, LedgerError):
-                    if is_replayable(outcome):
-                        draft.remember_reply(idem, encode_refusal(outcome), now)
-                else:
-                    draft.remember_reply(idem, encode_result(outcome), now)
+            # The reply to a keyed heartbeat goes with the write it answers.
+            if idem is not None and (reply := encode_outcome(outcome)) is not None:
+                draft.remember_reply(idem, reply, now)
             await self._durable.commit(turn.user_id, draft)
         elif changed:  # an alarm fired (a period rolled, say) and the session goes on: written behind
             self._residency.ledgers[turn.user_id] = draft
