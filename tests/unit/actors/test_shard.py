@@ -902,30 +902,12 @@ class TestFencing:
         await old.stop()
 
 
-class GatedStore(FaultyMemoryStore):
-    """A FaultyMemoryStore whose writes, and dedupe reads, wait while `gate` is clear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.waiting = asyncio.Event()
-
-    async def save(
-        self,
-        snapshots: Sequence[LedgerSnapshot],
-        *,
-        delivery: Delivery | None = None,
-        receipt: WriteReceipt | None = None,
-        fence: Fence | None = None,
-    ) -> None:
-        self.waiting.set()
-        await self.gate.wait()
-        await super().save(snapshots, delivery=delivery, receipt=receipt, fence=fence)
+class GatedStore(HeldStore):
+    """A HeldStore whose dedupe reads (`find_purchase`) wait too."""
 
     async def find_purchase(self, delivery_id: str) -> Any:
-        self.waiting.set()
-        await self.gate.wait()
+        self.writing.set()
+        await self.release.wait()
         return await super().find_purchase(delivery_id)
 
 
@@ -939,15 +921,15 @@ class TestAlarmsOfBusyUsers:
         await shard.start_session("a")
         clock.now += SEC
         other = await shard.start_session("b")  # b's stale deadline is a second after a's
-        store.gate.clear()
-        store.waiting.clear()
+        store.release.clear()
+        store.writing.clear()
         buying = asyncio.create_task(shard.add_credits("a", Purchase("d1", MIN, "purchase")))
-        await store.waiting.wait()
+        await store.writing.wait()
         readers = [asyncio.create_task(shard.usage_of("a")) for _ in range(USER_WAITERS_MAX)]
         await asyncio.sleep(0.01)
         clock.now = T0 + STALE_MS + 2 * SEC
         shard.fire_due_alarms()  # a's alarm joins a's full line; b's fires
-        store.gate.set()
+        store.release.set()
         await buying
         await asyncio.gather(*readers)
         await shard.flush()
@@ -962,14 +944,14 @@ class TestAlarmsOfBusyUsers:
         shard = make_shard(store, clock)
         await shard.start()
         started = await shard.start_session("u1")
-        store.gate.clear()
-        store.waiting.clear()
+        store.release.clear()
+        store.writing.clear()
         store.hold_next_commit = True  # the write ends with its outcome unknown
         buying = asyncio.create_task(shard.add_credits("u1", Purchase("d1", MIN, "purchase")))
-        await store.waiting.wait()
+        await store.writing.wait()
         clock.now = T0 + STALE_MS + 1
         shard.fire_due_alarms()  # queued in u1's line, behind the purchase
-        store.gate.set()
+        store.release.set()
         with pytest.raises(Unavailable):
             await buying
         assert (await shard.stats()).users_in_doubt == 1
@@ -994,13 +976,13 @@ class TestAlarmsOfBusyUsers:
         await shard.add_credits("u1", Purchase("d1", MIN, "purchase"))
         clock.now += 3 * MIN
         await shard.heartbeat("u1", started.session_id)  # written behind
-        store.gate.clear()
-        store.waiting.clear()
+        store.release.clear()
+        store.writing.clear()
         retry = asyncio.create_task(shard.add_credits("u1", Purchase("d1", MIN, "purchase")))
-        await store.waiting.wait()  # billing's retry holds u1's turn, reading its dedupe row
+        await store.writing.wait()  # billing's retry holds u1's turn, reading its dedupe row
         stopping = asyncio.create_task(shard.stop())
         await asyncio.sleep(0.05)
-        store.gate.set()
+        store.release.set()
         await retry
         await stopping
         assert store.sessions[started.session_id].used_ms == 3 * MIN

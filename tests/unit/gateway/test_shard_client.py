@@ -19,7 +19,7 @@ from actors.replies import IdempotencyKey
 from actors.shard import LedgerShard, declared
 from gateway.metrics import Metrics
 from gateway.shards import MAX_BATCHES_IN_FLIGHT, ShardClient, ShardRouter
-from tests.unit.gateway.fake_shard import Defer, FakeShard
+from tests.unit.gateway.fake_shard import Answer, Defer, FakeShard
 
 
 def client_of(shard: FakeShard, *, timeout_s: float = 2.0) -> ShardClient:
@@ -89,31 +89,28 @@ async def test_a_rate_limited_user_is_refused_here_for_the_calls_that_take_a_tok
     assert await client.usage("u1") == "usage"  # a new plan: the shard decides again
 
 
-async def test_a_repeatable_call_is_retried_while_its_shard_restarts() -> None:
-    failures = {"left": 2}
+def restarting(times: int, then: Any) -> Answer:
+    """A shard that is dead (restarting) for its first `times` calls, then answers `then`."""
+    failures = {"left": times}
 
     def answer(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if failures["left"]:
             failures["left"] -= 1
             raise ray.exceptions.RayActorError()
-        return "listed"
+        return then
 
-    shard = FakeShard(answer)
+    return answer
+
+
+async def test_a_repeatable_call_is_retried_while_its_shard_restarts() -> None:
+    shard = FakeShard(restarting(2, "listed"))
     assert await client_of(shard).list_sessions("u1", 5) == "listed"
     assert [name for name, _ in shard.ray_calls] == ["list_sessions"] * 3
 
 
 @pytest.mark.parametrize("keyed", [False, True])
 async def test_a_meter_use_is_retried_only_with_an_idempotency_key(keyed: bool) -> None:
-    failures = {"left": 1}
-
-    def answer(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if failures["left"]:
-            failures["left"] -= 1
-            raise ray.exceptions.RayActorError()
-        return "used"
-
-    shard = FakeShard(answer)
+    shard = FakeShard(restarting(1, "used"))
     idem = IdempotencyKey("k1", "hash") if keyed else None
     call = client_of(shard).consume_meter("u1", "generations", 1, idem=idem)
     if keyed:
