@@ -7,6 +7,10 @@
     ├── SessionEnded            heartbeat for a session that has ended
     ├── UnknownPlan             a plan the plans file does not define (or an impossible period)
     ├── MeterNotFound           a count meter the user's plan does not have
+    ├── HoldNotFound            unknown hold id, or one of another user
+    ├── HoldResolved            a hold resolved otherwise (or extended once resolved)
+    ├── CaptureTooLarge         a capture of more than the hold holds
+    ├── TooManyHolds            the user's bound on unresolved holds is reached
     ├── EventConflict           a delivery id reused for a different event
     ├── IdempotencyMismatch     an Idempotency-Key reused for a different request
     └── RateLimited             the user's requests exceed their plan's rate limit
@@ -75,6 +79,27 @@ class UnknownPlan(LedgerError):
 
 class MeterNotFound(LedgerError):
     code = "meter_not_found"
+
+
+class HoldNotFound(LedgerError):
+    code = "hold_not_found"
+
+
+class HoldResolved(LedgerError):
+    """Carries `hold_id` and `state` (the hold's terminal state)."""
+
+    code = "hold_resolved"
+
+
+class CaptureTooLarge(LedgerError):
+    code = "invalid_request"
+
+
+class TooManyHolds(LedgerError):
+    """429: the user holds `max_open_holds` unresolved holds; one must be resolved (or expire,
+    `retry_after_s` from now at the latest) before another is made."""
+
+    code = "too_many_holds"
 
 
 class EventConflict(LedgerError):

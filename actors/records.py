@@ -17,6 +17,7 @@ PlanAction = Literal["upgrade", "downgrade", "cancel"]
 CreditReason = Literal["grant", "purchase", "refund", "consume", "reset", "adjust"]
 PurchaseReason = Literal["purchase", "grant", "refund"]
 EventKind = Literal["low_balance", "exhausted", "plan_changed", "period_rolled"]
+HoldState = Literal["held", "captured", "released", "expired"]
 
 # Credit-ledger buckets: the plan's allowance for one period, purchased minutes, and one per
 # count meter and window ("meter:<name>"). Minute buckets count milliseconds; meters count uses.
@@ -27,6 +28,7 @@ METER_BUCKET_PREFIX = "meter:"
 DIFFICULTIES: tuple[Difficulty, ...] = ("beginner", "intermediate", "advanced")
 END_REASONS: tuple[EndReason, ...] = ("user_ended", "limit_reached", "timeout", "error", "stale")
 EVENT_KINDS: tuple[EventKind, ...] = ("low_balance", "exhausted", "plan_changed", "period_rolled")
+HOLD_STATES: tuple[HoldState, ...] = ("held", "captured", "released", "expired")
 
 # The balance's alert level: above the low-balance threshold, at or under it, none left. The
 # ledger announces each level once as the balance falls to it (`LedgerEvent`), and re-arms a
@@ -134,6 +136,36 @@ class SessionRecord:
     def is_pending(self) -> bool:
         """Ended, but with a held tail: billed once the client is heard from, or never."""
         return bool(self.pending)
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRecord:
+    """An amount of a count meter (`meter`) or of minutes (`meter` None; ms) reserved for work whose
+    cost is known afterwards: `held` until resolved once, as `captured` (whole or part; the rest is
+    released), `released`, or `expired` (released whole at `expires_at_ms`).
+
+    Where it holds: a minute hold, per period (by start) what it holds of the allowance and of
+    purchased minutes (as a session's tail, `SessionRecord.pending`); a meter hold, the start of
+    the meter window it was made in (its capture counts there, even after that window ended)."""
+
+    hold_id: str
+    user_id: str
+    meter: str | None
+    amount: int
+    state: HoldState
+    reference: str | None
+    created_at_ms: int
+    expires_at_ms: int
+    version: int
+    captured: int = 0
+    released: int = 0
+    resolved_at_ms: int | None = None
+    draws: tuple[tuple[int, int, int], ...] = ()
+    window_start_ms: int | None = None
+
+    @property
+    def is_held(self) -> bool:
+        return self.state == "held"
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +288,7 @@ class LedgerSnapshot:
     entries: tuple[CreditEntry, ...] = ()
     replies: tuple[ReplyRecord, ...] = ()
     events: tuple[LedgerEvent, ...] = ()
+    holds: tuple[HoldRecord, ...] = ()
 
     @property
     def version(self) -> int:
@@ -277,3 +310,4 @@ class StoredLedger:
     pending_sessions: tuple[SessionRecord, ...] = ()  # ended with a held tail (`SessionRecord.pending`)
     # The newest applied plan event (occurred_at, delivery id), as the plan events record it.
     last_applied_plan_event: tuple[int, str] | None = None
+    holds: tuple[HoldRecord, ...] = ()  # those still held, oldest first

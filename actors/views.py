@@ -139,6 +139,7 @@ class MeterView:
     remaining: int | None
     window: Literal["day", "period"]
     resets_at_ms: int
+    held: int = 0  # held by unresolved holds; not in `remaining`
 
 
 @dataclass(frozen=True, slots=True)

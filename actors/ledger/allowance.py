@@ -4,6 +4,7 @@ minutes, periods that roll over or switch, held tails, and the alarms that drive
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 from actors.empty import EMPTY, writable
@@ -14,6 +15,7 @@ from actors.ledger.state import (
     Alarm,
     PeriodState,
     Tail,
+    meter_key,
 )
 from actors.periods import PeriodBounds, period_containing
 from actors.plans import Plan
@@ -21,6 +23,8 @@ from actors.records import (
     MONTHLY_BUCKET,
     PURCHASED_BUCKET,
     EndReason,
+    HoldRecord,
+    HoldState,
     SessionRecord,
 )
 
@@ -41,6 +45,9 @@ class Allowance(Alerts):
             elif alarm.kind == "release":
                 assert alarm.session_id is not None
                 self._settle(alarm.session_id, capture=False)
+            elif alarm.kind == "expire":
+                assert alarm.hold_id is not None
+                self._resolve_hold(alarm.hold_id, 0, "expired", alarm.at_ms)
             elif alarm.kind == "limit":
                 self._end_at_limit(alarm.at_ms)
             else:
@@ -55,6 +62,7 @@ class Allowance(Alerts):
             candidates.append(Alarm("stale", session.last_heartbeat_at_ms + self._policy.stale_session_ms))
             candidates.append(Alarm("limit", self._exhaustion_ms()))
         candidates += [Alarm("release", tail.release_at_ms, key) for key, tail in self._tails.items()]
+        candidates += [Alarm("expire", hold.expires_at_ms, hold_id=key) for key, hold in self._holds.items()]
         return min(candidates, key=lambda alarm: (alarm.at_ms, ALARM_PRIORITY[alarm.kind]))
 
     def _end_at_limit(self, end_ms: int) -> None:
@@ -88,36 +96,8 @@ class Allowance(Alerts):
         self._tails = tails or EMPTY
         record = tail.record
         assert record.ended_at_ms is not None
-        self._materialize()  # open consumption at the balances before the tail is resolved
-        billed = 0
-        for start, allowance, purchased in tail.draws:
-            period = self._resident_period(start)
-            balance_before = period.remaining_ms
-            period.held_ms -= allowance
-            period.held_purchased_ms -= purchased
-            self._purchased_held_ms -= purchased
-            if capture:
-                # (Never more than the balance the credit ledger has: what is held is in it.)
-                from_allowance = min(allowance, balance_before)
-                from_purchased = min(purchased, self.purchased_ms)
-                period.used_ms += from_allowance
-                period.purchased_used_ms += from_purchased
-                self.purchased_ms -= from_purchased
-                self._book.consume((MONTHLY_BUCKET, start), from_allowance, record.ended_at_ms)
-                self._book.consume((PURCHASED_BUCKET, None), from_purchased, record.ended_at_ms)
-                billed += from_allowance + from_purchased
-            elif period.remaining_ms != balance_before:
-                # Released, what a lowered plan had left in the balance only for this hold goes.
-                self._record(
-                    (MONTHLY_BUCKET, start),
-                    delta=period.remaining_ms - balance_before,
-                    balance_after=period.remaining_ms,
-                    reason="adjust",
-                    at_ms=tail.release_at_ms,
-                )
-            if self._held_over.get(start) is period and (capture or not period.holds):
-                # An archived period: its row is written again (what it billed, or no longer holds).
-                self._archive(period)
+        at_ms = record.ended_at_ms if capture else tail.release_at_ms
+        billed = self._resolve_draws(tail.draws, tail.held_ms if capture else 0, at_ms, reference=None)
         settled = replace(
             record,
             used_ms=record.used_ms + billed,
@@ -128,6 +108,121 @@ class Allowance(Alerts):
         )
         self._keep_ended(settled)
         return settled
+
+    def _resolve_draws(
+        self, draws: Iterable[tuple[int, int, int]], capture: int, at_ms: int, *, reference: str | None
+    ) -> int:
+        """Resolve what a tail or a minute hold holds, once: bill `capture` of it where it is held
+        (the allowance first, then purchased minutes, in the periods it was held in, even after
+        they ended) and free the rest. Returns what was billed."""
+        self._materialize()  # open consumption at the balances before the hold is resolved
+        to_bill = capture
+        for start, allowance, purchased in draws:
+            period = self._resident_period(start)
+            balance_before = period.remaining_ms
+            period.held_ms -= allowance
+            period.held_purchased_ms -= purchased
+            self._purchased_held_ms -= purchased
+            from_allowance = min(allowance, to_bill)
+            from_purchased = min(purchased, to_bill - from_allowance)
+            to_bill -= from_allowance + from_purchased
+            period.used_ms += from_allowance
+            period.purchased_used_ms += from_purchased
+            self.purchased_ms -= from_purchased
+            monthly = (MONTHLY_BUCKET, start)
+            # (What is held is in the balance, so billing it never takes the balance below zero.)
+            expected = balance_before - from_allowance
+            if from_allowance:
+                self._record(
+                    monthly, delta=-from_allowance, balance_after=expected, reason="consume", at_ms=at_ms,
+                    reference=reference,
+                )
+            if from_purchased:
+                self._record(
+                    (PURCHASED_BUCKET, None), delta=-from_purchased, balance_after=self.purchased_ms,
+                    reason="consume", at_ms=at_ms, reference=reference,
+                )
+            if period.remaining_ms != expected:
+                # What a lowered plan had left in the balance only for what was held goes.
+                self._record(
+                    monthly, delta=period.remaining_ms - expected, balance_after=period.remaining_ms,
+                    reason="adjust", at_ms=at_ms,
+                )
+            if self._held_over.get(start) is period and (from_allowance or from_purchased or not period.holds):
+                # An archived period: its row is written again (what it billed, or no longer holds).
+                self._archive(period)
+        assert to_bill == 0, "a capture is never more than what is held"
+        return capture
+
+    def _resolve_hold(self, hold_id: str, capture: int, state: HoldState, at_ms: int) -> HoldRecord:
+        """Resolve an unresolved hold once: bill `capture` of it where it holds, free the rest."""
+        holds = self._holds = writable(self._holds)
+        hold = holds.pop(hold_id)
+        self._holds = holds or EMPTY
+        assert 0 <= capture <= hold.amount
+        if hold.meter is None:
+            self._resolve_draws(hold.draws, capture, at_ms, reference=hold.reference or hold.hold_id)
+        else:
+            self._resolve_meter_hold(hold, capture, at_ms)
+        resolved = replace(
+            hold,
+            state=state,
+            captured=capture,
+            released=hold.amount - capture,
+            resolved_at_ms=at_ms,
+            version=self.version,
+        )
+        self._keep_hold(resolved)
+        return resolved
+
+    def _resolve_meter_hold(self, hold: HoldRecord, capture: int, at_ms: int) -> None:
+        """(Called with the hold already out of `_holds`.) Count `capture` in the window the hold
+        was made in; the credit ledger's balance of that window moves by what it billed, and by
+        what freeing the rest takes out of a balance only what was held kept up."""
+        meter, window_start = hold.meter, hold.window_start_ms
+        assert meter is not None
+        state = self._meters.get(meter)
+        if window_start is None:
+            # Held while the meter had no limit: counted, with no credit-ledger balance to move.
+            if state is not None and capture:
+                state.used += capture
+            return
+        key = meter_key(meter, window_start)
+        self._materialize()
+        current = state is not None and not state.closed and state.window_start_ms == window_start
+        if current:
+            assert state is not None
+            before = self._meter_balance(meter, state, self._meter_limit(meter), also_held=hold.amount)
+            state.used += capture
+        else:
+            before = self._meter_held(meter, window_start) + hold.amount  # an ended window: what it holds
+        expected = before - capture
+        if capture:
+            self._record(
+                key,
+                delta=-capture,
+                balance_after=expected,
+                reason="consume",
+                at_ms=at_ms,
+                reference=hold.reference or hold.hold_id,
+            )
+        after = self._balance_of(key)
+        if after != expected:
+            self._record(key, delta=after - expected, balance_after=after, reason="adjust", at_ms=at_ms)
+
+    def _keep_hold(self, record: HoldRecord) -> None:
+        """A hold's newest record: to be written; once resolved, kept for idempotent answers."""
+        unsynced = self._unsynced_holds = writable(self._unsynced_holds)
+        unsynced[record.hold_id] = record
+        if record.is_held:
+            holds = self._holds = writable(self._holds)
+            holds[record.hold_id] = record
+            return
+        resolved = self._resolved_holds = writable(self._resolved_holds)
+        resolved.pop(record.hold_id, None)
+        resolved[record.hold_id] = record
+        while len(resolved) > self._policy.resolved_holds_kept:
+            del resolved[next(iter(resolved))]
 
     def _open_period_entry(self, now_ms: int) -> None:
         """The allowance of a period that just started (the `reset` of the monthly bucket)."""

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from actors.credits import CreditBook, CreditKey
 from actors.errors import NoCredits, SessionActive, SessionEnded, SessionNotFound, UnknownPlan
-from actors.ledger.meters import Meters
+from actors.ledger.holds import Holds
 from actors.ledger.state import (
     RESTORE_VERSION_GAP,
     LedgerPolicy,
@@ -74,6 +74,7 @@ from actors.records import (
     MONTHLY_BUCKET,
     PURCHASED_BUCKET,
     Difficulty,
+    HoldRecord,
     PlanEvent,
     PurchaseReason,
     SessionRecord,
@@ -91,11 +92,12 @@ from actors.views import (
 )
 
 
-class UserLedger(Meters):
+class UserLedger(Holds):
     """One user's plan, period, balances, meters, running session and version. See the module docstring.
 
     Built in layers, one module each: `state` (fields, snapshot, clone) < `alerts` < `allowance`
-    (periods, billing, tails, alarms) < `meters` < this (the operations and their answers)."""
+    (periods, billing, tails, alarms) < `meters` < `holds` < this (the operations and their
+    answers)."""
 
     __slots__ = ()
 
@@ -121,6 +123,7 @@ class UserLedger(Meters):
         if stored.open_session is not None:
             versions.append(stored.open_session.version)
         versions += [record.version for record in stored.pending_sessions]
+        versions += [record.version for record in stored.holds]
         plan_event = (user.plan_event_at_ms, user.plan_event_id)
         applied = stored.last_applied_plan_event
         if applied is not None and (plan_event[0] is None or applied > (plan_event[0], plan_event[1] or "")):
@@ -155,9 +158,9 @@ class UserLedger(Meters):
         archived = {record.start_ms: record for record in stored.periods[1:] if record.archived}
         held_over: dict[int, PeriodState] = {}
         tails: dict[str, Tail] = {}
-        for record in stored.pending_sessions:
-            tail = Tail(record, record.last_heartbeat_at_ms + policy.stale_session_ms, list(record.pending))
-            for start, allowance, purchased in tail.draws:
+
+        def hold_in_periods(draws: tuple[tuple[int, int, int], ...], holder_name: str) -> None:
+            for start, allowance, purchased in draws:
                 if start == period.start_ms:
                     holder = period
                 elif prior is not None and start == prior.start_ms:
@@ -168,12 +171,22 @@ class UserLedger(Meters):
                     holder = held_over[start] = period_from(archived[start])
                 else:
                     raise StoredStateError(
-                        f"session {record.session_id} holds time in a period starting at {start} "
-                        "that the store did not return"
+                        f"{holder_name} holds time in a period starting at {start} that the store did not return"
                     )
                 holder.held_ms += allowance
                 holder.held_purchased_ms += purchased
-            tails[record.session_id] = tail
+
+        for record in stored.pending_sessions:
+            hold_in_periods(record.pending, f"session {record.session_id}")
+            tails[record.session_id] = Tail(
+                record, record.last_heartbeat_at_ms + policy.stale_session_ms, list(record.pending)
+            )
+        holds: dict[str, HoldRecord] = {}
+        for hold in sorted(stored.holds, key=lambda h: (h.created_at_ms, h.hold_id)):
+            if not hold.is_held:
+                raise StoredStateError(f"hold {hold.hold_id} was returned as held but is {hold.state}")
+            hold_in_periods(hold.draws, f"hold {hold.hold_id}")
+            holds[hold.hold_id] = hold
         meters = {m.meter: MeterState(m.window_start_ms, m.window_end_ms, m.used) for m in stored.meters}
         ledger = cls(
             user_id=user.user_id,
@@ -193,6 +206,7 @@ class UserLedger(Meters):
             alert_level=user.alert_level,
             tails=tails,
             held_over=held_over,
+            holds=holds,
         )
         # Clean (nothing to write yet), but numbered above anything seen before the restore.
         ledger.version += RESTORE_VERSION_GAP
@@ -216,8 +230,9 @@ class UserLedger(Meters):
         if plan is not None:
             for name, spec in plan.meters.items():
                 window, used = self._meter_window(name, spec, now_ms)
-                remaining = None if spec.limit is None else max(0, spec.limit - used)
-                meters[name] = MeterView(spec.limit, used, remaining, spec.window, window.end_ms)
+                remaining = self._meter_available(name, spec, window, used)
+                held = self._meter_held_in(name, window)
+                meters[name] = MeterView(spec.limit, used, remaining, spec.window, window.end_ms, held)
         return CreditsView(
             allowance_remaining_ms=self._period.available_ms,
             purchased_ms=self.purchased_available_ms,
@@ -259,7 +274,12 @@ class UserLedger(Meters):
             spec = plan.meters.get(name) if plan is not None else None
             in_window = meter.window_start_ms <= now_ms < meter.window_end_ms
             if spec is not None and spec.limit is not None and in_window:
-                found[meter_key(name, meter.window_start_ms)] = max(0, spec.limit - meter.used)
+                found[meter_key(name, meter.window_start_ms)] = self._meter_balance(name, meter, spec.limit)
+        for hold in self._holds.values():
+            if hold.meter is not None and hold.window_start_ms is not None:
+                key = meter_key(hold.meter, hold.window_start_ms)
+                if key not in found:  # a window that ended still holds what is held in it
+                    found[key] = self._balance_of(key)
         return found
 
     def next_deadline_ms(self) -> int | None:

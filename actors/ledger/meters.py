@@ -3,6 +3,8 @@ or the period); windows close in the credit ledger when they pass or their plan 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from actors.empty import writable
 from actors.errors import MeterNotFound, NoCredits
 from actors.ledger.allowance import Allowance
@@ -24,39 +26,73 @@ class Meters(Allowance):
         """Use `amount` of a count meter, all of it or (past the limit) none of it."""
         assert amount > 0, "callers validate the amount"
         self.advance(now_ms)
-        plan = self._current_plan()
-        spec = plan.meters.get(meter) if plan is not None else None
-        if spec is None:
-            raise MeterNotFound(f"the plan has no meter {meter!r}", meter=meter)
+        spec = self._meter_spec(meter)
         window, used = self._meter_window(meter, spec, now_ms)
-        if spec.limit is not None and used + amount > spec.limit:
-            raise NoCredits(
-                f"meter {meter!r} allows {spec.limit} per {spec.window}",
-                meter=meter,
-                remaining=max(0, spec.limit - used),
-                resets_at_ms=window.end_ms,
-            )
+        self._check_meter(meter, spec, window, used, amount)
         self._bump()
-        state = self._meters.get(meter)
-        if state is None or not state.counts_in(window):
-            self._materialize()  # the old window's open uses, while its balance is still known
-            if state is not None:
-                self._close_window(meter, state, spec, now_ms)
-            state = MeterState(window.start_ms, window.end_ms, 0)
-            meters = self._meters = writable(self._meters)
-            meters[meter] = state
-            if spec.limit is not None:
-                key = meter_key(meter, window.start_ms)
-                self._record(key, delta=spec.limit, balance_after=spec.limit, reason="reset", at_ms=now_ms)
+        state = self._open_window(meter, spec, window, now_ms)
         state.used += amount
         if spec.limit is not None:
             self._book.consume(meter_key(meter, window.start_ms), amount, now_ms)
         return MeterConsumed(
             meter=meter,
-            remaining=None if spec.limit is None else spec.limit - state.used,
+            remaining=self._meter_available(meter, spec, window, state.used),
             resets_at_ms=window.end_ms,
             version=self.version,
         )
+
+    def _meter_spec(self, meter: str) -> MeterSpec:
+        plan = self._current_plan()
+        spec = plan.meters.get(meter) if plan is not None else None
+        if spec is None:
+            raise MeterNotFound(f"the plan has no meter {meter!r}", meter=meter)
+        return spec
+
+    def _check_meter(self, meter: str, spec: MeterSpec, window: PeriodBounds, used: int, amount: int) -> None:
+        """Refuse `amount` of a meter whole unless it is available (limit less used less held)."""
+        available = self._meter_available(meter, spec, window, used)
+        if available is not None and amount > available:
+            raise NoCredits(
+                f"meter {meter!r} allows {spec.limit} per {spec.window}",
+                meter=meter,
+                remaining=available,
+                resets_at_ms=window.end_ms,
+            )
+
+    def _meter_available(self, meter: str, spec: MeterSpec, window: PeriodBounds, used: int) -> int | None:
+        """What of a meter can still be used or held in `window` (None: it has no limit)."""
+        if spec.limit is None:
+            return None
+        return max(0, spec.limit - used - self._meter_held_in(meter, window))
+
+    def _meter_held_in(self, meter: str, window: PeriodBounds) -> int:
+        """What the unresolved holds of a meter hold in `window` (with those made without a limit)."""
+        return sum(
+            hold.amount
+            for hold in self._holds.values()
+            if hold.meter == meter and hold.window_start_ms in (window.start_ms, None)
+        )
+
+    def _open_window(self, meter: str, spec: MeterSpec, window: PeriodBounds, now_ms: int) -> MeterState:
+        """The meter's state in `window`, opening the window (and closing the one before) first."""
+        state = self._meters.get(meter)
+        if state is not None and state.counts_in(window):
+            return state
+        self._materialize()  # the old window's open uses, while its balance is still known
+        if state is not None:
+            self._close_window(meter, state, spec, now_ms)
+        state = MeterState(window.start_ms, window.end_ms, 0)
+        meters = self._meters = writable(self._meters)
+        meters[meter] = state
+        if spec.limit is not None:
+            # (Holds already in a window of this start, one of another kind that a plan change
+            # closed this instant, go on holding in this one: its chain of entries goes on.)
+            carried = self._meter_held(meter, window.start_ms)
+            self._track_holds(meter, window.start_ms)
+            balance = self._meter_balance(meter, state, spec.limit)
+            key = meter_key(meter, window.start_ms)
+            self._record(key, delta=balance - carried, balance_after=balance, reason="reset", at_ms=now_ms)
+        return state
 
     def _meter_window(self, meter: str, spec: MeterSpec, now_ms: int) -> tuple[PeriodBounds, int]:
         """The meter's current window and the uses counted in it."""
@@ -86,17 +122,20 @@ class Meters(Allowance):
             new_limit = new_spec.limit if new_spec is not None else None
             if old_limit == new_limit:
                 continue
+            old_balance = self._meter_balance(name, state, old_limit)
+            if old_limit is None:
+                self._track_holds(name, state.window_start_ms)
+            new_balance = self._meter_balance(name, state, new_limit)
             key = meter_key(name, state.window_start_ms)
-            old_balance = max(0, old_limit - state.used) if old_limit is not None else None
-            new_balance = max(0, new_limit - state.used) if new_limit is not None else None
-            if old_balance is None and new_balance is not None:
-                self._record(key, delta=new_balance, balance_after=new_balance, reason="reset", at_ms=now_ms)
-            elif old_balance is not None:
-                after = new_balance if new_balance is not None else 0
-                if after != old_balance:
-                    self._record(
-                        key, delta=after - old_balance, balance_after=after, reason="adjust", at_ms=now_ms
-                    )
+            if old_limit is None:
+                # A limit again: the window's balance starts (from what it held, if anything).
+                self._record(
+                    key, delta=new_balance - old_balance, balance_after=new_balance, reason="reset", at_ms=now_ms
+                )
+            elif new_balance != old_balance:
+                self._record(
+                    key, delta=new_balance - old_balance, balance_after=new_balance, reason="adjust", at_ms=now_ms
+                )
 
     def _close_window(self, name: str, state: MeterState, spec: MeterSpec | None, at_ms: int) -> None:
         """End a meter window in the credit ledger: what is left of it (under `spec`, the plan its
@@ -105,8 +144,16 @@ class Meters(Allowance):
         on a balance of 0, and every chain adds up. A closed window is an empty interval."""
         if state.closed:
             return
-        balance = max(0, spec.limit - state.used) if spec is not None and spec.limit is not None else 0
-        if balance:
+        balance = self._meter_balance(name, state, spec.limit if spec is not None else None)
+        held = self._meter_held(name, state.window_start_ms)
+        if balance != held:
             key = meter_key(name, state.window_start_ms)
-            self._record(key, delta=-balance, balance_after=0, reason="adjust", at_ms=at_ms)
+            self._record(key, delta=held - balance, balance_after=held, reason="adjust", at_ms=at_ms)
         state.window_end_ms = state.window_start_ms
+
+    def _track_holds(self, meter: str, window_start_ms: int) -> None:
+        """Holds of `meter` made while it had no limit now hold in the window starting at
+        `window_start_ms` (its limit came back: they count in that window's balance from now on)."""
+        for hold_id, hold in list(self._holds.items()):
+            if hold.meter == meter and hold.window_start_ms is None:
+                self._keep_hold(replace(hold, window_start_ms=window_start_ms, version=self.version))

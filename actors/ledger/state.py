@@ -21,6 +21,7 @@ from actors.records import (
     CreditReason,
     Difficulty,
     EventKind,
+    HoldRecord,
     LedgerEvent,
     LedgerSnapshot,
     MeterRecord,
@@ -35,12 +36,12 @@ from actors.views import (
     Warning,
 )
 
-AlarmKind = Literal["stale", "release", "limit", "period_end"]
+AlarmKind = Literal["stale", "release", "expire", "limit", "period_end"]
 
 # Alarms due at the same instant fire in this order: silence first (it bills
-# nothing), then a held tail's release (it frees what it held), then the limit
-# (it holds to the instant), then the period's end.
-ALARM_PRIORITY: dict[AlarmKind, int] = {"stale": 0, "release": 1, "limit": 2, "period_end": 3}
+# nothing), then a held tail's release and a hold's expiry (they free what they
+# held), then the limit (it holds to the instant), then the period's end.
+ALARM_PRIORITY: dict[AlarmKind, int] = {"stale": 0, "release": 1, "expire": 2, "limit": 3, "period_end": 4}
 
 # One `advance` fires at most a few alarms (an end, a boundary or two); a
 # larger count means the state machine is looping, which is a bug.
@@ -77,10 +78,15 @@ class LedgerPolicy:
     stale_session_ms: int
     low_balance_ms: int
     ended_sessions_kept: int = 8
+    # Unresolved holds a user may have at once (past it, `TooManyHolds`), and resolved ones kept
+    # in memory for idempotent answers (older ones are read from the store).
+    max_open_holds: int = 100
+    resolved_holds_kept: int = 16
 
     def __post_init__(self) -> None:
         assert self.stale_session_ms > 0, "stale_session_ms must be positive"
         assert self.low_balance_ms >= 0, "low_balance_ms must not be negative"
+        assert self.max_open_holds >= 1, "max_open_holds must be positive"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +94,7 @@ class Alarm:
     kind: AlarmKind
     at_ms: int
     session_id: str | None = None  # the tail a `release` frees
+    hold_id: str | None = None  # the hold an `expire` releases
 
 
 @dataclass(slots=True)
@@ -214,14 +221,17 @@ class LedgerState:
         "_ended",
         "_events",
         "_held_over",
+        "_holds",
         "_meters",
         "_period",
         "_policy",
         "_prior",
         "_purchased_held_ms",
         "_replies",
+        "_resolved_holds",
         "_session",
         "_tails",
+        "_unsynced_holds",
         "_unsynced_periods",
         "_unsynced_sessions",
         "anchor",
@@ -254,8 +264,10 @@ class LedgerState:
         alert_level: int | None = None,
         tails: dict[str, Tail] | None = None,
         held_over: dict[int, PeriodState] | None = None,
+        holds: dict[str, HoldRecord] | None = None,
     ) -> None:
-        """`tails` hold what the periods (`period`, `prior`, `held_over`) say they hold."""
+        """`tails` and the minute holds among `holds` (those held, oldest first) hold what the
+        periods (`period`, `prior`, `held_over`) say they hold."""
         self.user_id = user_id
         self.plan = plan
         self.version = version
@@ -281,9 +293,14 @@ class LedgerState:
         # allowance in, by start; and the purchased minutes tails hold.
         self._tails: Mapping[str, Tail] = tails or EMPTY
         self._held_over: Mapping[int, PeriodState] = held_over or EMPTY
+        # Holds not yet resolved, oldest first; resolved ones kept for idempotent answers
+        # (bounded), and hold records not yet durable.
+        self._holds: Mapping[str, HoldRecord] = holds or EMPTY
+        self._resolved_holds: Mapping[str, HoldRecord] = EMPTY
+        self._unsynced_holds: Mapping[str, HoldRecord] = EMPTY
         self._purchased_held_ms = sum(
             purchased for tail in self._tails.values() for *_, purchased in tail.draws
-        )
+        ) + sum(purchased for hold in self._holds.values() for *_, purchased in hold.draws)
         # Threshold events: the alert level last announced, and the events not yet durable
         # followed by (at most RECENT_EVENTS_KEPT) recent ones, oldest first.
         self._alert = alert_level if alert_level is not None else self._level()
@@ -309,12 +326,15 @@ class LedgerState:
             alert_level=self._alert,
             tails={key: replace(tail, draws=list(tail.draws)) for key, tail in self._tails.items()},
             held_over={start: replace(period) for start, period in self._held_over.items()},
+            holds=dict(self._holds),
         )
         twin._events = self._events
         twin.synced_version = self.synced_version
         twin._ended = dict(self._ended) if self._ended else EMPTY
         twin._unsynced_sessions = dict(self._unsynced_sessions) if self._unsynced_sessions else EMPTY
         twin._unsynced_periods = dict(self._unsynced_periods) if self._unsynced_periods else EMPTY
+        twin._resolved_holds = dict(self._resolved_holds) if self._resolved_holds else EMPTY
+        twin._unsynced_holds = dict(self._unsynced_holds) if self._unsynced_holds else EMPTY
         return twin
 
     @property
@@ -343,8 +363,10 @@ class LedgerState:
 
     @property
     def held_ms(self) -> int:
-        """Minutes held (by the tails of sessions the limit ended), in every period."""
-        return sum(tail.held_ms for tail in self._tails.values())
+        """Minutes held (by minute holds and the tails of sessions the limit ended), in every period."""
+        return sum(tail.held_ms for tail in self._tails.values()) + sum(
+            hold.amount for hold in self._holds.values() if hold.meter is None
+        )
 
     @property
     def held_in_period_ms(self) -> int:
@@ -374,6 +396,16 @@ class LedgerState:
             records.append(self._prior.record(self.user_id, archived=True, version=self.version))
         records.extend(self._unsynced_periods.values())
         return [PeriodSummary.of(record) for record in records]
+
+    def hold(self, hold_id: str) -> HoldRecord | None:
+        """A hold this ledger holds in memory: unresolved, or recently resolved."""
+        return (
+            self._holds.get(hold_id) or self._unsynced_holds.get(hold_id) or self._resolved_holds.get(hold_id)
+        )
+
+    def open_holds(self) -> list[HoldRecord]:
+        """The unresolved holds, oldest first (by creation, then id)."""
+        return sorted(self._holds.values(), key=lambda hold: (hold.created_at_ms, hold.hold_id))
 
     def events_after(self, version: int) -> tuple[LedgerEvent, ...]:
         """The events this ledger still holds that came after `version` (for live streams)."""
@@ -436,6 +468,7 @@ class LedgerState:
             entries=self._book.pending,
             replies=self._replies.pending,
             events=self.events_after(self.synced_version),
+            holds=tuple(self._unsynced_holds.values()),
         )
 
     def mark_synced(self, version: int) -> None:
@@ -445,6 +478,9 @@ class LedgerState:
         } or EMPTY
         self._unsynced_periods = {
             key: record for key, record in self._unsynced_periods.items() if record.version > version
+        } or EMPTY
+        self._unsynced_holds = {
+            key: record for key, record in self._unsynced_holds.items() if record.version > version
         } or EMPTY
         self._book.mark_synced(version)
         self._replies.mark_synced(version)
@@ -495,11 +531,32 @@ class LedgerState:
             assert window is not None
             return self._resident_period(window).remaining_ms
         meter = bucket.removeprefix(METER_BUCKET_PREFIX)
-        state = self._meters[meter]
+        assert window is not None
+        state = self._meters.get(meter)
+        if state is None or state.closed or state.window_start_ms != window:
+            return self._meter_held(meter, window)  # a window that ended holds only what is held
+        return self._meter_balance(meter, state, self._meter_limit(meter))
+
+    def _meter_held(self, meter: str, window_start_ms: int) -> int:
+        """What the unresolved holds of a meter hold in the window starting at `window_start_ms`."""
+        return sum(
+            hold.amount
+            for hold in self._holds.values()
+            if hold.meter == meter and hold.window_start_ms == window_start_ms
+        )
+
+    def _meter_balance(self, meter: str, state: MeterState, limit: int | None, *, also_held: int = 0) -> int:
+        """A meter window's balance in the credit ledger (with `also_held` held besides): what is
+        held is in it, and it never drops below what is held (as `PeriodState.remaining_ms`); a
+        window without a limit has what is held in it (held while it had one) and nothing else."""
+        held = self._meter_held(meter, state.window_start_ms) + also_held
+        return held if limit is None else max(0, limit - state.used, held)
+
+    def _meter_limit(self, meter: str) -> int | None:
+        """The current plan's limit of a meter (None: unlimited, or no such meter)."""
         plan = self._current_plan()
         spec = plan.meters.get(meter) if plan is not None else None
-        assert spec is not None and spec.limit is not None and state.window_start_ms == window
-        return max(0, spec.limit - state.used)
+        return spec.limit if spec is not None else None
 
     def _resident_period(self, start_ms: int) -> PeriodState:
         """The period starting at `start_ms` that a tail holds time in: current, prior or held over."""

@@ -19,7 +19,11 @@ boundaries. After every step it checks:
   only to its last heartbeat;
 - what a period has billed or holds never grows past its limit (a tail held
   under a plan later lowered may be billed, but nothing new is taken);
-- held time is held once: what the tails hold is what the ledger shows held.
+- held time is held once: what the tails and minute holds hold is what the ledger shows held;
+- holds: every hold ends in exactly one terminal state and never changes after it; captured ≤
+  amount and captured + released = amount; a hold past its `expires_at` is resolved; what holds
+  and uses take of a meter never passes its limit; captured minutes are billed in the periods
+  (sessions' time plus captured holds = what periods recorded = the minute `consume` entries).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from actors.errors import LedgerError, SessionEnded, SessionNotFound
+from actors.errors import HoldResolved, LedgerError, SessionEnded, SessionNotFound
 from actors.ledger import LedgerPolicy, PlanEvent, UserLedger
 from actors.plans import parse_plans
 from actors.records import (
@@ -43,6 +47,7 @@ from actors.records import (
     MONTHLY_BUCKET,
     PURCHASED_BUCKET,
     CreditEntry,
+    HoldRecord,
     LedgerEvent,
     LedgerSnapshot,
     MeterRecord,
@@ -119,6 +124,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.meters: dict[str, MeterRecord] = {}
         self.entries: dict[int, CreditEntry] = {}
         self.events: dict[str, LedgerEvent] = {}
+        self.holds: dict[str, HoldRecord] = {}
         self.reset_ms = 0
         self.last_version = 0
         self.last_content: tuple[object, ...] | None = None
@@ -193,6 +199,68 @@ class LedgerMachine(RuleBasedStateMachine):
             return
 
     @rule(
+        meter=st.none() | st.sampled_from(["g", "p", "x"]),
+        amount=st.integers(min_value=1, max_value=3),
+        minutes_ms=st.integers(min_value=1, max_value=4 * MS_PER_MINUTE),
+        ttl_s=st.integers(min_value=1, max_value=600),
+    )
+    def hold(self, meter: str | None, amount: int, minutes_ms: int, ttl_s: int) -> None:
+        self.counter += 1
+        try:
+            hold = self.ledger.create_hold(
+                self.now, f"h{self.counter}", meter=meter, amount=minutes_ms if meter is None else amount,
+                ttl_ms=ttl_s * MS_PER_SECOND, reference=None if self.counter % 2 else f"ref{self.counter}",
+            )
+        except LedgerError:
+            return
+        assert hold.state == "held" and hold.expires_at_ms == self.now + ttl_s * MS_PER_SECOND
+        if meter is not None:
+            self._meter_within_limit(meter)
+
+    def _meter_within_limit(self, meter: str) -> None:
+        view = self.ledger.credits(self.now).meters[meter]
+        if view.limit is not None:
+            assert view.used + view.held <= view.limit, "used and held past a meter's limit"
+
+    def _some_hold(self, data: st.DataObject) -> str:
+        known = sorted(self.holds, key=lambda key: int(key[1:])) or ["h0"]
+        return data.draw(st.sampled_from(known + ["h-unknown"]))
+
+    @rule(data=st.data(), part=st.none() | st.integers(min_value=0, max_value=5 * MS_PER_MINUTE))
+    def capture(self, data: st.DataObject, part: int | None) -> None:
+        hold_id = self._some_hold(data)
+        before = self.ledger.hold(hold_id)
+        try:
+            captured = self.ledger.capture_hold(self.now, hold_id, part)
+        except LedgerError:
+            return
+        assert captured.state == "captured"
+        assert captured.captured == (captured.amount if part is None else part)
+        if before is not None and not before.is_held:
+            assert captured == before, "a capture repeated answers the same"
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        hold_id = self._some_hold(data)
+        try:
+            released = self.ledger.release_hold(self.now, hold_id)
+        except HoldResolved as refusal:
+            assert refusal.fields["state"] in ("captured", "expired")
+            return
+        except LedgerError:
+            return
+        assert released.state == "released" and released.released == released.amount
+
+    @rule(data=st.data(), ttl_s=st.integers(min_value=1, max_value=600))
+    def extend(self, data: st.DataObject, ttl_s: int) -> None:
+        hold_id = self._some_hold(data)
+        try:
+            extended = self.ledger.extend_hold(self.now, hold_id, ttl_s * MS_PER_SECOND)
+        except LedgerError:
+            return
+        assert extended.is_held and extended.expires_at_ms == self.now + ttl_s * MS_PER_SECOND
+
+    @rule(
         plan=st.sampled_from(["free", "basic", "tiny", "none"]),
         action=st.sampled_from(["upgrade", "downgrade", "cancel"]),
         age=st.integers(min_value=-10 * MS_PER_MINUTE, max_value=10 * MS_PER_MINUTE),
@@ -248,7 +316,9 @@ class LedgerMachine(RuleBasedStateMachine):
             stored_periods += [
                 p for p in self.periods.values() if p.archived and p.start_ms <= heard < p.end_ms
             ]
+        open_holds = [h for h in self.holds.values() if h.is_held]
         held_in = {start for record in pending for start, *_ in record.pending}
+        held_in |= {start for hold in open_holds for start, *_ in hold.draws}
         stored_periods += [
             p
             for p in self.periods.values()
@@ -260,7 +330,9 @@ class LedgerMachine(RuleBasedStateMachine):
             open_session=open_sessions[0] if open_sessions else None,
             meters=tuple(self.meters.values()),
             pending_sessions=tuple(pending),
+            holds=tuple(open_holds),
         )
+        before_credits = self.ledger.credits(self.now)
         before_usage = self.ledger.usage(self.now)
         before_deadline = self.ledger.next_deadline_ms()
         self.ledger = UserLedger.restore(stored, POLICY, self.now)
@@ -273,6 +345,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert replace(after_usage, version=0) == replace(before_usage, version=0)
         assert after_usage.version > before_usage.version, "versions after a restore are newer"
         assert self.ledger.next_deadline_ms() == before_deadline
+        assert replace(self.ledger.credits(self.now), version=0) == replace(before_credits, version=0)
+        assert self.ledger.open_holds() == sorted(open_holds, key=lambda h: (h.created_at_ms, h.hold_id))
         alive = {x.session_id for x in open_sessions} | {x.session_id for x in pending}
         self.known_sessions = [s for s in self.known_sessions if s in alive]
 
@@ -289,6 +363,8 @@ class LedgerMachine(RuleBasedStateMachine):
         twin.add_credits(self.now, MS_PER_MINUTE, reason="grant", reference=None)
         for operation in (
             lambda: twin.consume_meter(self.now, "g", 1),
+            lambda: twin.create_hold(self.now, "twin-hold", meter=None, amount=1000, ttl_ms=1000),
+            lambda: twin.capture_hold(self.now, "twin-hold", 500),
             lambda: twin.start_session(self.now, "twin-session"),
             lambda: twin.heartbeat(later, "twin-session"),
             lambda: twin.change_plan(later, PlanEvent("twin", "basic", "upgrade", later, reset_usage=True)),
@@ -321,6 +397,12 @@ class LedgerMachine(RuleBasedStateMachine):
         for event in snapshot.events:
             assert event.event_id not in self.events, "an event is written with one write only"
             self.events[event.event_id] = event
+        for hold in snapshot.holds:
+            kept_hold = self.holds.get(hold.hold_id)
+            if kept_hold is not None and not kept_hold.is_held:
+                assert hold == kept_hold, "a resolved hold never changes"
+            if kept_hold is None or kept_hold.version <= hold.version:
+                self.holds[hold.hold_id] = hold
         self.ledger.mark_synced(snapshot.version)
 
     @invariant()
@@ -347,7 +429,24 @@ class LedgerMachine(RuleBasedStateMachine):
         # what the tails hold is what the ledger shows held, and it is unavailable
         pending = [s for s in self.sessions.values() if s.is_pending]
         held = sum(allowance + purchased for record in pending for _, allowance, purchased in record.pending)
+        held += sum(h.amount for h in self.holds.values() if h.is_held and h.meter is None)
         assert held == self.ledger.held_ms
+
+        # every hold: one terminal state, its parts adding up; none held past its deadline
+        for hold in self.holds.values():
+            assert hold.state in ("held", "captured", "released", "expired")
+            if hold.is_held:
+                assert hold.expires_at_ms > self.now and hold.captured == hold.released == 0
+                assert self.ledger.hold(hold.hold_id) == hold
+            else:
+                assert 0 <= hold.captured <= hold.amount
+                assert hold.captured + hold.released == hold.amount
+                assert hold.resolved_at_ms is not None
+                if hold.state != "captured":
+                    assert hold.captured == 0
+        assert [h.hold_id for h in self.ledger.open_holds()] == [
+            h.hold_id for h in sorted(self.holds.values(), key=lambda h: (h.created_at_ms, h.hold_id)) if h.is_held
+        ]
 
         # at most one open session, and it is the ledger's active one
         open_sessions = [s for s in self.sessions.values() if s.is_open]
@@ -358,6 +457,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
         # minutes are conserved between sessions, periods and the credit ledger
         billed = sum(s.used_ms for s in self.sessions.values())
+        billed += sum(h.captured for h in self.holds.values() if h.meter is None)
         recorded = sum(p.total_used_ms for p in self.periods.values())
         assert billed == recorded + self.reset_ms, (billed, recorded, self.reset_ms)
         consumed = sum(
