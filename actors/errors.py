@@ -9,7 +9,7 @@
     ├── MeterNotFound           a count meter the user's plan does not have
     ├── HoldNotFound            unknown hold id, or one of another user
     ├── HoldResolved            a hold resolved otherwise (or extended once resolved)
-    ├── CaptureTooLarge         a capture of more than the hold holds
+    ├── InvalidCapture          a capture of more than the hold holds (or of part of a unit)
     ├── TooManyHolds            the user's bound on unresolved holds is reached
     ├── EventConflict           a delivery id reused for a different event
     ├── IdempotencyMismatch     an Idempotency-Key reused for a different request
@@ -91,7 +91,7 @@ class HoldResolved(LedgerError):
     code = "hold_resolved"
 
 
-class CaptureTooLarge(LedgerError):
+class InvalidCapture(LedgerError):
     code = "invalid_request"
 
 

@@ -48,6 +48,7 @@ def _by_name(*classes: type[C]) -> dict[str, type[C]]:
 _RESULTS: dict[str, type[Any]] = _by_name(
     views.ActiveSessionView,
     views.CreditsAdded,
+    views.HoldView,
     views.MeterConsumed,
     views.PlanChangeResult,
     views.SessionProgress,
@@ -56,7 +57,10 @@ _RESULTS: dict[str, type[Any]] = _by_name(
 )
 # ...and the refusals they can end in.
 _REFUSALS: dict[str, type[errors.LedgerError]] = _by_name(
+    errors.InvalidCapture,
     errors.EventConflict,
+    errors.HoldNotFound,
+    errors.HoldResolved,
     errors.MeterNotFound,
     errors.NoCredits,
     errors.SessionActive,

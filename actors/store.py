@@ -21,6 +21,7 @@ from actors.records import (
     CreditEntry,
     CreditPurchaseRecord,
     Delivery,
+    HoldRecord,
     LedgerEvent,
     LedgerSnapshot,
     MeterRecord,
@@ -93,7 +94,7 @@ class LedgerStore(Protocol):
         ...
 
     async def open_session_users(self) -> list[str]:
-        """Users with a session that has not ended, or whose held tail is not resolved yet (both
+        """Users with a session that has not ended, a held tail or a hold not resolved yet (all
         have alarms that must run)."""
         ...
 
@@ -130,6 +131,8 @@ class LedgerStore(Protocol):
         ...
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None: ...
+
+    async def find_hold(self, user_id: str, hold_id: str) -> HoldRecord | None: ...
 
     async def list_sessions(self, user_id: str, limit: int) -> list[SessionRecord]:
         """The user's sessions, newest first."""
@@ -170,6 +173,7 @@ class MemoryStore:
         self.purchases: dict[str, CreditPurchaseRecord] = {}
         self.replies: dict[tuple[str, str], ReplyRecord] = {}
         self.events: dict[str, LedgerEvent] = {}  # the outbox, by event id
+        self.hold_records: dict[str, HoldRecord] = {}
         self.epochs: dict[str, int] = {}  # the newest claim of each owner
 
     async def load(
@@ -187,7 +191,12 @@ class MemoryStore:
             if open_sessions:
                 heard = open_sessions[0].last_heartbeat_at_ms
                 periods += [p for p in mine if p.archived and p.start_ms <= heard < p.end_ms][:1]
+            holds = sorted(
+                (h for h in self.hold_records.values() if h.user_id == user_id and h.is_held),
+                key=lambda h: (h.created_at_ms, h.hold_id),
+            )
             held_in = {start for record in pending for start, *_ in record.pending}
+            held_in |= {start for hold in holds for start, *_ in hold.draws}
             periods += [p for p in mine if p.archived and p.start_ms in held_in and p not in periods]
             applied = [
                 (record.event.occurred_at_ms, record.delivery_id)
@@ -199,6 +208,7 @@ class MemoryStore:
                 user=user,
                 periods=tuple(periods),
                 pending_sessions=tuple(pending),
+                holds=tuple(holds),
                 open_session=open_sessions[0] if open_sessions else None,
                 meters=tuple(m for (owner, _), m in self.meters.items() if owner == user_id),
                 replies=tuple(
@@ -217,7 +227,10 @@ class MemoryStore:
         return self.epochs.get(fence.owner) == fence.epoch
 
     async def open_session_users(self) -> list[str]:
-        return sorted({s.user_id for s in self.sessions.values() if s.is_open or s.is_pending})
+        return sorted(
+            {s.user_id for s in self.sessions.values() if s.is_open or s.is_pending}
+            | {h.user_id for h in self.hold_records.values() if h.is_held}
+        )
 
     async def save(
         self,
@@ -236,7 +249,7 @@ class MemoryStore:
         self._transactions[transaction] = "aborted"  # until it commits
         users, periods, sessions = dict(self.users), dict(self.periods), dict(self.sessions)
         meters, entries, replies = dict(self.meters), dict(self.entries), dict(self.replies)
-        events = dict(self.events)
+        events, holds = dict(self.events), dict(self.hold_records)
         for snapshot in snapshots:
             _keep_newer(users, snapshot.user.user_id, snapshot.user)
             for period in snapshot.periods:
@@ -245,6 +258,9 @@ class MemoryStore:
                 _keep_newer(sessions, session.session_id, session)
             for meter in snapshot.meters:
                 _keep_newer(meters, (meter.user_id, meter.meter), meter)
+            for hold in snapshot.holds:
+                if hold.hold_id not in holds or holds[hold.hold_id].user_id == hold.user_id:
+                    _keep_newer(holds, hold.hold_id, hold)
             for entry in snapshot.entries:
                 kept_entry = entries.setdefault((entry.user_id, entry.seq), entry)
                 if replace(kept_entry, version=0) != replace(entry, version=0):
@@ -264,6 +280,7 @@ class MemoryStore:
         # All checked: the transaction commits, all of it at once.
         self.users, self.periods, self.sessions = users, periods, sessions
         self.meters, self.entries, self.replies, self.events = meters, entries, replies, events
+        self.hold_records = holds
         if isinstance(delivery, PlanEventRecord):
             self.plan_events[delivery.delivery_id] = delivery
         elif isinstance(delivery, CreditPurchaseRecord):
@@ -289,6 +306,10 @@ class MemoryStore:
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         session = self.sessions.get(session_id)
         return session if session is not None and session.user_id == user_id else None
+
+    async def find_hold(self, user_id: str, hold_id: str) -> HoldRecord | None:
+        hold = self.hold_records.get(hold_id)
+        return hold if hold is not None and hold.user_id == user_id else None
 
     async def list_sessions(self, user_id: str, limit: int) -> list[SessionRecord]:
         mine = [s for s in self.sessions.values() if s.user_id == user_id]
@@ -323,7 +344,7 @@ class MemoryStore:
 
 
 _Key = TypeVar("_Key")
-_Versioned = TypeVar("_Versioned", UserRecord, PeriodRecord, SessionRecord, MeterRecord)
+_Versioned = TypeVar("_Versioned", UserRecord, PeriodRecord, SessionRecord, MeterRecord, HoldRecord)
 
 
 def _keep_newer(table: dict[_Key, _Versioned], key: _Key, record: _Versioned) -> None:
@@ -379,6 +400,10 @@ class CountingStore:
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         self.calls["find_session"] += 1
         return await self.inner.find_session(user_id, session_id)
+
+    async def find_hold(self, user_id: str, hold_id: str) -> HoldRecord | None:
+        self.calls["find_hold"] += 1
+        return await self.inner.find_hold(user_id, hold_id)
 
     async def list_sessions(self, user_id: str, limit: int) -> list[SessionRecord]:
         self.calls["list_sessions"] += 1

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from actors.records import Difficulty, EndReason, LedgerEvent, PeriodRecord, SessionRecord
+from actors.records import (
+    Difficulty,
+    EndReason,
+    HoldRecord,
+    HoldState,
+    LedgerEvent,
+    PeriodRecord,
+    SessionRecord,
+)
 
 Warning = Literal["low_balance", "exhausted"]
 Item = TypeVar("Item")
@@ -109,6 +117,40 @@ class SessionSummary:
             topic=record.topic,
             difficulty=record.difficulty,
             end_reason=record.end_reason,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HoldView:
+    """A hold as the API shows it (`amount`, `captured`, `released` in meter units, or ms for a
+    minute hold: `meter` None); `version` is the ledger's version when the hold last changed."""
+
+    hold_id: str
+    meter: str | None
+    amount: int
+    state: HoldState
+    captured: int
+    released: int
+    reference: str | None
+    created_at_ms: int
+    expires_at_ms: int
+    resolved_at_ms: int | None
+    version: int
+
+    @classmethod
+    def of(cls, record: HoldRecord) -> HoldView:
+        return cls(
+            hold_id=record.hold_id,
+            meter=record.meter,
+            amount=record.amount,
+            state=record.state,
+            captured=record.captured,
+            released=record.released,
+            reference=record.reference,
+            created_at_ms=record.created_at_ms,
+            expires_at_ms=record.expires_at_ms,
+            resolved_at_ms=record.resolved_at_ms,
+            version=record.version,
         )
 
 

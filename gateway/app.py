@@ -28,7 +28,7 @@ from gateway.middleware import (
     ListenerMiddleware,
     RequestLogMiddleware,
 )
-from gateway.routes import credits, internal, ops, sessions, usage, webhooks
+from gateway.routes import credits, holds, internal, ops, sessions, usage, webhooks
 from gateway.routes.common import no_unknown_query
 from gateway.runtime import Runtime
 from gateway.secrets import resolve_secrets
@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         leeway_s=settings.jwt_leeway_s,
     )
     install_error_handlers(app)
-    for module in (usage, sessions, credits, internal):
+    for module in (usage, sessions, credits, holds, internal):
         app.include_router(module.router, dependencies=[Depends(no_unknown_query)])
     app.include_router(ops.router)
     app.include_router(webhooks.router, dependencies=[Depends(no_unknown_query)])

@@ -32,6 +32,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "session_active": 409,
     "session_not_found": 404,
     "meter_not_found": 404,
+    "hold_not_found": 404,
+    "hold_resolved": 409,
+    "too_many_holds": 429,
     "session_ended": 409,
     "invalid_request": 422,
     "idempotency_conflict": 422,
@@ -95,6 +98,12 @@ def _domain_extra(exc: DomainError) -> dict[str, Any]:
         extra["meter"] = fields["meter"]
     if "remaining" in fields:
         extra["remaining"] = fields["remaining"]
+    if "remaining_ms" in fields:
+        extra["minutes_remaining"] = round(fields["remaining_ms"] / MS_PER_MINUTE, 2)
+    if "hold_id" in fields:
+        extra["hold_id"] = fields["hold_id"]
+    if "state" in fields:
+        extra["state"] = fields["state"]
     if "resets_at_ms" in fields:
         extra["resets_at"] = rfc3339(to_datetime(fields["resets_at_ms"]))
     return extra

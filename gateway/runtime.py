@@ -92,6 +92,7 @@ def shard_configs(settings: Settings, plans: PlanCatalog) -> list[ShardConfig]:
         plans=plans,
         stale_session_ms=round(settings.stale_session_s * MS_PER_SECOND),
         low_balance_ms=round(settings.low_balance_minutes * MS_PER_MINUTE),
+        max_open_holds=settings.max_open_holds,
     )
     write_timeout_s = settings.db_statement_timeout_s + WRITE_SLACK_S
     wait_budget_s = settings.actor_call_timeout_s - write_timeout_s - RESOLVE_TIMEOUT_S - CALL_MARGIN_S

@@ -30,6 +30,7 @@ from actors.records import (
     CreditReason,
     Difficulty,
     EndReason,
+    HoldState,
     PlanAction,
     PurchaseReason,
 )
@@ -39,6 +40,7 @@ from actors.views import (
     BalanceCheck,
     CreditsView,
     CurrentSession,
+    HoldView,
     MeterConsumed,
     MeterView,
     PeriodSummary,
@@ -141,6 +143,47 @@ class EndSessionRequest(RequestModel):
 
 class MeterConsumeRequest(RequestModel):
     amount: Annotated[int, Field(ge=1, le=METER_AMOUNT_MAX), WHOLE_NUMBER]
+
+
+HOLD_TTL_DEFAULT_S = 300
+HOLD_TTL_MAX_S = 3600
+MeterName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+HoldTtl = Annotated[int, Field(ge=1, le=HOLD_TTL_MAX_S), WHOLE_NUMBER]
+
+
+class CreateHoldRequest(RequestModel):
+    """`meter` and `amount` (a count meter), or `minutes`: one or the other."""
+
+    meter: MeterName | None = None
+    amount: Annotated[int, Field(ge=1, le=METER_AMOUNT_MAX), WHOLE_NUMBER] | None = None
+    minutes: Annotated[float, Field(gt=0, le=PURCHASE_MINUTES_MAX, allow_inf_nan=False)] | None = None
+    ttl_s: HoldTtl = HOLD_TTL_DEFAULT_S
+    reference: Reference | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CreateHoldRequest:
+        if self.minutes is not None:
+            if self.meter is not None or self.amount is not None:
+                raise ValueError("a hold is of minutes, or of a meter's amount: not both")
+            if minutes_to_ms(self.minutes) < 1:
+                raise ValueError("minutes is below the ledger's resolution (one millisecond)")
+        elif self.meter is None or self.amount is None:
+            raise ValueError('give "meter" and "amount", or "minutes"')
+        return self
+
+
+class CaptureHoldRequest(RequestModel):
+    """`{}` captures the whole hold; `amount` (in the hold's unit: meter units, or minutes) part of it."""
+
+    amount: Annotated[float, Field(ge=0, le=PURCHASE_MINUTES_MAX, allow_inf_nan=False)] | None = None
+
+
+class ReleaseHoldRequest(RequestModel):
+    pass
+
+
+class ExtendHoldRequest(RequestModel):
+    ttl_s: HoldTtl
 
 
 class CreditsRequest(RequestModel):
@@ -366,9 +409,10 @@ class CreditsResponse(ResponseModel):
 class MeterState(ResponseModel):
     limit: int | Literal["unlimited"]
     used: int
-    remaining: int | None  # None when unlimited
+    remaining: int | None  # None when unlimited; never counts what is held
     window: Literal["day", "period"]
     resets_at: Timestamp
+    held: int = 0
 
     @classmethod
     def from_view(cls, view: MeterView) -> MeterState:
@@ -378,7 +422,50 @@ class MeterState(ResponseModel):
             remaining=view.remaining,
             window=view.window,
             resets_at=to_datetime(view.resets_at_ms),
+            held=view.held,
         )
+
+
+class Hold(ResponseModel):
+    """A hold (API.md, *Holds*): `amount`, `captured`, `released` in meter units, or minutes."""
+
+    hold_id: str
+    meter: str | None
+    minutes: float | None
+    amount: float
+    state: HoldState
+    captured: float
+    released: float
+    reference: str | None
+    created_at: Timestamp
+    expires_at: Timestamp
+    resolved_at: Timestamp | None
+    version: int
+
+    @classmethod
+    def from_view(cls, view: HoldView) -> Hold:
+        def unit(value: int) -> float:
+            return to_minutes(value) if view.meter is None else value
+
+        return cls(
+            hold_id=view.hold_id,
+            meter=view.meter,
+            minutes=to_minutes(view.amount) if view.meter is None else None,
+            amount=unit(view.amount),
+            state=view.state,
+            captured=unit(view.captured),
+            released=unit(view.released),
+            reference=view.reference,
+            created_at=to_datetime(view.created_at_ms),
+            expires_at=to_datetime(view.expires_at_ms),
+            resolved_at=to_datetime(view.resolved_at_ms) if view.resolved_at_ms is not None else None,
+            version=view.version,
+        )
+
+
+class Holds(ResponseModel):
+    holds: list[Hold]
+    version: int
 
 
 class Credits(ResponseModel):

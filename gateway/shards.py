@@ -369,6 +369,64 @@ class ShardClient:
             user_id, LedgerShard.add_credits, user_id, purchase, request_id=request_id, idem=idem
         )
 
+    # Holds
+
+    async def create_hold(
+        self,
+        user_id: str,
+        *,
+        meter: str | None,
+        amount: int,
+        ttl_ms: int,
+        reference: str | None,
+        request_id: str | None,
+        idem: IdempotencyKey | None,
+    ) -> views.HoldView:
+        return await self.router.call(
+            user_id,
+            LedgerShard.create_hold,
+            user_id,
+            meter=meter,
+            amount=amount,
+            ttl_ms=ttl_ms,
+            reference=reference,
+            request_id=request_id,
+            idem=idem,
+        )
+
+    async def capture_hold(
+        self,
+        user_id: str,
+        hold_id: str,
+        amount: float | None,
+        *,
+        request_id: str | None,
+        idem: IdempotencyKey | None,
+    ) -> views.HoldView:
+        return await self.router.call(
+            user_id, LedgerShard.capture_hold, user_id, hold_id, amount, request_id=request_id, idem=idem
+        )
+
+    async def release_hold(
+        self, user_id: str, hold_id: str, *, request_id: str | None, idem: IdempotencyKey | None
+    ) -> views.HoldView:
+        return await self.router.call(
+            user_id, LedgerShard.release_hold, user_id, hold_id, request_id=request_id, idem=idem
+        )
+
+    async def extend_hold(
+        self, user_id: str, hold_id: str, ttl_ms: int, *, request_id: str | None, idem: IdempotencyKey | None
+    ) -> views.HoldView:
+        return await self.router.call(
+            user_id, LedgerShard.extend_hold, user_id, hold_id, ttl_ms, request_id=request_id, idem=idem
+        )
+
+    async def get_hold(self, user_id: str, hold_id: str) -> views.HoldView:
+        return await self.router.call(user_id, LedgerShard.get_hold, user_id, hold_id)
+
+    async def list_holds(self, user_id: str) -> views.Page[views.HoldView]:
+        return await self.router.call(user_id, LedgerShard.list_holds, user_id)
+
     # Every shard
 
     async def stats(self) -> list[ShardStats | BaseException]:

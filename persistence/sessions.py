@@ -120,12 +120,15 @@ async def fetch_live_sessions(
 
 
 async def fetch_open_session_users(connection: Connection) -> list[str]:
-    """Users with an open session or a held tail: their alarms must run after a restart."""
+    """Users with an open session, a held tail or an unresolved hold: their alarms must run after
+    a restart."""
     rows = await connection.fetch(
         """
         select user_id from usage_sessions where ended_at is null
         union
         select user_id from usage_sessions where pending is not null
+        union
+        select user_id from usage_holds where state = 'held'
         order by user_id
         """
     )

@@ -22,6 +22,7 @@ from actors.records import (
     CreditEntry,
     CreditPurchaseRecord,
     Delivery,
+    HoldRecord,
     LedgerSnapshot,
     PeriodRecord,
     PlanEventRecord,
@@ -29,7 +30,7 @@ from actors.records import (
     StoredLedger,
 )
 from actors.store import Fence, StoreFenced, UnreadableLedger, WriteOutcome, WriteReceipt
-from persistence import credit_ledger, events, meters, plan_events, replies, sessions, users
+from persistence import credit_ledger, events, holds, meters, plan_events, replies, sessions, users
 from persistence.database import PoolLimits, create_pool
 from persistence.decode import UnreadableRow
 from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, PersistenceError, translate_errors
@@ -70,12 +71,19 @@ class PostgresStore:
                     return {}
                 ids = list(known)
                 open_sessions, pending = await sessions.fetch_live_sessions(connection, user_ids=ids)
+                open_holds = await holds.fetch_open_holds(connection, user_ids=ids)
                 held = sorted(
                     {
                         (user_id, start)
                         for user_id, records in pending.items()
                         for r in records
                         for start, *_ in r.pending
+                    }
+                    | {
+                        (user_id, start)
+                        for user_id, user_holds in open_holds.items()
+                        for hold in user_holds
+                        for start, *_ in hold.draws
                     }
                 )
                 periods = await users.fetch_recent_periods(connection, user_ids=ids, held=held)
@@ -91,6 +99,7 @@ class PostgresStore:
                 replies=tuple(user_replies.get(user_id, ())),
                 pending_sessions=tuple(pending.get(user_id, ())),
                 last_applied_plan_event=applied.get(user_id),
+                holds=tuple(open_holds.get(user_id, ())),
             )
             for user_id, user in known.items()
         }
@@ -141,6 +150,7 @@ class PostgresStore:
         all_entries = [entry for snapshot in snapshots for entry in snapshot.entries]
         all_replies = [reply for snapshot in snapshots for reply in snapshot.replies]
         all_events = [event for snapshot in snapshots for event in snapshot.events]
+        all_holds = [hold for snapshot in snapshots for hold in snapshot.holds]
         with translate_errors("save"):
             async with self._connection() as connection:
                 transaction = connection.transaction()
@@ -167,6 +177,8 @@ class PostgresStore:
                         await sessions.upsert_sessions(connection, sessions=all_sessions)
                     if all_meters:
                         await meters.upsert_meters(connection, meters=all_meters)
+                    if all_holds:
+                        await holds.upsert_holds(connection, holds=all_holds)
                     if all_entries:
                         await credit_ledger.insert_entries(connection, entries=all_entries)
                     if all_replies:
@@ -192,6 +204,11 @@ class PostgresStore:
         with translate_errors("find_session"):
             async with self._connection() as connection:
                 return await sessions.fetch_session(connection, user_id=user_id, session_id=session_id)
+
+    async def find_hold(self, user_id: str, hold_id: str) -> HoldRecord | None:
+        with translate_errors("find_hold"):
+            async with self._connection() as connection:
+                return await holds.fetch_hold(connection, user_id=user_id, hold_id=hold_id)
 
     async def list_sessions(self, user_id: str, limit: int) -> list[SessionRecord]:
         with translate_errors("list_sessions"):

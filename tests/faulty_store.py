@@ -121,6 +121,7 @@ for _name in (
     "save",
     "prune_replies",
     "find_session",
+    "find_hold",
     "list_sessions",
     "list_periods",
     "credit_history",

@@ -2,9 +2,10 @@
 
 One module per concern, stacked: `state` (fields, values, snapshot, clone) < `alerts`
 (threshold events) < `allowance` (periods, billing, held tails, alarms) < `meters` <
-`ledger` (the operations and their answers; its docstring says what the ledger promises).
+`holds` < `ledger` (the operations and their answers; its docstring says what the ledger promises).
 """
 
+from actors.ledger.holds import HoldVerb
 from actors.ledger.ledger import UserLedger
 from actors.ledger.state import (
     MAX_ALARMS_PER_ADVANCE,
@@ -23,6 +24,7 @@ __all__ = [
     "RESTORE_VERSION_GAP",
     "Alarm",
     "AlarmKind",
+    "HoldVerb",
     "LedgerPolicy",
     "PlanEvent",
     "StoredStateError",

@@ -134,21 +134,34 @@ class Allowance(Alerts):
             expected = balance_before - from_allowance
             if from_allowance:
                 self._record(
-                    monthly, delta=-from_allowance, balance_after=expected, reason="consume", at_ms=at_ms,
+                    monthly,
+                    delta=-from_allowance,
+                    balance_after=expected,
+                    reason="consume",
+                    at_ms=at_ms,
                     reference=reference,
                 )
             if from_purchased:
                 self._record(
-                    (PURCHASED_BUCKET, None), delta=-from_purchased, balance_after=self.purchased_ms,
-                    reason="consume", at_ms=at_ms, reference=reference,
+                    (PURCHASED_BUCKET, None),
+                    delta=-from_purchased,
+                    balance_after=self.purchased_ms,
+                    reason="consume",
+                    at_ms=at_ms,
+                    reference=reference,
                 )
             if period.remaining_ms != expected:
                 # What a lowered plan had left in the balance only for what was held goes.
                 self._record(
-                    monthly, delta=period.remaining_ms - expected, balance_after=period.remaining_ms,
-                    reason="adjust", at_ms=at_ms,
+                    monthly,
+                    delta=period.remaining_ms - expected,
+                    balance_after=period.remaining_ms,
+                    reason="adjust",
+                    at_ms=at_ms,
                 )
-            if self._held_over.get(start) is period and (from_allowance or from_purchased or not period.holds):
+            if self._held_over.get(start) is period and (
+                from_allowance or from_purchased or not period.holds
+            ):
                 # An archived period: its row is written again (what it billed, or no longer holds).
                 self._archive(period)
         assert to_bill == 0, "a capture is never more than what is held"

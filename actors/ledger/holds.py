@@ -2,7 +2,7 @@
 afterwards, then resolved exactly once (API.md, *Holds*; the semantics of TigerBeetle's two-phase
 transfers: pending, then post, void or timeout).
 
-- **Made** only from what is available (limit − used − held, as everywhere an amount is checked),
+- **Made** only from what is available (limit - used - held, as everywhere an amount is checked),
   and only up to `LedgerPolicy.max_open_holds` unresolved at once. A minute hold draws on the
   period's allowance first, then purchased minutes (as session time does), and never on the time a
   running session has used since its last heartbeat. A meter hold holds in the meter's window.
@@ -25,9 +25,10 @@ import math
 from dataclasses import replace
 from typing import Literal
 
-from actors.errors import CaptureTooLarge, HoldNotFound, HoldResolved, NoCredits, TooManyHolds
+from actors.errors import HoldNotFound, HoldResolved, InvalidCapture, NoCredits, TooManyHolds
 from actors.ledger.meters import Meters
 from actors.records import HoldRecord
+from actors.times import minutes_to_ms
 
 HoldVerb = Literal["capture", "release", "extend"]
 
@@ -97,7 +98,7 @@ class Holds(Meters):
         if not hold.is_held:
             return hold
         if amount is not None and amount > hold.amount:
-            raise CaptureTooLarge(
+            raise InvalidCapture(
                 f"the hold holds {hold.amount}; {amount} cannot be captured", hold_id=hold_id
             )
         self._bump()
@@ -137,6 +138,26 @@ class Holds(Meters):
         """The unresolved holds, oldest first."""
         self.advance(now_ms)
         return self.open_holds()
+
+    def in_units(self, hold_id: str, amount: float | None) -> int | None:
+        """An amount of a resident hold as the API gives it (meter units, or minutes), in the
+        hold's own unit (meter units, or ms)."""
+        hold = self.hold(hold_id)
+        if hold is None:
+            raise HoldNotFound("no such hold", hold_id=hold_id)
+        return self.units_of(hold, amount)
+
+    @staticmethod
+    def units_of(hold: HoldRecord, amount: float | None) -> int | None:
+        if amount is None:
+            return None
+        if hold.meter is None:
+            return minutes_to_ms(amount)
+        if amount != int(amount):
+            raise InvalidCapture(
+                f"meter {hold.meter!r} counts whole units; {amount} is not one", hold_id=hold.hold_id
+            )
+        return int(amount)
 
     @staticmethod
     def repeat(hold: HoldRecord, verb: HoldVerb, amount: int | None) -> HoldRecord:

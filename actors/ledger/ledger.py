@@ -171,7 +171,8 @@ class UserLedger(Holds):
                     holder = held_over[start] = period_from(archived[start])
                 else:
                     raise StoredStateError(
-                        f"{holder_name} holds time in a period starting at {start} that the store did not return"
+                        f"{holder_name} holds time in a period starting at {start} "
+                        "that the store did not return"
                     )
                 holder.held_ms += allowance
                 holder.held_purchased_ms += purchased

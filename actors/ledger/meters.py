@@ -130,11 +130,19 @@ class Meters(Allowance):
             if old_limit is None:
                 # A limit again: the window's balance starts (from what it held, if anything).
                 self._record(
-                    key, delta=new_balance - old_balance, balance_after=new_balance, reason="reset", at_ms=now_ms
+                    key,
+                    delta=new_balance - old_balance,
+                    balance_after=new_balance,
+                    reason="reset",
+                    at_ms=now_ms,
                 )
             elif new_balance != old_balance:
                 self._record(
-                    key, delta=new_balance - old_balance, balance_after=new_balance, reason="adjust", at_ms=now_ms
+                    key,
+                    delta=new_balance - old_balance,
+                    balance_after=new_balance,
+                    reason="adjust",
+                    at_ms=now_ms,
                 )
 
     def _close_window(self, name: str, state: MeterState, spec: MeterSpec | None, at_ms: int) -> None:
@@ -154,6 +162,6 @@ class Meters(Allowance):
     def _track_holds(self, meter: str, window_start_ms: int) -> None:
         """Holds of `meter` made while it had no limit now hold in the window starting at
         `window_start_ms` (its limit came back: they count in that window's balance from now on)."""
-        for hold_id, hold in list(self._holds.items()):
+        for _hold_id, hold in list(self._holds.items()):
             if hold.meter == meter and hold.window_start_ms is None:
                 self._keep_hold(replace(hold, window_start_ms=window_start_ms, version=self.version))

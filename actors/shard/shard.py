@@ -45,11 +45,12 @@ from typing import Any, TypeVar
 
 import structlog
 
-from actors.errors import LedgerError, SessionEnded, SessionNotFound, Unavailable
-from actors.ledger import UserLedger
+from actors.errors import HoldNotFound, LedgerError, SessionEnded, SessionNotFound, Unavailable
+from actors.ledger import HoldVerb, UserLedger
 from actors.records import (
     CreditEntry,
     Difficulty,
+    HoldRecord,
     PlanEvent,
     SessionRecord,
 )
@@ -77,6 +78,7 @@ from actors.views import (
     CreditsAdded,
     CreditsView,
     CurrentSession,
+    HoldView,
     MeterConsumed,
     Page,
     PeriodSummary,
@@ -108,11 +110,13 @@ class LedgerShard:
         *,
         clock: Callable[[], int] = wall_clock_ms,
         new_session_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_hold_id: Callable[[], str] = lambda: "hold_" + uuid.uuid4().hex,
     ) -> None:
         self._config = config
         self._store_factory = store_factory
         self._clock = clock
         self._new_session_id = new_session_id
+        self._new_hold_id = new_hold_id
         self._state: ShardState = "starting"
         self._store: CountingStore | None = None
         self._watchers = Watchers()
@@ -458,6 +462,151 @@ class LedgerShard:
     ) -> MeterConsumed:
         """Use a count meter: decided in memory, written behind."""
         return turn.ledger.consume_meter(self._clock(), meter, amount)
+
+    # ------------------------------------------------------------------ holds
+
+    @operation(rate_limited=True, lane="write")
+    async def create_hold(
+        self,
+        turn: Turn,
+        *,
+        meter: str | None,
+        amount: int,
+        ttl_ms: int,
+        reference: str | None = None,
+        request_id: str | None = None,
+        idem: IdempotencyKey | None = None,
+    ) -> HoldView:
+        """Hold `amount` of `meter` (None: ms of minutes), durably before answering."""
+        hold_id = self._new_hold_id()
+        hold, _ = await self._write(
+            turn,
+            lambda ledger, now: HoldView.of(
+                ledger.create_hold(
+                    now, hold_id, meter=meter, amount=amount, ttl_ms=ttl_ms, reference=reference
+                )
+            ),
+        )
+        log.info(
+            "hold_created",
+            user_id=turn.user_id,
+            hold_id=hold_id,
+            meter=meter,
+            amount=amount,
+            expires_at_ms=hold.expires_at_ms,
+            request_id=request_id,
+        )
+        return hold
+
+    @operation(rate_limited=True, lane="write", repeatable=True)
+    async def capture_hold(
+        self,
+        turn: Turn,
+        hold_id: str,
+        amount: float | None = None,
+        *,
+        request_id: str | None = None,
+        idem: IdempotencyKey | None = None,
+    ) -> HoldView:
+        """Bill `amount` of the hold (as the API gives it: meter units, or minutes; None: all of it)
+        and free the rest, durably before answering."""
+        return await self._resolve(
+            turn,
+            hold_id,
+            "capture",
+            amount,
+            lambda ledger, now: ledger.capture_hold(now, hold_id, ledger.in_units(hold_id, amount)),
+            request_id,
+        )
+
+    @operation(rate_limited=True, lane="write", repeatable=True)
+    async def release_hold(
+        self, turn: Turn, hold_id: str, *, request_id: str | None = None, idem: IdempotencyKey | None = None
+    ) -> HoldView:
+        """Free the whole hold, durably before answering."""
+        return await self._resolve(
+            turn, hold_id, "release", None, lambda ledger, now: ledger.release_hold(now, hold_id), request_id
+        )
+
+    @operation(rate_limited=True, lane="write", repeatable=True)
+    async def extend_hold(
+        self,
+        turn: Turn,
+        hold_id: str,
+        ttl_ms: int,
+        *,
+        request_id: str | None = None,
+        idem: IdempotencyKey | None = None,
+    ) -> HoldView:
+        """The hold now expires `ttl_ms` from now (durable before answering)."""
+        return await self._resolve(
+            turn,
+            hold_id,
+            "extend",
+            None,
+            lambda ledger, now: ledger.extend_hold(now, hold_id, ttl_ms),
+            request_id,
+        )
+
+    @operation(rate_limited=True, lane="read", repeatable=True)
+    async def get_hold(self, turn: Turn, hold_id: str) -> HoldView:
+        try:
+            return HoldView.of(turn.ledger.get_hold(self._clock(), hold_id))
+        except HoldNotFound:
+            raise self._hold_from_store(turn.user_id, hold_id, None, None) from None
+
+    @operation(rate_limited=True, lane="read", repeatable=True)
+    async def list_holds(self, turn: Turn) -> Page[HoldView]:
+        """The user's unresolved holds, oldest first."""
+        ledger = turn.ledger
+        holds = ledger.list_holds(self._clock())
+        return Page([HoldView.of(hold) for hold in holds], ledger.version)
+
+    async def _resolve(
+        self,
+        turn: Turn,
+        hold_id: str,
+        verb: HoldVerb,
+        amount: float | None,
+        operate: Callable[[UserLedger, int], HoldRecord],
+        request_id: str | None,
+    ) -> HoldView:
+        try:
+            # A hold an alarm resolved (its expiry, written behind) is durable before it is told.
+            hold, changed = await self._write(
+                turn, lambda ledger, now: HoldView.of(operate(ledger, now)), write_dirty=True
+            )
+        except HoldNotFound:
+            raise self._hold_from_store(turn.user_id, hold_id, verb, amount) from None
+        if changed:
+            log.info(
+                f"hold_{verb}d" if verb != "extend" else "hold_extended",
+                user_id=turn.user_id,
+                hold_id=hold_id,
+                state=hold.state,
+                captured=hold.captured,
+                released=hold.released,
+                request_id=request_id,
+            )
+        return hold
+
+    def _hold_from_store(
+        self, user_id: str, hold_id: str, verb: HoldVerb | None, amount: float | None
+    ) -> AfterTurn:
+        """A hold the ledger no longer holds in memory (resolved long ago): the store says, read
+        outside the user's turn; it is answered as a repeat of `verb` (None: read)."""
+
+        def answer(record: HoldRecord | None, ledger: UserLedger, now: int) -> HoldView:
+            if record is None or record.is_held:  # (a held one is always in memory)
+                raise HoldNotFound("no such hold", hold_id=hold_id)
+            if verb is None:
+                return HoldView.of(record)
+            return HoldView.of(ledger.repeat(record, verb, ledger.units_of(record, amount)))
+
+        store = self._residency.require_store()
+        return AfterTurn(lambda: self._durable.read("holds", store.find_hold(user_id, hold_id)), answer)
+
+    # ------------------------------------------------------------ billing
 
     @operation(repeatable=True, changes_plan=True)
     async def change_plan(

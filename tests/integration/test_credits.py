@@ -192,6 +192,7 @@ async def test_two_hundred_concurrent_consumes_of_a_five_a_day_meter_allow_exact
         "remaining": 0,
         "window": "day",
         "resets_at": f"{tomorrow}T00:00:00Z",
+        "held": 0,
     }
     assert_problem(
         await client.post("/v1/meters/videos/consume", json={"amount": 1}, headers=auth(user)),

@@ -33,6 +33,7 @@ from actors.records import (
     CreditEntry,
     CreditPurchaseRecord,
     Delivery,
+    HoldRecord,
     LedgerSnapshot,
     PeriodRecord,
     PlanEventRecord,
@@ -172,6 +173,9 @@ class FaultyStore:
 
     async def find_session(self, user_id: str, session_id: str) -> SessionRecord | None:
         return await self._call(lambda: self.inner.find_session(user_id, session_id))
+
+    async def find_hold(self, user_id: str, hold_id: str) -> HoldRecord | None:
+        return await self._call(lambda: self.inner.find_hold(user_id, hold_id))
 
     async def list_sessions(self, user_id: str, limit: int) -> list[SessionRecord]:
         return await self._call(lambda: self.inner.list_sessions(user_id, limit))

@@ -208,8 +208,12 @@ class LedgerMachine(RuleBasedStateMachine):
         self.counter += 1
         try:
             hold = self.ledger.create_hold(
-                self.now, f"h{self.counter}", meter=meter, amount=minutes_ms if meter is None else amount,
-                ttl_ms=ttl_s * MS_PER_SECOND, reference=None if self.counter % 2 else f"ref{self.counter}",
+                self.now,
+                f"h{self.counter}",
+                meter=meter,
+                amount=minutes_ms if meter is None else amount,
+                ttl_ms=ttl_s * MS_PER_SECOND,
+                reference=None if self.counter % 2 else f"ref{self.counter}",
             )
         except LedgerError:
             return
@@ -224,7 +228,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _some_hold(self, data: st.DataObject) -> str:
         known = sorted(self.holds, key=lambda key: int(key[1:])) or ["h0"]
-        return data.draw(st.sampled_from(known + ["h-unknown"]))
+        return data.draw(st.sampled_from([*known, "h-unknown"]))
 
     @rule(data=st.data(), part=st.none() | st.integers(min_value=0, max_value=5 * MS_PER_MINUTE))
     def capture(self, data: st.DataObject, part: int | None) -> None:
@@ -445,7 +449,9 @@ class LedgerMachine(RuleBasedStateMachine):
                 if hold.state != "captured":
                     assert hold.captured == 0
         assert [h.hold_id for h in self.ledger.open_holds()] == [
-            h.hold_id for h in sorted(self.holds.values(), key=lambda h: (h.created_at_ms, h.hold_id)) if h.is_held
+            h.hold_id
+            for h in sorted(self.holds.values(), key=lambda h: (h.created_at_ms, h.hold_id))
+            if h.is_held
         ]
 
         # at most one open session, and it is the ledger's active one

@@ -760,6 +760,12 @@ class TestRateLimit:
             "add_credits": lambda user, sid: shard.add_credits(user, Purchase(f"p-{user}", MIN, "grant")),
             "reconcile": lambda user, sid: shard.reconcile(user),
             "watch": lambda user, sid: shard.watch(user, -1, 1.0),
+            "create_hold": lambda user, sid: shard.create_hold(user, meter=None, amount=1000, ttl_ms=60_000),
+            "capture_hold": lambda user, sid: shard.capture_hold(user, "hold-unknown"),
+            "release_hold": lambda user, sid: shard.release_hold(user, "hold-unknown"),
+            "extend_hold": lambda user, sid: shard.extend_hold(user, "hold-unknown", 60_000),
+            "get_hold": lambda user, sid: shard.get_hold(user, "hold-unknown"),
+            "list_holds": lambda user, sid: shard.list_holds(user),
         }
         infrastructure = {"start", "stop", "flush", "stats", "ready", "batch", "collect"}
         public = {
