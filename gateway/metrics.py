@@ -54,8 +54,14 @@ class Metrics:
         )
         self.shard_alarms = Gauge(
             "ledger_shard_alarms_fired_by_kind",
-            "Alarms fired since the shard started, by kind (stale, limit, period_end)",
+            "Alarms fired since the shard started, by kind (stale, release, expire, limit, period_end)",
             ("shard", "kind"),
+            registry=self.registry,
+        )
+        self.shard_holds = Gauge(
+            "ledger_shard_holds_by_outcome",
+            "Holds since the shard started, by outcome (created, captured, released, extended, expired)",
+            ("shard", "outcome"),
             registry=self.registry,
         )
         self.shard_flush_duration = Gauge(
@@ -93,6 +99,9 @@ class Metrics:
                 ("activations", "Users loaded into the shard's memory since it started"),
                 ("durable_writes", "Writes answered only once in Postgres, since the shard started"),
                 ("durable_transactions", "Transactions those writes shared (group commit)"),
+                ("open_holds", "Holds not yet resolved on the shard"),
+                ("held_minutes_ms", "Minutes held by unresolved holds on the shard, in milliseconds"),
+                ("held_meter_units", "Count-meter units held by unresolved holds on the shard"),
             )
         }
 

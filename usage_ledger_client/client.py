@@ -4,7 +4,8 @@ Every `POST` carries an `Idempotency-Key` made once per operation, so a retry af
 has no second effect. A 503 (`unavailable`), a 429 (`rate_limited`), a 409 `idempotency_conflict`
 (the first try is still running) and a request that got no answer are retried with exponential
 backoff and jitter, waiting at least what `Retry-After` says, up to `max_attempts` tries; then
-`Unavailable`. Any other error is raised at once as a `LedgerError` with the problem's `code`.
+`Unavailable`. Any other error is raised at once as a `LedgerError` with the problem's `code`
+(a 429 `too_many_holds` too: it lasts until a hold is resolved, not a moment).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any, Literal
 import certifi
 import httpx
 
-from usage_ledger_client.errors import ERRORS_BY_CODE, LedgerError, Unavailable
-from usage_ledger_client.models import SessionProgress, SessionStarted, Usage
+from usage_ledger_client.errors import ERRORS_BY_CODE, LedgerError, TooManyHolds, Unavailable
+from usage_ledger_client.holds import LiveHold
+from usage_ledger_client.models import Hold, SessionProgress, SessionStarted, Usage
 from usage_ledger_client.session import LiveSession
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -30,6 +32,7 @@ BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 5.0
 # The server's `ledger_stale_session_s` defaults to 600 s; API.md asks clients for ~30 s.
 DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
+DEFAULT_HOLD_TTL_S = 300  # the server's default too
 _RETRIED_STATUSES = frozenset({429, 503})
 # Jitter from a generator of the client's own: an application's global `random` state is its own.
 _jitter = random.Random()
@@ -124,12 +127,88 @@ class LedgerClient:
             on_limit_reached=on_limit_reached,
         )
 
+    # ------------------------------------------------------------------ holds
+
+    async def create_hold(
+        self,
+        *,
+        meter: str | None = None,
+        amount: int | None = None,
+        minutes: float | None = None,
+        ttl_s: int = DEFAULT_HOLD_TTL_S,
+        reference: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Reserve `amount` of the count meter `meter`, or `minutes`, for `ttl_s` seconds (1-3600);
+        unresolved by then, it is released whole. `NoCredits` when that much is not available,
+        `MeterNotFound`, `TooManyHolds`."""
+        body = _hold_body(meter=meter, amount=amount, minutes=minutes)
+        body["ttl_s"] = ttl_s
+        if reference is not None:
+            body["reference"] = reference
+        return Hold.from_json(await self._request("POST", "/v1/holds", body, idempotency_key=idempotency_key))
+
+    async def get_hold(self, hold_id: str) -> Hold:
+        return Hold.from_json(await self._request("GET", f"/v1/holds/{hold_id}"))
+
+    async def list_holds(self) -> list[Hold]:
+        """The user's unresolved holds, oldest first."""
+        answer = await self._request("GET", "/v1/holds")
+        return [Hold.from_json(hold) for hold in answer["holds"]]
+
+    async def capture_hold(
+        self, hold_id: str, amount: float | None = None, *, idempotency_key: str | None = None
+    ) -> Hold:
+        """Capture `amount` (in the hold's unit), or the whole hold; the rest is released at once.
+        The same capture again answers the same; another resolution raises `HoldResolved`."""
+        body = {"amount": amount} if amount is not None else {}
+        return Hold.from_json(
+            await self._request("POST", f"/v1/holds/{hold_id}/capture", body, idempotency_key=idempotency_key)
+        )
+
+    async def release_hold(self, hold_id: str, *, idempotency_key: str | None = None) -> Hold:
+        """Release the whole hold; `HoldResolved` if it was captured or had expired."""
+        return Hold.from_json(
+            await self._request("POST", f"/v1/holds/{hold_id}/release", {}, idempotency_key=idempotency_key)
+        )
+
+    async def extend_hold(self, hold_id: str, ttl_s: int, *, idempotency_key: str | None = None) -> Hold:
+        """The hold now expires `ttl_s` seconds from now; `HoldResolved` if it is resolved already."""
+        return Hold.from_json(
+            await self._request(
+                "POST", f"/v1/holds/{hold_id}/extend", {"ttl_s": ttl_s}, idempotency_key=idempotency_key
+            )
+        )
+
+    def hold(
+        self,
+        *,
+        meter: str | None = None,
+        amount: int | None = None,
+        minutes: float | None = None,
+        ttl_s: int = DEFAULT_HOLD_TTL_S,
+        reference: str | None = None,
+    ) -> LiveHold:
+        """`async with client.hold(meter="tokens", amount=4000) as h: ...; await h.capture(used)`
+        reserves, extends the hold in the background while the body runs, and releases it on the
+        way out unless the body captured it. See `LiveHold`."""
+        _hold_body(meter=meter, amount=amount, minutes=minutes)  # a mistake is raised here, not on entry
+        return LiveHold(self, meter=meter, amount=amount, minutes=minutes, ttl_s=ttl_s, reference=reference)
+
     # ------------------------------------------------------------------ transport
 
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Any:
         headers = dict(self._headers)
         if method == "POST":
-            headers["Idempotency-Key"] = uuid.uuid4().hex  # one per operation, kept across retries
+            # One per operation (the caller's, or made here), kept across retries.
+            headers["Idempotency-Key"] = idempotency_key or uuid.uuid4().hex
         last: LedgerError | None = None
         for attempt in range(self._max_attempts):
             if attempt:
@@ -148,6 +227,16 @@ class LedgerClient:
         raise Unavailable(
             last.status, last.code, f"gave up after {self._max_attempts} tries: {last.detail}", last.problem
         )
+
+
+def _hold_body(*, meter: str | None, amount: int | None, minutes: float | None) -> dict[str, Any]:
+    if minutes is not None:
+        if meter is not None or amount is not None:
+            raise ValueError("a hold is of minutes, or of a meter's amount: not both")
+        return {"minutes": minutes}
+    if meter is None or amount is None:
+        raise ValueError("give meter= and amount=, or minutes=")
+    return {"meter": meter, "amount": amount}
 
 
 def _error(answer: httpx.Response) -> LedgerError:
@@ -173,7 +262,8 @@ def tls_context() -> ssl.SSLContext:
 
 def _retried(answer: httpx.Response, error: LedgerError) -> bool:
     in_flight = answer.status_code == 409 and error.code == "idempotency_conflict"
-    return answer.status_code in _RETRIED_STATUSES or in_flight
+    transient = answer.status_code in _RETRIED_STATUSES and not isinstance(error, TooManyHolds)
+    return transient or in_flight
 
 
 def _backoff_s(attempt: int, last: LedgerError | None, *, base_s: float = BACKOFF_BASE_S) -> float:

@@ -5,6 +5,10 @@ stable `code`; the session context raises `SessionEnded` when the server ends th
     ├── Unauthorized              401: the token is missing, expired or wrong
     ├── NoCredits                 403 no_credits: nothing left to spend
     ├── SessionActive             409 session_active: the user already has a running session
+    ├── MeterNotFound             404 meter_not_found: the user's plan has no such meter
+    ├── HoldNotFound              404 hold_not_found: no such hold (or another user's)
+    ├── HoldResolved              409 hold_resolved: captured, released or expired already (`state`)
+    ├── TooManyHolds              429 too_many_holds: too many unresolved holds (not retried)
     ├── Unavailable               503 unavailable / 429 rate_limited / no answer, after every retry
     └── SessionEnded              the server ended the session (limit reached, stale, elsewhere)
         └── LimitReached          ... because the balance ran out
@@ -43,6 +47,35 @@ class SessionActive(LedgerError):
     pass
 
 
+class MeterNotFound(LedgerError):
+    pass
+
+
+class HoldNotFound(LedgerError):
+    pass
+
+
+class HoldResolved(LedgerError):
+    """The hold was resolved already, another way: `state` is "captured", "released" or "expired"."""
+
+    def __init__(
+        self, status: int | None, code: str, detail: str, problem: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(status, code, detail, problem)
+        state = self.problem.get("state")
+        self.state: str | None = state if isinstance(state, str) else None
+
+
+class TooManyHolds(LedgerError):
+    """The user has as many unresolved holds as the server allows. Not retried: waiting for the
+    soonest to expire (`retry_after_s`) may take as long as its TTL."""
+
+    @property
+    def retry_after_s(self) -> int | None:
+        value = self.problem.get("retry_after_s")
+        return value if isinstance(value, int) else None
+
+
 class Unavailable(LedgerError):
     """The server could not do it (503, 429 or no answer) for as long as the client retried."""
 
@@ -64,4 +97,8 @@ ERRORS_BY_CODE: dict[str, type[LedgerError]] = {
     "unauthorized": Unauthorized,
     "no_credits": NoCredits,
     "session_active": SessionActive,
+    "meter_not_found": MeterNotFound,
+    "hold_not_found": HoldNotFound,
+    "hold_resolved": HoldResolved,
+    "too_many_holds": TooManyHolds,
 }

@@ -35,6 +35,7 @@ class Usage:
     warning: Warning | None
     active_session: ActiveSession | None
     version: int
+    minutes_held: float = 0.0  # held by holds and held session tails; not in `minutes_remaining`
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Usage:
@@ -59,6 +60,7 @@ class Usage:
             if active is not None
             else None,
             version=body["version"],
+            minutes_held=body.get("minutes_held", 0.0),
         )
 
 
@@ -106,5 +108,44 @@ class SessionProgress:
             minutes_remaining=body["minutes_remaining"],
             warning=body.get("warning"),
             ends_at=_time(body.get("ends_at")),
+            version=body["version"],
+        )
+
+
+HoldState = Literal["held", "captured", "released", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A hold: `amount`, `captured` and `released` in its unit (meter units, or minutes when `meter`
+    is None); `state` is "held" until it is captured, released or expires, once."""
+
+    hold_id: str
+    meter: str | None
+    minutes: float | None
+    amount: float
+    state: HoldState
+    captured: float
+    released: float
+    reference: str | None
+    created_at: datetime
+    expires_at: datetime
+    resolved_at: datetime | None
+    version: int
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Hold:
+        return cls(
+            hold_id=body["hold_id"],
+            meter=body["meter"],
+            minutes=body["minutes"],
+            amount=body["amount"],
+            state=body["state"],
+            captured=body["captured"],
+            released=body["released"],
+            reference=body["reference"],
+            created_at=datetime.fromisoformat(body["created_at"]),
+            expires_at=datetime.fromisoformat(body["expires_at"]),
+            resolved_at=_time(body["resolved_at"]),
             version=body["version"],
         )

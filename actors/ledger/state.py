@@ -403,6 +403,15 @@ class LedgerState:
             self._holds.get(hold_id) or self._unsynced_holds.get(hold_id) or self._resolved_holds.get(hold_id)
         )
 
+    def held_totals(self) -> tuple[int, int, int]:
+        """The unresolved holds: how many, the minutes (ms) and the meter units they hold."""
+        holds = self._holds
+        if not holds:
+            return 0, 0, 0
+        minutes = sum(hold.amount for hold in holds.values() if hold.meter is None)
+        units = sum(hold.amount for hold in holds.values() if hold.meter is not None)
+        return len(holds), minutes, units
+
     def open_holds(self) -> list[HoldRecord]:
         """The unresolved holds, oldest first (by creation, then id)."""
         return sorted(self._holds.values(), key=lambda hold: (hold.created_at_ms, hold.hold_id))

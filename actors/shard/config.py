@@ -110,3 +110,9 @@ class ShardStats:
     durable_writes: int = 0
     durable_transactions: int = 0
     busy_users: int = 0  # users with an operation running now
+    # Holds: made and resolved since the shard started (created, captured, released, expired), and
+    # those unresolved now with what they hold (minutes in ms, meter units).
+    holds_by_outcome: dict[str, int] = field(default_factory=dict)
+    open_holds: int = 0
+    held_minutes_ms: int = 0
+    held_meter_units: int = 0

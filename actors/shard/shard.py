@@ -40,6 +40,7 @@ import contextlib
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -117,6 +118,7 @@ class LedgerShard:
         self._clock = clock
         self._new_session_id = new_session_id
         self._new_hold_id = new_hold_id
+        self._hold_counts: Counter[str] = Counter()  # created, captured, released (expired: the alarms)
         self._state: ShardState = "starting"
         self._store: CountingStore | None = None
         self._watchers = Watchers()
@@ -487,6 +489,7 @@ class LedgerShard:
                 )
             ),
         )
+        self._hold_counts["created"] += 1
         log.info(
             "hold_created",
             user_id=turn.user_id,
@@ -579,6 +582,7 @@ class LedgerShard:
         except HoldNotFound:
             raise self._hold_from_store(turn.user_id, hold_id, verb, amount) from None
         if changed:
+            self._hold_counts[f"{verb}d" if verb != "extend" else "extended"] += 1
             log.info(
                 f"hold_{verb}d" if verb != "extend" else "hold_extended",
                 user_id=turn.user_id,
@@ -696,6 +700,12 @@ class LedgerShard:
     @shard_call(repeatable=True)
     async def stats(self) -> ShardStats:
         store, residency, write_behind = self._store, self._residency, self._write_behind
+        open_holds = held_minutes_ms = held_units = 0
+        for ledger in residency.ledgers.values():
+            count, minutes_ms, units = ledger.held_totals()
+            open_holds += count
+            held_minutes_ms += minutes_ms
+            held_units += units
         return ShardStats(
             shard_index=self._config.shard_index,
             shard_count=self._config.shard_count,
@@ -723,6 +733,10 @@ class LedgerShard:
             durable_writes=self._durable.writes,
             durable_transactions=self._durable.transactions,
             busy_users=len(self._turns),
+            holds_by_outcome={**self._hold_counts, "expired": residency.alarms_by_kind.get("expire", 0)},
+            open_holds=open_holds,
+            held_minutes_ms=held_minutes_ms,
+            held_meter_units=held_units,
         )
 
     @shard_call()

@@ -55,6 +55,9 @@ async def readyz(rt: Runtime = Depends(runtime)) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
 
 
+HOLD_OUTCOMES = ("created", "captured", "released", "extended", "expired")
+
+
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(request: Request, rt: Runtime = Depends(runtime)) -> Response:
     registry: Metrics = request.app.state.metrics
@@ -68,6 +71,8 @@ async def metrics(request: Request, rt: Runtime = Depends(runtime)) -> Response:
             # kind only its previous process fired must not keep that process's count.
             for kind in get_args(AlarmKind):
                 registry.shard_alarms.labels(shard, kind).set(result.alarms_by_kind.get(kind, 0))
+            for outcome in HOLD_OUTCOMES:
+                registry.shard_holds.labels(shard, outcome).set(result.holds_by_outcome.get(outcome, 0))
             if result.last_flush_duration_ms is not None:
                 registry.shard_flush_duration.labels(shard).set(result.last_flush_duration_ms / 1000)
             if result.last_flush_at_ms is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from gateway.auth import issue_token
 from tests.harness import JWT_SECRET, RunningServer, auth, change_plan, new_user
 from usage_ledger_client import (
+    HoldResolved,
     LedgerClient,
     LimitReached,
     NoCredits,
@@ -117,3 +119,71 @@ async def test_a_bad_token_is_unauthorized_at_once(server: RunningServer) -> Non
         with pytest.raises(Unauthorized):
             async with ledger.session():
                 pass
+
+
+async def generations(http: httpx.AsyncClient, user: str) -> dict[str, Any]:
+    """The free plan's `generations` meter (tests/integration/plans.toml: 5 a day)."""
+    answer = await http.get("/v1/credits", headers=auth(user))
+    assert answer.status_code == 200, answer.text
+    return answer.json()["meters"]["generations"]  # type: ignore[no-any-return]
+
+
+async def test_a_hold_captures_part_and_the_rest_goes_back_at_once(
+    server: RunningServer, client: httpx.AsyncClient
+) -> None:
+    user = new_user()
+    async with client_for(server, user) as ledger:
+        async with ledger.hold(meter="generations", amount=4, ttl_s=60, reference="completion-1") as hold:
+            meter = await generations(client, user)
+            assert (meter["held"], meter["used"], meter["remaining"]) == (4, 0, 1)
+            assert [h.hold_id for h in await ledger.list_holds()] == [hold.hold_id]
+            captured = await hold.capture(3)
+            assert await hold.capture(3) == captured
+        assert (captured.state, captured.captured, captured.released) == ("captured", 3, 1)
+        assert (await ledger.get_hold(hold.hold_id)) == captured, "no release after the capture"
+        with pytest.raises(HoldResolved) as again:
+            await ledger.release_hold(hold.hold_id)
+        assert again.value.state == "captured"
+        assert await ledger.list_holds() == []
+    meter = await generations(client, user)
+    assert (meter["held"], meter["used"], meter["remaining"]) == (0, 3, 2)
+
+
+async def test_a_body_that_raises_releases_its_hold(server: RunningServer, client: httpx.AsyncClient) -> None:
+    user = new_user()
+    async with client_for(server, user) as ledger:
+        with pytest.raises(RuntimeError, match="the stream broke"):
+            async with ledger.hold(meter="generations", amount=5, ttl_s=60) as hold:
+                assert (await generations(client, user))["remaining"] == 0
+                raise RuntimeError("the stream broke")
+        assert hold.state == "released"
+        shown = await ledger.get_hold(hold.hold_id)
+        assert (shown.state, shown.captured, shown.released) == ("released", 0, 5)
+    meter = await generations(client, user)
+    assert (meter["held"], meter["used"], meter["remaining"]) == (0, 0, 5)
+
+
+async def test_a_body_running_past_its_ttl_keeps_the_hold_and_then_captures(
+    server: RunningServer, client: httpx.AsyncClient
+) -> None:
+    user = new_user()
+    async with client_for(server, user) as ledger:
+        async with ledger.hold(meter="generations", amount=2, ttl_s=2) as hold:
+            first_expiry = hold.expires_at
+            await asyncio.sleep(3)  # the hold would have expired at 2 s
+            assert hold.state == "held" and hold.expires_at > first_expiry
+            assert (await generations(client, user))["held"] == 2
+            captured = await hold.capture(2)
+        assert (captured.state, captured.captured) == ("captured", 2)
+    meter = await generations(client, user)
+    assert (meter["held"], meter["used"]) == (0, 2)
+
+
+async def test_a_minutes_hold_bills_what_it_captures(server: RunningServer) -> None:
+    user = new_user()
+    async with client_for(server, user) as ledger:
+        async with ledger.hold(minutes=2.5, ttl_s=60) as hold:
+            assert (hold.current is not None) and (hold.current.meter, hold.current.minutes) == (None, 2.5)
+            captured = await hold.capture(1.5)
+        assert (captured.captured, captured.released) == (1.5, 1.0)
+        assert (await ledger.usage()).minutes_used >= 1.5

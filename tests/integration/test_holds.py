@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 
 from actors.hosting import kill_shards
-from tests.harness import ServerFactory, auth, eventually, new_user
+from tests.harness import ServerFactory, auth, eventually, new_user, sse_frames
 from tests.integration.test_credits import reconcile
 from tests.integration.test_sessions import assert_problem
 
@@ -230,3 +230,32 @@ async def test_a_hold_expires_at_its_ttl_across_a_shard_restart(
         assert (await generations(http, user))["remaining"] == 5
         assert (await reconcile(http, user))["drift_found"] is False
     await second.stop()
+
+
+async def test_the_stream_shows_a_holds_changes(client: httpx.AsyncClient) -> None:
+    user = new_user()
+    frames: list[dict[str, Any]] = []
+
+    async def read() -> None:
+        async with client.stream("GET", "/v1/usage/stream", headers=auth(user)) as response:
+            async for frame in sse_frames(response.aiter_lines()):
+                if frame["event"] == "usage":
+                    frames.append(frame["data"])
+
+    reader = asyncio.create_task(read())
+
+    def shown(minutes_held: float) -> Any:
+        async def check() -> bool:
+            return bool(frames) and frames[-1]["minutes_held"] == minutes_held
+
+        return check
+
+    try:
+        await eventually(shown(0), timeout_s=10, every_s=0.05)
+        held = (await hold(client, user, minutes=2)).json()
+        await eventually(shown(2), timeout_s=5, every_s=0.05)
+        assert frames[-1]["version"] == held["version"] and frames[-1]["minutes_remaining"] == 8
+        await client.post(f"/v1/holds/{held['hold_id']}/release", json={}, headers=auth(user))
+        await eventually(shown(0), timeout_s=5, every_s=0.05)
+    finally:
+        reader.cancel()

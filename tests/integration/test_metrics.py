@@ -4,9 +4,11 @@ are built on exist, are labelled as documented, and moved by what the session di
 from __future__ import annotations
 
 import asyncio
+from typing import get_args
 
 import httpx
 
+from actors.ledger import AlarmKind
 from tests.harness import STALE_SESSION_S, RunningServer, auth, eventually, new_user, samples, total
 
 
@@ -50,7 +52,9 @@ async def test_a_session_moves_correctly_labelled_series(
     shards = server.settings.shards
     assert sum(name.startswith("ledger_shard_dirty_users{") for name in after) == shards
     # Every alarm kind, fired or not (0): a restarted shard's figures replace its old process's.
-    assert sum(name.startswith("ledger_shard_alarms_fired_by_kind{") for name in after) == 4 * shards
+    kinds = len(get_args(AlarmKind))
+    assert sum(name.startswith("ledger_shard_alarms_fired_by_kind{") for name in after) == kinds * shards
+    assert sum(name.startswith("ledger_shard_holds_by_outcome{") for name in after) == 5 * shards
 
     async def flushed_everywhere() -> bool:  # a shard reports its flush figures once it has flushed
         found = await samples(client)

@@ -109,6 +109,34 @@ async def test_a_held_tail_round_trips_with_the_periods_it_holds_time_in(store: 
     assert [p.used_ms for p in periods.values() if p.end_ms == month_end] == [4_000]
 
 
+async def test_holds_round_trip_with_the_month_they_hold_minutes_in(store: PostgresStore) -> None:
+    """A minute hold made in November survives a restart after the month ended; its capture is
+    billed to November, the hold is found only by its user, and a resolved hold is not loaded again."""
+    policy = POLICY
+    user = user_id()
+    month_end = from_datetime(datetime(2026, 12, 1, tzinfo=UTC))
+    ledger = UserLedger.new(user, policy, month_end - 60_000, plan="basic")
+    minutes = ledger.create_hold(
+        month_end - 60_000, f"hold_{user}_m", meter=None, amount=90_000, ttl_ms=600_000
+    )
+    ledger.advance(month_end + 1_000)  # November ends with the hold open
+    await store.save([ledger.snapshot()])
+    assert user in await store.open_session_users(), "a user with a hold is re-armed after a restart"
+    loaded = (await store.load([user], now_ms=month_end + 2_000))[user]
+    assert loaded.holds == (minutes,)
+    restored = UserLedger.restore(loaded, policy, month_end + 2_000)
+    assert restored.usage(month_end + 2_000).held_ms == 90_000
+    captured = restored.capture_hold(month_end + 3_000, minutes.hold_id, 30_000)
+    assert (captured.state, captured.captured, captured.released) == ("captured", 30_000, 60_000)
+    await store.save([restored.snapshot()])
+    assert (await store.find_hold(user, minutes.hold_id)) == captured
+    assert await store.find_hold("someone-else", minutes.hold_id) is None
+    assert (await store.load([user], now_ms=month_end + 4_000))[user].holds == ()
+    assert user not in await store.open_session_users()
+    periods = {p.start_ms: p for p in await store.list_periods(user, 5)}
+    assert [p.used_ms for p in periods.values() if p.end_ms == month_end] == [30_000], "billed to November"
+
+
 async def test_older_versions_never_overwrite_newer(store: PostgresStore) -> None:
     user = user_id()
     ledger = UserLedger.new(user, POLICY, T0)

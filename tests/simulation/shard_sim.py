@@ -8,8 +8,10 @@ of traffic takes a fraction of a second and a failing seed replays exactly.
 What runs: one real `LedgerShard` over a `MemoryStore` (through the faults of
 `tests.simulation.faults`), driven by, for each user, a voice client (starts,
 heartbeats, duplicate heartbeats, ends, silences, crashes mid-session), two
-browser tabs holding live streams (`watch`) and reading usage, and an app
-(meter uses, credit and usage history, session lists, checks); one billing
+browser tabs holding live streams (`watch`) and reading usage, an app
+(meter uses, credit and usage history, session lists, checks) and an AI app
+(holds of minutes or of a meter: captured whole or in part, captured again,
+released, extended, read, or left to expire; keyed or not); one billing
 client for all (purchases and plan changes, redelivered and conflicting,
 billing anchors of short periods, reconciliations); and a nemesis that makes
 the store slow, takes it down, loses a commit's reply, cuts a write, holds a
@@ -49,7 +51,16 @@ Safety
   S4  at most one open session per user, in memory and in the store;
   S5  a keyed retry of a request that succeeded gets the first answer again;
   S6  no call fails with anything but the domain's own refusals (no crash of
-      the shard's code: a 500 at the gateway).
+      the shard's code: a 500 at the gateway);
+  H1  a hold is resolved exactly once: an acknowledged hold is in the store when
+      it is answered; a resolution a client was told (captured n, released) is
+      the one the store ends with, and every answer about the hold after it is
+      the same; no hold's state changes once resolved; captured <= amount and
+      captured + released = amount;
+  H2  what holds and uses take of a meter never passes its limit (used + held),
+      and captured minutes are billed (S3 counts them with the sessions' time);
+  L5  once the clients stop, every hold is resolved by its deadline at the
+      latest (expired by the shard's own alarm, even across a restart).
 
 Run one seed: `LEDGER_SIM_SEED=123 pytest tests/simulation -q`; a failure
 prints its seed, the broken invariant and the trace's last lines.
@@ -70,6 +81,7 @@ from typing import Any
 
 from actors.errors import (
     DomainError,
+    HoldResolved,
     IdempotencyInFlight,
     LedgerError,
     Overloaded,
@@ -84,7 +96,7 @@ from actors.replies import IdempotencyKey
 from actors.shard import LANES, LedgerShard, PlanEvent, Purchase, ShardConfig
 from actors.store import LedgerStore, MemoryStore
 from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
-from actors.views import CreditsAdded, PlanChangeResult, SessionProgress, SessionStarted
+from actors.views import CreditsAdded, HoldView, PlanChangeResult, SessionProgress, SessionStarted
 from gateway.metrics import Metrics
 from gateway.shards import ShardBatcher
 from tests.simulation.calls import RemoteHandle, ShardDied
@@ -154,6 +166,13 @@ class SessionTrack:
 
 
 @dataclass
+class HoldTrack:
+    user: str
+    view: HoldView  # as acknowledged at creation
+    told: HoldView | None = None  # the resolution a client was told
+
+
+@dataclass
 class Outcome:
     value: Any = None
     error: BaseException | None = None
@@ -187,6 +206,8 @@ class Simulation:
         self.trace: deque[str] = deque(maxlen=TRACE_LINES_KEPT)
         self._digest = hashlib.blake2b(digest_size=16)
         self._session_ids = itertools.count(1)
+        self._hold_ids = itertools.count(1)
+        self.holds: dict[str, HoldTrack] = {}
         self._delivery_ids = itertools.count(1)
         self._keys = itertools.count(1)
         self.sessions: dict[str, SessionTrack] = {}
@@ -262,6 +283,7 @@ class Simulation:
             clients = [self._voice(user, 0) for user in self.users]
             clients += [self._tab(user, tab) for user in self.users for tab in range(2)]
             clients += [self._app(user) for user in self.users]
+            clients += [self._ai(user) for user in self.users]
             clients += [self._billing(), self._bystander()]
             nemesis = asyncio.get_running_loop().create_task(self._nemesis())
             await asyncio.gather(*clients)
@@ -292,7 +314,11 @@ class Simulation:
             owner="sim/shard-0",
         )
         shard = LedgerShard(
-            config, factory, clock=self.now_ms, new_session_id=lambda: f"s{next(self._session_ids)}"
+            config,
+            factory,
+            clock=self.now_ms,
+            new_session_id=lambda: f"s{next(self._session_ids)}",
+            new_hold_id=lambda: f"h{next(self._hold_ids)}",
         )
         in_flight = self._calls_in_flight[self.generation] = {}
         handle = RemoteHandle(shard, in_flight)
@@ -548,6 +574,98 @@ class Simulation:
             burst = rng.choice((1, 1, 1, 3))  # a page that fires several reads at once
             await asyncio.gather(*(self.call(f"{label} {user}", read) for _ in range(burst)))
 
+    async def _ai(self, user: str) -> None:
+        """An AI app: reserves before the work, then captures what it cost (or gives up)."""
+        rng = random.Random(self.rng.random())
+        while self.clients_go_on():
+            await self.think(rng, 1, 40)
+            if rng.random() < 0.5:
+                meter, amount = None, rng.choice((15, 30, 60)) * MS_PER_SECOND
+            else:
+                meter, amount = "generations", rng.choice((1, 2, 3))
+            ttl_ms = rng.choice((5, 30, 120)) * MS_PER_SECOND
+            key = self.key(rng)
+            idem = IdempotencyKey(key, f"hold:{meter}:{amount}:{ttl_ms}") if key else None
+            created = await self.hot(
+                f"hold {user} {meter or 'minutes'} {amount}",
+                "create_hold",
+                user,
+                meter=meter,
+                amount=amount,
+                ttl_ms=ttl_ms,
+                idem=idem,
+            )
+            self.check_keyed(user, idem, created, "hold")
+            if not created.ok:
+                continue
+            view: HoldView = created.value
+            if view.hold_id not in self.memory.hold_records:
+                raise self.violated(f"H1: hold {view.hold_id} was acknowledged but is not in the store")
+            self.holds.setdefault(view.hold_id, HoldTrack(user, view))
+            self._check_meter_limit(user, view)
+            await self._work_on_hold(user, view, rng)
+
+    async def _work_on_hold(self, user: str, view: HoldView, rng: random.Random) -> None:
+        hold_id = view.hold_id
+        await asyncio.sleep(rng.uniform(0, view.expires_at_ms - view.created_at_ms) / 1000 * 1.3)
+        fate = rng.random()
+        if fate < 0.15:
+            self.note(f"ai {user} forgets hold {hold_id}")
+            return  # it expires
+        if fate < 0.25:
+            ttl_ms = rng.choice((5, 60)) * MS_PER_SECOND
+            await self.hot(f"extend {user} {hold_id}", "extend_hold", user, hold_id, ttl_ms)
+            await asyncio.sleep(rng.uniform(0, 10))
+        if fate < 0.35:
+            verb, args = "release_hold", (user, hold_id)
+        else:
+            whole = view.amount if view.meter is not None else view.amount / MS_PER_MINUTE
+            part = rng.choice((None, whole, 0, whole / 2 if view.meter is None else max(0, view.amount - 1)))
+            verb, args = "capture_hold", (user, hold_id, part)
+        for _attempt in range(rng.choice((1, 2, 3))):  # a capture sent again gets the same answer
+            key = self.key(rng)
+            idem = IdempotencyKey(key, f"{verb}:{args[1:]}") if key else None
+            outcome = await self.hot(f"{verb} {user} {hold_id} {args[2:]}", verb, *args, idem=idem)
+            self.check_keyed(user, idem, outcome, verb)
+            self._told_hold(hold_id, outcome)
+        read = await self.hot(f"get_hold {user} {hold_id}", "get_hold", user, hold_id)
+        self._told_hold(hold_id, read, reading=True)
+
+    def _told_hold(self, hold_id: str, outcome: Outcome, *, reading: bool = False) -> None:
+        """H1: once a client was told how a hold was resolved, every later answer says the same."""
+        track = self.holds[hold_id]
+        if outcome.ok:
+            view: HoldView = outcome.value
+            if view.state == "held":
+                if track.told is not None:
+                    raise self.violated(f"H1: hold {hold_id} was told {track.told.state}, now held again")
+                return
+            if view.captured + view.released != view.amount or view.captured > view.amount:
+                raise self.violated(f"H1: hold {hold_id} resolved as {view}")
+            if track.told is not None and track.told != view:
+                raise self.violated(f"H1: hold {hold_id} was told {track.told}, now {view}")
+            track.told = view
+            stored = self.memory.hold_records.get(hold_id)
+            if not reading and (stored is None or stored.state != view.state):
+                raise self.violated(f"H1: hold {hold_id} was answered {view.state}, the store has {stored}")
+        elif isinstance(outcome.error, HoldResolved):
+            state = outcome.error.fields["state"]
+            if track.told is not None and track.told.state != state:
+                raise self.violated(f"H1: hold {hold_id} was told {track.told.state}, now {state}")
+
+    def _check_meter_limit(self, user: str, view: HoldView) -> None:
+        """H2: right after a hold of the meter, with nothing else changed since (a plan lowered
+        under what was used or held is no new use past the limit), used + held is within it."""
+        assert self.shard is not None
+        ledger = self.shard._residency.ledgers.get(user)
+        if ledger is None or ledger.version != view.version or view.meter is None:
+            return
+        meter = ledger.credits(self.now_ms()).meters.get("generations")
+        if meter is not None and meter.limit is not None and meter.used + meter.held > meter.limit:
+            raise self.violated(
+                f"H2: {user} generations used {meter.used} + held {meter.held} > {meter.limit}"
+            )
+
     async def _bystander(self) -> None:
         """L4: a user who only reads, timed: nothing the others do may keep it waiting."""
         rng = random.Random(self.rng.random())
@@ -720,6 +838,19 @@ class Simulation:
         pending = [s.session_id for s in memory.sessions.values() if s.is_pending]
         if pending:
             raise self.violated(f"L3: held tails never resolved, long after their deadline: {pending}")
+        for hold_id, track in self.holds.items():
+            stored = memory.hold_records.get(hold_id)
+            if stored is None or stored.is_held:
+                raise self.violated(f"L5: hold {hold_id} never resolved, long after its deadline: {stored}")
+            if stored.captured + stored.released != stored.amount or stored.captured > stored.amount:
+                raise self.violated(f"H1: hold {hold_id} is stored resolved as {stored}")
+            told = track.told
+            if told is not None and (told.state, told.captured, told.released) != (
+                stored.state,
+                stored.captured,
+                stored.released,
+            ):
+                raise self.violated(f"H1: hold {hold_id} was told {told}; the store has {stored}")
         for session_id, record in memory.sessions.items():
             track = self.sessions.get(session_id)
             if track is None:
@@ -771,9 +902,13 @@ class Simulation:
             if e.reason == "consume" and e.bucket in (MONTHLY_BUCKET, PURCHASED_BUCKET)
         )
         billed = sum(s.used_ms for s in memory.sessions.values() if s.user_id == user)
-        if consumed != billed:
+        captured = sum(
+            h.captured for h in memory.hold_records.values() if h.user_id == user and h.meter is None
+        )
+        if consumed != billed + captured:
             raise self.violated(
-                f"S3: {user}: sessions billed {billed} ms, the credit ledger consumed {consumed}"
+                f"S3: {user}: sessions billed {billed} ms and holds captured {captured} ms, "
+                f"the credit ledger consumed {consumed}"
             )
         stored_user = memory.users.get(user)
         purchased_chain = chains.get((PURCHASED_BUCKET, None))
@@ -796,5 +931,7 @@ def _describe(outcome: Outcome) -> str:
         return f"{value.state} {value.end_reason} used={value.session_used_ms} v{value.version}"
     if isinstance(value, SessionStarted):
         return f"started {value.session_id} v{value.version}"
+    if isinstance(value, HoldView):
+        return f"hold {value.hold_id} {value.state} {value.captured}/{value.amount} v{value.version}"
     version = getattr(value, "version", None)
     return f"{type(value).__name__} v{version}" if version is not None else type(value).__name__
