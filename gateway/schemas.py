@@ -432,10 +432,10 @@ class Hold(ResponseModel):
     hold_id: str
     meter: str | None
     minutes: float | None
-    amount: float
+    amount: int | float  # meter units (a whole number), or minutes
     state: HoldState
-    captured: float
-    released: float
+    captured: int | float
+    released: int | float
     reference: str | None
     created_at: Timestamp
     expires_at: Timestamp
@@ -444,7 +444,7 @@ class Hold(ResponseModel):
 
     @classmethod
     def from_view(cls, view: HoldView) -> Hold:
-        def unit(value: int) -> float:
+        def unit(value: int) -> int | float:
             return to_minutes(value) if view.meter is None else value
 
         return cls(

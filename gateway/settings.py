@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     stale_session_s: float = Field(default=600.0, gt=0, le=86_400)
     low_balance_minutes: float = Field(default=5.0, ge=0)
     # Unresolved holds one user may have at once; past it, 429 `too_many_holds`.
-    max_open_holds: int = Field(default=100, ge=1, le=10_000)
+    max_open_holds: int = Field(default=100, ge=1, le=1_000)
 
     actor_call_timeout_s: float = Field(default=12.0, gt=0, le=300)
     shard_max_pending_calls: int = Field(default=10_000, ge=1, le=1_000_000)

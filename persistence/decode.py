@@ -9,6 +9,7 @@ built on it, or a shard failing on it.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from actors.times import checked_instant
@@ -29,3 +30,20 @@ def instant_ms(value: datetime, column: str) -> int:
 
 def optional_instant_ms(value: datetime | None, column: str) -> int | None:
     return instant_ms(value, column) if value is not None else None
+
+
+def draws(value: str | None, column: str) -> tuple[tuple[int, int, int], ...]:
+    """What a held tail or a minute hold holds, as stored (jsonb text: [[period start ms,
+    allowance ms, purchased ms], ...]); None is nothing."""
+    if value is None:
+        return ()
+    try:
+        return tuple(
+            (int(start), int(allowance), int(purchased)) for start, allowance, purchased in json.loads(value)
+        )
+    except (ValueError, TypeError) as exc:
+        raise UnreadableRow("read", f"{column} holds {value!r}: {exc}") from None
+
+
+def draws_text(held: tuple[tuple[int, int, int], ...]) -> str | None:
+    return json.dumps([list(draw) for draw in held]) if held else None

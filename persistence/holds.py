@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -11,7 +10,7 @@ import asyncpg
 
 from actors.records import HoldRecord
 from actors.times import to_datetime
-from persistence.decode import instant_ms, optional_instant_ms
+from persistence.decode import draws, draws_text, instant_ms, optional_instant_ms
 
 if TYPE_CHECKING:
     from persistence.database import Connection
@@ -23,7 +22,6 @@ _COLUMNS = """
 
 
 def _record(row: asyncpg.Record) -> HoldRecord:
-    draws = json.loads(row["draws"]) if row["draws"] is not None else []
     return HoldRecord(
         hold_id=row["hold_id"],
         user_id=row["user_id"],
@@ -37,7 +35,7 @@ def _record(row: asyncpg.Record) -> HoldRecord:
         captured=row["captured"],
         released=row["released"],
         resolved_at_ms=optional_instant_ms(row["resolved_at"], "usage_holds.resolved_at"),
-        draws=tuple((int(start), int(allowance), int(purchased)) for start, allowance, purchased in draws),
+        draws=draws(row["draws"], "usage_holds.draws"),
         window_start_ms=optional_instant_ms(row["window_start"], "usage_holds.window_start"),
     )
 
@@ -73,7 +71,7 @@ async def upsert_holds(connection: Connection, *, holds: Sequence[HoldRecord]) -
         [to_datetime(h.created_at_ms) for h in holds],
         [to_datetime(h.expires_at_ms) for h in holds],
         [to_datetime(h.resolved_at_ms) if h.resolved_at_ms is not None else None for h in holds],
-        [json.dumps([list(draw) for draw in h.draws]) if h.draws else None for h in holds],
+        [draws_text(h.draws) for h in holds],
         [to_datetime(h.window_start_ms) if h.window_start_ms is not None else None for h in holds],
         [h.version for h in holds],
     )

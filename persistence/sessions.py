@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -12,7 +11,7 @@ import asyncpg
 
 from actors.records import SessionRecord
 from actors.times import to_datetime
-from persistence.decode import instant_ms, optional_instant_ms
+from persistence.decode import draws, draws_text, instant_ms, optional_instant_ms
 
 if TYPE_CHECKING:
     from persistence.database import Connection
@@ -36,21 +35,8 @@ def _record(row: asyncpg.Record) -> SessionRecord:
         ended_at_ms=optional_instant_ms(row["ended_at"], "usage_sessions.ended_at"),
         end_reason=row["end_reason"],
         last_seq=row["last_seq"],
-        pending=_pending_from(row["pending"]),
+        pending=draws(row["pending"], "usage_sessions.pending"),
     )
-
-
-def _pending_from(value: str | None) -> tuple[tuple[int, int, int], ...]:
-    """`pending` as stored (jsonb text: [[period start ms, allowance ms, purchased ms], ...])."""
-    if value is None:
-        return ()
-    return tuple(
-        (int(start), int(allowance), int(purchased)) for start, allowance, purchased in json.loads(value)
-    )
-
-
-def _pending_to(pending: tuple[tuple[int, int, int], ...]) -> str | None:
-    return json.dumps([list(draw) for draw in pending]) if pending else None
 
 
 def _as_uuid(session_id: str) -> uuid.UUID | None:
@@ -90,7 +76,7 @@ async def upsert_sessions(connection: Connection, *, sessions: Sequence[SessionR
         [s.end_reason for s in sessions],
         [s.last_seq for s in sessions],
         [s.version for s in sessions],
-        [_pending_to(s.pending) for s in sessions],
+        [draws_text(s.pending) for s in sessions],
     )
 
 

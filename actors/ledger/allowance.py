@@ -35,7 +35,10 @@ class Allowance(Alerts):
     def advance(self, now_ms: int) -> list[Alarm]:
         """Fire, in time order, every alarm due at or before `now_ms`."""
         fired: list[Alarm] = []
-        for _ in range(MAX_ALARMS_PER_ADVANCE):
+        # Each tail's release and each hold's expiry fires once and removes its alarm; besides
+        # those, a handful (an end, a boundary or two).
+        bound = MAX_ALARMS_PER_ADVANCE + len(self._tails) + len(self._holds)
+        for _ in range(bound):
             alarm = self._next_alarm()
             if alarm is None or alarm.at_ms > now_ms:
                 return fired
@@ -54,7 +57,7 @@ class Allowance(Alerts):
                 self._roll_over(now_ms)
             self._note_balance(alarm.at_ms)
             fired.append(alarm)
-        raise AssertionError(f"more than {MAX_ALARMS_PER_ADVANCE} alarms in one advance")
+        raise AssertionError(f"more than {bound} alarms in one advance")
 
     def _next_alarm(self) -> Alarm | None:
         candidates = [Alarm("period_end", self._period.end_ms)]
@@ -196,8 +199,9 @@ class Allowance(Alerts):
         assert meter is not None
         state = self._meters.get(meter)
         if window_start is None:
-            # Held while the meter had no limit: counted, with no credit-ledger balance to move.
-            if state is not None and capture:
+            # Held while the meter had no limit: counted in the window it was made in (if that is
+            # still the meter's), with no credit-ledger balance to move.
+            if state is not None and not state.closed and state.holds_instant(hold.created_at_ms):
                 state.used += capture
             return
         key = meter_key(meter, window_start)

@@ -28,7 +28,7 @@ from typing import Literal
 from actors.errors import HoldNotFound, HoldResolved, InvalidCapture, NoCredits, TooManyHolds
 from actors.ledger.meters import Meters
 from actors.records import HoldRecord
-from actors.times import minutes_to_ms
+from actors.times import minutes_to_ms, to_minutes
 
 HoldVerb = Literal["capture", "release", "extend"]
 
@@ -152,6 +152,11 @@ class Holds(Meters):
         if amount is None:
             return None
         if hold.meter is None:
+            # The API shows minutes to two decimals: an amount it showed (the hold's, or what was
+            # captured) means that amount exactly.
+            for exact in (hold.amount, hold.captured):
+                if exact and round(amount, 2) == to_minutes(exact):
+                    return exact
             return minutes_to_ms(amount)
         if amount != int(amount):
             raise InvalidCapture(

@@ -440,7 +440,11 @@ class UserLedger(Holds):
                 or self._prior is not None
             )
             if in_place:
-                # The same period (or one that began this instant): renewed to the subscription's end.
+                # The same period (or one that began this instant): renewed to the subscription's end,
+                # and so are the meter windows that are this period (their uses still count).
+                for state in self._meters.values():
+                    if state.counts_in(self.period):
+                        state.window_end_ms = bounds.end_ms
                 self._period.end_ms = bounds.end_ms
             else:
                 # The current period closes now and the anchored one opens now; the ones after it

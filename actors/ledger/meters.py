@@ -66,11 +66,16 @@ class Meters(Allowance):
         return max(0, spec.limit - used - self._meter_held_in(meter, window))
 
     def _meter_held_in(self, meter: str, window: PeriodBounds) -> int:
-        """What the unresolved holds of a meter hold in `window` (with those made without a limit)."""
+        """What the unresolved holds of a meter hold in `window` (with those made in it while the
+        meter had no limit)."""
         return sum(
             hold.amount
             for hold in self._holds.values()
-            if hold.meter == meter and hold.window_start_ms in (window.start_ms, None)
+            if hold.meter == meter
+            and (
+                hold.window_start_ms == window.start_ms
+                or (hold.window_start_ms is None and window.start_ms <= hold.created_at_ms < window.end_ms)
+            )
         )
 
     def _open_window(self, meter: str, spec: MeterSpec, window: PeriodBounds, now_ms: int) -> MeterState:
@@ -88,7 +93,7 @@ class Meters(Allowance):
             # (Holds already in a window of this start, one of another kind that a plan change
             # closed this instant, go on holding in this one: its chain of entries goes on.)
             carried = self._meter_held(meter, window.start_ms)
-            self._track_holds(meter, window.start_ms)
+            self._track_holds(meter, window)
             balance = self._meter_balance(meter, state, spec.limit)
             key = meter_key(meter, window.start_ms)
             self._record(key, delta=balance - carried, balance_after=balance, reason="reset", at_ms=now_ms)
@@ -124,7 +129,7 @@ class Meters(Allowance):
                 continue
             old_balance = self._meter_balance(name, state, old_limit)
             if old_limit is None:
-                self._track_holds(name, state.window_start_ms)
+                self._track_holds(name, PeriodBounds(state.window_start_ms, state.window_end_ms))
             new_balance = self._meter_balance(name, state, new_limit)
             key = meter_key(name, state.window_start_ms)
             if old_limit is None:
@@ -159,9 +164,10 @@ class Meters(Allowance):
             self._record(key, delta=held - balance, balance_after=held, reason="adjust", at_ms=at_ms)
         state.window_end_ms = state.window_start_ms
 
-    def _track_holds(self, meter: str, window_start_ms: int) -> None:
-        """Holds of `meter` made while it had no limit now hold in the window starting at
-        `window_start_ms` (its limit came back: they count in that window's balance from now on)."""
-        for _hold_id, hold in list(self._holds.items()):
-            if hold.meter == meter and hold.window_start_ms is None:
-                self._keep_hold(replace(hold, window_start_ms=window_start_ms, version=self.version))
+    def _track_holds(self, meter: str, window: PeriodBounds) -> None:
+        """Holds of `meter` made in `window` while the meter had no limit: it has one again, so
+        they count in the window's balance from now on. (Those of an earlier window never do.)"""
+        for hold in list(self._holds.values()):
+            made_in_window = window.start_ms <= hold.created_at_ms < window.end_ms
+            if hold.meter == meter and hold.window_start_ms is None and made_in_window:
+                self._keep_hold(replace(hold, window_start_ms=window.start_ms, version=self.version))

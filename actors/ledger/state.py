@@ -43,8 +43,9 @@ AlarmKind = Literal["stale", "release", "expire", "limit", "period_end"]
 # held), then the limit (it holds to the instant), then the period's end.
 ALARM_PRIORITY: dict[AlarmKind, int] = {"stale": 0, "release": 1, "expire": 2, "limit": 3, "period_end": 4}
 
-# One `advance` fires at most a few alarms (an end, a boundary or two); a
-# larger count means the state machine is looping, which is a bug.
+# One `advance` fires at most a few alarms (an end, a boundary or two) besides
+# the tails' releases and the holds' expiries; a larger count means the state
+# machine is looping, which is a bug.
 MAX_ALARMS_PER_ADVANCE = 16
 
 # A ledger rebuilt from a store continues this far above the stored version.
@@ -195,6 +196,10 @@ class MeterState:
     def counts_in(self, window: PeriodBounds) -> bool:
         """Whether this state is the count of `window` (a closed one counts in none)."""
         return self.window_start_ms == window.start_ms and self.window_end_ms == window.end_ms
+
+    def holds_instant(self, at_ms: int) -> bool:
+        """Whether `at_ms` falls in this state's window."""
+        return self.window_start_ms <= at_ms < self.window_end_ms
 
     @property
     def closed(self) -> bool:

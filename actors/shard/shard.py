@@ -575,13 +575,15 @@ class LedgerShard:
         request_id: str | None,
     ) -> HoldView:
         try:
-            # A hold an alarm resolved (its expiry, written behind) is durable before it is told.
+            # A repeat of how a hold was resolved is answered once that is durable (an expiry the
+            # alarm wrote behind, say). A refusal (`HoldResolved`) is not waited for: the expiry it
+            # names is derived again, at the same instant, by a shard that restarts without it.
             hold, changed = await self._write(
                 turn, lambda ledger, now: HoldView.of(operate(ledger, now)), write_dirty=True
             )
         except HoldNotFound:
             raise self._hold_from_store(turn.user_id, hold_id, verb, amount) from None
-        if changed:
+        if changed and hold.version > turn.ledger.version:  # (not a repeat while an alarm fired)
             self._hold_counts[f"{verb}d" if verb != "extend" else "extended"] += 1
             log.info(
                 f"hold_{verb}d" if verb != "extend" else "hold_extended",
