@@ -1,7 +1,7 @@
 """`python -m bench`: run the benchmark scenarios against a real server, write the results.
 
     .venv/bin/python -m bench                 # every scenario, the full rate sweep
-    .venv/bin/python -m bench --short         # a quick look (under 3 minutes)
+    .venv/bin/python -m bench --short         # a quick look (a few minutes)
     .venv/bin/python -m bench check heartbeat # some scenarios
 
 Each scenario starts a real `usage-ledger serve` (local Ray, its own embedded
@@ -51,8 +51,11 @@ FULL = Sweep(rates=(250, 500, 1000, 2000, 3000, 4000), seconds=15, users=2000, s
 SHORT = Sweep(rates=(250, 1000), seconds=4, users=500, settle_s=1)
 
 
-async def _prepare_users(server: BenchServer, users: list[str], *, start_sessions: bool) -> dict[str, str]:
-    """Make every user resident (and give each a session); returns user -> session id."""
+async def _prepare_users(
+    server: BenchServer, users: list[str], *, start_sessions: bool, hold_meter: str | None = None
+) -> dict[str, str]:
+    """Make every user resident (and give each a session, or reserve and capture one of
+    `hold_meter`, so that the meter is in use too); returns user -> session id."""
     sessions: dict[str, str] = {}
     limits = httpx.Limits(max_connections=32)
     async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=60) as http:
@@ -66,6 +69,14 @@ async def _prepare_users(server: BenchServer, users: list[str], *, start_session
                     started = await http.post("/v1/sessions", json={"topic": "bench"}, headers=headers)
                     started.raise_for_status()
                     sessions[user] = started.json()["session_id"]
+                if hold_meter is not None:
+                    held = await http.post(
+                        "/v1/holds", json={"meter": hold_meter, "amount": 1}, headers=headers
+                    )
+                    held.raise_for_status()
+                    hold_id = held.json()["hold_id"]
+                    captured = await http.post(f"/v1/holds/{hold_id}/capture", json={}, headers=headers)
+                    captured.raise_for_status()
 
         await asyncio.gather(*(one(user) for user in users))
     return sessions
@@ -157,9 +168,16 @@ def _users(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{uuid.uuid4().hex[:12]}" for _ in range(count)]
 
 
-def _flows(server: BenchServer, flows: list[tuple[Step, ...]], sweep: Sweep) -> Callable[[float], FlowSpec]:
+def _flows(
+    server: BenchServer, flows: list[tuple[Step, ...]], sweep: Sweep, *, per_flow: bool = False
+) -> Callable[[float], FlowSpec]:
     return lambda rate: FlowSpec(
-        host="127.0.0.1", port=server.port, flows=flows, rate_per_s=rate, duration_s=sweep.seconds
+        host="127.0.0.1",
+        port=server.port,
+        flows=flows,
+        rate_per_s=rate,
+        duration_s=sweep.seconds,
+        per_flow=per_flow,
     )
 
 
@@ -183,6 +201,56 @@ def scenario_session(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     asyncio.run(_prepare_users(server, users, start_sessions=False))
     flows: list[tuple[Step, ...]] = [_start_and_end(server, user, end_at_s=0) for user in users]
     return {"users": len(users), "points": _sweep(server, _flows(server, flows, sweep), rates, sweep)}
+
+
+# The count meter `hold` reserves, with a limit no run comes near (bench/plans.toml), how much a
+# pair reserves and how much of it it captures (an LLM call: its most, then what it cost).
+HOLD_METER = "bench_tokens"
+HOLD_AMOUNT = 1_000
+HOLD_CAPTURE = 640
+HOLD_RATES_FULL: tuple[float, ...] = SESSION_RATES_FULL
+HOLD_RATES_SHORT: tuple[float, ...] = (100, 250)
+
+
+def reserve_and_capture(
+    headers: dict[str, str],
+    *,
+    meter: str = HOLD_METER,
+    amount: int = HOLD_AMOUNT,
+    capture: int = HOLD_CAPTURE,
+) -> tuple[Step, Step]:
+    """A hold of `amount` of `meter`, then the capture of `capture` of it as soon as it answers."""
+    assert 0 <= capture <= amount
+    hold = json.dumps({"meter": meter, "amount": amount}).encode()
+    return (
+        Step(0, "reserve", http_request("POST", "/v1/holds", headers=headers, body=hold)),
+        Step(
+            0,
+            "capture",
+            http_request(
+                "POST",
+                "/v1/holds/{hold}/capture",
+                headers=headers,
+                body=json.dumps({"amount": capture}).encode(),
+            ),
+        ),
+    )
+
+
+def scenario_hold(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
+    """Holds: reserve then capture (`POST /v1/holds` of 1,000 of a count meter, then `POST
+    /v1/holds/{id}/capture` of 640 of it as soon as it answers), both durable before they answer,
+    for warm users who have used the meter before. Offered rate in pairs per second; each pair is
+    one request: its latency runs from its due time to the capture's answer, and DB write
+    transactions are per 1,000 pairs."""
+    rates = HOLD_RATES_SHORT if sweep is SHORT else HOLD_RATES_FULL
+    # As for sessions: enough users that each pair is a user's only one for a while (the free
+    # plan's rate limit is 5 requests/s a user).
+    users = _users("hold", max(sweep.users, int(max(rates) * 10)))
+    asyncio.run(_prepare_users(server, users, start_sessions=False, hold_meter=HOLD_METER))
+    flows: list[tuple[Step, ...]] = [reserve_and_capture(_bearer(server, user)) for user in users]
+    points = _sweep(server, _flows(server, flows, sweep, per_flow=True), rates, sweep)
+    return {"users": len(users), "points": points}
 
 
 MIXED_HEARTBEATS = 10  # a session of ten heartbeats, the 30 s cadence compressed to 1 s
@@ -262,6 +330,7 @@ SCENARIOS: dict[str, Callable[[BenchServer, Sweep], dict[str, Any]]] = {
     "heartbeat": scenario_heartbeat,
     "session": scenario_session,
     "mixed": scenario_mixed,
+    "hold": scenario_hold,
 }
 
 
@@ -336,7 +405,7 @@ def _table(points: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-PLOTTED = ("check", "heartbeat", "session", "mixed")
+PLOTTED = ("check", "heartbeat", "session", "mixed", "hold")
 PLOT = "latency.png"
 
 
@@ -367,7 +436,8 @@ def plot_latency() -> Path | None:
             axis.plot(rates, [point["p50_ms"] for point in points], "x--", color=colour, label=f"{label} p50")
         axis.set_yscale("log")
         axis.set_title(name)
-        axis.set_xlabel("offered per second" + (" (sessions)" if name in ("session", "mixed") else ""))
+        unit = {"session": " (sessions)", "mixed": " (sessions)", "hold": " (reserve + capture pairs)"}
+        axis.set_xlabel("offered per second" + unit.get(name, ""))
         axis.set_ylabel("latency, ms (log)")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize="small")
@@ -468,7 +538,7 @@ def main() -> None:
     parser.add_argument(
         "--short",
         action="store_true",
-        help="a quick look, under 3 minutes: fewer rates, shorter runs, the HTTP scenarios and memory",
+        help="a quick look, a few minutes: fewer rates, shorter runs, the HTTP scenarios and memory",
     )
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the postgres-direct runs")

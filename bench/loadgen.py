@@ -15,9 +15,12 @@ get a connection waits for one, and that wait counts.
 Flows (`run_flows`) are scripted clients: flow i starts at `start + i / rate`
 and each of its steps is due at the flow's start plus the step's offset (a
 session start, heartbeats every second, an end). A step whose request names
-`{session}` gets the session id from the flow's first answer; a step that is
-due before the previous one answered is sent when it has, and its latency still
-counts from its due time. A flow whose step fails stops there.
+`{session}` (or `{hold}`) gets the session id (the hold id) from the first of
+the flow's answers that carries one; a step that is due before the previous one
+answered is sent when it has, and its latency still counts from its due time. A
+flow whose step fails stops there. With `per_flow`, a flow is one request: its
+latency runs from its start to its last answer (or its first failure), and the
+steps' latencies are reported by kind only.
 """
 
 from __future__ import annotations
@@ -200,10 +203,10 @@ async def _run(spec: LoadSpec) -> LoadResult:
 class Step:
     at_s: float  # after the flow's start
     kind: str  # the label its latencies are reported under
-    request: bytes  # may contain b"{session}": the id from the flow's first answer
+    request: bytes  # may contain b"{session}" or b"{hold}": the id from an earlier answer
 
 
-SESSION_ID = re.compile(rb'"session_id"\s*:\s*"([^"]+)"')
+ANSWER_ID = re.compile(rb'"(session|hold)_id"\s*:\s*"([^"]+)"')  # fills `{session}`, `{hold}`
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ class FlowSpec:
     rate_per_s: float  # flows started per second
     duration_s: float  # flows are started for this long; the run lasts until they finish
     connections: int = 256
+    per_flow: bool = False  # one latency and status per flow (start to last answer), not per step
 
 
 async def _run_flows(spec: FlowSpec) -> LoadResult:
@@ -223,24 +227,34 @@ async def _run_flows(spec: FlowSpec) -> LoadResult:
     flows = itertools.cycle(spec.flows)
 
     async def flow(i: int, start: float) -> None:
-        session = b""
+        ids: dict[bytes, bytes] = {}  # b"{session}" or b"{hold}" -> the id an answer gave
+        status = 0
         for step in next(flows):
             due = start + step.at_s
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            answer = await connections.send(step.request.replace(b"{session}", session))
+            request = step.request
+            for placeholder, value in ids.items():
+                request = request.replace(placeholder, value)
+            answer = await connections.send(request)
             if answer is None:
                 result.errors += 1
                 result.flows_cut_short += 1
                 return
             status, body = answer
-            result.record(status, (time.perf_counter() - due) * 1000, step.kind)
+            latency_ms = (time.perf_counter() - due) * 1000
+            if spec.per_flow:
+                result.by_kind.setdefault(step.kind, []).append(latency_ms)
+            else:
+                result.record(status, latency_ms, step.kind)
             if not 200 <= status < 300:
                 result.flows_cut_short += 1
-                return
-            if not session and (found := SESSION_ID.search(body)):
-                session = found.group(1)
+                break
+            if (found := ANSWER_ID.search(body)) and (placeholder := b"{%s}" % found.group(1)) not in ids:
+                ids[placeholder] = found.group(2)
+        if spec.per_flow:
+            result.record(status, (time.perf_counter() - start) * 1000)
 
     await _paced(spec.rate_per_s, spec.duration_s, result, flow)
     connections.close()

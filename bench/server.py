@@ -25,6 +25,8 @@ from gateway.auth import issue_token
 from persistence.embedded import EmbeddedPostgres, ensure_database
 
 BIN = Path(sys.executable).parent / "usage-ledger"
+# The built-in plans and the `hold` scenario's meter (see the file); every benchmark server uses it.
+PLANS_FILE = Path(__file__).resolve().parent / "plans.toml"
 
 
 @dataclass
@@ -68,8 +70,8 @@ def bench_database() -> Iterator[str]:
 
 @contextlib.contextmanager
 def bench_server(database_url: str, **settings: str) -> Iterator[BenchServer]:
-    """`usage-ledger serve` on `database_url`, with `LEDGER_<NAME>=value` for each setting; yields
-    once `/readyz` is 200."""
+    """`usage-ledger serve` on `database_url` with the benchmark's plans (`PLANS_FILE`), and
+    `LEDGER_<NAME>=value` for each setting; yields once `/readyz` is 200."""
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as workdir:
         port = _free_port()
         jwt_secret = secrets.token_hex(32)
@@ -81,6 +83,7 @@ def bench_server(database_url: str, **settings: str) -> Iterator[BenchServer]:
             LEDGER_JWT_SECRET=jwt_secret,
             LEDGER_INTERNAL_SECRET="whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
             LEDGER_LOG_LEVEL="warning",
+            LEDGER_PLANS_FILE=str(PLANS_FILE),
         )
         env.update({f"LEDGER_{name.upper()}": value for name, value in settings.items()})
         server = _start([str(BIN), "serve"], env, Path(workdir), port, jwt_secret, database_url)
