@@ -132,21 +132,13 @@ class Meters(Allowance):
                 self._track_holds(name, PeriodBounds(state.window_start_ms, state.window_end_ms))
             new_balance = self._meter_balance(name, state, new_limit)
             key = meter_key(name, state.window_start_ms)
-            if old_limit is None:
-                # A limit again: the window's balance starts (from what it held, if anything).
+            if old_limit is None or new_balance != old_balance:
+                # (A limit again: the window's balance starts afresh, from what it held if anything.)
                 self._record(
                     key,
                     delta=new_balance - old_balance,
                     balance_after=new_balance,
-                    reason="reset",
-                    at_ms=now_ms,
-                )
-            elif new_balance != old_balance:
-                self._record(
-                    key,
-                    delta=new_balance - old_balance,
-                    balance_after=new_balance,
-                    reason="adjust",
+                    reason="reset" if old_limit is None else "adjust",
                     at_ms=now_ms,
                 )
 
