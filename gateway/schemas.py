@@ -146,6 +146,8 @@ class MeterConsumeRequest(RequestModel):
 
 
 HOLD_TTL_DEFAULT_S = 300
+# A hold of a meter may be large (the tokens of a long completion); what is available refuses the rest.
+HOLD_AMOUNT_MAX = 10**12
 HOLD_TTL_MAX_S = 3600
 MeterName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 HoldTtl = Annotated[int, Field(ge=1, le=HOLD_TTL_MAX_S), WHOLE_NUMBER]
@@ -155,7 +157,7 @@ class CreateHoldRequest(RequestModel):
     """`meter` and `amount` (a count meter), or `minutes`: one or the other."""
 
     meter: MeterName | None = None
-    amount: Annotated[int, Field(ge=1, le=METER_AMOUNT_MAX), WHOLE_NUMBER] | None = None
+    amount: Annotated[int, Field(ge=1, le=HOLD_AMOUNT_MAX), WHOLE_NUMBER] | None = None
     minutes: Annotated[float, Field(gt=0, le=PURCHASE_MINUTES_MAX, allow_inf_nan=False)] | None = None
     ttl_s: HoldTtl = HOLD_TTL_DEFAULT_S
     reference: Reference | None = None
@@ -175,7 +177,15 @@ class CreateHoldRequest(RequestModel):
 class CaptureHoldRequest(RequestModel):
     """`{}` captures the whole hold; `amount` (in the hold's unit: meter units, or minutes) part of it."""
 
-    amount: Annotated[float, Field(ge=0, le=PURCHASE_MINUTES_MAX, allow_inf_nan=False)] | None = None
+    amount: Annotated[float, Field(ge=0, le=HOLD_AMOUNT_MAX, allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_amount(cls, data: object) -> object:
+        # `{"amount": null}` is not `{}`: a client that lost its count must not capture everything.
+        if isinstance(data, dict) and "amount" in data and data["amount"] is None:
+            raise ValueError('"amount" is a number; leave it out to capture the whole hold')
+        return data
 
 
 class ReleaseHoldRequest(RequestModel):

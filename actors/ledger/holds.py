@@ -155,7 +155,7 @@ class Holds(Meters):
             # The API shows minutes to two decimals: an amount it showed (the hold's, or what was
             # captured) means that amount exactly.
             for exact in (hold.amount, hold.captured):
-                if exact and round(amount, 2) == to_minutes(exact):
+                if exact and amount == to_minutes(exact):
                     return exact
             return minutes_to_ms(amount)
         if amount != int(amount):

@@ -36,9 +36,11 @@ _DESCRIPTIONS = {
 }
 
 
-def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for problem+json answers (the app's openapi() fixes their media type)."""
-    return {status: {"model": Problem, "description": _DESCRIPTIONS[status]} for status in statuses}
+def problems(*statuses: int, said: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for problem+json answers (the app's openapi() fixes their media type);
+    `said` words a status for a route whose codes differ from the usual ones."""
+    described = {**_DESCRIPTIONS, **(said or {})}
+    return {status: {"model": Problem, "description": described[status]} for status in statuses}
 
 
 # EventSource polyfills that can send an Authorization header add their own query parameters on

@@ -29,6 +29,21 @@ from gateway.schemas import (
 
 router = APIRouter(prefix="/v1/holds", tags=["holds"])
 
+_HOLD_CODES = {
+    403: "More than is available (`no_credits`, with `remaining` or `minutes_remaining`)",
+    404: "No such hold, or another user's (`hold_not_found`)",
+    409: (
+        "The hold was resolved otherwise (`hold_resolved`, with its `state`), or a request with "
+        "this Idempotency-Key is still running (`idempotency_conflict`, with Retry-After)"
+    ),
+    422: "Invalid request, or a capture of more than is held (`invalid_request`, `idempotency_conflict`)",
+    429: (
+        "Too many requests for this user (`rate_limited`), or as many unresolved holds as "
+        "LEDGER_MAX_OPEN_HOLDS allows (`too_many_holds`); with Retry-After"
+    ),
+}
+_CREATE_CODES = {**_HOLD_CODES, 404: "The plan has no such meter (`meter_not_found`)"}
+
 _HOLD_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -40,7 +55,10 @@ async def hold_id_path(hold_id: str) -> str:
 
 
 @router.post(
-    "", status_code=201, response_model=Hold, responses=problems(401, 403, 404, 409, 413, 422, 429, 503)
+    "",
+    status_code=201,
+    response_model=Hold,
+    responses=problems(401, 403, 404, 409, 413, 422, 429, 503, said=_CREATE_CODES),
 )
 async def create_hold(
     body: CreateHoldRequest,
@@ -67,21 +85,25 @@ async def create_hold(
     return Hold.from_view(hold)
 
 
-@router.get("", response_model=Holds, responses=problems(401, 429, 503))
+@router.get("", response_model=Holds, responses=problems(401, 422, 429, 503, said=_HOLD_CODES))
 async def list_holds(user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)) -> Holds:
     """The user's unresolved holds, oldest first."""
     page = await rt.shards.list_holds(user_id)
     return Holds(holds=[Hold.from_view(hold) for hold in page.items], version=page.version)
 
 
-@router.get("/{hold_id}", response_model=Hold, responses=problems(401, 404, 429, 503))
+@router.get("/{hold_id}", response_model=Hold, responses=problems(401, 404, 422, 429, 503, said=_HOLD_CODES))
 async def get_hold(
     hold_id: str = Depends(hold_id_path), user_id: str = Depends(current_user), rt: Runtime = Depends(runtime)
 ) -> Hold:
     return Hold.from_view(await rt.shards.get_hold(user_id, hold_id))
 
 
-@router.post("/{hold_id}/capture", response_model=Hold, responses=problems(401, 404, 409, 413, 422, 429, 503))
+@router.post(
+    "/{hold_id}/capture",
+    response_model=Hold,
+    responses=problems(401, 404, 409, 413, 422, 429, 503, said=_HOLD_CODES),
+)
 async def capture_hold(
     body: CaptureHoldRequest | None = None,
     hold_id: str = Depends(hold_id_path),
@@ -96,7 +118,11 @@ async def capture_hold(
     return Hold.from_view(hold)
 
 
-@router.post("/{hold_id}/release", response_model=Hold, responses=problems(401, 404, 409, 413, 422, 429, 503))
+@router.post(
+    "/{hold_id}/release",
+    response_model=Hold,
+    responses=problems(401, 404, 409, 413, 422, 429, 503, said=_HOLD_CODES),
+)
 async def release_hold(
     body: ReleaseHoldRequest | None = None,
     hold_id: str = Depends(hold_id_path),
@@ -108,7 +134,11 @@ async def release_hold(
     return Hold.from_view(await rt.shards.release_hold(user_id, hold_id, request_id=rid, idem=idem))
 
 
-@router.post("/{hold_id}/extend", response_model=Hold, responses=problems(401, 404, 409, 413, 422, 429, 503))
+@router.post(
+    "/{hold_id}/extend",
+    response_model=Hold,
+    responses=problems(401, 404, 409, 413, 422, 429, 503, said=_HOLD_CODES),
+)
 async def extend_hold(
     body: ExtendHoldRequest,
     hold_id: str = Depends(hold_id_path),

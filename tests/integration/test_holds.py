@@ -140,9 +140,17 @@ async def test_bad_hold_requests_are_422_and_change_nothing(client: httpx.AsyncC
     assert_problem(await hold(client, user, meter="videos", amount=1), 404, "meter_not_found")
     assert (await client.get("/v1/holds", headers=auth(user))).json()["holds"] == []
     meter_hold = (await hold(client, user, meter="generations", amount=2)).json()["hold_id"]
-    half = await client.post(f"/v1/holds/{meter_hold}/capture", json={"amount": 1.5}, headers=auth(user))
-    assert_problem(half, 422, "invalid_request")
+    for body in ({"amount": 1.5}, {"amount": None}, {"amount": -1}, {"amount": "1"}, {"all": True}):
+        bad = await client.post(f"/v1/holds/{meter_hold}/capture", json=body, headers=auth(user))
+        assert_problem(bad, 422, "invalid_request")
     assert (await generations(client, user))["held"] == 2
+    minute_hold = (await hold(client, user, minutes=1)).json()["hold_id"]
+    over = await client.post(f"/v1/holds/{minute_hold}/capture", json={"amount": 1.005}, headers=auth(user))
+    assert_problem(over, 422, "invalid_request")
+    spec = (await client.get("/openapi.json")).json()["paths"]
+    assert "hold_resolved" in spec["/v1/holds/{hold_id}/capture"]["post"]["responses"]["409"]["description"]
+    assert "hold_not_found" in spec["/v1/holds/{hold_id}"]["get"]["responses"]["404"]["description"]
+    assert "too_many_holds" in spec["/v1/holds"]["post"]["responses"]["429"]["description"]
 
 
 async def test_an_idempotency_key_makes_one_hold_however_often_it_is_sent(client: httpx.AsyncClient) -> None:
