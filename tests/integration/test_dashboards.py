@@ -50,6 +50,8 @@ async def test_every_dashboard_query_runs_as_the_dashboard_role_and_sees_real_se
     spending = await client.post("/v1/sessions", json={}, headers=auth(spent))
     assert spending.status_code == 201, spending.text
     beat = f"/v1/sessions/{spending.json()['session_id']}/heartbeat"
+    held = await client.post("/v1/holds", json={"minutes": 1, "ttl_s": 600}, headers=auth(talking))
+    assert held.status_code == 201, held.text
 
     async def heartbeats(user: str, path: str) -> None:  # silence would end a session stale
         while True:
@@ -77,6 +79,10 @@ async def test_every_dashboard_query_runs_as_the_dashboard_role_and_sees_real_se
     await spent_beats
     running = await dashboard_role.fetch("select session_id::text, plan from dashboards.active_sessions")
     assert (started.json()["session_id"], "free") in [tuple(row) for row in running]
+    holds = await dashboard_role.fetch(
+        "select hold_id, holds, amount from dashboards.open_holds where user_id = $1", talking
+    )
+    assert [tuple(row) for row in holds] == [(held.json()["hold_id"], "minutes", 1)]
     usage = await dashboard_role.fetchrow("select * from dashboards.current_usage where user_id = $1", spent)
     assert usage is not None and (usage["plan"], usage["percent_used"]) == ("tiny", 100)
 
