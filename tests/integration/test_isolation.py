@@ -22,7 +22,13 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/sessions/{session_id}/heartbeat"): {"seq": 1},
     ("POST", "/v1/sessions/{session_id}/end"): {},
     ("POST", "/v1/meters/{meter}/consume"): {"amount": 1},
+    ("POST", "/v1/holds"): {"meter": "generations", "amount": 1, "ttl_s": 60},
+    ("POST", "/v1/holds/{hold_id}/capture"): {"amount": 1},
+    ("POST", "/v1/holds/{hold_id}/release"): {},
+    ("POST", "/v1/holds/{hold_id}/extend"): {"ttl_s": 60},
 }
+# A route that takes one of these ids answers another user's exactly as an id that never existed.
+OWNED_IDS = {"{session_id}": "session_not_found", "{hold_id}": "hold_not_found"}
 INTERNAL_BODIES: dict[str, dict[str, Any]] = {
     "/internal/v1/users/{user_id}/plan": {
         "plan": "basic",
@@ -46,7 +52,14 @@ SMUGGLED = {
 async def snapshot(http: httpx.AsyncClient, user: str) -> dict[str, Any]:
     """Everything the API shows of `user` (their own view)."""
     views = {}
-    for path in ("/v1/usage", "/v1/sessions", "/v1/credits", "/v1/credits/history", "/v1/usage/history"):
+    for path in (
+        "/v1/usage",
+        "/v1/sessions",
+        "/v1/credits",
+        "/v1/credits/history",
+        "/v1/usage/history",
+        "/v1/holds",
+    ):
         answer = await http.get(path, headers=auth(user))
         assert answer.status_code == 200, answer.text
         views[path] = answer.json()
@@ -65,7 +78,10 @@ async def test_no_route_lets_one_user_read_or_change_another(
     assert (await client.post(f"/v1/sessions/{victims_session}/end", headers=auth(victim))).status_code == 200
     consumed = await client.post("/v1/meters/generations/consume", json={"amount": 1}, headers=auth(victim))
     assert consumed.status_code == 200
+    held = await client.post("/v1/holds", json={"minutes": 1, "ttl_s": 600}, headers=auth(victim))
+    victims_hold = held.json()["hold_id"]
     before = await snapshot(client, victim)
+    victims_ids = {"{session_id}": victims_session, "{hold_id}": victims_hold}
 
     spec = (await client.get("/openapi.json")).json()
     walked = set()
@@ -75,7 +91,7 @@ async def test_no_route_lets_one_user_read_or_change_another(
         for method in operations:
             method = method.upper()
             walked.add((method, path))
-            url = path.format(session_id=victims_session, meter="generations")
+            url = path.format(session_id=victims_session, hold_id=victims_hold, meter="generations")
             # The victim's own key on the start: keys belong to their user, so this is a new request.
             key = "k-walk" if (method, path) == ("POST", "/v1/sessions") else f"k-{method}-{path}"
             headers = {**auth(intruder), "Idempotency-Key": key}
@@ -91,19 +107,21 @@ async def test_no_route_lets_one_user_read_or_change_another(
                 body = BODIES.get((method, path))
                 answer = await client.request(method, url, json=body, headers=headers)
                 text, status = answer.text, answer.status_code
-                if "{session_id}" in path:
-                    assert status == 404 and answer.json()["code"] == "session_not_found", (
-                        method,
-                        path,
-                        text,
-                    )
-                    # Exactly what a session that never existed gets: no oracle for others' ids.
-                    unknown = str(uuid.uuid4())
+                for slot, code in OWNED_IDS.items():
+                    if slot not in path:
+                        continue
+                    owned = victims_ids[slot]
+                    assert status == 404 and answer.json()["code"] == code, (method, path, text)
+                    # Exactly what an id that never existed gets: no oracle for others' ids.
+                    unknown = str(uuid.uuid4()) if slot == "{session_id}" else f"hold_{uuid.uuid4().hex}"
                     other = await client.request(
-                        method, path.format(session_id=unknown), json=body, headers=auth(intruder)
+                        method,
+                        path.format(session_id=unknown, hold_id=unknown),
+                        json=body,
+                        headers=auth(intruder),
                     )
-                    assert (other.status_code, other.text.replace(unknown, victims_session)) == (status, text)
-                    text = text.replace(victims_session, "<the id the intruder sent>")
+                    assert (other.status_code, other.text.replace(unknown, owned)) == (status, text)
+                    text = text.replace(owned, "<the id the intruder sent>")
                 # Mass assignment: anything the server decides, smuggled in, is refused whole.
                 if body is not None:
                     for field, value in SMUGGLED.items():
@@ -114,7 +132,9 @@ async def test_no_route_lets_one_user_read_or_change_another(
                         if smuggled.status_code == 422:
                             assert smuggled.json()["code"] == "invalid_request"
             assert status < 500, (method, path, text)
-            assert victim not in text and victims_session not in text, f"{method} {path} showed the victim"
+            assert victim not in text and victims_session not in text and victims_hold not in text, (
+                f"{method} {path} showed the victim"
+            )
     assert walked == {
         (method.upper(), path)
         for path, operations in spec["paths"].items()
