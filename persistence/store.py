@@ -156,20 +156,14 @@ class PostgresStore:
                 transaction = connection.transaction()
                 await transaction.start()
                 try:
-                    if fence is not None:
-                        # A share lock on the claim row: a newer claim waits for this transaction,
-                        # and once it has committed no write of the older epoch gets past here.
-                        epoch = await connection.fetchval(
-                            "select epoch from shard_activations where owner = $1 for share", fence.owner
-                        )
-                        if epoch != fence.epoch:
-                            raise StoreFenced(
-                                f"{fence.owner} is at epoch {epoch}; this write has {fence.epoch}"
-                            )
+                    # One round trip: the fence (a share lock on the claim row: a newer claim waits
+                    # for this transaction, and once it has committed no write of the older epoch gets
+                    # past here) and this transaction's id (for `write_outcome`), as they apply.
+                    epoch, transaction_id = await _begin_write(connection, fence, with_id=receipt is not None)
+                    if fence is not None and epoch != fence.epoch:
+                        raise StoreFenced(f"{fence.owner} is at epoch {epoch}; this write has {fence.epoch}")
                     if receipt is not None:
-                        receipt.transaction_id = await connection.fetchval(
-                            "select pg_current_xact_id()::text::bigint"
-                        )
+                        receipt.transaction_id = transaction_id
                     await users.upsert_users(connection, users=[snapshot.user for snapshot in snapshots])
                     if all_periods:
                         await users.upsert_periods(connection, periods=all_periods)
@@ -265,6 +259,26 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+async def _begin_write(
+    connection: Any, fence: Fence | None, *, with_id: bool
+) -> tuple[int | None, int | None]:
+    """The fence's epoch as this transaction sees it, share-locked (None: no fence, or no claim
+    row), and the transaction's id (None unless `with_id`), in one statement."""
+    if fence is None and not with_id:
+        return None, None
+    transaction_id = "pg_current_xact_id()::text::bigint" if with_id else "null::bigint"
+    if fence is None:
+        return None, await connection.fetchval(f"select {transaction_id}")
+    row = await connection.fetchrow(
+        f"""
+        select (select epoch from shard_activations where owner = $1 for share) as epoch,
+               {transaction_id} as transaction_id
+        """,
+        fence.owner,
+    )
+    return row["epoch"], row["transaction_id"]
 
 
 async def _record_delivery(connection: Any, delivery: Delivery) -> bool:
