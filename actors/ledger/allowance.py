@@ -172,11 +172,10 @@ class Allowance(Alerts):
 
     def _resolve_hold(self, hold_id: str, capture: int, state: HoldState, at_ms: int) -> HoldRecord:
         """Resolve an unresolved hold once: bill `capture` of it where it holds, free the rest."""
-        holds = self._holds = writable(self._holds)
-        hold = holds.pop(hold_id)
-        self._holds = holds or EMPTY
+        hold = self._holds[hold_id]
         assert 0 <= capture <= hold.amount
         if hold.meter is None:
+            self._drop_hold(hold_id)
             self._resolve_draws(hold.draws, capture, at_ms, reference=hold.reference or hold.hold_id)
         else:
             self._resolve_meter_hold(hold, capture, at_ms)
@@ -191,29 +190,31 @@ class Allowance(Alerts):
         self._keep_hold(resolved)
         return resolved
 
+    def _drop_hold(self, hold_id: str) -> None:
+        holds = self._holds = writable(self._holds)
+        del holds[hold_id]
+        self._holds = holds or EMPTY
+
     def _resolve_meter_hold(self, hold: HoldRecord, capture: int, at_ms: int) -> None:
-        """(Called with the hold already out of `_holds`.) Count `capture` in the window the hold
-        was made in; the credit ledger's balance of that window moves by what it billed, and by
-        what freeing the rest takes out of a balance only what was held kept up."""
+        """Count `capture` in the window the hold was made in, and drop the hold; the credit
+        ledger's balance of that window moves by what it billed, and by what freeing the rest
+        takes out of a balance only what was held kept up."""
         meter, window_start = hold.meter, hold.window_start_ms
         assert meter is not None
         state = self._meters.get(meter)
         if window_start is None:
             # Held while the meter had no limit: counted in the window it was made in (if that is
             # still the meter's), with no credit-ledger balance to move.
-            if state is not None and not state.closed and state.holds_instant(hold.created_at_ms):
+            self._drop_hold(hold.hold_id)
+            if state is not None and state.holds_instant(hold.created_at_ms):
                 state.used += capture
             return
         key = meter_key(meter, window_start)
         self._materialize()
-        current = state is not None and not state.closed and state.window_start_ms == window_start
-        if current:
-            assert state is not None
-            before = self._meter_balance(meter, state, self._meter_limit(meter), also_held=hold.amount)
+        expected = self._balance_of(key) - capture  # (the balance before, the hold still in it)
+        self._drop_hold(hold.hold_id)
+        if state is not None and state.is_window(window_start):
             state.used += capture
-        else:
-            before = self._meter_held(meter, window_start) + hold.amount  # an ended window: what it holds
-        expected = before - capture
         if capture:
             self._record(
                 key,

@@ -14,6 +14,7 @@ from actors.ledger.state import (
 )
 from actors.periods import PeriodBounds, utc_day
 from actors.plans import MeterSpec, Plan
+from actors.records import HoldRecord
 from actors.views import (
     MeterConsumed,
 )
@@ -68,15 +69,18 @@ class Meters(Allowance):
     def _meter_held_in(self, meter: str, window: PeriodBounds) -> int:
         """What the unresolved holds of a meter hold in `window` (with those made in it while the
         meter had no limit)."""
-        return sum(
-            hold.amount
+        untracked = sum(hold.amount for hold in self._holds_without_limit(meter, window))
+        return self._meter_held(meter, window.start_ms) + untracked
+
+    def _holds_without_limit(self, meter: str, window: PeriodBounds) -> list[HoldRecord]:
+        """The unresolved holds of `meter` made in `window` while the meter had no limit."""
+        return [
+            hold
             for hold in self._holds.values()
             if hold.meter == meter
-            and (
-                hold.window_start_ms == window.start_ms
-                or (hold.window_start_ms is None and window.start_ms <= hold.created_at_ms < window.end_ms)
-            )
-        )
+            and hold.window_start_ms is None
+            and window.start_ms <= hold.created_at_ms < window.end_ms
+        ]
 
     def _open_window(self, meter: str, spec: MeterSpec, window: PeriodBounds, now_ms: int) -> MeterState:
         """The meter's state in `window`, opening the window (and closing the one before) first."""
@@ -159,7 +163,5 @@ class Meters(Allowance):
     def _track_holds(self, meter: str, window: PeriodBounds) -> None:
         """Holds of `meter` made in `window` while the meter had no limit: it has one again, so
         they count in the window's balance from now on. (Those of an earlier window never do.)"""
-        for hold in list(self._holds.values()):
-            made_in_window = window.start_ms <= hold.created_at_ms < window.end_ms
-            if hold.meter == meter and hold.window_start_ms is None and made_in_window:
-                self._keep_hold(replace(hold, window_start_ms=window.start_ms, version=self.version))
+        for hold in self._holds_without_limit(meter, window):
+            self._keep_hold(replace(hold, window_start_ms=window.start_ms, version=self.version))

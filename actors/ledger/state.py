@@ -198,8 +198,12 @@ class MeterState:
         return self.window_start_ms == window.start_ms and self.window_end_ms == window.end_ms
 
     def holds_instant(self, at_ms: int) -> bool:
-        """Whether `at_ms` falls in this state's window."""
+        """Whether `at_ms` falls in this state's window (never, once closed)."""
         return self.window_start_ms <= at_ms < self.window_end_ms
+
+    def is_window(self, start_ms: int) -> bool:
+        """Whether this state is the open count of the window starting at `start_ms`."""
+        return not self.closed and self.window_start_ms == start_ms
 
     @property
     def closed(self) -> bool:
@@ -547,7 +551,7 @@ class LedgerState:
         meter = bucket.removeprefix(METER_BUCKET_PREFIX)
         assert window is not None
         state = self._meters.get(meter)
-        if state is None or state.closed or state.window_start_ms != window:
+        if state is None or not state.is_window(window):
             return self._meter_held(meter, window)  # a window that ended holds only what is held
         return self._meter_balance(meter, state, self._meter_limit(meter))
 
@@ -559,11 +563,11 @@ class LedgerState:
             if hold.meter == meter and hold.window_start_ms == window_start_ms
         )
 
-    def _meter_balance(self, meter: str, state: MeterState, limit: int | None, *, also_held: int = 0) -> int:
-        """A meter window's balance in the credit ledger (with `also_held` held besides): what is
-        held is in it, and it never drops below what is held (as `PeriodState.remaining_ms`); a
-        window without a limit has what is held in it (held while it had one) and nothing else."""
-        held = self._meter_held(meter, state.window_start_ms) + also_held
+    def _meter_balance(self, meter: str, state: MeterState, limit: int | None) -> int:
+        """A meter window's balance in the credit ledger: what is held is in it, and it never drops
+        below what is held (as `PeriodState.remaining_ms`); a window without a limit has what is
+        held in it (held while it had one) and nothing else."""
+        held = self._meter_held(meter, state.window_start_ms)
         return held if limit is None else max(0, limit - state.used, held)
 
     def _meter_limit(self, meter: str) -> int | None:
