@@ -584,9 +584,10 @@ class LedgerShard:
         except HoldNotFound:
             raise self._hold_from_store(turn.user_id, hold_id, verb, amount) from None
         if changed and hold.version > turn.ledger.version:  # (not a repeat while an alarm fired)
-            self._hold_counts[f"{verb}d" if verb != "extend" else "extended"] += 1
+            outcome = "extended" if verb == "extend" else f"{verb}d"
+            self._hold_counts[outcome] += 1
             log.info(
-                f"hold_{verb}d" if verb != "extend" else "hold_extended",
+                f"hold_{outcome}",
                 user_id=turn.user_id,
                 hold_id=hold_id,
                 state=hold.state,
