@@ -185,7 +185,13 @@ class Runtime:
             if database.embedded is not None:
                 await asyncio.to_thread(database.embedded.stop)
             raise
-        router = ShardRouter(handles, call_timeout_s=settings.actor_call_timeout_s, metrics=metrics)
+        router = ShardRouter(
+            handles,
+            call_timeout_s=settings.actor_call_timeout_s,
+            metrics=metrics,
+            channels=settings.data_plane == "channel",
+            node_id=ray.get_runtime_context().get_node_id(),
+        )
         runtime = cls(
             settings=settings, database=database, pool=pool, router=router, owns_ray=owns_ray, plans=plans
         )
@@ -249,6 +255,7 @@ class Runtime:
                     log.error("shard_final_flush_failed", shard=index, error=repr(result))
         except TimeoutError:
             log.error("shard_final_flush_timed_out", timeout_s=SHUTDOWN_FLUSH_TIMEOUT_S)
+        self.router.close()
         if self.owns_ray:
             await asyncio.to_thread(ray.shutdown)
         await self.pool.close()

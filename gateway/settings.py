@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     ray_namespace: str = Field(default="usage-ledger", min_length=1, max_length=64)
     shards: int = Field(default=4, ge=1, le=1_024)
+    # How hot calls reach the shards: "channel", the direct data plane (`gateway.channel`); "ray",
+    # batched Ray calls (the way everything cold travels).
+    data_plane: Literal["channel", "ray"] = "channel"
     plans_file: Path | None = None
 
     jwt_secret: SecretStr | None = None

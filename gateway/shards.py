@@ -8,14 +8,18 @@ needs to know of the call from the operation's declaration
 (`actors.shard.operations`): its batch lane, whether it may be retried,
 whether it takes a rate-limit token, whether it changes the plan.
 
-Hot calls (lane "read": checks, heartbeats, meter uses) travel in
-batches: while `MAX_BATCHES_IN_FLIGHT` batch calls to a shard are under way,
-the calls that arrive for it wait and leave together in the next one, as one
-Ray call. Under load Ray's per-call cost (about a millisecond of CPU on each
-side) is paid once per batch instead of once per request; when idle, a call
-leaves at once, alone. Each call in a batch keeps its own timeout, retries and
-errors. Session starts and ends (lane "write") are batched the same way
-in batches of their own, so a read never waits for a write's transaction.
+Hot calls (the operations declared with a lane: checks, heartbeats, meter
+uses, session starts and ends, hold verbs) travel over the data plane
+(`gateway.channel`): one persistent, pipelined connection from this process
+to each shard, beside Ray. With `LEDGER_DATA_PLANE=ray` they travel in Ray
+batches instead: while `MAX_BATCHES_IN_FLIGHT` batch calls to a shard are
+under way, the calls that arrive for it wait and leave together in the next
+one, as one Ray call. Under load Ray's per-call cost (about a millisecond of
+CPU on each side) is paid once per batch instead of once per request; when
+idle, a call leaves at once, alone. Each call in a batch keeps its own
+timeout, retries and errors. Calls of lane "write" (durable before they
+answer) are batched the same way in batches of their own, so a read never
+waits for a write's transaction.
 
 A user the shard refused with `RateLimited` is refused here for the same
 wait, without a call, for the methods that take a rate token: the shard said
@@ -32,7 +36,8 @@ hung request. A call that may be repeated without a second effect (reads,
 heartbeats, ends, billing deliveries, anything with an Idempotency-Key) is
 retried while its shard is dead or restarting, within that same bound; a
 session start or meter use without a key is not (the first attempt may have
-been applied). Domain errors raised in the shard arrive wrapped by Ray and are
+been applied), unless it never left this process (the channel could not
+connect). Domain errors raised in the shard arrive wrapped by Ray and are
 re-raised as themselves.
 """
 
@@ -52,6 +57,7 @@ from actors.records import CreditEntry, Difficulty, PlanEvent
 from actors.replies import IdempotencyKey
 from actors.routing import shard_index
 from actors.shard import LedgerShard, Operation, Purchase, ShardStats, operation_of
+from gateway.channel import ShardChannel, ShardUnreachable
 from gateway.metrics import Metrics
 
 log = structlog.get_logger("gateway.shards")
@@ -136,11 +142,26 @@ class ShardBatcher:
 
 
 class ShardRouter:
-    def __init__(self, handles: Sequence[Any], *, call_timeout_s: float, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        handles: Sequence[Any],
+        *,
+        call_timeout_s: float,
+        metrics: Metrics,
+        channels: bool = True,
+        node_id: str | None = None,
+    ) -> None:
+        """`channels`: hot calls over the data plane (`node_id`: this process's Ray node), else
+        in Ray batches."""
         assert handles, "at least one shard"
         self._handles = list(handles)
         self._batchers = [ShardBatcher(handle, metrics) for handle in self._handles]
         self._write_batchers = [ShardBatcher(handle, metrics) for handle in self._handles]
+        self.channels = (
+            [ShardChannel(handle.channel.remote, metrics, node_id=node_id) for handle in self._handles]
+            if channels
+            else None
+        )
         self._timeout_s = call_timeout_s
         self._metrics = metrics
         self._refused_until: dict[str, float] = {}  # user id -> monotonic time their tokens return
@@ -149,6 +170,11 @@ class ShardRouter:
     @property
     def shard_count(self) -> int:
         return len(self._handles)
+
+    def close(self) -> None:
+        """Close the data plane's connections (the shards keep running)."""
+        for channel in self.channels or ():
+            channel.close()
 
     @property
     def call_timeout_s(self) -> float:
@@ -213,13 +239,15 @@ class ShardRouter:
                 delay = RETRY_DELAY_MIN_S
                 while True:
                     try:
+                        if operation.lane is not None and self.channels is not None:
+                            return await self.channels[index].call(method, args, kwargs)
                         if operation.lane == "read":
                             return await self._batchers[index].call(method, args, kwargs)
                         if operation.lane == "write":
                             return await self._write_batchers[index].call(method, args, kwargs)
                         return await getattr(self._handles[index], method).remote(*args, **kwargs)
-                    except ray.exceptions.RayActorError as exc:
-                        if not repeatable:
+                    except (ray.exceptions.RayActorError, ShardUnreachable) as exc:
+                        if not repeatable and getattr(exc, "sent", True):
                             raise
                         # Dead or restarting: try again until the bound (then 503).
                         log.info("shard_call_retry", method=method, error=type(exc).__name__, delay_s=delay)
@@ -239,9 +267,9 @@ class ShardRouter:
         except DomainError as exc:  # a batched call's own error arrives as itself
             outcome = exc.code
             raise
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ShardUnreachable) as exc:
             outcome = "unavailable"
-            log.warning("shard_unreachable", method=method, error=type(exc).__name__)
+            log.warning("shard_unreachable", method=method, error=type(exc).__name__, detail=str(exc))
             raise Unavailable("the user's shard is restarting") from None
         finally:
             self._metrics.shard_calls.labels(method, outcome).observe(time.perf_counter() - started)

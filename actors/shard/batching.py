@@ -35,7 +35,7 @@ class Batches:
 
     async def run(self, calls: list[Call]) -> list[tuple[bool | None, Any]]:
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self._one(*call)) for call in calls]
+        tasks = [loop.create_task(self.one(*call)) for call in calls]
         if not tasks:
             return []
         await asyncio.wait(tasks, timeout=BATCH_WAIT_MAX_S)
@@ -52,7 +52,8 @@ class Batches:
             answers.append((None, ticket))
         return answers
 
-    async def _one(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Answer:
+    async def one(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Answer:
+        """One call, as a batch runs it: `(True, result)` or `(False, the exception it raised)`."""
         operation = self._operations(method)
         if operation is None:
             return False, ValueError(f"{method!r} cannot be batched")

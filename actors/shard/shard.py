@@ -182,6 +182,7 @@ class LedgerShard:
             return
         fenced = self._state == "fenced"
         self._state = "draining"
+        self._left_service()
         # Operations under way finish first (new ones are refused now): the final flush leaves a
         # busy user to the operation holding its turn, which may write nothing.
         with contextlib.suppress(TimeoutError):
@@ -233,6 +234,7 @@ class LedgerShard:
         if self._state != "running":
             return
         self._state = "fenced"
+        self._left_service()
         self._residency.timer_wakeup.set()  # the loops see the state and end
         self._residency.flush_soon.set()
         log.error(
@@ -699,6 +701,21 @@ class LedgerShard:
     async def collect(self, ticket: int) -> tuple[bool, Any]:
         """The answer of a batched call that `batch` answered `(None, ticket)`, once it is done."""
         return await self._batches.collect(ticket)
+
+    async def answer(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        """One call of a batchable operation, as `batch` runs each (the data plane's calls:
+        `actors.channel`): `(True, result)` or `(False, the exception it raised)`."""
+        return await self._batches.one(method, args, kwargs)
+
+    @property
+    def epoch(self) -> int | None:
+        """This activation's fencing epoch (None until it has claimed its shard, or unfenced)."""
+        fence = self._fencing.fence
+        return fence.epoch if fence is not None else None
+
+    def _left_service(self) -> None:
+        """Called once the shard no longer serves (fenced, or stopping); for its host to close what
+        it opened for it."""
 
     @shard_call(repeatable=True)
     async def stats(self) -> ShardStats:

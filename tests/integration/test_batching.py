@@ -1,14 +1,28 @@
-"""Hot calls from a gateway to a shard travel in batches: each answer still goes to its own caller,
-and errors stay with the call that raised them. (Batched calls meeting a killed shard are retried:
-tests/reliability/test_crashes.py heartbeats through a SIGKILL.)"""
+"""With `LEDGER_DATA_PLANE=ray`, hot calls from a gateway to a shard travel in Ray batches: each
+answer still goes to its own caller, and errors stay with the call that raised them. (Batched calls
+meeting a killed shard are retried: tests/reliability/test_crashes.py heartbeats through a SIGKILL.
+The data plane, the default: tests/unit/gateway/test_channel.py, tests/reliability/test_channel.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import httpx
+import pytest_asyncio
 
-from tests.harness import auth, change_plan, metric, new_user, samples, total
+from tests.harness import RunningServer, ServerFactory, auth, change_plan, metric, new_user, samples, total
+
+
+@pytest_asyncio.fixture(scope="module")
+async def ray_plane(start_server: ServerFactory) -> RunningServer:
+    return await start_server(data_plane="ray")
+
+
+@pytest_asyncio.fixture
+async def client(ray_plane: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with ray_plane.client() as http:
+        yield http
 
 
 async def _batches(http: httpx.AsyncClient) -> tuple[float, float]:

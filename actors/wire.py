@@ -1,0 +1,204 @@
+"""The data plane's wire format: frames, the handshake, and how calls and answers are encoded.
+
+A connection from a gateway process to a shard (`actors.channel` serves it,
+`gateway.channel` dials it) carries frames: a 4-byte big-endian length, then a
+msgpack document of at most `FRAME_MAX_BYTES`.
+
+    shard   → gateway   HELLO   {"v", "nonce", "epoch"}
+    gateway → shard     PROOF   {"v", "epoch", "mac", "nonce"}    mac = HMAC(secret, shard nonce ‖ epoch)
+    shard   → gateway   WELCOME {"mac"}                           mac = HMAC(secret, gateway nonce ‖ epoch)
+                        or REFUSED {"refused": reason}, then the shard closes
+    gateway → shard     [call id, method, args, kwargs]           many, pipelined
+    shard   → gateway   [call id, ok, value]                      each when it is done, in any order
+
+Both ends prove they hold the activation's secret without sending it, and the
+gateway names the activation epoch it was told of, so it never talks to an
+activation that has since been replaced.
+
+Values are msgpack's own types plus, as extension types, the domain's
+dataclasses (views, idempotency keys) and its errors, each by class name from
+a fixed registry. Nothing is unpickled: a peer can make us build only these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import operator
+import struct
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgpack
+
+from actors import errors, views
+from actors.replies import IdempotencyKey
+
+PROTOCOL_VERSION = 1
+FRAME_MAX_BYTES = 1 << 20  # 1 MiB: a page of 1,000 holds is ~300 KB
+NONCE_BYTES = 16
+HEADER = struct.Struct(">I")
+
+_DATACLASS, _DOMAIN_ERROR, _OTHER_ERROR = 1, 2, 3
+
+
+class WireError(Exception):
+    """A peer broke the protocol (a frame too large, a document that is not one we know)."""
+
+
+class RemoteError(Exception):
+    """An unexpected error raised in the shard (not a domain error), as its type name and text."""
+
+
+def _dataclasses() -> dict[str, type[Any]]:
+    """The views (`actors.views`) and the idempotency key: all a hot call takes or returns."""
+    found: dict[str, type[Any]] = {
+        name: value
+        for name, value in vars(views).items()
+        if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == views.__name__
+    }
+    found[IdempotencyKey.__name__] = IdempotencyKey
+    return found
+
+
+def _domain_errors() -> dict[str, type[errors.DomainError]]:
+    found: dict[str, type[errors.DomainError]] = {}
+    pending: list[type[errors.DomainError]] = [errors.DomainError]
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+class _Shape:
+    """How one dataclass crosses: its field values in order, and the fields that are tuples."""
+
+    __slots__ = ("cls", "name", "tuples", "values")
+
+    def __init__(self, cls: type[Any]) -> None:
+        names = [field.name for field in dataclasses.fields(cls)]
+        hints = typing.get_type_hints(cls)
+        self.cls = cls
+        self.name = cls.__name__
+        getter = operator.attrgetter(*names)
+        self.values: Callable[[Any], tuple[Any, ...]] = (
+            getter if len(names) > 1 else (lambda value: (getter(value),))
+        )
+        self.tuples = tuple(
+            index for index, name in enumerate(names) if typing.get_origin(hints[name]) is tuple
+        )
+
+
+_SHAPES = {cls: _Shape(cls) for cls in _dataclasses().values()}
+_BY_NAME = {shape.name: shape for shape in _SHAPES.values()}
+_ERRORS = _domain_errors()
+
+
+def _default(value: Any) -> Any:
+    shape = _SHAPES.get(type(value))
+    if shape is not None:
+        return msgpack.ExtType(_DATACLASS, _pack([shape.name, *shape.values(value)]))
+    if isinstance(value, errors.DomainError) and _ERRORS.get(type(value).__name__) is type(value):
+        return msgpack.ExtType(_DOMAIN_ERROR, _pack([type(value).__name__, value.detail, value.fields]))
+    if isinstance(value, BaseException):
+        return msgpack.ExtType(_OTHER_ERROR, _pack([type(value).__name__, str(value)]))
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot send a {type(value).__name__} over the data plane")
+
+
+def _ext(code: int, data: bytes) -> Any:
+    document = unpack(data)
+    if code == _DATACLASS:
+        shape = _BY_NAME.get(document[0]) if document else None
+        if shape is None:
+            raise WireError(f"unknown type {document[:1]!r}")
+        values = document[1:]
+        for index in shape.tuples:
+            values[index] = tuple(values[index])
+        return shape.cls(*values)
+    if code == _DOMAIN_ERROR:
+        cls = _ERRORS.get(document[0])
+        if cls is None:
+            raise WireError(f"unknown error {document[0]!r}")
+        return cls(document[1], **document[2])
+    if code == _OTHER_ERROR:
+        return RemoteError(f"{document[0]}: {document[1]}")
+    raise WireError(f"unknown extension {code}")
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, default=_default, use_bin_type=True, strict_types=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=True)
+    except WireError:
+        raise
+    except Exception as exc:  # msgpack's own errors, a dataclass given the wrong fields, …
+        raise WireError(f"a document that is not one we know: {type(exc).__name__}") from None
+
+
+def frame(value: Any) -> bytes:
+    """`value` as one frame (length prefix included)."""
+    body = _pack(value)
+    if len(body) > FRAME_MAX_BYTES:
+        raise WireError(f"a frame of {len(body)} bytes is larger than {FRAME_MAX_BYTES}")
+    return HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Frames out of a byte stream: feed what arrives, take the documents that are complete."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        """The documents `data` completes (raises `WireError` on a frame that is too large)."""
+        buffer = self._buffer
+        buffer += data
+        documents = []
+        start = 0
+        while len(buffer) - start >= HEADER.size:
+            (length,) = HEADER.unpack_from(buffer, start)
+            if length > FRAME_MAX_BYTES:
+                raise WireError(f"a frame of {length} bytes is larger than {FRAME_MAX_BYTES}")
+            end = start + HEADER.size + length
+            if len(buffer) < end:
+                break
+            documents.append(unpack(bytes(buffer[start + HEADER.size : end])))
+            start = end
+        if start:
+            del buffer[:start]
+        return documents
+
+
+def proof(secret: bytes, nonce: bytes, epoch: int) -> bytes:
+    """What proves the holder of `secret` answered `nonce` for activation `epoch`."""
+    return hmac.new(secret, nonce + epoch.to_bytes(8, "big", signed=True), hashlib.sha256).digest()
+
+
+def proves(secret: bytes, nonce: bytes, epoch: int, mac: object) -> bool:
+    return isinstance(mac, bytes) and hmac.compare_digest(proof(secret, nonce, epoch), mac)
+
+
+def frames(values: Iterable[Any]) -> bytes:
+    return b"".join(frame(value) for value in values)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelAddress:
+    """Where one shard activation listens, as it tells gateways over Ray (the control plane)."""
+
+    node_id: str  # the Ray node it runs on: a gateway on the same node dials `unix_path`
+    unix_path: str
+    host: str
+    port: int
+    epoch: int  # the activation's fencing epoch: a newer activation has a larger one
+    secret: bytes = dataclasses.field(repr=False)  # the shards' channel secret (see `ShardConfig`)
