@@ -5,10 +5,14 @@
     .venv/bin/python -m bench check heartbeat # some scenarios
 
 Each scenario starts a real `usage-ledger serve` (local Ray, its own embedded
-Postgres), prepares its users through the HTTP API, then offers constant-rate
-open-loop load at each rate of the sweep from a separate process
-(`bench/loadgen.py`). It writes `bench/results/<date>-<scenario>.json` and
-regenerates `BENCHMARKS.md` from the newest result of each scenario.
+Postgres), prepares its users through the HTTP API, measures the unloaded point
+(one connection, one request at a time) and then offers constant-rate open-loop
+load at each rate of the sweep from a separate process (`bench/loadgen.py`).
+The HTTP scenarios run the same way on the postgres-direct baseline
+(`bench/baseline.py`) and on the floor (`bench/floor.py`: uvicorn as `serve` runs
+it, and an app that does nothing). It writes
+`bench/results/<date>-<scenario>.json` and regenerates `BENCHMARKS.md` from the
+newest result of each scenario.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import asyncpg
 import httpx
 
 from bench import client, replies, shards
-from bench.loadgen import FlowSpec, LoadSpec, Step, http_request, run_load
-from bench.server import BenchServer, baseline_server, bench_database, bench_server
+from bench.loadgen import FlowSpec, LoadSpec, Step, UnloadedSpec, http_request, run_load
+from bench.server import BenchServer, baseline_server, bench_database, bench_server, floor_server
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -45,10 +49,11 @@ class Sweep:
     seconds: float
     users: int
     settle_s: float  # after each rate, for the write-behind to catch up before writes are counted
+    unloaded_s: float  # the unloaded point: one connection, one request at a time, this long
 
 
-FULL = Sweep(rates=(250, 500, 1000, 2000, 3000, 4000), seconds=15, users=2000, settle_s=2)
-SHORT = Sweep(rates=(250, 1000), seconds=4, users=500, settle_s=1)
+FULL = Sweep(rates=(250, 500, 1000, 2000, 3000, 4000), seconds=15, users=2000, settle_s=2, unloaded_s=5)
+SHORT = Sweep(rates=(250, 1000), seconds=4, users=500, settle_s=1, unloaded_s=3)
 
 
 async def _prepare_users(
@@ -93,6 +98,32 @@ async def _write_transactions(database_url: str) -> int:
         await connection.close()
 
 
+def _measure(server: BenchServer, spec: LoadSpec | FlowSpec | UnloadedSpec, sweep: Sweep) -> dict[str, Any]:
+    """Run `spec`, counting the database's write transactions until the server has caught up."""
+    before = asyncio.run(_write_transactions(server.database_url))
+    result = run_load(spec)
+    # Let the server's write-behind catch up, so its writes are counted against this run.
+    time.sleep(sweep.settle_s)
+    transactions = asyncio.run(_write_transactions(server.database_url)) - before - 1  # (ours)
+    point = result.summary()
+    point["db_write_transactions_per_1000"] = round(1000 * transactions / max(1, result.completed), 2)
+    return point
+
+
+def _print_point(label: str, point: dict[str, Any]) -> None:
+    steps = "".join(
+        f", {kind} p99 {figures['p99_ms']:.1f} ms" for kind, figures in point.get("steps", {}).items()
+    )
+    print(
+        f"  {label}: {point['achieved_per_s']:>7.1f}/s done, "
+        f"p50 {point['p50_ms']:.2f} ms, "
+        f"p99 {point['p99_ms']:.2f} ms, p99.9 {point['p999_ms']:.2f} ms, "
+        f"{point['ok']}/{point['requests']} 2xx, "
+        f"{point['db_write_transactions_per_1000']} db writes/1000{steps}",
+        flush=True,
+    )
+
+
 def _sweep(
     server: BenchServer,
     spec_for: Callable[[float], LoadSpec | FlowSpec],
@@ -102,26 +133,23 @@ def _sweep(
     """Offer each rate in turn (`spec_for(rate)` is what to send at it), counting DB writes."""
     points = []
     for rate in rates:
-        before = asyncio.run(_write_transactions(server.database_url))
-        result = run_load(spec_for(rate))
-        # Let the server's write-behind catch up, so its writes are counted against this rate.
-        time.sleep(sweep.settle_s)
-        transactions = asyncio.run(_write_transactions(server.database_url)) - before - 1  # (ours)
-        point = result.summary()
-        point["db_write_transactions_per_1000"] = round(1000 * transactions / max(1, result.completed), 2)
+        point = _measure(server, spec_for(rate), sweep)
         points.append(point)
-        steps = "".join(
-            f", {kind} p99 {figures['p99_ms']:.1f} ms" for kind, figures in point.get("steps", {}).items()
-        )
-        print(
-            f"  {rate:>6.0f}/s offered: {point['achieved_per_s']:>7.1f}/s done, "
-            f"p50 {point['p50_ms']:.2f} ms, "
-            f"p99 {point['p99_ms']:.2f} ms, p99.9 {point['p999_ms']:.2f} ms, "
-            f"{point['ok']}/{point['requests']} 2xx, "
-            f"{point['db_write_transactions_per_1000']} db writes/1000{steps}",
-            flush=True,
-        )
+        _print_point(f"{rate:>6.0f}/s offered", point)
     return points
+
+
+def _unloaded_and_sweep(
+    server: BenchServer,
+    spec_for: Callable[[float], LoadSpec | FlowSpec],
+    rates: tuple[float, ...],
+    sweep: Sweep,
+) -> dict[str, Any]:
+    """The unloaded point (what the sweep sends, one request at a time over one connection, closed
+    loop), then the sweep: `{"unloaded": point, "points": [point per rate]}`."""
+    unloaded = _measure(server, UnloadedSpec(spec_for(rates[0]), duration_s=sweep.unloaded_s), sweep)
+    _print_point("unloaded (1 connection, closed loop)", unloaded)
+    return {"unloaded": unloaded, "points": _sweep(server, spec_for, rates, sweep)}
 
 
 def _constant(server: BenchServer, requests: list[bytes], sweep: Sweep) -> Callable[[float], LoadSpec]:
@@ -139,8 +167,10 @@ def scenario_check(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     users = [f"bench-{uuid.uuid4().hex[:12]}" for _ in range(sweep.users)]
     asyncio.run(_prepare_users(server, users, start_sessions=False))
     requests = [http_request("GET", "/v1/usage", headers=_bearer(server, user)) for user in users]
-    points = _sweep(server, _constant(server, requests, sweep), sweep.rates, sweep)
-    return {"users": len(users), "points": points}
+    return {
+        "users": len(users),
+        **_unloaded_and_sweep(server, _constant(server, requests, sweep), sweep.rates, sweep),
+    }
 
 
 def scenario_heartbeat(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
@@ -156,8 +186,8 @@ def scenario_heartbeat(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
         )
         for user in users
     ]
-    points = _sweep(server, _constant(server, requests, sweep), sweep.rates, sweep)
-    return {"users": len(users), "sessions": len(sessions), "points": points}
+    measured = _unloaded_and_sweep(server, _constant(server, requests, sweep), sweep.rates, sweep)
+    return {"users": len(users), "sessions": len(sessions), **measured}
 
 
 SESSION_RATES_FULL: tuple[float, ...] = (100, 250, 500, 1000)
@@ -200,7 +230,7 @@ def scenario_session(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     users = _users("session", max(sweep.users, int(max(rates) * 10)))
     asyncio.run(_prepare_users(server, users, start_sessions=False))
     flows: list[tuple[Step, ...]] = [_start_and_end(server, user, end_at_s=0) for user in users]
-    return {"users": len(users), "points": _sweep(server, _flows(server, flows, sweep), rates, sweep)}
+    return {"users": len(users), **_unloaded_and_sweep(server, _flows(server, flows, sweep), rates, sweep)}
 
 
 # The count meter `hold` reserves, with a limit no run comes near (bench/plans.toml), how much a
@@ -249,8 +279,8 @@ def scenario_hold(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     users = _users("hold", max(sweep.users, int(max(rates) * 10)))
     asyncio.run(_prepare_users(server, users, start_sessions=False, hold_meter=HOLD_METER))
     flows: list[tuple[Step, ...]] = [reserve_and_capture(_bearer(server, user)) for user in users]
-    points = _sweep(server, _flows(server, flows, sweep, per_flow=True), rates, sweep)
-    return {"users": len(users), "points": points}
+    measured = _unloaded_and_sweep(server, _flows(server, flows, sweep, per_flow=True), rates, sweep)
+    return {"users": len(users), **measured}
 
 
 MIXED_HEARTBEATS = 10  # a session of ten heartbeats, the 30 s cadence compressed to 1 s
@@ -281,7 +311,7 @@ def scenario_mixed(server: BenchServer, sweep: Sweep) -> dict[str, Any]:
     users = _users("voice", int(max(rates) * (MIXED_HEARTBEATS + 3) * 1.2))
     asyncio.run(_prepare_users(server, users, start_sessions=False))
     flows = [_voice_client(server, user) for user in users]
-    return {"users": len(users), "points": _sweep(server, _flows(server, flows, sweep), rates, sweep)}
+    return {"users": len(users), **_unloaded_and_sweep(server, _flows(server, flows, sweep), rates, sweep)}
 
 
 ACTIVATION_RATES_FULL: tuple[float, ...] = (250, 500, 1000)
@@ -371,36 +401,103 @@ def _ratio(ours: float, theirs: float) -> float | None:
     return round(ours / theirs, 3) if theirs else None
 
 
-def compare(ours: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per offered rate: our p99 and DB transactions as fractions of the baseline's."""
-    by_rate = {point["offered_per_s"]: point for point in baseline}
-    ratios = []
-    for point in ours:
-        theirs = by_rate.get(point["offered_per_s"])
-        if theirs is None:
-            continue
-        ratios.append(
-            {
-                "offered_per_s": point["offered_per_s"],
-                "p99_ratio": _ratio(point["p99_ms"], theirs["p99_ms"]),
-                "db_write_ratio": _ratio(
-                    point["db_write_transactions_per_1000"], theirs["db_write_transactions_per_1000"]
-                ),
-            }
-        )
+Point = dict[str, Any]
+
+
+def point_ratios(ours: Point, baseline: Point | None = None, floor: Point | None = None) -> dict[str, Any]:
+    """Our p50, p99 and throughput as fractions of postgres-direct's (`*_ratio`, and DB write
+    transactions) and of the floor's (`*_floor_ratio`), at one point; None where not measured."""
+    ratios: dict[str, Any] = {}
+    for suffix, theirs in (("ratio", baseline), ("floor_ratio", floor)):
+        for figure, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("per_s", "achieved_per_s")):
+            ratios[f"{figure}_{suffix}"] = None if theirs is None else _ratio(ours[key], theirs[key])
+    writes = "db_write_transactions_per_1000"
+    ratios["db_write_ratio"] = None if baseline is None else _ratio(ours[writes], baseline[writes])
     return ratios
 
 
-def _table(points: list[dict[str, Any]]) -> list[str]:
+def compare(
+    ours: list[Point], baseline: list[Point] | None = None, *, floor: list[Point] | None = None
+) -> list[dict[str, Any]]:
+    """Per offered rate we ran: our figures as fractions of the baseline's and of the floor's
+    (`point_ratios`), None where the other server did not run that rate."""
+    baseline_at = {point["offered_per_s"]: point for point in baseline or ()}
+    floor_at = {point["offered_per_s"]: point for point in floor or ()}
+    return [
+        {
+            "offered_per_s": point["offered_per_s"],
+            **point_ratios(
+                point, baseline_at.get(point["offered_per_s"]), floor_at.get(point["offered_per_s"])
+            ),
+        }
+        for point in ours
+    ]
+
+
+UNLOADED_LABEL = "unloaded (1 connection)"
+
+
+def _table(points: list[Point], unloaded: Point | None = None) -> list[str]:
     lines = [
         "| offered /s | done /s | p50 ms | p99 ms | p99.9 ms | 2xx | errors | DB write tx per 1000 |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for point in points:
+    rows = ([(UNLOADED_LABEL, unloaded)] if unloaded else []) + [
+        (f"{point['offered_per_s']:.0f}", point) for point in points
+    ]
+    for label, point in rows:
         lines.append(
-            f"| {point['offered_per_s']:.0f} | {point['achieved_per_s']:.0f} | {point['p50_ms']:.2f} | "
+            f"| {label} | {point['achieved_per_s']:.0f} | {point['p50_ms']:.2f} | "
             f"{point['p99_ms']:.2f} | {point['p999_ms']:.2f} | {point['ok']}/{point['requests']} | "
             f"{point['errors']} | {point['db_write_transactions_per_1000']} |"
+        )
+    return lines
+
+
+MISSING = "—"  # a server, a point or a figure this result does not have (e.g. older runs: no floor)
+
+
+def _cell(values: list[Any], form: str) -> str:
+    return " · ".join(MISSING if value is None else format(value, form) for value in values)
+
+
+def _side_by_side(document: dict[str, Any]) -> list[str]:
+    """Ours, postgres-direct and the floor at each point (the unloaded one first), and the ratios."""
+    ours: list[Point] = document["points"]
+    baseline_at = {point["offered_per_s"]: point for point in document.get("baseline") or ()}
+    floor_at = {point["offered_per_s"]: point for point in document.get("floor") or ()}
+    rows: list[tuple[str, Point | None, Point | None, Point | None]] = []
+    if document.get("unloaded"):
+        unloaded = document.get("baseline_unloaded"), document.get("floor_unloaded")
+        rows.append((UNLOADED_LABEL, document["unloaded"], *unloaded))
+    rows += [
+        (
+            f"{point['offered_per_s']:.0f}",
+            point,
+            baseline_at.get(point["offered_per_s"]),
+            floor_at.get(point["offered_per_s"]),
+        )
+        for point in ours
+    ]
+    lines = [
+        "| offered /s | done /s: ours · postgres-direct · floor | p50 ms: ours · postgres-direct · floor "
+        "| p99 ms: ours · postgres-direct · floor | ours / postgres-direct: p50 · p99 · DB writes "
+        "| ours / floor: p50 · p99 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, *servers in rows:
+        mine = servers[0]
+        assert mine is not None
+        ratios = point_ratios(mine, servers[1], servers[2])
+
+        def figures(key: str, servers: list[Point | None] = servers) -> list[Any]:
+            return [None if point is None else point[key] for point in servers]
+
+        lines.append(
+            f"| {label} | {_cell(figures('achieved_per_s'), '.0f')} | {_cell(figures('p50_ms'), '.2f')} "
+            f"| {_cell(figures('p99_ms'), '.2f')} "
+            f"| {_cell([ratios['p50_ratio'], ratios['p99_ratio'], ratios['db_write_ratio']], '.3g')} "
+            f"| {_cell([ratios['p50_floor_ratio'], ratios['p99_floor_ratio']], '.3g')} |"
         )
     return lines
 
@@ -410,8 +507,9 @@ PLOT = "latency.png"
 
 
 def plot_latency() -> Path | None:
-    """A PNG of p50 and p99 latency against offered load, ours and the baseline's, one panel per
-    scenario with a baseline (newest results); None without matplotlib (`pip install -e '.[bench]'`)."""
+    """A PNG of p50 and p99 latency against offered load, ours, the baseline's and the floor's, one
+    panel per scenario with a baseline (newest results); None without matplotlib (`pip install -e
+    '.[bench]'`)."""
     try:
         import matplotlib
 
@@ -430,7 +528,10 @@ def plot_latency() -> Path | None:
         for label, points, colour in (
             ("usage-ledger", document["points"], "tab:blue"),
             ("postgres-direct", document["baseline"], "tab:orange"),
+            ("floor", document.get("floor") or [], "tab:green"),
         ):
+            if not points:
+                continue
             rates = [point["offered_per_s"] for point in points]
             axis.plot(rates, [point["p99_ms"] for point in points], "o-", color=colour, label=f"{label} p99")
             axis.plot(rates, [point["p50_ms"] for point in points], "x--", color=colour, label=f"{label} p50")
@@ -449,17 +550,17 @@ def plot_latency() -> Path | None:
     return path
 
 
-def _newest_results() -> dict[str, dict[str, Any]]:
+def _newest_results(directory: Path = RESULTS) -> dict[str, dict[str, Any]]:
     newest: dict[str, dict[str, Any]] = {}
-    for path in sorted(RESULTS.glob("*.json")):
+    for path in sorted(directory.glob("*.json")):
         document = json.loads(path.read_text())
         newest[document["scenario"]] = document  # sorted by date: the last one wins
     return newest
 
 
-def render_benchmarks_md() -> str:
-    """BENCHMARKS.md from the newest result file of each scenario."""
-    newest = _newest_results()
+def render_benchmarks_md(results: Path = RESULTS) -> str:
+    """BENCHMARKS.md from the newest result file of each scenario in `results`."""
+    newest = _newest_results(results)
     lines = [
         "# Benchmarks",
         "",
@@ -468,10 +569,16 @@ def render_benchmarks_md() -> str:
         "measured from each request's scheduled time. The server, Ray, Postgres and the load",
         "generator share the machine. *postgres-direct* is the baseline (`bench/baseline.py`): the",
         "same endpoints and gateway stack, every request one Postgres statement, run right after.",
+        "The *floor* (`bench/floor.py`) is uvicorn configured as `usage-ledger serve` runs it, with a",
+        "bare ASGI app that answers each request with a fixed body of the same size: what HTTP and",
+        "the load generator cost on this machine, below which no server of ours can go. The",
+        "*unloaded* row is one connection sending one request at a time, each as soon as the last",
+        "answered, for a few seconds: one request's cost on an idle server (with a flow, its steps",
+        "back to back). `—`: not measured (older results have no floor and no unloaded row).",
         "",
         *(
             [f"![latency against offered load](bench/results/{PLOT})", ""]
-            if (RESULTS / PLOT).exists()
+            if (results / PLOT).exists()
             else []
         ),
     ]
@@ -492,25 +599,29 @@ def render_benchmarks_md() -> str:
                 "",
             ]
             continue
-        lines += ["usage-ledger:", "", *_table(document["points"]), ""]
-        if document.get("baseline"):
-            lines += ["postgres-direct:", "", *_table(document["baseline"]), ""]
-            lines += [
-                "| offered /s | p99: ours / baseline | DB write transactions: ours / baseline |",
-                "| ---: | ---: | ---: |",
-                *(
-                    f"| {r['offered_per_s']:.0f} | {r['p99_ratio']} | {r['db_write_ratio']} |"
-                    for r in document.get("ratios", [])
-                ),
-                "",
-            ]
+        if scenario in SCENARIOS:  # served over HTTP: side by side with the baseline and the floor
+            lines += [*_side_by_side(document), ""]
+        lines += ["usage-ledger:", "", *_table(document["points"], document.get("unloaded")), ""]
+        for key, name in (("baseline", "postgres-direct"), ("floor", "floor")):
+            if document.get(key):
+                lines += [f"{name}:", "", *_table(document[key], document.get(f"{key}_unloaded")), ""]
     return "\n".join(lines)
 
 
-def run_over_http(scenarios: list[str], sweep: Sweep, *, shards: int, baseline: bool, short: bool) -> None:
-    """The HTTP scenarios on one database: each on our server, then each on postgres-direct (one
-    server of each for the whole run: starting Ray and the shards is most of a short run)."""
+OTHER_SERVERS = {  # result key -> the name printed, and how to start it on the run's database
+    "baseline": ("postgres-direct", baseline_server),
+    "floor": ("the floor", floor_server),
+}
+
+
+def run_over_http(
+    scenarios: list[str], sweep: Sweep, *, shards: int, baseline: bool, floor: bool, short: bool
+) -> None:
+    """The HTTP scenarios on one database: each on our server, then each on postgres-direct, then
+    each on the floor (one server of each for the whole run: starting Ray and the shards is most of
+    a short run)."""
     bodies: dict[str, dict[str, Any]] = {}
+    others = [key for key, wanted in (("baseline", baseline), ("floor", floor)) if wanted]
     with bench_database() as database_url:
         # Flushes every 5 s rather than the default 30 s, so each measured window holds some
         # (the default would only make the ledger's DB transactions per request fewer still).
@@ -519,15 +630,38 @@ def run_over_http(scenarios: list[str], sweep: Sweep, *, shards: int, baseline: 
                 run = SCENARIOS[scenario]
                 print(f"{scenario}: {(run.__doc__ or '').strip()}", flush=True)
                 bodies[scenario] = run(server, sweep)
-        if baseline:
-            with baseline_server(database_url) as direct:
+        for key in others:
+            name, start = OTHER_SERVERS[key]
+            with start(database_url) as other:
                 for scenario in scenarios:
-                    print(f"{scenario}, postgres-direct:", flush=True)
-                    body = bodies[scenario]
-                    body["baseline"] = SCENARIOS[scenario](direct, sweep)["points"]
-                    body["ratios"] = compare(body["points"], body["baseline"])
+                    print(f"{scenario}, {name}:", flush=True)
+                    measured = SCENARIOS[scenario](other, sweep)
+                    bodies[scenario][key] = measured["points"]
+                    bodies[scenario][f"{key}_unloaded"] = measured["unloaded"]
     for scenario, body in bodies.items():
+        if others:
+            body["ratios"] = compare(body["points"], body.get("baseline"), floor=body.get("floor"))
+            body["unloaded_ratios"] = point_ratios(
+                body["unloaded"], body.get("baseline_unloaded"), body.get("floor_unloaded")
+            )
+            _print_ratios(scenario, body)
         print(f"  -> {write_result(scenario, body, short=short)}", flush=True)
+
+
+def _print_ratios(scenario: str, body: dict[str, Any]) -> None:
+    """The run's ratios, one line per point: ours / postgres-direct and ours / floor."""
+
+    def show(ratios: dict[str, Any], suffix: str) -> str:
+        values = [(figure, ratios[f"{figure}_{suffix}"]) for figure in ("p50", "p99", "per_s")]
+        return ", ".join(
+            f"{figure} {MISSING if value is None else format(value, '.3g')}" for figure, value in values
+        )
+
+    print(f"{scenario}: ours / postgres-direct; ours / floor", flush=True)
+    named = [("unloaded", body["unloaded_ratios"])]
+    named += [(f"{ratios['offered_per_s']:.0f}/s", ratios) for ratios in body["ratios"]]
+    for label, ratios in named:
+        print(f"  {label:>9}: {show(ratios, 'ratio')}; {show(ratios, 'floor_ratio')}", flush=True)
 
 
 def main() -> None:
@@ -542,12 +676,20 @@ def main() -> None:
     )
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the postgres-direct runs")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor's runs (bare uvicorn)")
     args = parser.parse_args()
     sweep = SHORT if args.short else FULL
     chosen = args.scenarios or [*SCENARIOS, *(SHORT_STANDALONE if args.short else STANDALONE)]
     over_http = [scenario for scenario in chosen if scenario in SCENARIOS]
     if over_http:
-        run_over_http(over_http, sweep, shards=args.shards, baseline=not args.no_baseline, short=args.short)
+        run_over_http(
+            over_http,
+            sweep,
+            shards=args.shards,
+            baseline=not args.no_baseline,
+            floor=not args.no_floor,
+            short=args.short,
+        )
     for scenario in chosen:
         if scenario in STANDALONE:
             print(f"{scenario}: {(STANDALONE[scenario].__doc__ or '').strip()}", flush=True)

@@ -21,6 +21,14 @@ answered is sent when it has, and its latency still counts from its due time. A
 flow whose step fails stops there. With `per_flow`, a flow is one request: its
 latency runs from its start to its last answer (or its first failure), and the
 steps' latencies are reported by kind only.
+
+The unloaded point (`UnloadedSpec`) is the other mode: closed loop, one
+keep-alive connection, one request at a time, each sent as soon as the last one
+answered, for a few seconds. It sends what a `LoadSpec` or `FlowSpec` would
+(flows one after another, their steps back to back: the offsets are ignored),
+and its latency runs from a request's sending (a flow's start, with `per_flow`)
+to its answer. It is what one request costs an idle server, and its rate one
+client's ceiling, not the server's capacity.
 """
 
 from __future__ import annotations
@@ -57,8 +65,9 @@ class LoadSpec:
 
 @dataclass
 class LoadResult:
-    offered_per_s: float
+    offered_per_s: float  # 0 for the unloaded point: closed loop, nothing is offered
     duration_s: float
+    closed_loop: bool = False
     latencies_ms: list[float] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     by_kind: dict[str, list[float]] = field(default_factory=dict)  # flows: latencies per step kind
@@ -76,7 +85,11 @@ class LoadResult:
     def summary(self) -> dict[str, Any]:
         ok = sum(count for status, count in self.statuses.items() if 200 <= status < 300)
         return {
-            "offered_per_s": self.offered_per_s,
+            **(
+                {"closed_loop_connections": 1, "seconds": round(self.duration_s, 3)}
+                if self.closed_loop
+                else {"offered_per_s": self.offered_per_s}
+            ),
             "achieved_per_s": round(self.completed / self.duration_s, 1),
             "requests": self.completed,
             "ok": ok,
@@ -86,7 +99,7 @@ class LoadResult:
             "p99_ms": round(self.percentile(0.99), 3),
             "p999_ms": round(self.percentile(0.999), 3),
             "max_ms": round(max(self.latencies_ms, default=float("nan")), 3),
-            "generator_late_ms_max": round(self.late_start_ms_max, 3),
+            **({} if self.closed_loop else {"generator_late_ms_max": round(self.late_start_ms_max, 3)}),
             **(
                 {
                     "flows_cut_short": self.flows_cut_short,
@@ -220,6 +233,50 @@ class FlowSpec:
     per_flow: bool = False  # one latency and status per flow (start to last answer), not per step
 
 
+async def _play_flow(
+    steps: tuple[Step, ...],
+    connections: _Connections,
+    result: LoadResult,
+    *,
+    start: float,
+    per_flow: bool,
+    paced: bool,
+) -> None:
+    """One flow: each step when it is due (`paced`, at the flow's start plus its offset; its
+    latency counts from then) or as soon as the last one answered (its latency from its sending)."""
+    ids: dict[bytes, bytes] = {}  # b"{session}" or b"{hold}" -> the id an answer gave
+    status = 0
+    for step in steps:
+        if paced:
+            due = start + step.at_s
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        else:
+            due = time.perf_counter()
+        request = step.request
+        for placeholder, value in ids.items():
+            request = request.replace(placeholder, value)
+        answer = await connections.send(request)
+        if answer is None:
+            result.errors += 1
+            result.flows_cut_short += 1
+            return
+        status, body = answer
+        latency_ms = (time.perf_counter() - due) * 1000
+        if per_flow:
+            result.by_kind.setdefault(step.kind, []).append(latency_ms)
+        else:
+            result.record(status, latency_ms, step.kind)
+        if not 200 <= status < 300:
+            result.flows_cut_short += 1
+            break
+        if (found := ANSWER_ID.search(body)) and (placeholder := b"{%s}" % found.group(1)) not in ids:
+            ids[placeholder] = found.group(2)
+    if per_flow:
+        result.record(status, (time.perf_counter() - start) * 1000)
+
+
 async def _run_flows(spec: FlowSpec) -> LoadResult:
     result = LoadResult(offered_per_s=spec.rate_per_s, duration_s=spec.duration_s)
     connections = _Connections(spec.host, spec.port)
@@ -227,59 +284,80 @@ async def _run_flows(spec: FlowSpec) -> LoadResult:
     flows = itertools.cycle(spec.flows)
 
     async def flow(i: int, start: float) -> None:
-        ids: dict[bytes, bytes] = {}  # b"{session}" or b"{hold}" -> the id an answer gave
-        status = 0
-        for step in next(flows):
-            due = start + step.at_s
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            request = step.request
-            for placeholder, value in ids.items():
-                request = request.replace(placeholder, value)
-            answer = await connections.send(request)
-            if answer is None:
-                result.errors += 1
-                result.flows_cut_short += 1
-                return
-            status, body = answer
-            latency_ms = (time.perf_counter() - due) * 1000
-            if spec.per_flow:
-                result.by_kind.setdefault(step.kind, []).append(latency_ms)
-            else:
-                result.record(status, latency_ms, step.kind)
-            if not 200 <= status < 300:
-                result.flows_cut_short += 1
-                break
-            if (found := ANSWER_ID.search(body)) and (placeholder := b"{%s}" % found.group(1)) not in ids:
-                ids[placeholder] = found.group(2)
-        if spec.per_flow:
-            result.record(status, (time.perf_counter() - start) * 1000)
+        await _play_flow(next(flows), connections, result, start=start, per_flow=spec.per_flow, paced=True)
 
     await _paced(spec.rate_per_s, spec.duration_s, result, flow)
     connections.close()
     return result
 
 
-def _process_main(spec: LoadSpec | FlowSpec, queue: multiprocessing.Queue[LoadResult]) -> None:
+UNLOADED_WARMUP_S = 0.5  # sent before the measured seconds, not counted (the generator's first calls)
+
+
+@dataclass(frozen=True)
+class UnloadedSpec:
+    """The unloaded point: what `work` sends (its rate, duration and connections are not used),
+    one request at a time over one keep-alive connection, for `duration_s` after a warm-up."""
+
+    work: LoadSpec | FlowSpec
+    duration_s: float
+    warmup_s: float = UNLOADED_WARMUP_S
+
+
+async def _run_unloaded(spec: UnloadedSpec) -> LoadResult:
+    work = spec.work
+    result = LoadResult(offered_per_s=0.0, duration_s=spec.duration_s, closed_loop=True)
+    warmup = LoadResult(offered_per_s=0.0, duration_s=spec.warmup_s, closed_loop=True)  # dropped
+    connection = _Connections(work.host, work.port)
+    await connection.open(1)
+    warm_at = time.perf_counter() + spec.warmup_s
+    began: float | None = None  # when the first measured request (or flow) was sent
+    items: list[bytes | tuple[Step, ...]] = [*(work.requests if isinstance(work, LoadSpec) else work.flows)]
+    for item in itertools.cycle(items):
+        sent = time.perf_counter()
+        if began is None and sent >= warm_at:
+            began = sent
+        if began is not None and sent >= began + spec.duration_s:
+            break
+        into = warmup if began is None else result
+        if isinstance(item, bytes):
+            answer = await connection.send(item)
+            if answer is None:
+                into.errors += 1
+            else:
+                into.record(answer[0], (time.perf_counter() - sent) * 1000)
+        else:
+            assert isinstance(work, FlowSpec)
+            await _play_flow(item, connection, into, start=sent, per_flow=work.per_flow, paced=False)
+    # To the last answer: a flow begun before the end is played to its end, and counted.
+    result.duration_s = time.perf_counter() - (began if began is not None else warm_at)
+    connection.close()
+    return result
+
+
+def _process_main(spec: LoadSpec | FlowSpec | UnloadedSpec, queue: multiprocessing.Queue[LoadResult]) -> None:
     import uvloop
 
-    queue.put(uvloop.run(_run(spec) if isinstance(spec, LoadSpec) else _run_flows(spec)))
+    if isinstance(spec, UnloadedSpec):
+        queue.put(uvloop.run(_run_unloaded(spec)))
+    else:
+        queue.put(uvloop.run(_run(spec) if isinstance(spec, LoadSpec) else _run_flows(spec)))
 
 
-def run_load(spec: LoadSpec | FlowSpec) -> LoadResult:
+def run_load(spec: LoadSpec | FlowSpec | UnloadedSpec) -> LoadResult:
     """Run `spec` in a separate process (so the measuring side has a core's worth of its own loop)."""
     context = multiprocessing.get_context("spawn")
     queue: multiprocessing.Queue[LoadResult] = context.Queue()
     process = context.Process(target=_process_main, args=(spec, queue))
     process.start()
     try:
-        flow_s = (
-            max((step.at_s for flow in spec.flows for step in flow), default=0.0)
-            if isinstance(spec, FlowSpec)
-            else 0.0
-        )
-        return queue.get(timeout=spec.duration_s + flow_s + 120)
+        if isinstance(spec, UnloadedSpec):
+            seconds = spec.warmup_s + spec.duration_s
+        elif isinstance(spec, FlowSpec):
+            seconds = spec.duration_s + max((step.at_s for flow in spec.flows for step in flow), default=0.0)
+        else:
+            seconds = spec.duration_s
+        return queue.get(timeout=seconds + 120)
     finally:
         process.join(timeout=30)
         if process.is_alive():

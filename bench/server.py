@@ -1,5 +1,5 @@
-"""The servers a benchmark runs: a real `usage-ledger serve`, and the postgres-direct baseline,
-each in its own process group (a local Ray dies with its server) on a free port with fresh
+"""The servers a benchmark runs: a real `usage-ledger serve`, the postgres-direct baseline and the
+floor, each in its own process group (a local Ray dies with its server) on a free port with fresh
 secrets, stopped with SIGTERM, then SIGKILL; and the Postgres both use."""
 
 from __future__ import annotations
@@ -96,25 +96,39 @@ def bench_server(database_url: str, **settings: str) -> Iterator[BenchServer]:
 
 @contextlib.contextmanager
 def baseline_server(database_url: str) -> Iterator[BenchServer]:
-    """The postgres-direct baseline (`bench/baseline.py`) on `database_url`."""
-    with tempfile.TemporaryDirectory(prefix="ledger-baseline-") as workdir:
+    """The postgres-direct baseline (`bench/baseline.py`) on `database_url`, once it asks for a token."""
+    jwt_secret = secrets.token_hex(32)
+    arguments = ["--dsn", database_url, "--jwt-secret", jwt_secret]
+    with _module_server(
+        "bench.baseline", arguments, database_url, jwt_secret, ready=("/v1/usage", 401)
+    ) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def floor_server(database_url: str) -> Iterator[BenchServer]:
+    """The floor (`bench/floor.py`): uvicorn configured as `serve` runs it, and an app that does no
+    work (it checks no token: the scenarios' tokens are sent and ignored). It never touches
+    `database_url`; the harness counts that database's write transactions during each run, as it
+    does for every server (on the floor: none of its own, only Postgres' autovacuum's)."""
+    jwt_secret = secrets.token_hex(32)
+    with _module_server("bench.floor", [], database_url, jwt_secret, ready=("/v1/usage", 200)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _module_server(
+    module: str, arguments: list[str], database_url: str, jwt_secret: str, *, ready: tuple[str, int]
+) -> Iterator[BenchServer]:
+    """`python -m <module> --port <a free port> <arguments>`, yielded once `ready` (a path, and the
+    status it answers when the server is up) is."""
+    with tempfile.TemporaryDirectory(prefix=f"ledger-{module.rpartition('.')[2]}-") as workdir:
         port = _free_port()
-        jwt_secret = secrets.token_hex(32)
-        command = [
-            sys.executable,
-            "-m",
-            "bench.baseline",
-            "--port",
-            str(port),
-            "--dsn",
-            database_url,
-            "--jwt-secret",
-            jwt_secret,
-        ]
+        command = [sys.executable, "-m", module, "--port", str(port), *arguments]
         env = {**_clean_env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         server = _start(command, env, Path(workdir), port, jwt_secret, database_url)
         try:
-            _wait_ready(server, "/v1/usage", 401)  # up, and asking for a token
+            _wait_ready(server, *ready)
             yield server
         finally:
             _stop(server.process)

@@ -1,23 +1,31 @@
 """The benchmark harness itself works (no timing is asserted): the open-loop generator sends what it
-is given and counts what comes back, and the postgres-direct baseline answers the same requests."""
+is given and counts what comes back, the unloaded point sends it one request at a time over one
+connection, the postgres-direct baseline answers the same requests, the floor answers them as the
+flows need with bodies of the ledger's size, and the results render with or without the floor."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest_asyncio
 
 from actors.plans import PlanCatalog
+from bench import floor
 from bench.__main__ import HOLD_METER, compare, render_benchmarks_md, reserve_and_capture
 from bench.baseline import create_baseline_app
 from bench.client import run_clients
-from bench.loadgen import FlowSpec, LoadResult, LoadSpec, Step, http_request, run_load
+from bench.loadgen import FlowSpec, LoadResult, LoadSpec, Step, UnloadedSpec, http_request, run_load
 from bench.server import PLANS_FILE as BENCH_PLANS_FILE
+from bench.server import floor_server
 from gateway.auth import issue_token
 from gateway.schemas import Hold
 from gateway.serving import server_config
@@ -79,19 +87,55 @@ async def test_flows_carry_the_session_id_from_the_first_answer(server: RunningS
             assert (await http.get("/v1/sessions/current", headers=auth(user))).status_code == 404
 
 
-@pytest_asyncio.fixture
-async def baseline_url(postgres_dsn: str) -> AsyncIterator[str]:
-    """The baseline with the tests' plans, as the test server has them (`generations`: 5 a day)."""
-    app = create_baseline_app(postgres_dsn, JWT_SECRET, plans_file=PLANS_FILE)
+@contextlib.asynccontextmanager
+async def _serving(app: Any) -> AsyncIterator[str]:
+    """`app` under the gateway's uvicorn configuration on a free port; yields its base URL."""
     server = QuietServer(server_config(app, host="127.0.0.1", port=0))
     task = asyncio.get_running_loop().create_task(server.serve())
     deadline = time.monotonic() + 30
     while not server.started:
-        assert not task.done() and time.monotonic() < deadline, "the baseline did not start"
+        assert not task.done() and time.monotonic() < deadline, "the server did not start"
         await asyncio.sleep(0.05)
     yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     server.should_exit = True
     await task
+
+
+@pytest_asyncio.fixture
+async def baseline_url(postgres_dsn: str) -> AsyncIterator[str]:
+    """The baseline with the tests' plans, as the test server has them (`generations`: 5 a day)."""
+    async with _serving(create_baseline_app(postgres_dsn, JWT_SECRET, plans_file=PLANS_FILE)) as url:
+        yield url
+
+
+class Watched:
+    """The floor, counting what reaches it: requests, the connections they came on, the most at once."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.connections: set[tuple[str, int]] = set()
+        self.in_flight = 0
+        self.in_flight_max = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await floor.app(scope, receive, send)
+            return
+        self.requests += 1
+        self.connections.add(tuple(scope["client"]))
+        self.in_flight += 1
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            await floor.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest_asyncio.fixture
+async def watched_floor() -> AsyncIterator[tuple[str, Watched]]:
+    watched = Watched()
+    async with _serving(watched) as url:
+        yield url, watched
 
 
 async def test_the_baseline_checks_starts_heartbeats_and_ends_through_postgres(
@@ -254,11 +298,191 @@ def test_the_bench_plans_are_the_built_in_ones_and_the_hold_meter() -> None:
     assert (free.limit_ms, free.rate_limit) == (builtin.default.limit_ms, builtin.default.rate_limit)
 
 
+def _point(offered: float, *, p50: float, p99: float, per_s: float, writes: float) -> dict[str, Any]:
+    return {
+        "offered_per_s": offered,
+        "achieved_per_s": per_s,
+        "requests": 100,
+        "ok": 100,
+        "errors": 0,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p999_ms": p99,
+        "db_write_transactions_per_1000": writes,
+    }
+
+
 def test_ratios_and_the_table_come_from_the_results() -> None:
-    ours = [{"offered_per_s": 100, "p99_ms": 2.0, "db_write_transactions_per_1000": 10}]
-    theirs = [{"offered_per_s": 100, "p99_ms": 8.0, "db_write_transactions_per_1000": 2000}]
-    assert compare(ours, theirs) == [{"offered_per_s": 100, "p99_ratio": 0.25, "db_write_ratio": 0.005}]
+    ours = [
+        _point(100, p50=1.0, p99=2.0, per_s=100, writes=10),
+        _point(200, p50=1.0, p99=4.0, per_s=200, writes=10),
+    ]
+    theirs = [_point(100, p50=4.0, p99=8.0, per_s=100, writes=2000)]
+    floor_points = [_point(100, p50=0.5, p99=0.5, per_s=100, writes=0)]
+    ratios = compare(ours, theirs, floor=floor_points)
+    assert ratios[0] == {
+        "offered_per_s": 100,
+        "p50_ratio": 0.25,
+        "p99_ratio": 0.25,
+        "per_s_ratio": 1.0,
+        "db_write_ratio": 0.005,
+        "p50_floor_ratio": 2.0,
+        "p99_floor_ratio": 4.0,
+        "per_s_floor_ratio": 1.0,
+    }
+    assert ratios[1]["offered_per_s"] == 200 and set(ratios[1].values()) == {200, None}, "not run there"
+    assert compare(ours)[0]["p99_ratio"] is None and compare(ours)[0]["p99_floor_ratio"] is None
     assert render_benchmarks_md().startswith("# Benchmarks")
+
+
+def _write(results: Path, document: dict[str, Any]) -> None:
+    base = {"doc": "Credit checks.", "at": "2026-12-06T00:00:00+00:00", "commit": "abc1234", "machine": "m"}
+    (results / f"2026-12-06-{document['scenario']}.json").write_text(json.dumps({**base, **document}))
+
+
+def _rows(markdown: str, first_cell: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith(f"| {first_cell} |")
+    ]
+
+
+def test_results_render_side_by_side_with_the_floor_and_the_unloaded_point(tmp_path: Path) -> None:
+    unloaded = {**_point(0, p50=0.8, p99=1.6, per_s=1200, writes=0), "closed_loop_connections": 1}
+    del unloaded["offered_per_s"]
+    _write(
+        tmp_path,
+        {
+            "scenario": "check",
+            "users": 10,
+            "unloaded": unloaded,
+            "points": [_point(250, p50=1.0, p99=3.0, per_s=250, writes=0)],
+            "baseline_unloaded": {**unloaded, "p50_ms": 1.6, "p99_ms": 3.2, "achieved_per_s": 600},
+            "baseline": [_point(250, p50=2.0, p99=6.0, per_s=250, writes=1)],
+            "floor_unloaded": {**unloaded, "p50_ms": 0.2, "p99_ms": 0.4, "achieved_per_s": 4000},
+            "floor": [_point(250, p50=0.25, p99=0.5, per_s=250, writes=0)],
+        },
+    )
+    rendered = render_benchmarks_md(tmp_path)
+    side_by_side = _rows(rendered, "unloaded (1 connection)")[0]
+    assert side_by_side == [
+        "unloaded (1 connection)",
+        "1200 · 600 · 4000",
+        "0.80 · 1.60 · 0.20",
+        "1.60 · 3.20 · 0.40",
+        "0.5 · 0.5 · —",
+        "4 · 4",
+    ]
+    assert _rows(rendered, "250")[0] == [
+        "250",
+        "250 · 250 · 250",
+        "1.00 · 2.00 · 0.25",
+        "3.00 · 6.00 · 0.50",
+        "0.5 · 0.5 · 0",
+        "4 · 6",
+    ]
+    # And each server's own table, the unloaded point first.
+    assert len(_rows(rendered, "unloaded (1 connection)")) == 1 + 3
+    assert "\nfloor:\n" in rendered and "\npostgres-direct:\n" in rendered
+
+
+def test_results_from_before_the_floor_still_render(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {
+            "scenario": "check",
+            "users": 10,
+            "points": [_point(250, p50=1.0, p99=3.0, per_s=250, writes=0)],
+            "baseline": [_point(250, p50=2.0, p99=6.0, per_s=250, writes=0)],
+            "ratios": [{"offered_per_s": 250, "p99_ratio": 0.5, "db_write_ratio": None}],
+        },
+    )
+    rendered = render_benchmarks_md(tmp_path)
+    assert _rows(rendered, "250")[0] == [
+        "250",
+        "250 · 250 · —",
+        "1.00 · 2.00 · —",
+        "3.00 · 6.00 · —",
+        "0.5 · 0.5 · —",
+        "— · —",
+    ]
+    assert not _rows(rendered, "unloaded (1 connection)") and "\nfloor:\n" not in rendered
+
+
+async def test_the_floor_answers_as_the_ledger_does_with_bodies_of_its_size(
+    server: RunningServer, watched_floor: tuple[str, Watched]
+) -> None:
+    """Same statuses, ids where the flows look for them, and bodies within a factor of 2 of ours."""
+    floor_url, _ = watched_floor
+    user = new_user()
+    sizes: dict[str, list[tuple[int, int]]] = {}
+    for base_url in (server.base_url, floor_url):
+        async with httpx.AsyncClient(base_url=base_url, headers=auth(user)) as http:
+            usage = await http.get("/v1/usage")
+            started = await http.post("/v1/sessions", json={"topic": "bench"})
+            session = started.json()["session_id"]
+            beat = await http.post(f"/v1/sessions/{session}/heartbeat", json={})
+            ended = await http.post(f"/v1/sessions/{session}/end", json={})
+            held = await http.post("/v1/holds", json={"meter": "generations", "amount": 2})
+            captured = await http.post(f"/v1/holds/{held.json()['hold_id']}/capture", json={"amount": 1})
+        answers = (usage, started, beat, ended, held, captured)
+        sizes[base_url] = [(answer.status_code, len(answer.content)) for answer in answers]
+    ours, floors = sizes[server.base_url], sizes[floor_url]
+    assert (
+        [status for status, _ in floors] == [status for status, _ in ours] == [200, 201, 200, 200, 201, 200]
+    )
+    for (_, mine), (_, theirs) in zip(ours, floors, strict=True):
+        assert mine / 2 <= theirs <= mine * 2, (ours, floors)
+
+
+async def test_the_flows_run_on_the_floor(watched_floor: tuple[str, Watched]) -> None:
+    floor_url, watched = watched_floor
+    result, _ = await _hold_flows(floor_url)  # the floor refuses nothing: every pair is captured
+    assert result.errors == 0 and result.flows_cut_short == 0 and result.statuses == {200: 5}
+    assert watched.requests == 10
+
+
+async def test_the_unloaded_point_sends_one_request_at_a_time_over_one_connection(
+    watched_floor: tuple[str, Watched],
+) -> None:
+    floor_url, watched = watched_floor
+    requests = [
+        http_request("GET", "/v1/usage"),
+        http_request("POST", "/v1/sessions/x/heartbeat", body=b"{}"),
+    ]
+    work = LoadSpec(host="127.0.0.1", port=_port(floor_url), requests=requests, rate_per_s=1, duration_s=60)
+    result = await asyncio.to_thread(run_load, UnloadedSpec(work, duration_s=0.5, warmup_s=0.2))
+    assert watched.in_flight_max == 1 and len(watched.connections) == 1
+    assert result.errors == 0 and result.completed > 0 and result.statuses == {200: result.completed}
+    assert watched.requests > result.completed, "the warm-up's requests are not counted"
+    summary = result.summary()
+    assert "offered_per_s" not in summary and summary["closed_loop_connections"] == 1
+    assert summary["achieved_per_s"] == round(result.completed / result.duration_s, 1)
+    assert 0.5 <= result.duration_s < 5, "as long as asked, to the last answer"
+
+    # Flows, one after another, each step as soon as the last answered: a pair is one request.
+    pairs: list[tuple[Step, ...]] = [
+        reserve_and_capture(auth(new_user()), meter="generations", amount=2, capture=1)
+    ]
+    flows = FlowSpec(
+        host="127.0.0.1", port=_port(floor_url), flows=pairs, rate_per_s=1, duration_s=60, per_flow=True
+    )
+    before = watched.requests
+    paired = await asyncio.to_thread(run_load, UnloadedSpec(flows, duration_s=0.3, warmup_s=0))
+    assert paired.errors == 0 and paired.flows_cut_short == 0 and paired.statuses == {200: paired.completed}
+    steps = paired.summary()["steps"]
+    assert steps["reserve"]["requests"] == steps["capture"]["requests"] == paired.completed > 0
+    assert watched.requests - before == 2 * paired.completed
+    assert len(watched.connections) == 2 and watched.in_flight_max == 1
+
+
+def test_the_floor_runs_in_a_process_of_its_own() -> None:
+    with floor_server("postgresql://unused") as running:
+        answer = httpx.get(f"{running.base_url}/v1/usage", timeout=10)
+        assert answer.status_code == 200 and answer.content == floor.USAGE
+        assert running.process.poll() is None
+    assert running.process.poll() is not None, "stopped with its context"
 
 
 async def test_the_client_scenario_runs_sessions_through_the_python_client(server: RunningServer) -> None:
