@@ -148,7 +148,7 @@ class ShardRouter:
         *,
         call_timeout_s: float,
         metrics: Metrics,
-        channels: bool = True,
+        channels: bool = False,
         node_id: str | None = None,
     ) -> None:
         """`channels`: hot calls over the data plane (`node_id`: this process's Ray node), else

@@ -767,7 +767,7 @@ class TestRateLimit:
             "get_hold": lambda user, sid: shard.get_hold(user, "hold-unknown"),
             "list_holds": lambda user, sid: shard.list_holds(user),
         }
-        infrastructure = {"start", "stop", "flush", "stats", "ready", "batch", "collect"}
+        infrastructure = {"start", "stop", "flush", "stats", "ready", "batch", "collect", "answer"}
         public = {
             name
             for name, _ in inspect.getmembers(LedgerShard, inspect.iscoroutinefunction)
