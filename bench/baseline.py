@@ -39,7 +39,7 @@ from actors.plans import MeterSpec, PlanCatalog
 from gateway.auth import TokenVerifier, current_user
 from gateway.errors import install_error_handlers, problem
 from gateway.metrics import Metrics
-from gateway.middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, RequestLogMiddleware
+from gateway.middleware import BodyLimitMiddleware, ConcurrencyLimitMiddleware, InFlight, RequestLogMiddleware
 from gateway.schemas import CaptureHoldRequest, CreateHoldRequest, Hold, Usage
 
 PLANS_FILE = Path(__file__).resolve().parent / "plans.toml"  # the benchmark's (bench/server.py)
@@ -233,7 +233,7 @@ def create_baseline_app(dsn: str, jwt_secret: str, *, plans_file: Path = PLANS_F
     app.state.token_verifier = TokenVerifier(secret=jwt_secret)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
-    app.add_middleware(ConcurrencyLimitMiddleware, max_requests=1024, metrics=metrics)
+    app.add_middleware(ConcurrencyLimitMiddleware, in_flight=InFlight(max_requests=1024, metrics=metrics))
     app.add_middleware(RequestLogMiddleware, metrics=metrics)
 
     async def pool(request: Request) -> Any:

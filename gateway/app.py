@@ -1,21 +1,23 @@
 """create_app(settings): the FastAPI application and its lifespan.
 
-Middleware, outermost first: request id and canonical log line; the bound on
-requests in flight; the 16 KiB body bound; the internal-call signature check;
-the hot path that answers well-formed credit checks and heartbeats itself
-(`gateway.hotpath`). Then routing, with every error answered as problem+json by
-`gateway.errors`.
+Outermost, before anything else of the app: the hot path, which answers
+well-formed credit checks and heartbeats itself (`gateway.hotpath`), with the
+same bound, log line and metrics as the rest. Then the middleware, outermost
+first: request id and canonical log line; the bound on requests in flight; the
+16 KiB body bound; the listener check; the internal-call signature check. Then
+routing, with every error answered as problem+json by `gateway.errors`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp
 
 from actors.logsetup import configure_logging
 from gateway.auth import InternalSignatureMiddleware, JwksKeys, TokenVerifier
@@ -25,6 +27,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import (
     BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
+    InFlight,
     ListenerMiddleware,
     RequestLogMiddleware,
 )
@@ -43,6 +46,16 @@ User endpoints take a bearer JWT whose `sub` is the user id. Internal
 endpoints are signed with Standard Webhooks. Every error is
 `application/problem+json` with a stable `code`.
 """
+
+
+class LedgerApp(FastAPI):
+    """FastAPI, with the hot path outside its whole middleware stack (`outermost`)."""
+
+    outermost: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.outermost is None else self.outermost(stack)
 
 
 def _package_version() -> str:
@@ -67,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(
+    app = LedgerApp(
         title="usage-ledger",
         version=_package_version(),
         description=DESCRIPTION,
@@ -92,15 +105,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router, dependencies=[Depends(no_unknown_query)])
     app.include_router(ops.router)
     app.include_router(webhooks.router, dependencies=[Depends(no_unknown_query)])
-    app.add_middleware(HotPathMiddleware, fastapi=app)
+    in_flight = InFlight(max_requests=settings.max_requests_in_flight, metrics=metrics)
     app.add_middleware(InternalSignatureMiddleware, secret=secrets.internal_secret)
     if settings.internal_port is not None:
         app.add_middleware(ListenerMiddleware, internal_port=settings.internal_port)
     app.add_middleware(BodyLimitMiddleware, read_timeout_s=settings.request_read_timeout_s)
-    app.add_middleware(
-        ConcurrencyLimitMiddleware, max_requests=settings.max_requests_in_flight, metrics=metrics
-    )
+    app.add_middleware(ConcurrencyLimitMiddleware, in_flight=in_flight)
     app.add_middleware(RequestLogMiddleware, metrics=metrics)
+    app.outermost = lambda stack: HotPathMiddleware(
+        stack,
+        fastapi=app,
+        in_flight=in_flight,
+        metrics=metrics,
+        read_timeout_s=settings.request_read_timeout_s,
+        internal_port=settings.internal_port,
+    )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

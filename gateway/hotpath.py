@@ -1,39 +1,44 @@
-"""The hot path: credit checks and heartbeats answered without FastAPI's routing, dependency
-injection and response validation.
+"""The hot path: credit checks and heartbeats answered before any other layer of the app.
 
 `GET /v1/usage` and `POST /v1/sessions/{id}/heartbeat` are most of a voice
-product's traffic. Profiled at 100 requests/s, FastAPI's machinery was ~40% of
-the gateway's CPU per request; this pure ASGI middleware answers the common,
-well-formed case of these two routes directly: the same authentication, the
-same shard call, the same response models, serialized by pydantic-core.
+product's traffic. This is the outermost ASGI layer of the app
+(`gateway.app.LedgerApp`): it answers the common, well-formed case of these
+two routes itself, with no middleware stack, no routing, no dependency
+injection, and it keeps every guarantee of the slow path, by the same code:
+the same authentication (`TokenVerifier`, with its cache of verified tokens),
+the same bound on requests in flight (`InFlight`), the same shard call, the
+same response models, the same errors (`error_problem`), the same request id
+in `X-Request-ID`, the same log line and metrics (`log_request`).
 
 It only ever takes the happy path of *parsing*: a request it does not fully
 understand (no or malformed bearer token, a query string, an `Idempotency-Key`,
-a body that is not a valid heartbeat) is handed to the FastAPI app untouched,
-which answers it exactly as before, errors included. Once it has called the
-shard, it answers itself, with the same problem+json as the app's handlers.
-
-It sits innermost, after the request-id, in-flight, body-size and listener
-middleware, so every request still gets those; it sets `scope["route"]` to the
-FastAPI route it stands in for, so logs and metrics label it the same.
+a body that is not a whole, small, valid heartbeat in its first message, a
+request on the internal listener, the bound on requests in flight reached) is
+handed to the full app untouched (a body it has read is replayed), which
+answers it exactly as before, errors included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any
 
+import structlog
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.asgi import header, read_body, replaying
+from actors.errors import DomainError
+from gateway.asgi import header, replaying
 from gateway.auth import TokenVerifier, bearer_token
-from gateway.errors import error_problem
-from gateway.routes import sessions, usage
+from gateway.errors import ApiError, error_problem
+from gateway.metrics import Metrics
+from gateway.middleware import MAX_BODY_BYTES, InFlight, is_utf8_text, log_request, request_id_of
+from gateway.routes import sessions
 from gateway.runtime import Runtime
 from gateway.schemas import HeartbeatRequest, HeartbeatResponse, Usage
 from gateway.shards import ShardClient
@@ -43,51 +48,71 @@ HEARTBEAT_ROUTE = "/v1/sessions/{session_id}/heartbeat"
 _HEARTBEAT_PATH = re.compile(r"^/v1/sessions/([^/]+)/heartbeat$")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
-T = TypeVar("T")
-
 
 class HotPathMiddleware:
     """Answers well-formed credit checks and heartbeats itself; everything else goes to `app`."""
 
-    def __init__(self, app: ASGIApp, *, fastapi: FastAPI) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        fastapi: FastAPI,
+        in_flight: InFlight,
+        metrics: Metrics,
+        read_timeout_s: float,
+        internal_port: int | None = None,
+    ) -> None:
         self.app = app
         self._fastapi = fastapi
-        # The routes themselves, as FastAPI puts them in `scope["route"]`.
-        self._routes = {
-            (route_method, route.path): route
-            for route in (*usage.router.routes, *sessions.router.routes)
-            if isinstance(route, APIRoute)
-            for route_method in route.methods or ()
-        }
+        self._in_flight = in_flight
+        self._metrics = metrics
+        self._read_timeout_s = read_timeout_s
+        self._internal_port = internal_port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["query_string"]:
+        if scope["type"] != "http" or scope["query_string"] or self._on_internal_listener(scope):
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
         if method == "GET" and path == USAGE_PATH:
+            if _has_body(scope):
+                await self.app(scope, receive, send)
+                return
             user_id = await self._user(scope)
-            if user_id is not None:
-                scope["route"] = self._routes["GET", USAGE_PATH]
-                shards = self._shards()
-                await self._answer(scope, receive, send, Usage.from_view, shards.usage(user_id))
+            if user_id is None:
+                await self.app(scope, receive, send)
                 return
-        elif method == "POST" and (match := _HEARTBEAT_PATH.match(path)) is not None:
-            body = await read_body(receive)
-            if body is None:
-                return  # the client went away
-            receive = replaying(body, receive)
-            session_id, seq = _heartbeat_input(scope, match.group(1), body)
+            await self._answer(
+                scope, receive, send, USAGE_PATH, user_id, Usage.from_view, self._shards().usage
+            )
+            return
+        if method == "POST" and (match := _HEARTBEAT_PATH.match(path)) is not None:
+            try:
+                async with asyncio.timeout(self._read_timeout_s):
+                    first = await receive()
+            except TimeoutError:  # the app's body limit answers it (408) when it reads on
+                await self.app(scope, receive, send)
+                return
+            receive = _replaying_message(first, receive)
+            session_id, seq = _heartbeat_input(scope, match.group(1), first)
             user_id = await self._user(scope) if session_id is not None else None
-            if user_id is not None and session_id is not None:
-                scope["route"] = self._routes["POST", HEARTBEAT_ROUTE]
-                request_id = scope.get("state", {}).get("request_id")
-                answer = self._shards().heartbeat(
-                    user_id, session_id, seq=seq, request_id=request_id, idem=None
-                )
-                await self._answer(scope, receive, send, HeartbeatResponse.from_view, answer)
+            if user_id is None or session_id is None:
+                await self.app(scope, receive, send)
                 return
+
+            def heartbeat(user: str, request_id: str) -> Awaitable[Any]:
+                assert session_id is not None
+                return self._shards().heartbeat(user, session_id, seq=seq, request_id=request_id, idem=None)
+
+            await self._answer(
+                scope, receive, send, HEARTBEAT_ROUTE, user_id, HeartbeatResponse.from_view, heartbeat
+            )
+            return
         await self.app(scope, receive, send)
+
+    def _on_internal_listener(self, scope: Scope) -> bool:
+        server = scope.get("server")
+        return self._internal_port is not None and server is not None and server[1] == self._internal_port
 
     async def _user(self, scope: Scope) -> str | None:
         """The authenticated user, or None when the app should answer (it will say why)."""
@@ -96,11 +121,9 @@ class HotPathMiddleware:
             return None
         verifier: TokenVerifier = self._fastapi.state.token_verifier
         try:
-            user_id = await verifier.verify(token)
+            return await verifier.verify(token)
         except Exception:  # the app verifies it again and answers the error its own way
             return None
-        scope.setdefault("state", {})["user_id"] = user_id
-        return user_id
 
     def _shards(self) -> ShardClient:
         runtime: Runtime = self._fastapi.state.runtime
@@ -111,23 +134,81 @@ class HotPathMiddleware:
         scope: Scope,
         receive: Receive,
         send: Send,
-        render: Callable[[T], BaseModel],
-        answer: Awaitable[T],
+        route: str,
+        user_id: str,
+        render: Callable[[Any], BaseModel],
+        call: Callable[..., Awaitable[Any]],
     ) -> None:
-        """Sends `render(await answer)` (the shard's answer), or the error it raised as a problem."""
-        try:
-            model = render(await answer)
-        except Exception as exc:  # answered as the app's own handlers would
-            await error_problem(exc)(scope, receive, send)
+        """Sends `render` of the shard's answer to `call`, or the error it raised as a problem; counted
+        in flight, logged and measured as the app's own requests are."""
+        if not self._in_flight.take(internal=False):
+            # The app answers the 503 (it finds the bound reached too).
+            await self.app(scope, receive, send)
             return
-        body = model.model_dump_json().encode()
-        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        request_id = request_id_of(scope)
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status, error_code = 500, None
+        try:
+            try:
+                arguments = (user_id,) if route == USAGE_PATH else (user_id, request_id)
+                body = render(await call(*arguments)).model_dump_json().encode()
+                status = 200
+                headers = [
+                    *_JSON_HEADERS,
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            except Exception as exc:  # answered as the app's own handlers would
+                problem = error_problem(exc)
+                status, body = problem.status_code, bytes(problem.body)
+                error_code = exc.code if isinstance(exc, DomainError | ApiError) else "internal"
+                headers = [*problem.raw_headers, (b"x-request-id", request_id.encode())]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            self._in_flight.give_back(internal=False)
+            log_request(
+                self._metrics,
+                scope["method"],
+                route,
+                status,
+                time.perf_counter() - started,
+                user_id=user_id,
+                error_code=error_code,
+            )
+            structlog.contextvars.reset_contextvars(**tokens)
 
 
-def _heartbeat_input(scope: Scope, raw_session_id: str, body: bytes) -> tuple[str | None, int | None]:
-    """The canonical session id and `seq` of a heartbeat the hot path can take, else (None, None)."""
+def _has_body(scope: Scope) -> bool:
+    length = header(scope, b"content-length")
+    return (length is not None and length != "0") or header(scope, b"transfer-encoding") is not None
+
+
+def _replaying_message(first: Message, receive: Receive) -> Receive:
+    """A `receive` that hands the app `first` (already received) once, then defers to `receive`."""
+    if first["type"] == "http.request" and not first.get("more_body", False):
+        return replaying(first.get("body", b""), receive)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return first
+        return await receive()
+
+    return replay
+
+
+def _heartbeat_input(scope: Scope, raw_session_id: str, first: Message) -> tuple[str | None, int | None]:
+    """The canonical session id and `seq` of a heartbeat the hot path can take (its whole body, small
+    UTF-8 JSON, in `first`), else (None, None)."""
+    if first["type"] != "http.request" or first.get("more_body", False):
+        return None, None
+    body = first.get("body", b"")
+    if len(body) > MAX_BODY_BYTES or (body and not is_utf8_text(body)):
+        return None, None
     if header(scope, b"idempotency-key") is not None:
         return None, None
     session_id = sessions.canonical_session_id(raw_session_id)

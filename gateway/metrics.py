@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -9,6 +11,7 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 
 class Metrics:
     def __init__(self) -> None:
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "ledger_http_requests",
@@ -106,8 +109,17 @@ class Metrics:
         }
 
     def observe_request(self, method: str, route: str, status: int, duration_s: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.request_latency.labels(method, route).observe(duration_s)
+        # The labelled children, looked up once per (method, route, status): routes are templates and
+        # statuses few, so this stays small, and a request costs two dict lookups, not two `labels`.
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(method, route, str(status)),
+                self.request_latency.labels(method, route),
+            )
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

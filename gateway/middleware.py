@@ -50,8 +50,7 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = header(scope, b"x-request-id")
-        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = request_id_of(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500
@@ -74,21 +73,47 @@ class RequestLogMiddleware:
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
-                duration_s = time.perf_counter() - started
                 route = scope.get("route")
-                template = getattr(route, "path", None) or "unmatched"
-                self.metrics.observe_request(scope["method"], template, status, duration_s)
-                if error_code is not None:
-                    self.metrics.errors.labels(error_code).inc()
-                log.info(
-                    "request",
-                    method=scope["method"],
-                    route=template,
-                    status=status,
-                    duration_ms=round(duration_s * 1000, 2),
+                log_request(
+                    self.metrics,
+                    scope["method"],
+                    getattr(route, "path", None) or "unmatched",
+                    status,
+                    time.perf_counter() - started,
                     user_id=state.get("user_id"),
                     error_code=error_code,
                 )
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's `X-Request-ID` when it is a sane one, else a new id."""
+    incoming = header(scope, b"x-request-id")
+    return incoming if incoming and _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+def log_request(
+    metrics: Metrics,
+    method: str,
+    template: str,
+    status: int,
+    duration_s: float,
+    *,
+    user_id: str | None,
+    error_code: str | None,
+) -> None:
+    """A request's metrics and its one log line (with the request id bound in the context)."""
+    metrics.observe_request(method, template, status, duration_s)
+    if error_code is not None:
+        metrics.errors.labels(error_code).inc()
+    log.info(
+        "request",
+        method=method,
+        route=template,
+        status=status,
+        duration_ms=round(duration_s * 1000, 2),
+        user_id=user_id,
+        error_code=error_code,
+    )
 
 
 def _problem_code(body: bytes) -> str:
@@ -123,6 +148,29 @@ class ListenerMiddleware:
         await self.app(scope, receive, send)
 
 
+class InFlight:
+    """The requests in flight in this process, user and internal ones counted apart: internal calls
+    (billing, ops) have a budget of their own, so a flood of user requests, signed or not, cannot
+    crowd out the webhooks that change plans and add credits."""
+
+    def __init__(self, *, max_requests: int, metrics: Metrics) -> None:
+        self.max_requests = max_requests
+        self._metrics = metrics
+        self._count = {False: 0, True: 0}
+
+    def take(self, *, internal: bool) -> bool:
+        """Count one more request in flight; False (nothing counted) at the bound."""
+        if self._count[internal] >= self.max_requests:
+            return False
+        self._count[internal] += 1
+        self._metrics.requests_in_flight.inc()
+        return True
+
+    def give_back(self, *, internal: bool) -> None:
+        self._count[internal] -= 1
+        self._metrics.requests_in_flight.dec()
+
+
 class ConcurrencyLimitMiddleware:
     """At most `max_requests` user requests, and as many internal ones, in flight in this process;
     past it, 503 `unavailable` with `Retry-After` at once, before any work (nothing was changed).
@@ -133,35 +181,28 @@ class ConcurrencyLimitMiddleware:
     EXEMPT_PATHS = (*OPS_PATHS, "/v1/usage/stream")
     RETRY_AFTER_S = 1
 
-    def __init__(self, app: ASGIApp, *, max_requests: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, in_flight: InFlight) -> None:
         self.app = app
-        self.max_requests = max_requests
-        self._metrics = metrics
-        # Internal calls (billing, ops) have a budget of their own: a flood of user requests,
-        # signed or not, must not crowd out the webhooks that change plans and add credits.
-        self._in_flight = {False: 0, True: 0}
+        self._in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
         internal = scope["path"].startswith(INTERNAL_PATH_PREFIX)
-        if self._in_flight[internal] >= self.max_requests:
+        if not self._in_flight.take(internal=internal):
             response = problem(
                 503,
                 "unavailable",
-                f"this gateway process is at its bound of {self.max_requests} requests in flight",
+                f"this gateway process is at its bound of {self._in_flight.max_requests} requests in flight",
                 headers={"Retry-After": str(self.RETRY_AFTER_S)},
             )
             await response(scope, receive, send)
             return
-        self._in_flight[internal] += 1
-        self._metrics.requests_in_flight.inc()
         try:
             await self.app(scope, receive, send)
         finally:
-            self._in_flight[internal] -= 1
-            self._metrics.requests_in_flight.dec()
+            self._in_flight.give_back(internal=internal)
 
 
 class BodyLimitMiddleware:
@@ -216,7 +257,7 @@ class BodyLimitMiddleware:
             return
         if body is None:
             return  # the client went away
-        if body and not _is_utf8_text(body):
+        if body and not is_utf8_text(body):
             # JSON is UTF-8 (RFC 8259); a parser that guesses (UTF-16, say) must not get to guess.
             await _close_with(send, 422, "invalid_request", "the request body is not UTF-8 JSON")
             return
@@ -227,7 +268,7 @@ class BodyLimitMiddleware:
         await _close_with(send, 413, "payload_too_large", detail)
 
 
-def _is_utf8_text(body: bytes) -> bool:
+def is_utf8_text(body: bytes) -> bool:
     """UTF-8 with no NUL byte (JSON text has none; UTF-16 and UTF-32 of JSON always do)."""
     if b"\x00" in body:
         return False

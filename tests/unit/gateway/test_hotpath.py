@@ -10,6 +10,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
@@ -18,6 +20,7 @@ from actors.ledger import UserLedger
 from gateway.auth import TokenVerifier, issue_token
 from gateway.hotpath import HotPathMiddleware
 from gateway.metrics import Metrics
+from gateway.middleware import InFlight
 from gateway.schemas import HeartbeatResponse, Usage
 from gateway.shards import ShardClient, ShardRouter
 from tests.unit.actors.support import POLICY, T0
@@ -62,7 +65,13 @@ def hot_path() -> tuple[HotPathMiddleware, Fallthrough, FakeShard]:
     fastapi.state.runtime = SimpleNamespace(shards=ShardClient(router))
     fastapi.state.token_verifier = TokenVerifier(secret=SECRET)
     app = Fallthrough()
-    return HotPathMiddleware(app, fastapi=fastapi), app, shard
+    metrics = Metrics()
+    in_flight = InFlight(max_requests=8, metrics=metrics)
+    return (
+        HotPathMiddleware(app, fastapi=fastapi, in_flight=in_flight, metrics=metrics, read_timeout_s=1.0),
+        app,
+        shard,
+    )
 
 
 def token(user: str = "u1") -> bytes:
@@ -171,3 +180,122 @@ async def test_what_the_hot_path_does_not_fully_understand_goes_to_the_app(
     status, _ = await call(middleware, method, path, headers=headers, body=body, query=query)
     assert (status, app.paths) == (299, [path])
     assert shard.ray_calls == []
+
+
+async def _exchange(
+    middleware: HotPathMiddleware,
+    path: str,
+    messages: list[Message],
+    *,
+    method: str = "POST",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    server: tuple[str, int] = ("127.0.0.1", 8080),
+) -> list[Message]:
+    scope: Scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": list(headers),
+        "query_string": b"",
+        "server": server,
+    }
+    incoming = list(messages)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await middleware(scope, receive, send)
+    return sent
+
+
+class Recorder(Fallthrough):
+    """The app behind the hot path, recording the body it reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.bodies.append(body)
+        await super().__call__(scope, receive, send)
+
+
+async def test_an_answer_carries_the_request_id_and_is_logged_and_measured_as_the_apps() -> None:
+    middleware, _, _ = hot_path()
+    with structlog.testing.capture_logs() as logs:
+        sent = await _exchange(
+            middleware,
+            "/v1/usage",
+            [],
+            method="GET",
+            headers=[(b"authorization", token()), (b"x-request-id", b"req-1")],
+        )
+    assert sent[0]["status"] == 200
+    assert (b"x-request-id", b"req-1") in sent[0]["headers"]
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["route"], line["status"], line["user_id"], line["error_code"]) == (
+        "/v1/usage",
+        200,
+        "u1",
+        None,
+    )
+    samples = middleware._metrics.render().decode()
+    assert 'ledger_http_requests_total{method="GET",route="/v1/usage",status="200"} 1.0' in samples
+
+
+async def test_a_refusal_is_logged_with_its_code() -> None:
+    middleware, _, _ = hot_path()
+    with structlog.testing.capture_logs() as logs:
+        sent = await _exchange(
+            middleware,
+            f"/v1/sessions/{uuid.uuid4()}/heartbeat",
+            [{"type": "http.request", "body": b"", "more_body": False}],
+            headers=[(b"authorization", token())],
+        )
+    assert sent[0]["status"] == 404
+    assert any(name == b"x-request-id" for name, _ in sent[0]["headers"])
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["status"], line["error_code"]) == (404, "session_not_found")
+
+
+async def test_a_body_in_several_parts_goes_to_the_app_whole() -> None:
+    middleware, _, shard = hot_path()
+    app = Recorder()
+    middleware.app = app
+    parts: list[Message] = [
+        {"type": "http.request", "body": b'{"se', "more_body": True},
+        {"type": "http.request", "body": b'q": 3}', "more_body": False},
+    ]
+    headers = [(b"authorization", token()), (b"content-type", b"application/json")]
+    sent = await _exchange(middleware, f"/v1/sessions/{SESSION}/heartbeat", parts, headers=headers)
+    assert sent[0]["status"] == 299
+    assert app.bodies == [b'{"seq": 3}']
+    assert shard.ray_calls == []
+
+
+async def test_at_the_bound_on_requests_in_flight_the_app_answers() -> None:
+    middleware, app, shard = hot_path()
+    while middleware._in_flight.take(internal=False):
+        pass
+    sent = await _exchange(middleware, "/v1/usage", [], method="GET", headers=[(b"authorization", token())])
+    assert (sent[0]["status"], app.paths) == (299, ["/v1/usage"])
+    assert shard.ray_calls == []
+
+
+async def test_a_request_on_the_internal_listener_goes_to_the_app() -> None:
+    middleware, app, _ = hot_path()
+    middleware._internal_port = 9090
+    sent = await _exchange(
+        middleware, "/v1/usage", [], method="GET", headers=[(b"authorization", token())], server=("h", 9090)
+    )
+    assert (sent[0]["status"], app.paths) == (299, ["/v1/usage"])

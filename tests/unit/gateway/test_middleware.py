@@ -15,6 +15,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import (
     BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
+    InFlight,
     ListenerMiddleware,
     RequestLogMiddleware,
 )
@@ -138,7 +139,7 @@ async def test_a_body_within_the_bound_reaches_the_app_whole() -> None:
 async def test_past_the_bound_in_flight_a_request_is_503_at_once_and_internal_calls_have_their_own() -> None:
     app, metrics = Recorder(), Metrics()
     app.hold = asyncio.Event()
-    limited = ConcurrencyLimitMiddleware(app, max_requests=1, metrics=metrics)
+    limited = ConcurrencyLimitMiddleware(app, in_flight=InFlight(max_requests=1, metrics=metrics))
     first = asyncio.ensure_future(limited(http(), messages(b""), Answer()))
     await asyncio.sleep(0)
     refused = Answer()
