@@ -111,6 +111,7 @@ class ShardChannel:
             raise ShardUnreachable(detail, sent=False) from exc
         self._link = link
         self.connects += 1
+        self._metrics.channel_connects.labels(how).inc()
         log.info("channel_connected", via=how, epoch=address.epoch, host=address.host, port=address.port)
         return link
 

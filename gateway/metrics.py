@@ -39,6 +39,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        self.channel_connects = Counter(
+            "ledger_channel_connects",
+            "Connections this gateway process made to shards on the data plane (unix: same node)",
+            ("via",),
+            registry=self.registry,
+        )
         self.rate_limited_at_gateway = Counter(
             "ledger_gateway_rate_limited",
             "Requests this gateway refused without a shard call: the user's shard had just rate limited them",

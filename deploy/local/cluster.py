@@ -169,12 +169,34 @@ def _check(env: dict[str, str], jwt_secret: str) -> int:
         assert ended.status_code == 200 and ended.json()["end_reason"] == "user_ended", ended.text
         versions.append(ended.json()["version"])
         seen_by_first = http.get(f"{first}/v1/usage").json()
+        # Users on every shard, through both gateways: the data plane reaches the shards on the other
+        # node over TCP (and those on the gateways' own node on their Unix sockets).
+        for index in range(16):
+            token = issue_token(secret=jwt_secret, user_id=f"local-{index}", ttl_s=600)
+            other = {"Authorization": f"Bearer {token}"}
+            for gateway in (first, second):
+                assert http.get(f"{gateway}/v1/usage", headers=other).status_code == 200
+        connects = {
+            via: sum(_metric(http.get(f"{gateway}/metrics").text, via) for gateway in (first, second))
+            for via in ("unix", "tcp")
+        }
+    assert connects["tcp"] >= 1, connects
     assert versions == sorted(versions) and len(set(versions)) == len(versions), versions
     assert seen_by_first["version"] == versions[-1] and seen_by_first["active_session"] is None
     nodes = _nodes(env)
     assert nodes == 2, nodes
-    print(f"one ledger through both gateways: versions {versions}; {nodes} Ray nodes. OK", flush=True)
+    print(
+        f"one ledger through both gateways: versions {versions}; {nodes} Ray nodes; "
+        f"data-plane connections {connects}. OK",
+        flush=True,
+    )
     return 0
+
+
+def _metric(text: str, via: str) -> float:
+    """The gateway's `ledger_channel_connects_total{via=...}` from its /metrics."""
+    prefix = f'ledger_channel_connects_total{{via="{via}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
 
 if __name__ == "__main__":
