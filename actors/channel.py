@@ -198,6 +198,9 @@ class _Connection(asyncio.Protocol):
             self._refuse(f"more than {CONNECTION_CALLS_MAX} calls at once")
             return
         call_id, method, args, kwargs = document
+        if method == wire.PING:
+            self._write(wire.frame([call_id, True, None]))
+            return
         task = asyncio.get_running_loop().create_task(self._run(call_id, method, tuple(args), kwargs))
         self._running.add(task)
         task.add_done_callback(self._running.discard)

@@ -11,6 +11,10 @@ msgpack document of at most `FRAME_MAX_BYTES`.
     gateway → shard     [call id, method, args, kwargs]           many, pipelined
     shard   → gateway   [call id, ok, value]                      each when it is done, in any order
 
+A call of `PING` is answered at once by the connection itself (the gateway
+asks when calls are pending and nothing has arrived for a while: a peer that
+vanished without closing the connection, a node cut off, shows as silence).
+
 Both ends prove they hold the activation's secret without sending it, and the
 gateway names the activation epoch it was told of, so it never talks to an
 activation that has since been replaced.
@@ -39,6 +43,7 @@ from actors.replies import IdempotencyKey
 PROTOCOL_VERSION = 1
 FRAME_MAX_BYTES = 1 << 20  # 1 MiB: a page of 1,000 holds is ~300 KB
 NONCE_BYTES = 16
+PING = "__ping__"  # a call the shard's connection answers itself (not an operation)
 HEADER = struct.Struct(">I")
 
 _DATACLASS, _DOMAIN_ERROR, _OTHER_ERROR = 1, 2, 3

@@ -36,6 +36,10 @@ log = structlog.get_logger("gateway.channel")
 
 # Asking Ray where a shard listens, dialling it and the handshake, together.
 CONNECT_TIMEOUT_S = 5.0
+# While calls are pending and nothing has arrived for this long, the shard is asked for a pong
+# (`wire.PING`); a connection that stays silent as long again is given up (a peer gone without a
+# close: a node cut off, a host that vanished). Its calls fail as sent; the next call reconnects.
+SILENCE_PING_S = 2.0
 
 
 class ShardUnreachable(Exception):
@@ -50,10 +54,16 @@ class ShardChannel:
     """The data plane from this process to one shard (see the module's docstring)."""
 
     def __init__(
-        self, resolve: Callable[[], Awaitable[wire.ChannelAddress]], metrics: Metrics, *, node_id: str | None
+        self,
+        resolve: Callable[[], Awaitable[wire.ChannelAddress]],
+        metrics: Metrics,
+        *,
+        node_id: str | None,
+        silence_ping_s: float = SILENCE_PING_S,
     ) -> None:
         """`resolve`: asks the shard where it listens (over Ray: its handle's `channel.remote`)."""
         self._resolve = resolve
+        self._silence_ping_s = silence_ping_s
         self._metrics = metrics
         self._node_id = node_id  # this process's Ray node: a shard on it is dialled on its socket
         self._link: _Link | None = None
@@ -92,7 +102,7 @@ class ShardChannel:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 address = await self._resolve()
                 loop = asyncio.get_running_loop()
-                link = _Link(address, self._metrics)
+                link = _Link(address, self._metrics, silence_ping_s=self._silence_ping_s)
                 how: Literal["unix", "tcp"] = "unix" if address.node_id == self._node_id else "tcp"
                 if how == "unix":
                     try:
@@ -119,8 +129,9 @@ class ShardChannel:
 class _Link(asyncio.Protocol):
     """One connection to one shard activation: the handshake, then pipelined calls."""
 
-    def __init__(self, address: wire.ChannelAddress, metrics: Metrics) -> None:
+    def __init__(self, address: wire.ChannelAddress, metrics: Metrics, *, silence_ping_s: float) -> None:
         self.address = address
+        self._silence_ping_s = silence_ping_s
         self._metrics = metrics
         self._reader = wire.FrameReader()
         self._transport: asyncio.Transport | None = None
@@ -129,7 +140,11 @@ class _Link(asyncio.Protocol):
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self._out: list[bytes] = []
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self._heard_at = loop.time()  # when a frame last arrived
+        self._pinged_at: float | None = None  # a ping not answered yet was sent then
+        self._watchdog = loop.call_later(silence_ping_s, self._watch)
 
     @property
     def is_open(self) -> bool:
@@ -155,6 +170,8 @@ class _Link(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # (uvloop's are not subclasses)
 
     def data_received(self, data: bytes) -> None:
+        self._heard_at = asyncio.get_running_loop().time()
+        self._pinged_at = None
         try:
             documents = self._reader.feed(data)
         except wire.WireError as exc:
@@ -171,12 +188,34 @@ class _Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = "closed"
         self._transport = None
+        self._watchdog.cancel()
         calls, self._calls = self._calls, {}
         for future in calls.values():
             if not future.done():
                 future.set_exception(ShardUnreachable("the connection to the shard was lost", sent=True))
         if not self.ready.done():
             self.ready.set_exception(ShardUnreachable("the shard closed the connection", sent=False))
+
+    def _watch(self) -> None:
+        """Every `silence_ping_s`: ping a connection silent while calls wait; give up on one that
+        stayed silent since the last ping."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._state == "closed":
+            return
+        bound_s = self._silence_ping_s
+        if self._pinged_at is not None and now - self._pinged_at >= bound_s:
+            self._lose(f"the shard did not answer for {now - self._heard_at:.1f} s")
+            return
+        silent = now - self._heard_at >= bound_s
+        if self._pinged_at is None and silent and (self._calls or self._state != "open"):
+            if self._state == "open":
+                self._pinged_at = now
+                self._write(wire.frame([next(self._ids), wire.PING, [], {}]))
+            else:  # still greeting: the handshake has this long too
+                self._lose("the shard did not finish the handshake")
+                return
+        self._watchdog = loop.call_later(bound_s, self._watch)
 
     # The handshake
 
@@ -224,7 +263,7 @@ class _Link(asyncio.Protocol):
         call_id, ok, value = answer
         future = self._calls.pop(call_id, None)
         if future is None or future.done():
-            return  # its caller stopped waiting
+            return  # its caller stopped waiting (or a pong)
         if ok:
             future.set_result(value)
         else:
@@ -247,8 +286,9 @@ class _Link(asyncio.Protocol):
     def _lose(self, reason: str) -> None:
         """Give up on this connection: `ready` and every call fail with `reason`."""
         log.warning("channel_lost", reason=reason, epoch=self.address.epoch)
+        self._watchdog.cancel()
         if not self.ready.done():
             self.ready.set_exception(ShardUnreachable(reason, sent=False))
         self._state = "closed"
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()  # (not close: that would wait to send to a peer that may be gone)

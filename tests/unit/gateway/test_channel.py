@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -38,10 +39,23 @@ def socket_dir() -> AsyncIterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest_asyncio.fixture(loop_scope="function")
-async def shard() -> AsyncIterator[LedgerShard]:
-    store = FaultyMemoryStore()
+class SlowStore(FaultyMemoryStore):
+    """Writes that take `save_delay_s` (a Postgres under load)."""
 
+    save_delay_s = 0.0
+
+    async def save(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(self.save_delay_s)
+        await super().save(*args, **kwargs)
+
+
+@pytest.fixture
+def store() -> SlowStore:
+    return SlowStore()
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def shard(store: SlowStore) -> AsyncIterator[LedgerShard]:
     async def factory() -> LedgerStore:
         return store
 
@@ -232,4 +246,45 @@ async def test_a_lost_connection_fails_its_calls_as_sent_and_the_next_call_recon
     assert (await channel.call("usage", ("u1",), {})).user_id == "u1"
     assert channel.connects == 2
     successor.close()
+    channel.close()
+
+
+async def test_a_shard_gone_silent_is_given_up_and_its_calls_fail_as_sent(
+    shard: LedgerShard, served: tuple[ChannelServer, wire.ChannelAddress]
+) -> None:
+    """A peer that vanished without closing (a node cut off) is silence, not a closed socket: the
+    gateway pings it, and gives the connection up when the pong does not come."""
+    server, address = served
+    channel = ShardChannel(resolving(address), Metrics(), node_id=NODE, silence_ping_s=0.05)
+    await channel.call("usage", ("u1",), {})
+    for connection in list(server._connections):
+        assert connection._transport is not None
+        connection._transport.pause_reading()  # the shard hears nothing more
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ShardUnreachable) as lost:
+        await channel.call("usage", ("u1",), {})
+    assert lost.value.sent
+    assert asyncio.get_running_loop().time() - started < 1.0
+    for connection in list(server._connections):
+        assert connection._transport is not None
+        connection._transport.resume_reading()
+    assert (await channel.call("usage", ("u1",), {})).user_id == "u1"  # a new connection
+    assert channel.connects == 2
+    channel.close()
+
+
+async def test_a_busy_shard_answers_pings_so_a_slow_call_is_not_given_up(
+    store: SlowStore, served: tuple[ChannelServer, wire.ChannelAddress]
+) -> None:
+    """A call that takes long (a durable write waiting for Postgres) on a shard that still answers:
+    pings are answered, the connection is kept, and the call gets its answer."""
+    _, address = served
+    channel = ShardChannel(resolving(address), Metrics(), node_id=NODE, silence_ping_s=0.05)
+    await channel.call("usage", ("u1",), {})
+    store.save_delay_s = 0.4  # ~8 ping intervals
+    started = await channel.call(
+        "start_session", ("u1",), {"topic": None, "difficulty": None, "request_id": None, "idem": None}
+    )
+    assert started.session_id
+    assert channel.connects == 1
     channel.close()
