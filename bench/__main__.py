@@ -52,7 +52,11 @@ class Sweep:
     unloaded_s: float  # the unloaded point: one connection, one request at a time, this long
 
 
-FULL = Sweep(rates=(250, 500, 1000, 2000, 3000, 4000), seconds=15, users=2000, settle_s=2, unloaded_s=5)
+# Up to 8,000/s: past postgres-direct's saturation (~2,500/s here) and, for checks and heartbeats,
+# past 3x it (issue 17's goal), so the highest achieved rate is each server's saturated throughput.
+FULL = Sweep(
+    rates=(250, 500, 1000, 2000, 3000, 4000, 6000, 8000), seconds=15, users=2000, settle_s=2, unloaded_s=5
+)
 SHORT = Sweep(rates=(250, 1000), seconds=4, users=500, settle_s=1, unloaded_s=3)
 
 
@@ -582,6 +586,7 @@ def render_benchmarks_md(results: Path = RESULTS) -> str:
             else []
         ),
     ]
+    lines += _goals(newest)
     for scenario, document in newest.items():
         lines += [
             f"## {scenario}: {document['doc']}",
@@ -606,6 +611,126 @@ def render_benchmarks_md(results: Path = RESULTS) -> str:
             if document.get(key):
                 lines += [f"{name}:", "", *_table(document[key], document.get(f"{key}_unloaded")), ""]
     return "\n".join(lines)
+
+
+P99_BOUND_MS = 10.0
+
+
+def _goals(newest: dict[str, dict[str, Any]]) -> list[str]:
+    """Issue 17's goals, each with its figure from the newest results, the ratio, and whether it holds."""
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def add(
+        goal: str, ours: float | None, theirs: float | None, unit: str, bound: str, holds: bool | None
+    ) -> None:
+        ratio = _ratio(ours, theirs) if ours is not None and theirs else None
+        verdict = "—" if holds is None else ("met" if holds else "missed")
+        figure = "—" if ours is None else f"{ours:g} {unit}"
+        against = "—" if theirs is None else f"{theirs:g} {unit}"
+        rows.append(
+            (goal, figure, against, f"{ratio:g}" if ratio is not None else "—", f"{bound} ({verdict})")
+        )
+
+    for scenario in ("check", "heartbeat"):
+        document = newest.get(scenario, {})
+        ours, theirs = document.get("unloaded"), document.get("baseline_unloaded")
+        if ours and theirs:
+            add(
+                f"unloaded {scenario} p50",
+                ours["p50_ms"],
+                theirs["p50_ms"],
+                "ms",
+                "ratio ≤ 0.5",
+                ours["p50_ms"] <= theirs["p50_ms"] / 2,
+            )
+        points, baseline = document.get("points", []), document.get("baseline", [])
+        if points and baseline:
+            best, their_best = _saturated(points), _saturated(baseline)
+            add(
+                f"saturated {scenario} throughput",
+                best,
+                their_best,
+                "/s",
+                "ratio ≥ 3",
+                best >= 3 * their_best,
+            )
+            passing = [point for point in baseline if point["p99_ms"] > P99_BOUND_MS]
+            if passing:
+                rate = passing[0]["offered_per_s"]
+                at = next((point for point in points if point["offered_per_s"] == rate), None)
+                if at is not None:
+                    add(
+                        f"{scenario} p99 at {rate:g}/s, where postgres-direct's first passes 10 ms",
+                        at["p99_ms"],
+                        passing[0]["p99_ms"],
+                        "ms",
+                        "ours ≤ 10 ms",
+                        at["p99_ms"] <= P99_BOUND_MS,
+                    )
+    check = newest.get("check", {})
+    ours_1000 = next((p for p in check.get("points", []) if p["offered_per_s"] == 1000), None)
+    theirs_1000 = next((p for p in check.get("baseline", []) if p["offered_per_s"] == 1000), None)
+    if ours_1000 and theirs_1000:
+        add(
+            "check p99 at 1,000/s",
+            ours_1000["p99_ms"],
+            theirs_1000["p99_ms"],
+            "ms",
+            "ratio ≤ 0.33",
+            ours_1000["p99_ms"] <= theirs_1000["p99_ms"] / 3,
+        )
+    restart = (newest.get("restart", {}).get("rows") or [{}])[0]
+    if "flush_users_per_s" in restart:
+        add(
+            "flush",
+            restart["flush_users_per_s"],
+            None,
+            "users/s",
+            "≥ 100,000",
+            restart["flush_users_per_s"] >= 100_000,
+        )
+    if "restart_first_answer_s" in restart:
+        add(
+            "a killed shard serves again",
+            restart["restart_first_answer_s"],
+            None,
+            "s",
+            "≤ 5 s",
+            restart["restart_first_answer_s"] <= 5,
+        )
+    at_500 = next(
+        (p for p in newest.get("activation", {}).get("points", []) if p["offered_per_s"] == 500), None
+    )
+    if at_500:
+        add("cold activation p99 at 500/s", at_500["p99_ms"], None, "ms", "≤ 20 ms", at_500["p99_ms"] <= 20)
+    memory = newest.get("memory", {}).get("rows") or []
+    if memory:
+        largest = max(memory, key=lambda row: row["users"])
+        add(
+            f"memory per resident user ({largest['users']:,} users)",
+            largest["bytes_per_user"],
+            None,
+            "bytes",
+            "≤ 1,024",
+            largest["bytes_per_user"] <= 1024,
+        )
+    if not rows:
+        return []
+    return [
+        "## Issue 17's goals",
+        "",
+        "Each figure from the newest result of its scenario (below); the ratio is ours / postgres-direct.",
+        "",
+        "| goal | usage-ledger | postgres-direct | ratio | target |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+    ]
+
+
+def _saturated(points: list[dict[str, Any]]) -> float:
+    """The highest rate of successful answers a server achieved over a sweep."""
+    return float(round(max(p["achieved_per_s"] * p["ok"] / max(p["requests"], 1) for p in points), 1))
 
 
 OTHER_SERVERS = {  # result key -> the name printed, and how to start it on the run's database
