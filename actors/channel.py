@@ -13,7 +13,10 @@ same pipeline, bounds and errors. Calls are answered as they finish, in any
 order; the answers finished in one turn of the event loop leave in one write.
 A connection that goes away does not cancel its calls (a durable write runs to
 its end, as it would for a Ray caller that stopped waiting); their answers are
-dropped, and the gateway retries only what may be repeated.
+dropped, and the gateway retries only what may be repeated. So a shard that
+stops or is fenced stops listening, refuses new calls by name (`Unavailable`,
+nothing changed), and closes each connection once the calls it took have been
+answered.
 
 A connection proves it holds the shards' secret and names this activation's
 epoch before its first call; anything else (a wrong secret, an older epoch, a
@@ -35,15 +38,20 @@ from typing import Any, cast
 import structlog
 
 from actors import wire
-from actors.errors import Unavailable
+from actors.errors import Overloaded, Unavailable
 
 log = structlog.get_logger("actors.channel")
 
-# Calls one connection may have running at once; past it the connection is refused (a gateway
-# keeps far fewer: its calls are bounded by the shard's own `max_pending_calls`).
-CONNECTION_CALLS_MAX = 20_000
-# A peer that has not proved itself within this is dropped.
+# Calls one connection may have running at once; past it a call is answered `Overloaded` (the
+# shard's own `max_pending_calls` usually refuses first).
+CONNECTION_CALLS_MAX = 100_000
+# A peer that has not proved itself within this is dropped; past this many such peers at once, a
+# new connection is dropped at once (an unproven peer costs one small buffer each).
 HANDSHAKE_TIMEOUT_S = 5.0
+UNPROVEN_CONNECTIONS_MAX = 64
+# A stopping or fenced activation keeps a connection open while calls it took are still running
+# (their answers are owed), at most this long.
+DRAIN_MAX_S = 30.0
 
 Answer = Callable[[str, tuple[Any, ...], dict[str, Any]], Awaitable[tuple[bool, Any]]]
 
@@ -90,16 +98,21 @@ class ChannelServer:
         )
 
     def close(self) -> None:
-        """Stop listening and drop every connection (calls under way run to their end)."""
+        """Stop listening; close each connection once the calls it took are answered (within
+        `DRAIN_MAX_S`)."""
         self._closed = True
         for server in self._servers:
             server.close()
         self._servers = []
         for connection in list(self._connections):
-            connection.close()
+            connection.close_when_answered()
         if self._unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._unix_path.unlink()
+
+    @property
+    def unproven(self) -> int:
+        return sum(1 for connection in self._connections if not connection.welcomed)
 
     @property
     def connections(self) -> int:
@@ -114,12 +127,16 @@ class _Connection(asyncio.Protocol):
         self._reader = wire.FrameReader()
         self._transport: asyncio.Transport | None = None
         self._nonce = secrets.token_bytes(wire.NONCE_BYTES)
-        self._welcomed = False
+        self.welcomed = False
+        self._closing = False
         self._running: set[asyncio.Task[None]] = set()
         self._out: list[bytes] = []
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._server.unproven >= UNPROVEN_CONNECTIONS_MAX or self._server._closed:
+            cast(asyncio.Transport, transport).abort()  # (connection_lost follows; nothing counted)
+            return
         self._transport = cast(asyncio.Transport, transport)  # (uvloop's are not subclasses)
         self._server._connections.add(self)
         self._transport.write(wire.frame({"v": wire.PROTOCOL_VERSION, "nonce": self._nonce}))
@@ -136,7 +153,7 @@ class _Connection(asyncio.Protocol):
         for document in documents:
             if self._transport is None:
                 return  # refused by an earlier document
-            if self._welcomed:
+            if self.welcomed:
                 self._call(document)
             else:
                 self._greet(document)
@@ -147,7 +164,14 @@ class _Connection(asyncio.Protocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
 
-    def close(self) -> None:
+    def close_when_answered(self) -> None:
+        self._closing = True
+        if not self._running:
+            self._close()
+        else:
+            asyncio.get_running_loop().call_later(DRAIN_MAX_S, self._close)
+
+    def _close(self) -> None:
         if self._transport is not None:
             self._transport.close()
 
@@ -166,7 +190,8 @@ class _Connection(asyncio.Protocol):
         if epoch != server.epoch:
             self._refuse(f"stale epoch: this activation is epoch {server.epoch}, not {epoch}")
             return
-        self._welcomed = True
+        self.welcomed = True
+        self._reader.max_frame_bytes = wire.FRAME_MAX_BYTES
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self._write(wire.frame({"mac": wire.proof(server._secret, nonce, server.epoch)}))
@@ -176,9 +201,7 @@ class _Connection(asyncio.Protocol):
         if transport is None:
             return
         self._server.refused += 1
-        log.warning(
-            "channel_refused", shard=self._server._shard_index, reason=reason, welcomed=self._welcomed
-        )
+        log.warning("channel_refused", shard=self._server._shard_index, reason=reason, welcomed=self.welcomed)
         transport.write(wire.frame({"refused": reason}))
         transport.close()
         self._transport = None
@@ -186,36 +209,43 @@ class _Connection(asyncio.Protocol):
     def _call(self, document: Any) -> None:
         if (
             not isinstance(document, list)
-            or len(document) != 4
+            or len(document) != 3
             or not isinstance(document[0], int)
             or not isinstance(document[1], str)
-            or not isinstance(document[2], list)
-            or not isinstance(document[3], dict)
+            or not isinstance(document[2], bytes)
         ):
             self._refuse("a frame that is not a call")
             return
-        if len(self._running) >= CONNECTION_CALLS_MAX:
-            self._refuse(f"more than {CONNECTION_CALLS_MAX} calls at once")
-            return
-        call_id, method, args, kwargs = document
+        call_id, method, payload = document
         if method == wire.PING:
-            self._write(wire.frame([call_id, True, None]))
+            self._write(wire.answer_frame(call_id, True, None))
+            return
+        try:
+            args, kwargs = wire.unpack(payload)
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise wire.WireError("not [args, kwargs]")
+        except (wire.WireError, ValueError) as exc:  # this call alone: its caller learns why
+            self._write(wire.answer_frame(call_id, False, wire.RemoteError(f"an unreadable call: {exc}")))
+            return
+        if len(self._running) >= CONNECTION_CALLS_MAX:
+            refused = Overloaded("too many calls at once on this connection", limit=CONNECTION_CALLS_MAX)
+            self._write(wire.answer_frame(call_id, False, refused))
             return
         task = asyncio.get_running_loop().create_task(self._run(call_id, method, tuple(args), kwargs))
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if self._closing and not self._running:
+            asyncio.get_running_loop().call_soon(self._close)  # after the answer's write
 
     async def _run(self, call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ok, value = await self._server._answer(method, args, kwargs)
         self._server.calls += 1
         if self._transport is None:
             return  # the gateway went away; it retries what may be repeated
-        try:
-            data = wire.frame([call_id, ok, value])
-        except (wire.WireError, TypeError) as exc:  # an answer that cannot cross: say so, for this call
-            log.error("channel_unsendable", method=method, error=f"{type(exc).__name__}: {exc}")
-            data = wire.frame([call_id, False, wire.RemoteError(f"{type(exc).__name__}: {exc}")])
-        self._write(data)
+        self._write(wire.answer_frame(call_id, ok, value))
 
     def _write(self, data: bytes) -> None:
         """Queue `data`; what is queued in one turn of the loop leaves in one write."""

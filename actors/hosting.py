@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import stat
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -84,7 +85,7 @@ class _HostedShard(LedgerShard):
                 self._channel.open(
                     node_id=self.node_id(),
                     host=ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
-                    socket_dir=_socket_dir(),
+                    socket_dir=_socket_dir(self._config.shard_index),
                 )
             )
         return await asyncio.shield(self._channel_address)
@@ -107,11 +108,30 @@ class _HostedShard(LedgerShard):
         return str(ray.get_runtime_context().get_node_id())
 
 
-def _socket_dir() -> Path:
-    """Where this node's shards put their Unix sockets (short: a socket path is at most 107 bytes)."""
+def _socket_dir(shard_index: int) -> Path:
+    """Where this node's shards put their Unix sockets (short: a socket path is at most 107 bytes):
+    a directory of this user's alone (refused otherwise: whoever could write in it could stand in
+    for a shard), without the sockets of this shard's activations that died."""
     path = Path(tempfile.gettempdir()) / f"usage-ledger-{os.getuid()}"
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    found = path.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise Unavailable(f"{path} must be a directory of this user's alone (mode 0700)")
+    for old in path.glob(f"shard-{shard_index}-*.sock"):
+        pid = old.stem.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # Ray's typed overloads list task options only; the actor options below are valid.

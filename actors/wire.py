@@ -2,14 +2,21 @@
 
 A connection from a gateway process to a shard (`actors.channel` serves it,
 `gateway.channel` dials it) carries frames: a 4-byte big-endian length, then a
-msgpack document of at most `FRAME_MAX_BYTES`.
+msgpack envelope of at most `FRAME_MAX_BYTES` (`HANDSHAKE_FRAME_MAX_BYTES`
+until the handshake is done).
 
-    shard   → gateway   HELLO   {"v", "nonce", "epoch"}
+    shard   → gateway   HELLO   {"v", "nonce"}
     gateway → shard     PROOF   {"v", "epoch", "mac", "nonce"}    mac = HMAC(secret, shard nonce ‖ epoch)
     shard   → gateway   WELCOME {"mac"}                           mac = HMAC(secret, gateway nonce ‖ epoch)
                         or REFUSED {"refused": reason}, then the shard closes
-    gateway → shard     [call id, method, args, kwargs]           many, pipelined
-    shard   → gateway   [call id, ok, value]                      each when it is done, in any order
+    gateway → shard     [call id, method, payload]                many, pipelined; payload: [args, kwargs]
+    shard   → gateway   [call id, ok, payload]                    each when it is done, in any order
+
+Envelopes are plain msgpack read with tight limits (no extension types, a few
+items, short strings), so what a peer sends before it has proved itself costs
+a few hundred bytes and builds nothing. A payload is msgpack bytes of its own,
+decoded only for the call it belongs to: a value one side cannot read (a view
+of another version, say) fails that call alone, not the connection.
 
 A call of `PING` is answered at once by the connection itself (the gateway
 asks when calls are pending and nothing has arrived for a while: a peer that
@@ -31,8 +38,9 @@ import hashlib
 import hmac
 import operator
 import struct
+import threading
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -42,6 +50,10 @@ from actors.replies import IdempotencyKey
 
 PROTOCOL_VERSION = 1
 FRAME_MAX_BYTES = 1 << 20  # 1 MiB: a page of 1,000 holds is ~300 KB
+HANDSHAKE_FRAME_MAX_BYTES = 512  # HELLO, PROOF, WELCOME and REFUSED are under 200 bytes
+# Views nest (a usage view holds its active session, a page its holds): deeper is not ours.
+EXTENSION_DEPTH_MAX = 4
+_ENVELOPE_TEXT_MAX = 1_024  # a method name, a refusal's reason
 NONCE_BYTES = 16
 PING = "__ping__"  # a call the shard's connection answers itself (not an operation)
 HEADER = struct.Struct(">I")
@@ -105,79 +117,131 @@ _ERRORS = _domain_errors()
 def _default(value: Any) -> Any:
     shape = _SHAPES.get(type(value))
     if shape is not None:
-        return msgpack.ExtType(_DATACLASS, _pack([shape.name, *shape.values(value)]))
+        return msgpack.ExtType(_DATACLASS, pack([shape.name, *shape.values(value)]))
     if isinstance(value, errors.DomainError) and _ERRORS.get(type(value).__name__) is type(value):
-        return msgpack.ExtType(_DOMAIN_ERROR, _pack([type(value).__name__, value.detail, value.fields]))
+        return msgpack.ExtType(_DOMAIN_ERROR, pack([type(value).__name__, value.detail, value.fields]))
     if isinstance(value, BaseException):
-        return msgpack.ExtType(_OTHER_ERROR, _pack([type(value).__name__, str(value)]))
+        return msgpack.ExtType(_OTHER_ERROR, pack([type(value).__name__, str(value)]))
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"cannot send a {type(value).__name__} over the data plane")
 
 
+class _Depth(threading.local):
+    value = 0
+
+
+_depth = _Depth()
+
+
 def _ext(code: int, data: bytes) -> Any:
-    document = unpack(data)
+    if _depth.value >= EXTENSION_DEPTH_MAX:
+        raise WireError(f"values nested deeper than {EXTENSION_DEPTH_MAX}")
+    _depth.value += 1
+    try:
+        document = unpack(data)
+    finally:
+        _depth.value -= 1
     if code == _DATACLASS:
-        shape = _BY_NAME.get(document[0]) if document else None
+        shape = _BY_NAME.get(document[0]) if isinstance(document, list) and document else None
         if shape is None:
-            raise WireError(f"unknown type {document[:1]!r}")
+            raise WireError("unknown type")
         values = document[1:]
         for index in shape.tuples:
             values[index] = tuple(values[index])
         return shape.cls(*values)
     if code == _DOMAIN_ERROR:
-        cls = _ERRORS.get(document[0])
+        cls = _ERRORS.get(document[0]) if isinstance(document, list) and len(document) == 3 else None
         if cls is None:
-            raise WireError(f"unknown error {document[0]!r}")
+            raise WireError("unknown error")
         return cls(document[1], **document[2])
     if code == _OTHER_ERROR:
         return RemoteError(f"{document[0]}: {document[1]}")
     raise WireError(f"unknown extension {code}")
 
 
-def _pack(value: Any) -> bytes:
+def pack(value: Any) -> bytes:
+    """A payload: `value` (msgpack's types, the registered dataclasses, errors) as bytes."""
     return msgpack.packb(value, default=_default, use_bin_type=True, strict_types=True)  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes) -> Any:
+    """The value of a payload (raises `WireError` if it is not one we know)."""
     try:
         return msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=True)
     except WireError:
         raise
     except Exception as exc:  # msgpack's own errors, a dataclass given the wrong fields, …
-        raise WireError(f"a document that is not one we know: {type(exc).__name__}") from None
+        raise WireError(f"a value that is not one we know: {type(exc).__name__}") from None
 
 
-def frame(value: Any) -> bytes:
-    """`value` as one frame (length prefix included)."""
-    body = _pack(value)
+def _no_extensions(code: int, data: bytes) -> Any:
+    raise WireError("an envelope holds no extension types")
+
+
+def _envelope(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
+            ext_hook=_no_extensions,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=_ENVELOPE_TEXT_MAX,
+            max_bin_len=FRAME_MAX_BYTES,
+            max_array_len=4,
+            max_map_len=4,
+        )
+    except WireError:
+        raise
+    except Exception as exc:
+        raise WireError(f"an envelope that is not one we know: {type(exc).__name__}") from None
+
+
+def frame(envelope: Any) -> bytes:
+    """`envelope` (plain msgpack: payloads in it are bytes) as one frame, length prefix included."""
+    body: bytes = msgpack.packb(envelope, use_bin_type=True)
     if len(body) > FRAME_MAX_BYTES:
         raise WireError(f"a frame of {len(body)} bytes is larger than {FRAME_MAX_BYTES}")
     return HEADER.pack(len(body)) + body
 
 
+def call_frame(call_id: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    return frame([call_id, method, pack([args, kwargs])])
+
+
+def answer_frame(call_id: int, ok: bool, value: Any) -> bytes:
+    """An answer; one that cannot cross (a value we cannot send, too large) is an error instead."""
+    try:
+        return frame([call_id, ok, pack(value)])
+    except Exception as exc:
+        error = RemoteError(f"the answer could not be sent: {type(exc).__name__}: {exc}")
+        return frame([call_id, False, pack(error)])
+
+
 class FrameReader:
-    """Frames out of a byte stream: feed what arrives, take the documents that are complete."""
+    """Envelopes out of a byte stream: feed what arrives, take those that are complete. Frames are
+    bounded by `max_frame_bytes` (raise it once the peer has proved itself)."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "max_frame_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame_bytes: int = HANDSHAKE_FRAME_MAX_BYTES) -> None:
         self._buffer = bytearray()
+        self.max_frame_bytes = max_frame_bytes
 
     def feed(self, data: bytes) -> list[Any]:
-        """The documents `data` completes (raises `WireError` on a frame that is too large)."""
+        """The envelopes `data` completes; `WireError` on a frame too large or not an envelope."""
         buffer = self._buffer
         buffer += data
         documents = []
         start = 0
         while len(buffer) - start >= HEADER.size:
             (length,) = HEADER.unpack_from(buffer, start)
-            if length > FRAME_MAX_BYTES:
-                raise WireError(f"a frame of {length} bytes is larger than {FRAME_MAX_BYTES}")
+            if length > self.max_frame_bytes:
+                raise WireError(f"a frame of {length} bytes is larger than {self.max_frame_bytes}")
             end = start + HEADER.size + length
             if len(buffer) < end:
                 break
-            documents.append(unpack(bytes(buffer[start + HEADER.size : end])))
+            documents.append(_envelope(bytes(buffer[start + HEADER.size : end])))
             start = end
         if start:
             del buffer[:start]
@@ -191,10 +255,6 @@ def proof(secret: bytes, nonce: bytes, epoch: int) -> bytes:
 
 def proves(secret: bytes, nonce: bytes, epoch: int, mac: object) -> bool:
     return isinstance(mac, bytes) and hmac.compare_digest(proof(secret, nonce, epoch), mac)
-
-
-def frames(values: Iterable[Any]) -> bytes:
-    return b"".join(frame(value) for value in values)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,12 +10,14 @@ event loop leave in one write, which is all the batching there is.
 The connection is made on first use: the shard is asked over Ray where it
 listens and with which epoch (`LedgerShard.channel`), then dialled (its Unix
 socket when it runs on this node, else TCP) and both ends prove they hold the
-shards' secret. When the connection is lost (the shard died, restarted, was
-fenced), every call on it fails with `ShardUnreachable(sent=True)` and the
-next call makes a new connection the same way, so a restarted shard costs a
-reconnect. The router retries what may be repeated (`gateway.shards`); a
-failure to connect is `ShardUnreachable(sent=False)`: nothing was sent, so
-any call may be tried again.
+shards' secret. When the connection is lost (the shard died or restarted),
+every call on it fails with `ShardUnreachable(sent=True)` and the next call
+makes a new connection the same way, so a restarted shard costs a reconnect.
+A connection gone silent (pinged, no pong) is retired: new calls reconnect,
+calls on it still get their answers if they come. The router retries what
+may be repeated (`gateway.shards`); a failure to connect is
+`ShardUnreachable(sent=False)`: nothing was sent, so any call may be tried
+again.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ log = structlog.get_logger("gateway.channel")
 # Asking Ray where a shard listens, dialling it and the handshake, together.
 CONNECT_TIMEOUT_S = 5.0
 # While calls are pending and nothing has arrived for this long, the shard is asked for a pong
-# (`wire.PING`); a connection that stays silent as long again is given up (a peer gone without a
-# close: a node cut off, a host that vanished). Its calls fail as sent; the next call reconnects.
+# (`wire.PING`); a connection that stays silent as long again is retired (a peer gone without a
+# close: a node cut off, a host that vanished): new calls go on a new connection, while the calls
+# already on it keep waiting for their answers, within their callers' own time limits.
 SILENCE_PING_S = 2.0
+# A retired connection is closed this long after it was retired (its callers have given up by then).
+RETIRED_KEPT_S = 60.0
 
 
 class ShardUnreachable(Exception):
@@ -136,7 +141,7 @@ class _Link(asyncio.Protocol):
         self._reader = wire.FrameReader()
         self._transport: asyncio.Transport | None = None
         self._nonce = secrets.token_bytes(wire.NONCE_BYTES)
-        self._state: Literal["greeting", "proving", "open", "closed"] = "greeting"
+        self._state: Literal["greeting", "proving", "open", "retired", "closed"] = "greeting"
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self._out: list[bytes] = []
@@ -154,15 +159,16 @@ class _Link(asyncio.Protocol):
         if self._state != "open":
             raise ShardUnreachable("the connection to the shard is closed", sent=False)
         call_id = next(self._ids)
-        data = wire.frame([call_id, method, args, kwargs])
+        data = wire.call_frame(call_id, method, args, kwargs)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
+        future.add_done_callback(lambda _, call_id=call_id: self._calls.pop(call_id, None))  # type: ignore[misc]
         self._write(data)
         return future
 
     def close(self) -> None:
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
 
     # asyncio.Protocol
 
@@ -178,7 +184,7 @@ class _Link(asyncio.Protocol):
             self._lose(f"the shard sent what is not a frame: {exc}")
             return
         for document in documents:
-            if self._state == "open":
+            if self._state in ("open", "retired"):
                 self._answered(document)
             elif self._state == "greeting":
                 self._prove(document)
@@ -204,14 +210,19 @@ class _Link(asyncio.Protocol):
         if self._state == "closed":
             return
         bound_s = self._silence_ping_s
+        if self._state == "retired":
+            return
         if self._pinged_at is not None and now - self._pinged_at >= bound_s:
-            self._lose(f"the shard did not answer for {now - self._heard_at:.1f} s")
+            # New calls go on a new connection; these keep waiting (their callers' time limits).
+            log.warning("channel_retired", silent_s=round(now - self._heard_at, 1), epoch=self.address.epoch)
+            self._state = "retired"
+            loop.call_later(RETIRED_KEPT_S, self.close)
             return
         silent = now - self._heard_at >= bound_s
         if self._pinged_at is None and silent and (self._calls or self._state != "open"):
             if self._state == "open":
                 self._pinged_at = now
-                self._write(wire.frame([next(self._ids), wire.PING, [], {}]))
+                self._write(wire.call_frame(next(self._ids), wire.PING, (), {}))
             else:  # still greeting: the handshake has this long too
                 self._lose("the shard did not finish the handshake")
                 return
@@ -241,6 +252,9 @@ class _Link(asyncio.Protocol):
         )
 
     def _welcomed(self, answer: Any) -> None:
+        if self.ready.done():  # the connect gave up meanwhile
+            self._lose("the handshake finished too late")
+            return
         if isinstance(answer, dict) and "refused" in answer:
             self._lose(f"the shard refused the connection: {answer['refused']}")
             return
@@ -249,6 +263,7 @@ class _Link(asyncio.Protocol):
             self._lose("the shard did not prove it holds the secret")
             return
         self._state = "open"
+        self._reader.max_frame_bytes = wire.FRAME_MAX_BYTES
         self.ready.set_result(None)
 
     # Calls
@@ -257,13 +272,22 @@ class _Link(asyncio.Protocol):
         if isinstance(answer, dict):  # refused mid-stream (a frame too large, say); it closes next
             log.error("channel_refused", reason=answer.get("refused"))
             return
-        if not isinstance(answer, list) or len(answer) != 3 or not isinstance(answer[0], int):
+        if (
+            not isinstance(answer, list)
+            or len(answer) != 3
+            or not isinstance(answer[0], int)
+            or not isinstance(answer[2], bytes)
+        ):
             self._lose("the shard sent what is not an answer")
             return
-        call_id, ok, value = answer
+        call_id, ok, payload = answer
         future = self._calls.pop(call_id, None)
         if future is None or future.done():
             return  # its caller stopped waiting (or a pong)
+        try:
+            value = wire.unpack(payload)
+        except wire.WireError as exc:  # this answer alone (a view of another version, say)
+            ok, value = False, wire.RemoteError(f"an unreadable answer: {exc}")
         if ok:
             future.set_result(value)
         else:

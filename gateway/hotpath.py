@@ -37,7 +37,14 @@ from gateway.asgi import header, replaying
 from gateway.auth import TokenVerifier, bearer_token
 from gateway.errors import ApiError, error_problem
 from gateway.metrics import Metrics
-from gateway.middleware import MAX_BODY_BYTES, InFlight, is_utf8_text, log_request, request_id_of
+from gateway.middleware import (
+    MAX_BODY_BYTES,
+    InFlight,
+    close_with,
+    is_utf8_text,
+    log_request,
+    request_id_of,
+)
 from gateway.routes import sessions
 from gateway.runtime import Runtime
 from gateway.schemas import HeartbeatRequest, HeartbeatResponse, Usage
@@ -82,33 +89,52 @@ class HotPathMiddleware:
             if user_id is None:
                 await self.app(scope, receive, send)
                 return
-            await self._answer(
-                scope, receive, send, USAGE_PATH, user_id, Usage.from_view, self._shards().usage
-            )
+            if not self._in_flight.take(internal=False):
+                await self.app(scope, receive, send)  # it answers the 503 (it finds the bound reached)
+                return
+            await self._respond(scope, send, USAGE_PATH, user_id, Usage.from_view, self._shards().usage)
             return
         if method == "POST" and (match := _HEARTBEAT_PATH.match(path)) is not None:
-            try:
-                async with asyncio.timeout(self._read_timeout_s):
-                    first = await receive()
-            except TimeoutError:  # the app's body limit answers it (408) when it reads on
-                await self.app(scope, receive, send)
-                return
-            receive = _replaying_message(first, receive)
-            session_id, seq = _heartbeat_input(scope, match.group(1), first)
-            user_id = await self._user(scope) if session_id is not None else None
-            if user_id is None or session_id is None:
-                await self.app(scope, receive, send)
-                return
-
-            def heartbeat(user: str, request_id: str) -> Awaitable[Any]:
-                assert session_id is not None
-                return self._shards().heartbeat(user, session_id, seq=seq, request_id=request_id, idem=None)
-
-            await self._answer(
-                scope, receive, send, HEARTBEAT_ROUTE, user_id, HeartbeatResponse.from_view, heartbeat
-            )
+            await self._heartbeat(scope, receive, send, match.group(1))
             return
         await self.app(scope, receive, send)
+
+    async def _heartbeat(self, scope: Scope, receive: Receive, send: Send, raw_session_id: str) -> None:
+        # Counted in flight before its body is read, as the app counts it: a client that trickles
+        # bodies holds slots, and meets the bound.
+        if not self._in_flight.take(internal=False):
+            await self.app(scope, receive, send)  # it answers the 503 (it finds the bound reached)
+            return
+        try:
+            async with asyncio.timeout(self._read_timeout_s):
+                first = await receive()
+        except TimeoutError:
+            self._in_flight.give_back(internal=False)
+            detail = f"the request body did not arrive within {self._read_timeout_s:g} s"
+            started = time.perf_counter()
+            await close_with(send, 408, "request_timeout", detail)
+            log_request(
+                self._metrics,
+                "POST",
+                HEARTBEAT_ROUTE,
+                408,
+                time.perf_counter() - started,
+                user_id=None,
+                error_code="request_timeout",
+            )
+            return
+        receive = _replaying_message(first, receive)
+        session_id, seq = _heartbeat_input(scope, raw_session_id, first)
+        user_id = await self._user(scope) if session_id is not None else None
+        if user_id is None or session_id is None:
+            self._in_flight.give_back(internal=False)
+            await self.app(scope, receive, send)
+            return
+
+        def heartbeat(user: str, request_id: str) -> Awaitable[Any]:
+            return self._shards().heartbeat(user, session_id, seq=seq, request_id=request_id, idem=None)
+
+        await self._respond(scope, send, HEARTBEAT_ROUTE, user_id, HeartbeatResponse.from_view, heartbeat)
 
     def _on_internal_listener(self, scope: Scope) -> bool:
         server = scope.get("server")
@@ -129,22 +155,17 @@ class HotPathMiddleware:
         runtime: Runtime = self._fastapi.state.runtime
         return runtime.shards
 
-    async def _answer(
+    async def _respond(
         self,
         scope: Scope,
-        receive: Receive,
         send: Send,
         route: str,
         user_id: str,
         render: Callable[[Any], BaseModel],
         call: Callable[..., Awaitable[Any]],
     ) -> None:
-        """Sends `render` of the shard's answer to `call`, or the error it raised as a problem; counted
-        in flight, logged and measured as the app's own requests are."""
-        if not self._in_flight.take(internal=False):
-            # The app answers the 503 (it finds the bound reached too).
-            await self.app(scope, receive, send)
-            return
+        """Sends `render` of the shard's answer to `call`, or the error it raised as a problem; logged
+        and measured as the app's own requests are. The request holds a slot in flight: given back."""
         request_id = request_id_of(scope)
         tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
@@ -204,6 +225,13 @@ def _replaying_message(first: Message, receive: Receive) -> Receive:
 def _heartbeat_input(scope: Scope, raw_session_id: str, first: Message) -> tuple[str | None, int | None]:
     """The canonical session id and `seq` of a heartbeat the hot path can take (its whole body, small
     UTF-8 JSON, in `first`), else (None, None)."""
+    try:
+        return _parsed_heartbeat(scope, raw_session_id, first)
+    except Exception:  # anything odd (JSON nested too deep for the parser, say): the app answers it
+        return None, None
+
+
+def _parsed_heartbeat(scope: Scope, raw_session_id: str, first: Message) -> tuple[str | None, int | None]:
     if first["type"] != "http.request" or first.get("more_body", False):
         return None, None
     body = first.get("body", b"")

@@ -250,7 +250,7 @@ class BodyLimitMiddleware:
                 await self._too_large(send, max_bytes)
             else:
                 detail = f"the request body did not arrive within {self.read_timeout_s:g} s"
-                await _close_with(send, 408, "request_timeout", detail)
+                await close_with(send, 408, "request_timeout", detail)
             return
         if too_large:
             await self._too_large(send, max_bytes)
@@ -259,13 +259,13 @@ class BodyLimitMiddleware:
             return  # the client went away
         if body and not is_utf8_text(body):
             # JSON is UTF-8 (RFC 8259); a parser that guesses (UTF-16, say) must not get to guess.
-            await _close_with(send, 422, "invalid_request", "the request body is not UTF-8 JSON")
+            await close_with(send, 422, "invalid_request", "the request body is not UTF-8 JSON")
             return
         await self.app(scope, replaying(body, receive), send)
 
     async def _too_large(self, send: Send, max_bytes: int) -> None:
         detail = f"request bodies are limited to {max_bytes} bytes"
-        await _close_with(send, 413, "payload_too_large", detail)
+        await close_with(send, 413, "payload_too_large", detail)
 
 
 def is_utf8_text(body: bytes) -> bool:
@@ -279,7 +279,7 @@ def is_utf8_text(body: bytes) -> bool:
     return True
 
 
-async def _close_with(send: Send, status: int, code: str, detail: str) -> None:
+async def close_with(send: Send, status: int, code: str, detail: str) -> None:
     """A problem+json answer that closes the connection (the rest of the body is not read)."""
     body = problem_bytes(status, code, detail)
     await send(

@@ -3,6 +3,7 @@ check or heartbeat is answered here; anything it does not fully understand goes 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Sequence
@@ -299,3 +300,46 @@ async def test_a_request_on_the_internal_listener_goes_to_the_app() -> None:
         middleware, "/v1/usage", [], method="GET", headers=[(b"authorization", token())], server=("h", 9090)
     )
     assert (sent[0]["status"], app.paths) == (299, ["/v1/usage"])
+
+
+async def test_a_body_the_parser_cannot_take_goes_to_the_app() -> None:
+    """JSON nested deeper than the parser recurses raises RecursionError (not ValueError): still the
+    app's to answer (422), never an exception out of the outermost layer."""
+    middleware, app, shard = hot_path()
+    body = b'{"seq":' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+    headers = [(b"authorization", token()), (b"content-type", b"application/json")]
+    message: Message = {"type": "http.request", "body": body, "more_body": False}
+    sent = await _exchange(middleware, f"/v1/sessions/{SESSION}/heartbeat", [message], headers=headers)
+    assert (sent[0]["status"], app.paths) == (299, [f"/v1/sessions/{SESSION}/heartbeat"])
+    assert shard.ray_calls == []
+
+
+async def test_a_heartbeat_body_that_does_not_arrive_is_408_and_its_slot_given_back() -> None:
+    middleware, app, shard = hot_path()
+    middleware._read_timeout_s = 0.05
+
+    async def never() -> Message:
+        await asyncio.sleep(3600)
+        raise AssertionError
+
+    scope: Scope = {
+        "type": "http",
+        "method": "POST",
+        "path": f"/v1/sessions/{SESSION}/heartbeat",
+        "headers": [(b"authorization", token())],
+        "query_string": b"",
+        "server": ("127.0.0.1", 8080),
+    }
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await middleware(scope, never, send)
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["code"] == "request_timeout"
+    assert (app.paths, shard.ray_calls) == ([], [])
+    taken = 0
+    while middleware._in_flight.take(internal=False):
+        taken += 1
+    assert taken == 8  # every slot free again
