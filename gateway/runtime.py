@@ -47,6 +47,14 @@ SHUTDOWN_FLUSH_TIMEOUT_S = 30.0
 # How long a shard call made at startup (ready) may take.
 READY_CALL_TIMEOUT_S = 15.0
 
+# The object store of a local Ray. It holds only what a Ray call carries that is too big to travel
+# inline (over 100 KiB), and shard calls carry small objects. Ray's default, 30% of RAM, would let
+# /dev/shm (which is RAM) grow to 7 GiB on a 24 GiB node; past this bound Ray spills objects to
+# disk rather than failing. Ray's minimum is 75 MiB.
+LOCAL_RAY_OBJECT_STORE_BYTES = 128 * 1024 * 1024
+# With LEDGER_RAY_DASHBOARD=true the dashboard listens on loopback only (port 8265, or the next free).
+LOCAL_RAY_DASHBOARD_HOST = "127.0.0.1"
+
 RuntimeState = Literal["running", "stopping", "stopped"]
 
 
@@ -126,13 +134,32 @@ def _connect_ray(settings: Settings) -> bool:
             log_to_driver=False,
         )
         return False
-    ray.init(
-        address="local",
-        namespace=settings.ray_namespace,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
+    ray.init(**local_ray_options(settings))
     return True
+
+
+def local_ray_options(settings: Settings) -> dict[str, Any]:
+    """`ray.init`'s arguments for a local Ray this process owns: one node that hosts the shards.
+
+    What `ray.init` can leave out is left out. The rest of Ray always starts and cannot be turned
+    off from `ray.init`: gcs_server, raylet, its two agents, the autoscaler monitor, the log
+    monitor and dashboard.py (Ray's API server: without the dashboard it runs only the usage-stats
+    module). `python -m bench.ray_footprint` measures it all.
+    """
+    return {
+        "address": "local",
+        "namespace": settings.ray_namespace,
+        # Ray prestarts one worker process per CPU and keeps that many idle (~80 MB RSS each) for
+        # tasks; the shards ask for no CPU and nothing else runs here. A shard takes an idle
+        # worker when there is one, so this saves memory where the cores outnumber the shards.
+        "num_cpus": 0,
+        "object_store_memory": LOCAL_RAY_OBJECT_STORE_BYTES,
+        "include_dashboard": settings.ray_dashboard,
+        "dashboard_host": LOCAL_RAY_DASHBOARD_HOST,
+        # Ray's default, said here: the shards' log lines reach this process's stdout.
+        "log_to_driver": True,
+        "logging_level": logging.WARNING,
+    }
 
 
 class Runtime:

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     migration_database_url: SecretStr | None = None
     ray_address: str | None = None
     ray_namespace: str = Field(default="usage-ledger", min_length=1, max_length=64)
+    # The Ray dashboard of a local Ray (never of LEDGER_RAY_ADDRESS's cluster, which is started
+    # elsewhere), on 127.0.0.1:8265: off by default, because a server does not need it. It needs
+    # `pip install 'ray[default]'`; without it Ray refuses to start.
+    ray_dashboard: bool = False
     shards: int = Field(default=4, ge=1, le=1_024)
     # How hot calls reach the shards: "channel", the direct data plane (`gateway.channel`); "ray",
     # batched Ray calls (the way everything cold travels).

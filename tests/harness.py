@@ -39,6 +39,7 @@ from standardwebhooks.webhooks import Webhook
 from actors.hosting import kill_shards
 from gateway.app import create_app
 from gateway.auth import issue_token
+from gateway.runtime import LOCAL_RAY_OBJECT_STORE_BYTES
 from gateway.serving import server_config
 from gateway.settings import Settings
 from persistence.embedded import EmbeddedPostgres, ensure_database
@@ -86,10 +87,11 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """One local Ray for the whole run; shut down at the end."""
+    """One local Ray for the whole run, sized as `usage-ledger serve` sizes its own; shut down at the end."""
     ray.init(
         address="local",
-        num_cpus=2,
+        num_cpus=0,  # no idle workers prestarted: the shards ask for no CPU, and nothing else runs
+        object_store_memory=LOCAL_RAY_OBJECT_STORE_BYTES,
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=False,
