@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from actors.credits import CreditKey
 from actors.records import CreditEntry, CreditPurchaseRecord
-from actors.times import to_datetime
+from persistence.batch import INSTANT, Batch, BatchStatement, Row, Rows
 from persistence.decode import instant_ms, optional_instant_ms
 from persistence.errors import PersistenceError
 
@@ -22,33 +22,61 @@ if TYPE_CHECKING:
 _ENTRY_COLUMNS = "user_id, seq, occurred_at, bucket, window_start, delta, balance_after, reason, reference"
 
 
-async def insert_entries(connection: Connection, *, entries: Sequence[CreditEntry]) -> None:
-    """Insert the entries; one already there must be the same entry (a repeated write), else error."""
-    inserted = await connection.fetch(
-        f"""
-        insert into credit_ledger ({_ENTRY_COLUMNS})
-        select * from unnest(
-            $1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::timestamptz[],
-            $6::bigint[], $7::bigint[], $8::text[], $9::text[]
-        )
+def _entry_row(e: CreditEntry) -> Row:
+    return (
+        e.user_id,
+        e.seq,
+        e.occurred_at_ms,
+        e.bucket,
+        e.window_start_ms,
+        e.delta,
+        e.balance_after,
+        e.reason,
+        e.reference,
+    )
+
+
+ENTRIES = Rows(
+    "entries",
+    (
+        ("user_id", "text"),
+        ("seq", "bigint"),
+        ("occurred_at", INSTANT),
+        ("bucket", "text"),
+        ("window_start", INSTANT),
+        ("delta", "bigint"),
+        ("balance_after", "bigint"),
+        ("reason", "text"),
+        ("reference", "text"),
+    ),
+    _entry_row,
+)
+
+# Inserts the new entries and answers the keys of the others: those already stored before this
+# statement (a key it inserted is new, however often the batch holds it).
+_INSERT_ENTRIES = BatchStatement(
+    ENTRIES,
+    """
+    with inserted as (
+        insert into credit_ledger ({columns})
+        select {columns} from {rows}
         on conflict (user_id, seq) do nothing
         returning user_id, seq
-        """,
-        [e.user_id for e in entries],
-        [e.seq for e in entries],
-        [to_datetime(e.occurred_at_ms) for e in entries],
-        [e.bucket for e in entries],
-        [to_datetime(e.window_start_ms) if e.window_start_ms is not None else None for e in entries],
-        [e.delta for e in entries],
-        [e.balance_after for e in entries],
-        [e.reason for e in entries],
-        [e.reference for e in entries],
     )
-    if len(inserted) == len(entries):
+    select t.user_id, t.seq from {rows}
+    where not exists (select from inserted i where i.user_id = t.user_id and i.seq = t.seq)
+    """,
+)
+
+
+async def insert_entries(batch: Batch, *, entries: Sequence[CreditEntry]) -> None:
+    """Insert the entries; one already there must be the same entry (a repeated write), else error."""
+    stored_before = await batch.fetch(_INSERT_ENTRIES, entries)
+    if not stored_before:
         return
-    fresh = {(row["user_id"], row["seq"]) for row in inserted}
-    repeated = [e for e in entries if (e.user_id, e.seq) not in fresh]
-    rows = await connection.fetch(
+    keys = {(row["user_id"], row["seq"]) for row in stored_before}
+    repeated = [e for e in entries if (e.user_id, e.seq) in keys]
+    rows = await batch.connection.fetch(
         """
         select l.user_id, l.seq, l.bucket, l.window_start, l.delta, l.balance_after, l.reason
         from credit_ledger l join unnest($1::text[], $2::bigint[]) as k(user_id, seq)

@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any, Protocol
 
 from actors.times import checked_instant
 from persistence.errors import PersistenceError
+
+
+class Columns(Protocol):
+    """A row's values by column name: an `asyncpg.Record`, or a dict of an anonymous record's
+    fields (`persistence.ledgers`)."""
+
+    def __getitem__(self, name: str, /) -> Any: ...
 
 
 class UnreadableRow(PersistenceError):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.records import LedgerEvent
 from actors.times import from_datetime, rfc3339, to_datetime, to_minutes
+from persistence.batch import INSTANT, Batch, BatchStatement, Row, Rows
 
 if TYPE_CHECKING:
     from persistence.database import Connection
@@ -54,22 +55,36 @@ def event_payload(event: LedgerEvent) -> dict[str, Any]:
     }
 
 
-async def insert_events(connection: Connection, *, events: Sequence[LedgerEvent]) -> None:
-    await connection.execute(
-        """
-        insert into usage_events (event_id, user_id, kind, version, occurred_at, payload)
-        select e, u, k, v, o, p::jsonb
-        from unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[], $6::text[])
-            as t(e, u, k, v, o, p)
-        on conflict (event_id) do nothing
-        """,
-        [e.event_id for e in events],
-        [e.user_id for e in events],
-        [e.kind for e in events],
-        [e.version for e in events],
-        [to_datetime(e.occurred_at_ms) for e in events],
-        [json.dumps(event_payload(e), separators=(",", ":")) for e in events],
-    )
+def _event_row(e: LedgerEvent) -> Row:
+    payload = json.dumps(event_payload(e), separators=(",", ":"))
+    return (e.event_id, e.user_id, e.kind, e.version, e.occurred_at_ms, payload)
+
+
+EVENTS = Rows(
+    "events",
+    (
+        ("event_id", "text"),
+        ("user_id", "text"),
+        ("kind", "text"),
+        ("version", "bigint"),
+        ("occurred_at", INSTANT),
+        ("payload", "jsonb"),
+    ),
+    _event_row,
+)
+
+_INSERT_EVENTS = BatchStatement(
+    EVENTS,
+    """
+    insert into usage_events ({columns})
+    select {columns} from {rows}
+    on conflict (event_id) do nothing
+    """,
+)
+
+
+async def insert_events(batch: Batch, *, events: Sequence[LedgerEvent]) -> None:
+    await batch.execute(_INSERT_EVENTS, events)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,27 +1,20 @@
-"""`usage_holds`: one row per hold, upserted in batches, guarded by `version`."""
+"""`usage_holds`: one row per hold, upserted in batches (`persistence.batch`), guarded by `version`."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import asyncpg
-
 from actors.records import HoldRecord
-from actors.times import to_datetime
-from persistence.decode import draws, draws_text, instant_ms, optional_instant_ms
+from persistence.batch import INSTANT, Batch, BatchStatement, Row, Rows
+from persistence.decode import Columns, draws, draws_text, instant_ms, optional_instant_ms
 
 if TYPE_CHECKING:
     from persistence.database import Connection
 
-_COLUMNS = """
-    hold_id, user_id, meter, amount, state, captured, released, reference,
-    created_at, expires_at, resolved_at, draws, window_start, version
-"""
 
-
-def _record(row: asyncpg.Record) -> HoldRecord:
+def hold_from_row(row: Columns) -> HoldRecord:
+    """A `usage_holds` row (at least the columns `HOLDS` declares) as the ledger takes it."""
     return HoldRecord(
         hold_id=row["hold_id"],
         user_id=row["user_id"],
@@ -40,61 +33,74 @@ def _record(row: asyncpg.Record) -> HoldRecord:
     )
 
 
-async def upsert_holds(connection: Connection, *, holds: Sequence[HoldRecord]) -> None:
-    await connection.execute(
-        f"""
-        insert into usage_holds as h ({_COLUMNS})
-        select * from unnest(
-            $1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::bigint[],
-            $8::text[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::jsonb[],
-            $13::timestamptz[], $14::bigint[]
-        )
-        on conflict (hold_id) do update
-            set state = excluded.state,
-                captured = excluded.captured,
-                released = excluded.released,
-                expires_at = excluded.expires_at,
-                resolved_at = excluded.resolved_at,
-                window_start = excluded.window_start,
-                version = excluded.version,
-                updated_at = now()
-            where h.version < excluded.version and h.user_id = excluded.user_id
-        """,
-        [h.hold_id for h in holds],
-        [h.user_id for h in holds],
-        [h.meter for h in holds],
-        [h.amount for h in holds],
-        [h.state for h in holds],
-        [h.captured for h in holds],
-        [h.released for h in holds],
-        [h.reference for h in holds],
-        [to_datetime(h.created_at_ms) for h in holds],
-        [to_datetime(h.expires_at_ms) for h in holds],
-        [to_datetime(h.resolved_at_ms) if h.resolved_at_ms is not None else None for h in holds],
-        [draws_text(h.draws) for h in holds],
-        [to_datetime(h.window_start_ms) if h.window_start_ms is not None else None for h in holds],
-        [h.version for h in holds],
+def _hold_row(h: HoldRecord) -> Row:
+    return (
+        h.hold_id,
+        h.user_id,
+        h.meter,
+        h.amount,
+        h.state,
+        h.captured,
+        h.released,
+        h.reference,
+        h.created_at_ms,
+        h.expires_at_ms,
+        h.resolved_at_ms,
+        draws_text(h.draws),
+        h.window_start_ms,
+        h.version,
     )
 
 
-async def fetch_open_holds(connection: Connection, *, user_ids: Sequence[str]) -> dict[str, list[HoldRecord]]:
-    """Each user's unresolved holds, oldest first."""
-    rows = await connection.fetch(
-        f"""
-        select {_COLUMNS} from usage_holds
-        where user_id = any($1::text[]) and state = 'held'
-        order by created_at, hold_id
-        """,
-        list(user_ids),
-    )
-    found: dict[str, list[HoldRecord]] = defaultdict(list)
-    for row in rows:
-        found[row["user_id"]].append(_record(row))
-    return found
+HOLDS = Rows(
+    "holds",
+    (
+        ("hold_id", "text"),
+        ("user_id", "text"),
+        ("meter", "text"),
+        ("amount", "bigint"),
+        ("state", "text"),
+        ("captured", "bigint"),
+        ("released", "bigint"),
+        ("reference", "text"),
+        ("created_at", INSTANT),
+        ("expires_at", INSTANT),
+        ("resolved_at", INSTANT),
+        ("draws", "jsonb"),
+        ("window_start", INSTANT),
+        ("version", "bigint"),
+    ),
+    _hold_row,
+)
+
+# What a read of whole rows selects (`hold_from_row` reads them).
+_COLUMNS = ", ".join(HOLDS.names)
+
+_UPSERT_HOLDS = BatchStatement(
+    HOLDS,
+    """
+    insert into usage_holds as h ({columns})
+    select {columns} from {rows}
+    on conflict (hold_id) do update
+        set state = excluded.state,
+            captured = excluded.captured,
+            released = excluded.released,
+            expires_at = excluded.expires_at,
+            resolved_at = excluded.resolved_at,
+            window_start = excluded.window_start,
+            version = excluded.version,
+            updated_at = now()
+        where h.version < excluded.version and h.user_id = excluded.user_id
+    """,
+)
+
+
+async def upsert_holds(batch: Batch, *, holds: Sequence[HoldRecord]) -> None:
+    await batch.execute(_UPSERT_HOLDS, holds)
 
 
 async def fetch_hold(connection: Connection, *, user_id: str, hold_id: str) -> HoldRecord | None:
     row = await connection.fetchrow(
         f"select {_COLUMNS} from usage_holds where hold_id = $1 and user_id = $2", hold_id, user_id
     )
-    return _record(row) if row is not None else None
+    return hold_from_row(row) if row is not None else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from actors.records import PlanEvent, PlanEventRecord
@@ -37,25 +36,6 @@ async def insert_plan_event(connection: Connection, *, record: PlanEventRecord) 
         json.dumps(record.response),
     )
     return bool(status == "INSERT 0 1")
-
-
-async def fetch_last_applied(
-    connection: Connection, *, user_ids: Sequence[str]
-) -> dict[str, tuple[int, str]]:
-    """Each user's newest applied plan event, as (occurred_at, delivery id): the order key a
-    renewal that changed nothing moved without writing the user (see `UserLedger.change_plan`)."""
-    rows = await connection.fetch(
-        """
-        select distinct on (user_id) user_id, occurred_at, delivery_id
-        from plan_events where user_id = any($1::text[]) and applied
-        order by user_id, occurred_at desc, delivery_id collate "C" desc
-        """,
-        list(user_ids),
-    )
-    return {
-        row["user_id"]: (instant_ms(row["occurred_at"], "plan_events.occurred_at"), row["delivery_id"])
-        for row in rows
-    }
 
 
 async def fetch_plan_event(connection: Connection, *, delivery_id: str) -> PlanEventRecord | None:

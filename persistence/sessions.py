@@ -1,28 +1,22 @@
-"""`usage_sessions`: one row per voice/AI session, upserted in batches, guarded by `version`."""
+"""`usage_sessions`: one row per voice/AI session, upserted in batches (`persistence.batch`), guarded
+by `version`."""
 
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import asyncpg
-
 from actors.records import SessionRecord
-from actors.times import to_datetime
-from persistence.decode import draws, draws_text, instant_ms, optional_instant_ms
+from persistence.batch import INSTANT, Batch, BatchStatement, Row, Rows
+from persistence.decode import Columns, draws, draws_text, instant_ms, optional_instant_ms
 
 if TYPE_CHECKING:
     from persistence.database import Connection
 
-_COLUMNS = """
-    id, user_id, started_at, last_heartbeat_at, ended_at, used_ms,
-    topic, difficulty, end_reason, last_seq, version, pending
-"""
 
-
-def _record(row: asyncpg.Record) -> SessionRecord:
+def session_from_row(row: Columns) -> SessionRecord:
+    """A `usage_sessions` row (at least the columns `SESSIONS` declares) as the ledger takes it."""
     return SessionRecord(
         session_id=str(row["id"]),
         user_id=row["user_id"],
@@ -46,63 +40,66 @@ def _as_uuid(session_id: str) -> uuid.UUID | None:
         return None
 
 
-async def upsert_sessions(connection: Connection, *, sessions: Sequence[SessionRecord]) -> None:
-    await connection.execute(
-        f"""
-        insert into usage_sessions as s ({_COLUMNS})
-        select * from unnest(
-            $1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::timestamptz[],
-            $6::bigint[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::jsonb[]
-        )
-        on conflict (id) do update
-            set last_heartbeat_at = excluded.last_heartbeat_at,
-                ended_at = excluded.ended_at,
-                used_ms = excluded.used_ms,
-                end_reason = excluded.end_reason,
-                last_seq = excluded.last_seq,
-                version = excluded.version,
-                pending = excluded.pending,
-                updated_at = now()
-            where s.version < excluded.version and s.user_id = excluded.user_id
-        """,
-        [s.session_id for s in sessions],
-        [s.user_id for s in sessions],
-        [to_datetime(s.started_at_ms) for s in sessions],
-        [to_datetime(s.last_heartbeat_at_ms) for s in sessions],
-        [to_datetime(s.ended_at_ms) if s.ended_at_ms is not None else None for s in sessions],
-        [s.used_ms for s in sessions],
-        [s.topic for s in sessions],
-        [s.difficulty for s in sessions],
-        [s.end_reason for s in sessions],
-        [s.last_seq for s in sessions],
-        [s.version for s in sessions],
-        [draws_text(s.pending) for s in sessions],
+def _session_row(s: SessionRecord) -> Row:
+    return (
+        s.session_id,
+        s.user_id,
+        s.started_at_ms,
+        s.last_heartbeat_at_ms,
+        s.ended_at_ms,
+        s.used_ms,
+        s.topic,
+        s.difficulty,
+        s.end_reason,
+        s.last_seq,
+        s.version,
+        draws_text(s.pending),
     )
 
 
-async def fetch_live_sessions(
-    connection: Connection, *, user_ids: Sequence[str]
-) -> tuple[dict[str, SessionRecord], dict[str, list[SessionRecord]]]:
-    """Each user's open session, and their ended sessions whose tail is still held (`pending`)."""
-    rows = await connection.fetch(
-        f"""
-        select {_COLUMNS} from usage_sessions
-        where user_id = any($1::text[]) and ended_at is null
-        union all
-        select {_COLUMNS} from usage_sessions
-        where user_id = any($1::text[]) and pending is not null
-        """,
-        list(user_ids),
-    )
-    open_sessions: dict[str, SessionRecord] = {}
-    pending: dict[str, list[SessionRecord]] = defaultdict(list)
-    for row in rows:
-        record = _record(row)
-        if record.is_open:
-            open_sessions[record.user_id] = record
-        elif record.is_pending:
-            pending[record.user_id].append(record)
-    return open_sessions, pending
+SESSIONS = Rows(
+    "sessions",
+    (
+        ("id", "uuid"),
+        ("user_id", "text"),
+        ("started_at", INSTANT),
+        ("last_heartbeat_at", INSTANT),
+        ("ended_at", INSTANT),
+        ("used_ms", "bigint"),
+        ("topic", "text"),
+        ("difficulty", "text"),
+        ("end_reason", "text"),
+        ("last_seq", "bigint"),
+        ("version", "bigint"),
+        ("pending", "jsonb"),
+    ),
+    _session_row,
+)
+
+# What a read of whole rows selects (`session_from_row` reads them).
+_COLUMNS = ", ".join(SESSIONS.names)
+
+_UPSERT_SESSIONS = BatchStatement(
+    SESSIONS,
+    """
+    insert into usage_sessions as s ({columns})
+    select {columns} from {rows}
+    on conflict (id) do update
+        set last_heartbeat_at = excluded.last_heartbeat_at,
+            ended_at = excluded.ended_at,
+            used_ms = excluded.used_ms,
+            end_reason = excluded.end_reason,
+            last_seq = excluded.last_seq,
+            version = excluded.version,
+            pending = excluded.pending,
+            updated_at = now()
+        where s.version < excluded.version and s.user_id = excluded.user_id
+    """,
+)
+
+
+async def upsert_sessions(batch: Batch, *, sessions: Sequence[SessionRecord]) -> None:
+    await batch.execute(_UPSERT_SESSIONS, sessions)
 
 
 async def fetch_open_session_users(connection: Connection) -> list[str]:
@@ -128,7 +125,7 @@ async def fetch_session(connection: Connection, *, user_id: str, session_id: str
     row = await connection.fetchrow(
         f"select {_COLUMNS} from usage_sessions where id = $1 and user_id = $2", key, user_id
     )
-    return _record(row) if row is not None else None
+    return session_from_row(row) if row is not None else None
 
 
 async def fetch_sessions(connection: Connection, *, user_id: str, limit: int) -> list[SessionRecord]:
@@ -140,4 +137,4 @@ async def fetch_sessions(connection: Connection, *, user_id: str, limit: int) ->
         user_id,
         limit,
     )
-    return [_record(row) for row in rows]
+    return [session_from_row(row) for row in rows]

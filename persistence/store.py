@@ -3,6 +3,9 @@
 Each `save` is one transaction with one batched statement per table, so a
 flush of thousands of users costs a handful of round trips, and a durable
 single-user write (session start, plan change) is atomic with its plan event.
+A flush's rows travel by binary COPY, a single user's as arrays, one round trip
+per table (`persistence.batch`). A `load` is one statement per batch of users
+(`persistence.ledgers`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from actors.records import (
     StoredLedger,
 )
 from actors.store import Fence, StoreFenced, UnreadableLedger, WriteOutcome, WriteReceipt
-from persistence import credit_ledger, events, holds, meters, plan_events, replies, sessions, users
+from persistence import credit_ledger, events, holds, ledgers, meters, plan_events, replies, sessions, users
+from persistence.batch import Batch
 from persistence.database import PoolLimits, create_pool
 from persistence.decode import UnreadableRow
 from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, PersistenceError, translate_errors
@@ -51,8 +55,8 @@ class PostgresStore:
     async def load(
         self, user_ids: Sequence[str], *, now_ms: int
     ) -> dict[str, StoredLedger | UnreadableLedger]:
-        """Users in one round of queries; if a row cannot be read, user by user, so only the users
-        whose rows hold it are `UnreadableLedger`."""
+        """Users in one statement (`ledgers.fetch_ledgers`); if a row cannot be read, user by user,
+        so only the users whose rows hold it are `UnreadableLedger`."""
         try:
             return dict(await self._load(user_ids, now_ms=now_ms))
         except UnreadableRow as exc:
@@ -66,43 +70,7 @@ class PostgresStore:
     async def _load(self, user_ids: Sequence[str], *, now_ms: int) -> dict[str, StoredLedger]:
         with translate_errors("load"):
             async with self._connection() as connection:
-                known = await users.fetch_users(connection, user_ids=user_ids)
-                if not known:
-                    return {}
-                ids = list(known)
-                open_sessions, pending = await sessions.fetch_live_sessions(connection, user_ids=ids)
-                open_holds = await holds.fetch_open_holds(connection, user_ids=ids)
-                held = sorted(
-                    {
-                        (user_id, start)
-                        for user_id, records in pending.items()
-                        for r in records
-                        for start, *_ in r.pending
-                    }
-                    | {
-                        (user_id, start)
-                        for user_id, user_holds in open_holds.items()
-                        for hold in user_holds
-                        for start, *_ in hold.draws
-                    }
-                )
-                periods = await users.fetch_recent_periods(connection, user_ids=ids, held=held)
-                user_meters = await meters.fetch_meters(connection, user_ids=ids)
-                user_replies = await replies.fetch_replies(connection, user_ids=ids, now_ms=now_ms)
-                applied = await plan_events.fetch_last_applied(connection, user_ids=ids)
-        return {
-            user_id: StoredLedger(
-                user=user,
-                periods=tuple(periods.get(user_id, ())),
-                open_session=open_sessions.get(user_id),
-                meters=tuple(user_meters.get(user_id, ())),
-                replies=tuple(user_replies.get(user_id, ())),
-                pending_sessions=tuple(pending.get(user_id, ())),
-                last_applied_plan_event=applied.get(user_id),
-                holds=tuple(open_holds.get(user_id, ())),
-            )
-            for user_id, user in known.items()
-        }
+                return await ledgers.fetch_ledgers(connection, user_ids=user_ids, now_ms=now_ms)
 
     async def claim(self, owner: str) -> Fence:
         with translate_errors("claim"):
@@ -164,21 +132,23 @@ class PostgresStore:
                         raise StoreFenced(f"{fence.owner} is at epoch {epoch}; this write has {fence.epoch}")
                     if receipt is not None:
                         receipt.transaction_id = transaction_id
-                    await users.upsert_users(connection, users=[snapshot.user for snapshot in snapshots])
+                    batch = Batch(connection)
+                    if snapshots:
+                        await users.upsert_users(batch, users=[snapshot.user for snapshot in snapshots])
                     if all_periods:
-                        await users.upsert_periods(connection, periods=all_periods)
+                        await users.upsert_periods(batch, periods=all_periods)
                     if all_sessions:
-                        await sessions.upsert_sessions(connection, sessions=all_sessions)
+                        await sessions.upsert_sessions(batch, sessions=all_sessions)
                     if all_meters:
-                        await meters.upsert_meters(connection, meters=all_meters)
+                        await meters.upsert_meters(batch, meters=all_meters)
                     if all_holds:
-                        await holds.upsert_holds(connection, holds=all_holds)
+                        await holds.upsert_holds(batch, holds=all_holds)
                     if all_entries:
-                        await credit_ledger.insert_entries(connection, entries=all_entries)
+                        await credit_ledger.insert_entries(batch, entries=all_entries)
                     if all_replies:
-                        await replies.insert_replies(connection, replies=all_replies)
+                        await replies.insert_replies(batch, replies=all_replies)
                     if all_events:
-                        await events.insert_events(connection, events=all_events)
+                        await events.insert_events(batch, events=all_events)
                     if delivery is not None and not await _record_delivery(connection, delivery):
                         raise PersistenceError(
                             "save", f"delivery {delivery.delivery_id!r} is already recorded"
