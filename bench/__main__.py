@@ -41,6 +41,8 @@ from bench.server import BenchServer, baseline_server, bench_database, bench_ser
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+# The analysis of the goals missed, written from profiles (not generated): copied after the goals.
+WHERE_THE_TIME_GOES = ROOT / "bench" / "where_the_time_goes.md"
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,16 @@ SHORT = Sweep(rates=(250, 1000), seconds=4, users=500, settle_s=1, unloaded_s=3)
 
 
 async def _prepare_users(
-    server: BenchServer, users: list[str], *, start_sessions: bool, hold_meter: str | None = None
+    server: BenchServer,
+    users: list[str],
+    *,
+    start_sessions: bool,
+    hold_meter: str | None = None,
+    use_meter: str | None = None,
 ) -> dict[str, str]:
     """Make every user resident (and give each a session, or reserve and capture one of
-    `hold_meter`, so that the meter is in use too); returns user -> session id."""
+    `hold_meter`, so that the meter is in use too, or use `use_meter` once, so that the user is
+    written at the next flush); returns user -> session id."""
     sessions: dict[str, str] = {}
     limits = httpx.Limits(max_connections=32)
     async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=60) as http:
@@ -78,6 +86,11 @@ async def _prepare_users(
                     started = await http.post("/v1/sessions", json={"topic": "bench"}, headers=headers)
                     started.raise_for_status()
                     sessions[user] = started.json()["session_id"]
+                if use_meter is not None:
+                    used = await http.post(
+                        f"/v1/meters/{use_meter}/consume", json={"amount": 1}, headers=headers
+                    )
+                    used.raise_for_status()
                 if hold_meter is not None:
                     held = await http.post(
                         "/v1/holds", json={"meter": hold_meter, "amount": 1}, headers=headers
@@ -324,7 +337,8 @@ ACTIVATION_RATES_SHORT: tuple[float, ...] = (250, 500)
 
 def scenario_activation(database_url: str, short: bool, shards: int) -> dict[str, Any]:
     """Cold activation: each request is the first since a restart for a user who exists only in
-    Postgres (created through a first server, which is then stopped)."""
+    Postgres (created through a first server, each user with one meter use, so that the server's
+    last flush writes them, then stopped)."""
     sweep = SHORT if short else FULL
     rates = ACTIVATION_RATES_SHORT if short else ACTIVATION_RATES_FULL
     cohorts = {
@@ -332,7 +346,7 @@ def scenario_activation(database_url: str, short: bool, shards: int) -> dict[str
     }
     with bench_server(database_url, shards=str(shards)) as first:
         for users in cohorts.values():
-            asyncio.run(_prepare_users(first, users, start_sessions=False))
+            asyncio.run(_prepare_users(first, users, start_sessions=False, use_meter=HOLD_METER))
     with bench_server(database_url, shards=str(shards), sync_interval_s="5") as server:
 
         def spec(rate: float) -> LoadSpec:  # each user once: every request activates
@@ -587,6 +601,8 @@ def render_benchmarks_md(results: Path = RESULTS) -> str:
         ),
     ]
     lines += _goals(newest)
+    if WHERE_THE_TIME_GOES.exists():
+        lines += [WHERE_THE_TIME_GOES.read_text().rstrip(), ""]
     for scenario, document in newest.items():
         lines += [
             f"## {scenario}: {document['doc']}",
@@ -647,7 +663,7 @@ def _goals(newest: dict[str, dict[str, Any]]) -> list[str]:
         if points and baseline:
             best, their_best = _saturated(points), _saturated(baseline)
             add(
-                f"saturated {scenario} throughput",
+                f"sustained {scenario} throughput (the highest rate with p99 ≤ {SUSTAINED_P99_MS:g} ms)",
                 best,
                 their_best,
                 "/s",
