@@ -130,7 +130,7 @@ class _Connection(asyncio.Protocol):
         self.welcomed = False
         self._closing = False
         self._running: set[asyncio.Task[None]] = set()
-        self._out: list[bytes] = []
+        self._outbox = wire.Outbox(self._send)
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -194,7 +194,7 @@ class _Connection(asyncio.Protocol):
         self._reader.max_frame_bytes = wire.FRAME_MAX_BYTES
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        self._write(wire.frame({"mac": wire.proof(server._secret, nonce, server.epoch)}))
+        self._outbox.put(wire.frame({"mac": wire.proof(server._secret, nonce, server.epoch)}))
 
     def _refuse(self, reason: str) -> None:
         transport = self._transport
@@ -218,18 +218,20 @@ class _Connection(asyncio.Protocol):
             return
         call_id, method, payload = document
         if method == wire.PING:
-            self._write(wire.answer_frame(call_id, True, None))
+            self._outbox.put(wire.answer_frame(call_id, True, None))
             return
         try:
             args, kwargs = wire.unpack(payload)
             if not isinstance(args, list) or not isinstance(kwargs, dict):
                 raise wire.WireError("not [args, kwargs]")
         except (wire.WireError, ValueError) as exc:  # this call alone: its caller learns why
-            self._write(wire.answer_frame(call_id, False, wire.RemoteError(f"an unreadable call: {exc}")))
+            self._outbox.put(
+                wire.answer_frame(call_id, False, wire.RemoteError(f"an unreadable call: {exc}"))
+            )
             return
         if len(self._running) >= CONNECTION_CALLS_MAX:
             refused = Overloaded("too many calls at once on this connection", limit=CONNECTION_CALLS_MAX)
-            self._write(wire.answer_frame(call_id, False, refused))
+            self._outbox.put(wire.answer_frame(call_id, False, refused))
             return
         task = asyncio.get_running_loop().create_task(self._run(call_id, method, tuple(args), kwargs))
         self._running.add(task)
@@ -245,15 +247,8 @@ class _Connection(asyncio.Protocol):
         self._server.calls += 1
         if self._transport is None:
             return  # the gateway went away; it retries what may be repeated
-        self._write(wire.answer_frame(call_id, ok, value))
+        self._outbox.put(wire.answer_frame(call_id, ok, value))
 
-    def _write(self, data: bytes) -> None:
-        """Queue `data`; what is queued in one turn of the loop leaves in one write."""
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._out.append(data)
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
+    def _send(self, frames: list[bytes]) -> None:
         if self._transport is not None:
-            self._transport.write(b"".join(out))
+            self._transport.write(b"".join(frames))

@@ -33,6 +33,7 @@ a fixed registry. Nothing is unpickled: a peer can make us build only these.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -246,6 +247,26 @@ class FrameReader:
         if start:
             del buffer[:start]
         return documents
+
+
+class Outbox:
+    """Frames queued in one turn of the event loop, handed to `send` together at its end: both ends
+    of a connection write what they have to say in a turn in one send."""
+
+    __slots__ = ("_frames", "_send")
+
+    def __init__(self, send: Callable[[list[bytes]], None]) -> None:
+        self._send = send
+        self._frames: list[bytes] = []
+
+    def put(self, data: bytes) -> None:
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._frames.append(data)
+
+    def _flush(self) -> None:
+        frames, self._frames = self._frames, []
+        self._send(frames)
 
 
 def proof(secret: bytes, nonce: bytes, epoch: int) -> bytes:

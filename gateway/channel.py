@@ -144,7 +144,7 @@ class _Link(asyncio.Protocol):
         self._state: Literal["greeting", "proving", "open", "retired", "closed"] = "greeting"
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
-        self._out: list[bytes] = []
+        self._outbox = wire.Outbox(self._send)
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
         self._heard_at = loop.time()  # when a frame last arrived
@@ -163,7 +163,7 @@ class _Link(asyncio.Protocol):
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
         future.add_done_callback(lambda _, call_id=call_id: self._calls.pop(call_id, None))  # type: ignore[misc]
-        self._write(data)
+        self._outbox.put(data)
         return future
 
     def close(self) -> None:
@@ -222,7 +222,7 @@ class _Link(asyncio.Protocol):
         if self._pinged_at is None and silent and (self._calls or self._state != "open"):
             if self._state == "open":
                 self._pinged_at = now
-                self._write(wire.call_frame(next(self._ids), wire.PING, (), {}))
+                self._outbox.put(wire.call_frame(next(self._ids), wire.PING, (), {}))
             else:  # still greeting: the handshake has this long too
                 self._lose("the shard did not finish the handshake")
                 return
@@ -240,7 +240,7 @@ class _Link(asyncio.Protocol):
             return
         epoch = self.address.epoch
         self._state = "proving"
-        self._write(
+        self._outbox.put(
             wire.frame(
                 {
                     "v": wire.PROTOCOL_VERSION,
@@ -293,19 +293,12 @@ class _Link(asyncio.Protocol):
         else:
             future.set_exception(value if isinstance(value, Exception) else wire.RemoteError(repr(value)))
 
-    def _write(self, data: bytes) -> None:
-        """Queue `data`; what is queued in one turn of the loop leaves in one write."""
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._out.append(data)
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
+    def _send(self, frames: list[bytes]) -> None:
         if self._transport is None:
             return
         if self._state == "open":
-            self._metrics.shard_batch_size.observe(len(out))
-        self._transport.write(b"".join(out))
+            self._metrics.shard_batch_size.observe(len(frames))
+        self._transport.write(b"".join(frames))
 
     def _lose(self, reason: str) -> None:
         """Give up on this connection: `ready` and every call fail with `reason`."""
