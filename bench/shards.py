@@ -141,6 +141,8 @@ class ShardCluster:
                 async with semaphore:
                     answers = await handle.batch.remote([(method, args(user), {}) for user in chunk])
                 for ok, value in answers:
+                    if ok is None:  # not done within its batch (a user still loading): fetched alone
+                        ok, value = await handle.collect.remote(value)
                     succeeded += ok
                     if not ok:
                         failures.append(value)
