@@ -140,9 +140,12 @@ class ShardCluster:
                 nonlocal succeeded
                 async with semaphore:
                     answers = await handle.batch.remote([(method, args(user), {}) for user in chunk])
+                # A call not done within its batch (a user still loading) is fetched on its own.
+                deferred = [index for index, (ok, _) in enumerate(answers) if ok is None]
+                collected = await asyncio.gather(*(handle.collect.remote(answers[i][1]) for i in deferred))
+                for index, answer in zip(deferred, collected, strict=True):
+                    answers[index] = answer
                 for ok, value in answers:
-                    if ok is None:  # not done within its batch (a user still loading): fetched alone
-                        ok, value = await handle.collect.remote(value)
                     succeeded += ok
                     if not ok:
                         failures.append(value)
