@@ -33,9 +33,10 @@ from gateway.settings import Settings
 from persistence.store import PostgresStoreFactory
 
 # Users per batch call while filling shards (what a busy gateway's batches look like, and below
-# the shard's pending-call bound with a few batches in flight).
-FILL_BATCH = 1_000
-FILL_IN_FLIGHT = 4
+# the shard's pending-call bound with a few batches in flight); small enough that a batch of new
+# users is answered within the shard's batch wait (else each is deferred and collected alone).
+FILL_BATCH = 200
+FILL_IN_FLIGHT = 8
 SAVE_BATCH = 5_000
 
 # Heartbeats are rate limited per plan; these users' plan is not (nor are their sessions stale
