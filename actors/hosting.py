@@ -37,6 +37,7 @@ from actors import wire
 from actors.channel import ChannelServer
 from actors.errors import Unavailable
 from actors.logsetup import LogFormat, configure_logging
+from actors.processes import alive, freeze_long_lived
 from actors.shard import LedgerShard, ShardConfig
 from actors.store import LedgerStore
 
@@ -65,6 +66,8 @@ class _HostedShard(LedgerShard):
             self.answer, epoch=0, secret=channel_secret, shard_index=config.shard_index
         )
         self._channel_address: asyncio.Task[wire.ChannelAddress] | None = None
+        # This process serves this shard from now on (see `freeze_long_lived`).
+        freeze_long_lived()
         # Ray runs an async actor's __init__ on the actor's event loop.
         self._boot = asyncio.get_running_loop().create_task(self.start())
 
@@ -119,19 +122,9 @@ def _socket_dir(shard_index: int) -> Path:
         raise Unavailable(f"{path} must be a directory of this user's alone (mode 0700)")
     for old in path.glob(f"shard-{shard_index}-*.sock"):
         pid = old.stem.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             old.unlink(missing_ok=True)
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # Ray's typed overloads list task options only; the actor options below are valid.

@@ -20,6 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp
 
 from actors.logsetup import configure_logging
+from actors.processes import freeze_long_lived
 from gateway.auth import InternalSignatureMiddleware, JwksKeys, TokenVerifier
 from gateway.errors import PROBLEM_CONTENT_TYPE, install_error_handlers
 from gateway.hotpath import HotPathMiddleware
@@ -65,7 +66,9 @@ def _package_version() -> str:
         return "0.0.0"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, owns_process: bool = False) -> FastAPI:
+    """`owns_process`: this app is what the process serves (`usage-ledger serve`), so once started
+    its long-lived objects are frozen out of the collector's sight (`freeze_long_lived`)."""
     settings = settings if settings is not None else Settings()
     configure_logging(log_format=settings.resolved_log_format, level=settings.log_level)
     secrets = resolve_secrets(settings)
@@ -75,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings, metrics=metrics)
         app.state.runtime = runtime
+        if owns_process:
+            freeze_long_lived()
         try:
             yield
         finally:

@@ -73,7 +73,7 @@ def serve(
     overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
     if overrides:
         settings = settings.model_copy(update=overrides)
-    application = create_app(settings)
+    application = create_app(settings, owns_process=True)
     where = f"http://{settings.host}:{settings.port}"
     typer.echo(
         f"usage-ledger {settings.env}: listening on {where}  "

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import structlog
 
+from actors.processes import alive
 from persistence.errors import translate_errors
 
 log = structlog.get_logger("persistence.embedded")
@@ -59,10 +59,10 @@ class EmbeddedPostgres:
             return
         if not isinstance(pids, list):
             return
-        alive = [pid for pid in pids if isinstance(pid, int) and _running(pid)]
-        if alive != pids:
-            listed.write_text(json.dumps(alive))
-            log.info("embedded_postgres_forgot_dead_users", pids=[pid for pid in pids if pid not in alive])
+        living = [pid for pid in pids if isinstance(pid, int) and alive(pid)]
+        if living != pids:
+            listed.write_text(json.dumps(living))
+            log.info("embedded_postgres_forgot_dead_users", pids=[pid for pid in pids if pid not in living])
 
     def dsn(self, database: str = DATABASE_NAME) -> str:
         assert self._server is not None, "start() first"
@@ -75,16 +75,6 @@ class EmbeddedPostgres:
                 self._server.cleanup()
             self._server = None
             log.info("embedded_postgres_stopped", pgdata=str(self.pgdata))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # no signal: only whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, as another user
-    return True
 
 
 async def ensure_database(admin_dsn: str, name: str) -> None:

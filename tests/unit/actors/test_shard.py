@@ -37,6 +37,7 @@ from actors.shard import (
     ShardConfig,
     declared,
 )
+from actors.shard.writebehind import SLICE_USERS
 from actors.store import (
     Fence,
     LedgerStore,
@@ -279,6 +280,27 @@ class TestWriteBehind:
         assert await shard.flush() == 20
         assert (await store_calls(shard))["save"] == saves + 1
         assert all(store.sessions[s].used_ms == 30 * SEC for s in sessions.values())
+        assert (await shard.stats()).dirty_users == 0
+
+    async def test_a_large_flush_gives_the_loop_back_and_keeps_what_changed_meanwhile(
+        self, shard: LedgerShard, store: FaultyMemoryStore, clock: FakeClock
+    ) -> None:
+        sessions = {f"u{n}": (await shard.start_session(f"u{n}")).session_id for n in range(8 * SLICE_USERS)}
+        await shard.flush()
+        clock.now += 30 * SEC
+        for user_id, session_id in sessions.items():
+            await shard.heartbeat(user_id, session_id)
+        flushing = asyncio.create_task(shard.flush())
+        await asyncio.sleep(0)  # the flush has taken its first slice of snapshots
+        clock.now += 10 * SEC
+        await shard.heartbeat("u0", sessions["u0"])
+        assert not flushing.done(), "a heartbeat is answered while a large flush is under way"
+        assert await flushing == len(sessions)
+        # u0's snapshot was taken before its heartbeat (u0 is still dirty) or after it (written).
+        written_ms = store.sessions[sessions["u0"]].used_ms
+        assert (written_ms, (await shard.stats()).dirty_users) in ((30 * SEC, 1), (40 * SEC, 0))
+        await shard.flush()
+        assert store.sessions[sessions["u0"]].used_ms == 40 * SEC
         assert (await shard.stats()).dirty_users == 0
 
     async def test_heartbeats_answer_from_memory_while_store_is_down(
