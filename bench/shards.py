@@ -3,7 +3,7 @@
 
 The benchmark process is the Ray driver: it starts a local Ray, creates the real shard actors
 (`actors.hosting`, the same class and options `usage-ledger serve` uses) on a real Postgres, and
-calls them directly, in batches (`LedgerShard.batch`), as a gateway does. Users with open
+calls them directly over the data plane (`gateway.channel`), as a gateway does. Users with open
 sessions are written through the real domain and store (`UserLedger` snapshots saved by
 `PostgresStore.save`, the flush's own path), so their rows are what a server would have written.
 """
@@ -28,15 +28,15 @@ from actors.hosting import get_or_create_shards, kill_shards
 from actors.ledger import UserLedger
 from actors.routing import shard_index
 from actors.times import wall_clock_ms
+from gateway.channel import ShardChannel
+from gateway.metrics import Metrics
 from gateway.runtime import load_plans, migrate_database, shard_configs
 from gateway.settings import Settings
 from persistence.store import PostgresStoreFactory
 
-# Users per batch call while filling shards (what a busy gateway's batches look like, and below
-# the shard's pending-call bound with a few batches in flight); small enough that a batch of new
-# users is answered within the shard's batch wait (else each is deferred and collected alone).
-FILL_BATCH = 200
-FILL_IN_FLIGHT = 8
+# Calls in flight per shard while filling shards over the data plane (below the shard's
+# pending-call bound); a gateway's calls of one moment leave in one write, as here.
+FILL_IN_FLIGHT = 1_000
 SAVE_BATCH = 5_000
 
 # Heartbeats are rate limited per plan; these users' plan is not (nor are their sessions stale
@@ -128,31 +128,32 @@ class ShardCluster:
     async def call_each(
         self, method: str, users: Sequence[str], args: Callable[[str], tuple[Any, ...]] = lambda user: (user,)
     ) -> int:
-        """`method(*args(user))` for every user, in batches on their shards; returns the ones that
-        succeeded (a failure is reported, not raised)."""
+        """`method(*args(user))` for every user, over the data plane as a gateway sends them (one
+        connection per shard, up to `FILL_IN_FLIGHT` calls in flight on each); returns the ones
+        that succeeded (a failure is reported, not raised)."""
         succeeded = 0
         failures: list[BaseException] = []
+        metrics = Metrics()
+        node_id = ray.get_runtime_context().get_node_id()
 
         async def shard_part(handle: Any, mine: list[str]) -> None:
             nonlocal succeeded
-            semaphore = asyncio.Semaphore(FILL_IN_FLIGHT)
+            channel = ShardChannel(handle.channel.remote, metrics, node_id=node_id)
+            todo = iter(mine)
 
-            async def one_batch(chunk: list[str]) -> None:
+            async def caller() -> None:
                 nonlocal succeeded
-                async with semaphore:
-                    answers = await handle.batch.remote([(method, args(user), {}) for user in chunk])
-                # A call not done within its batch (a user still loading) is fetched on its own.
-                deferred = [index for index, (ok, _) in enumerate(answers) if ok is None]
-                collected = await asyncio.gather(*(handle.collect.remote(answers[i][1]) for i in deferred))
-                for index, answer in zip(deferred, collected, strict=True):
-                    answers[index] = answer
-                for ok, value in answers:
-                    succeeded += ok
-                    if not ok:
-                        failures.append(value)
+                for user in todo:
+                    try:
+                        await channel.call(method, args(user), {})
+                        succeeded += 1
+                    except Exception as exc:
+                        failures.append(exc)
 
-            chunks = [mine[i : i + FILL_BATCH] for i in range(0, len(mine), FILL_BATCH)]
-            await asyncio.gather(*(one_batch(chunk) for chunk in chunks))
+            try:
+                await asyncio.gather(*(caller() for _ in range(FILL_IN_FLIGHT)))
+            finally:
+                channel.close()
 
         await asyncio.gather(
             *(shard_part(h, mine) for h, mine in zip(self.handles, self.split(users), strict=True))
