@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import structlog
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp
@@ -37,6 +38,8 @@ from gateway.routes.common import no_unknown_query
 from gateway.runtime import Runtime
 from gateway.secrets import resolve_secrets
 from gateway.settings import Settings
+
+log = structlog.get_logger("gateway.app")
 
 DESCRIPTION = """\
 A per-user usage ledger: one live ledger per user holds their minutes in
@@ -71,6 +74,8 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
     its long-lived objects are frozen out of the collector's sight (`freeze_long_lived`)."""
     settings = settings if settings is not None else Settings()
     configure_logging(log_format=settings.resolved_log_format, level=settings.log_level)
+    for problem in settings.contradictions():  # (production refuses them: see Settings)
+        log.warning("settings_contradict", problem=problem)
     secrets = resolve_secrets(settings)
     metrics = Metrics()
 

@@ -6,8 +6,12 @@
     usage-ledger internal plan USER PLAN    make a signed plan-change call to a running server
     usage-ledger internal credits USER MIN  add purchased minutes through a signed call
     usage-ledger internal reconcile USER    compare a user's balances with the credit ledger
+    usage-ledger status | user USER_ID      a running server's shards, or one user
+    usage-ledger db [--psql]                the embedded database's URL (or open psql on it)
 
-Configuration comes from `LEDGER_*` environment variables (see README).
+Configuration comes from `LEDGER_*` environment variables (see README). Commands that talk to a
+server find the one started from the same directory (`gateway.serverfile`) unless `--url` or the
+environment says where. Whatever goes wrong is one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -15,24 +19,37 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import httpx
 import typer
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
+from gateway import serverfile
+from gateway.secrets import Secrets, SecretsMissing, resolve_secrets
 from gateway.settings import Settings
 
-app = typer.Typer(help="A per-user usage ledger server.", no_args_is_help=True, add_completion=False)
-internal_app = typer.Typer(help="Signed calls to a running server's internal API.", no_args_is_help=True)
+app = typer.Typer(
+    help="A per-user usage ledger server.", no_args_is_help=True, add_completion=False, rich_markup_mode=None
+)
+internal_app = typer.Typer(
+    help="Signed calls to a running server's internal API.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(internal_app, name="internal")
+
+
+def _fail(message: str, *, code: int = 1) -> NoReturn:
+    """One line on stderr, and exit: what went wrong and what to do."""
+    typer.echo(f"usage-ledger: {message}", err=True)
+    raise typer.Exit(code)
 
 
 def _settings() -> Settings:
@@ -54,7 +71,10 @@ DeliveryIdOption = Annotated[
 ]
 UrlOption = Annotated[
     str | None,
-    typer.Option(help="Server base URL; default from LEDGER_HOST and LEDGER_INTERNAL_PORT or LEDGER_PORT."),
+    typer.Option(
+        help="Server base URL; default: the server started from this directory (its data dir's "
+        "server.json), else LEDGER_HOST and LEDGER_INTERNAL_PORT or LEDGER_PORT."
+    ),
 ]
 
 
@@ -62,44 +82,82 @@ UrlOption = Annotated[
 def serve(
     host: Annotated[str | None, typer.Option(help="Overrides LEDGER_HOST.")] = None,
     port: Annotated[int | None, typer.Option(help="Overrides LEDGER_PORT.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of a start-up error.")] = False,
 ) -> None:
     """Run the server until interrupted (SIGINT/SIGTERM flush every ledger before exit)."""
-    import uvicorn
-
+    from actors.plans import PlansError
     from gateway.app import create_app
+    from gateway.runtime import load_plans
     from gateway.serving import BACKLOG, server_config
 
     settings = _settings()
     overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
     if overrides:
         settings = settings.model_copy(update=overrides)
+    try:
+        load_plans(settings)  # before anything starts: a bad plans file is one line, not a traceback
+    except PlansError as exc:
+        if debug:
+            raise
+        _fail(f"invalid plans file: {exc}", code=2)
     application = create_app(settings, owns_process=True)
-    where = f"http://{settings.host}:{settings.port}"
-    typer.echo(
-        f"usage-ledger {settings.env}: listening on {where}  "
-        f"(data dir {settings.data_dir.resolve()}, "
-        f"database {'from LEDGER_DATABASE_URL' if settings.database_url else 'embedded'}, "
-        f"ray {settings.ray_address or 'local'})",
-        err=True,
-    )
-    typer.echo(
-        f'  try: curl -H "Authorization: Bearer $(usage-ledger token demo)" {where}/v1/usage', err=True
-    )
-    if settings.internal_port is not None:
-        typer.echo(
-            f"  internal routes only on http://{settings.internal_host}:{settings.internal_port}/internal/",
-            err=True,
-        )
     config = server_config(
         application, host=settings.host, port=settings.port, read_timeout_s=settings.request_read_timeout_s
     )
-    sockets = [config.bind_socket()]
-    if settings.internal_port is not None:
-        sockets.append(_listen(settings.internal_host, settings.internal_port, backlog=BACKLOG))
-    server = uvicorn.Server(config)
-    server.run(sockets=sockets)
+    try:
+        sockets = [_listen(settings.host, settings.port, backlog=BACKLOG)]
+        if settings.internal_port is not None:
+            sockets.append(_listen(settings.internal_host, settings.internal_port, backlog=BACKLOG))
+    except OSError as exc:
+        _fail(f"cannot listen: {exc.strerror} ({exc.__class__.__name__})", code=2)
+    server = _announcing_server(config, on_started=lambda: _announce(application, settings, sockets))
+    try:
+        server.run(sockets=sockets)
+    finally:
+        serverfile.remove(settings.data_dir, os.getpid())
     if not server.started:
         sys.exit(3)  # startup failed (the log says why), as `uvicorn.run` exits
+
+
+def _announcing_server(config: Any, *, on_started: Callable[[], None]) -> Any:
+    """uvicorn's server, calling `on_started` once its sockets accept connections (uvicorn is
+    imported here, not for every CLI command)."""
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                on_started()
+
+    return AnnouncingServer(config)
+
+
+def _announce(application: Any, settings: Settings, sockets: Sequence[socket.socket]) -> None:
+    """Record where this server listens (`server.json`, for the CLI) and say so."""
+    url = _url_of(sockets[0])
+    internal_url = _url_of(sockets[1]) if len(sockets) > 1 else url
+    database = application.state.runtime.database
+    embedded = database.dsn if database.embedded is not None else None
+    serverfile.write(
+        settings.data_dir,
+        serverfile.ServerInfo(pid=os.getpid(), url=url, internal_url=internal_url, database=embedded),
+    )
+    typer.echo(
+        f"usage-ledger {settings.env}: listening on {url}  "
+        f"(data dir {settings.data_dir.resolve()}, ray {settings.ray_address or 'local'})",
+        err=True,
+    )
+    where = "embedded Postgres (`usage-ledger db` prints its URL)" if embedded else "LEDGER_DATABASE_URL"
+    typer.echo(f"  database: {where}", err=True)
+    if internal_url != url:
+        typer.echo(f"  internal routes only on {internal_url}/internal/", err=True)
+    typer.echo(f'  try: curl -H "Authorization: Bearer $(usage-ledger token demo)" {url}/v1/usage', err=True)
+
+
+def _url_of(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _listen(host: str, port: int, *, backlog: int) -> socket.socket:
@@ -160,13 +218,11 @@ def token(
 ) -> None:
     """Print a user JWT that the server with this configuration accepts."""
     from gateway.auth import USER_ID_MAX_LENGTH, issue_token
-    from gateway.secrets import resolve_secrets
 
     if not 0 < len(user_id) <= USER_ID_MAX_LENGTH:
-        typer.echo(f"usage-ledger: USER_ID must be 1 to {USER_ID_MAX_LENGTH} characters", err=True)
-        raise typer.Exit(2)
+        _fail(f"USER_ID must be 1 to {USER_ID_MAX_LENGTH} characters", code=2)
     settings = _settings()
-    secrets = resolve_secrets(settings)
+    secrets = _secrets(settings)
     typer.echo(
         issue_token(
             secret=secrets.jwt_secret,
@@ -260,34 +316,67 @@ def _signed_call(
     delivery_id: str | None,
 ) -> tuple[int, dict[str, object]]:
     """A Standard Webhooks-signed call to the running server: (status, JSON answer)."""
-    from gateway.secrets import resolve_secrets
-
     settings = _settings()
-    secrets = resolve_secrets(settings)
+    secrets = _secrets(settings)
     content = json.dumps(body) if body is not None else ""
     message_id = delivery_id or f"msg_{uuid.uuid4().hex}"
     timestamp = datetime.fromtimestamp(int(time.time()), tz=UTC)
     signature = Webhook(secrets.internal_secret).sign(message_id, timestamp, content)
+    base = _base_url(settings, url, internal=True)
+    try:
+        response = httpx.request(
+            method,
+            f"{base}{path}",
+            content=content,
+            headers={
+                "content-type": "application/json",
+                "webhook-id": message_id,
+                "webhook-timestamp": str(int(timestamp.timestamp())),
+                "webhook-signature": signature,
+            },
+            timeout=30,
+        )
+    except httpx.TransportError as exc:
+        _fail(
+            f"no server answers at {base} ({exc.__class__.__name__}): start one with `usage-ledger serve` "
+            "in this directory, or pass --url"
+        )
+    try:
+        answer = response.json()
+    except ValueError:
+        _fail(f"{base} answered {response.status_code} with no JSON: is it a usage-ledger server?")
+    return response.status_code, answer if isinstance(answer, dict) else {"answer": answer}
+
+
+def _secrets(settings: Settings) -> Secrets:
+    try:
+        return resolve_secrets(settings, create=False)
+    except SecretsMissing as exc:
+        _fail(
+            f"no secrets in {exc.path}: the server makes them when it first starts; run this command in "
+            "the directory `usage-ledger serve` runs in (or set LEDGER_DATA_DIR to its data dir, or set "
+            "LEDGER_JWT_SECRET and LEDGER_INTERNAL_SECRET)"
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _base_url(settings: Settings, url: str | None, *, internal: bool) -> str:
+    """--url; else the server started from this directory, unless the environment says where; else
+    the configured host and port."""
+    if url:
+        return url.rstrip("/")
+    if not {"host", "port", "internal_host", "internal_port"} & settings.model_fields_set:
+        running = serverfile.read(settings.data_dir)
+        if running is not None:
+            return running.internal_url if internal else running.url
     # With a separate internal listener, internal routes answer only there.
     host, port = (
         (settings.internal_host, settings.internal_port)
-        if settings.internal_port
+        if internal and settings.internal_port
         else (settings.host, settings.port)
     )
-    base = url or f"http://{host}:{port}"
-    response = httpx.request(
-        method,
-        f"{base}{path}",
-        content=content,
-        headers={
-            "content-type": "application/json",
-            "webhook-id": message_id,
-            "webhook-timestamp": str(int(timestamp.timestamp())),
-            "webhook-signature": signature,
-        },
-        timeout=30,
-    )
-    return response.status_code, response.json()
+    return f"http://{host}:{port}"
 
 
 def _answer_or_exit(method: Literal["GET"], path: str, url: str | None) -> dict[str, object]:
@@ -299,43 +388,96 @@ def _answer_or_exit(method: Literal["GET"], path: str, url: str | None) -> dict[
 
 
 @app.command()
+def db(
+    psql: Annotated[bool, typer.Option("--psql", help="Open psql on it (if psql is installed).")] = False,
+) -> None:
+    """Print the URL of the server's database (the embedded one while its server runs)."""
+    settings = _settings()
+    if settings.database_url is not None:
+        dsn = settings.database_url.get_secret_value()
+    else:
+        running = serverfile.read(settings.data_dir)
+        if running is None or running.database is None:
+            _fail(
+                f"no server with an embedded database runs from {settings.data_dir.resolve()}: start one "
+                "with `usage-ledger serve` in this directory (the embedded Postgres runs while it does)"
+            )
+        dsn = running.database
+    if not psql:
+        typer.echo(dsn)
+        return
+    program = shutil.which("psql")
+    if program is None:
+        _fail(f"psql is not installed; the database is {dsn}")
+    os.execv(program, [program, dsn])
+
+
+@app.command()
 def status(url: UrlOption = None) -> None:
     """The shards of a running server: where they run, resident users, sessions, the write-behind."""
     from rich.console import Console
-    from rich.table import Table
 
     answer = _answer_or_exit("GET", "/internal/v1/status", url)
-    table = Table(title="usage-ledger shards")
-    for column in (
-        "shard",
-        "state",
-        "where",
-        "resident users",
-        "active sessions",
-        "dirty users",
-        "pending calls",
-        "last flush",
-        "flush failures",
-    ):
-        table.add_column(
-            column, justify="right" if column not in ("state", "where", "last flush") else "left"
-        )
     shards = answer.get("shards")
-    for shard in shards if isinstance(shards, list) else []:
-        state = str(shard["state"]) + (" (loading open sessions)" if shard.get("reactivating") else "")
-        where = f"{shard['host']} pid {shard['pid']}" if shard.get("host") else str(shard.get("error") or "")
+    Console().print(status_table(shards if isinstance(shards, list) else [], now=datetime.now(UTC)))
+
+
+def status_table(shards: Sequence[dict[str, Any]], *, now: datetime) -> Any:
+    """`status`'s table: short headers and values, so that it fits 80 columns with room to spare."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="usage-ledger shards", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column, left in STATUS_COLUMNS:
+        # Only the process's place may wrap (a long host name); numbers never do.
+        wraps = column == "pid@host"
+        table.add_column(
+            column,
+            justify="left" if left else "right",
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+        )
+    for shard in shards:
+        state = "loading" if shard.get("reactivating") else str(shard["state"])  # its open sessions
+        place = f"{shard['pid']}@{shard['host']}" if shard.get("host") else str(shard.get("error") or "")
         table.add_row(
             str(shard["shard"]),
             state,
-            where,
-            *(
-                _cell(shard.get(name))
-                for name in ("resident_users", "active_sessions", "dirty_users", "pending_calls")
-            ),
-            _cell(shard.get("last_flush_at")) if shard.get("last_flush_at") else "not yet",
+            place,
+            *(_cell(shard.get(name)) for name in ("resident_users", "active_sessions", "dirty_users")),
+            _ago(shard.get("last_flush_at"), now),
             _cell(shard.get("flush_failures")),
         )
-    Console().print(table)
+    return table
+
+
+# (header, left-aligned): the shard, its state, pid@host, resident users, active sessions, dirty users, the
+# last flush, flushes failed. (Calls pending are in the metrics: `ledger_shard_pending_calls`.)
+STATUS_COLUMNS = (
+    ("#", False),
+    ("state", True),
+    ("pid@host", True),
+    ("users", False),
+    ("sessions", False),
+    ("dirty", False),
+    ("flushed", False),
+    ("failed", False),
+)
+
+
+def _ago(moment: object, now: datetime) -> str:
+    """'12 s ago' from an RFC 3339 time; 'not yet' for none."""
+    if not moment:
+        return "not yet"
+    try:
+        seconds = (now - datetime.fromisoformat(str(moment))).total_seconds()
+    except ValueError:
+        return str(moment)
+    if seconds < 120:
+        return f"{max(0, round(seconds))} s ago"
+    if seconds < 7200:
+        return f"{round(seconds / 60)} min ago"
+    return f"{round(seconds / 3600)} h ago"
 
 
 @app.command()

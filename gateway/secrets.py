@@ -1,10 +1,11 @@
 """The two secrets: the user-token key and the internal-call (Standard Webhooks) key.
 
 Set them with `LEDGER_JWT_SECRET` and `LEDGER_INTERNAL_SECRET`. In
-development, a missing one is generated once and kept in
+development, a missing one is generated once by the server and kept in
 `<data dir>/dev-secrets.json` (mode 0600), so `usage-ledger token` and the
-server agree across restarts. Production refuses generated secrets (see
-`Settings`).
+server agree across restarts; the CLI only reads that file (secrets it made
+itself would be ones no server knows). Production refuses generated secrets
+(see `Settings`).
 """
 
 from __future__ import annotations
@@ -40,14 +41,26 @@ def new_jwt_secret() -> str:
     return secrets.token_urlsafe(SECRET_BYTES)
 
 
-def resolve_secrets(settings: Settings) -> Secrets:
-    """The configured secrets, with generated development ones for whatever is unset. Blocking (file I/O)."""
+class SecretsMissing(Exception):
+    """No secret is configured and no server has generated development ones in this data dir."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        self.path = path
+
+
+def resolve_secrets(settings: Settings, *, create: bool = True) -> Secrets:
+    """The configured secrets, with the development ones for whatever is unset: generated unless
+    `create` is False (then `SecretsMissing` if there are none yet). Blocking (file I/O)."""
     jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
     internal_secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
     if jwt_secret is not None and internal_secret is not None:
         return Secrets(jwt_secret=jwt_secret, internal_secret=internal_secret)
     assert settings.env != "production", "Settings refuses production without secrets"
-    stored = _load_or_create(settings.data_dir / DEV_SECRETS_FILE)
+    path = settings.data_dir / DEV_SECRETS_FILE
+    stored = _load_or_create(path) if create else _read(path)
+    if stored is None:
+        raise SecretsMissing(path)
     return Secrets(
         jwt_secret=jwt_secret or stored["jwt_secret"],
         internal_secret=internal_secret or stored["internal_secret"],

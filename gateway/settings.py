@@ -31,6 +31,11 @@ WAIT_BUDGET_MIN_S = 0.5
 DURABLE_OVERHEAD_S = WRITE_SLACK_S + RESOLVE_TIMEOUT_S + CALL_MARGIN_S + WAIT_BUDGET_MIN_S
 
 
+# The Python client's default heartbeat interval (`usage_ledger_client.DEFAULT_HEARTBEAT_INTERVAL_S`):
+# a stale timeout shorter than this ends every session of a client left at its default.
+CLIENT_HEARTBEAT_INTERVAL_S = 30.0
+
+
 class SettingsError(ValueError):
     """A setting is impossible or unsafe; the message names it."""
 
@@ -159,7 +164,25 @@ class Settings(BaseSettings):
                     f"{SECRET_MIN_DISTINCT_CHARACTERS} distinct characters); generate one, e.g. "
                     "`openssl rand -base64 32`"
                 )
+        for problem in self.contradictions():
+            raise SettingsError(problem)
         return self
+
+    def contradictions(self) -> list[str]:
+        """Settings that each work but defeat one another: refused in production, warned of otherwise."""
+        found = []
+        if self.stale_session_s < CLIENT_HEARTBEAT_INTERVAL_S:
+            found.append(
+                f"LEDGER_STALE_SESSION_S ({self.stale_session_s:g}) is shorter than the client's default "
+                f"heartbeat interval ({CLIENT_HEARTBEAT_INTERVAL_S:g} s): the sessions of such clients all "
+                "end stale"
+            )
+        if self.sync_interval_s > self.stale_session_s:
+            found.append(
+                f"LEDGER_SYNC_INTERVAL_S ({self.sync_interval_s:g}) is longer than LEDGER_STALE_SESSION_S "
+                f"({self.stale_session_s:g}): a session can go stale before any of its time was written"
+            )
+        return found
 
     def migration_dsn(self, database_dsn: str) -> str:
         """The DSN migrations run with: LEDGER_MIGRATION_DATABASE_URL, else the server's own."""

@@ -52,16 +52,13 @@ class Serve:
         self.base = f"http://127.0.0.1:{port}"
 
     def wait_ready(self) -> None:
+        """Until serve says it listens; from that line on, its port must answer at once."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
+        while "listening on" not in Path(self.log.name).read_text():
             assert self.process.poll() is None, f"serve exited early; see {self.log.name}"
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not become ready"
-            time.sleep(0.5)
+            assert time.monotonic() < deadline, "serve did not say it listens"
+            time.sleep(0.2)
+        assert httpx.get(f"{self.base}/readyz", timeout=5).status_code == 200, "said listening, not ready"
 
     def stop(self) -> None:
         """SIGTERM, then check the drain ran to the end (uvicorn then re-raises the signal, by design)."""
@@ -118,8 +115,10 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
             assert ended.status_code == 200 and ended.json()["end_reason"] == "user_ended"
             used = ended.json()["minutes_used"]
             assert used >= 0.02
-        answer = run_cli("internal", "plan", "alice", "pro", "--url", server.base, cwd=workdir, env=env)
+        # Without LEDGER_PORT, a command run in the server's directory finds it (its server.json).
+        answer = run_cli("internal", "plan", "alice", "pro", cwd=workdir, env=clean_env())
         assert '"applied": true' in answer
+        assert run_cli("db", cwd=workdir, env=clean_env()).startswith("postgresql://")
         bought = run_cli(
             "internal",
             "credits",
@@ -135,17 +134,19 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
         assert '"purchased_minutes": 30.0' in bought
         checked = run_cli("internal", "reconcile", "alice", "--url", server.base, cwd=workdir, env=env)
         assert '"drift_found": false' in checked
-        wide = {**env, "COLUMNS": "220"}  # rich wraps cells to the terminal's width
-        shards = run_cli("status", "--url", server.base, cwd=workdir, env=wide)
-        assert "usage-ledger shards" in shards
-        rows = [line for line in shards.splitlines() if "running" in line and " pid " in line]
+        narrow = {**env, "COLUMNS": "80"}
+        shards = run_cli("status", "--url", server.base, cwd=workdir, env=narrow)
+        assert "usage-ledger shards" in shards and "…" not in shards
+        rows = [line for line in shards.splitlines() if "running" in line and "@" in line]
         assert len(rows) == 4, shards  # the default LEDGER_SHARDS, each with where it runs
+        wide = {**env, "COLUMNS": "220"}  # rich wraps cells to the terminal's width
         shown = run_cli("user", "alice", "--url", server.base, cwd=workdir, env=wide)
         for expected in ("pro", "30.0 purchased", "ordering coffee", "user_ended", "in a session  no"):
             assert expected in shown, (expected, shown)
     finally:
         server.stop()
     assert (workdir / ".usage-ledger" / "dev-secrets.json").stat().st_mode & 0o077 == 0
+    assert not (workdir / ".usage-ledger" / "server.json").exists(), "a stopped server leaves no server.json"
 
     again = serve(workdir, env, port)
     try:

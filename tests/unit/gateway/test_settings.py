@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.secrets import resolve_secrets
-from gateway.settings import Settings
+from gateway.settings import CLIENT_HEARTBEAT_INTERVAL_S, Settings
+from usage_ledger_client.client import DEFAULT_HEARTBEAT_INTERVAL_S
 
 STRONG = "k3Jq9xZ2vN8pL4tW7yB1mC6dF0gH5sRa"
 
@@ -112,3 +113,16 @@ def test_event_webhooks_are_off_by_default_and_on_with_a_url_and_a_secret() -> N
 def test_an_events_url_needs_a_whsec_secret_of_24_bytes_or_more(secret: str | None) -> None:
     with pytest.raises(ValidationError, match="LEDGER_EVENTS_WEBHOOK_SECRET"):
         Settings(events_webhook_url=EVENTS_URL, events_webhook_secret=secret)
+
+
+def test_settings_that_defeat_each_other_are_refused_in_production_and_named_in_development() -> None:
+    strong = {"jwt_secret": STRONG, "internal_secret": STRONG}
+    assert Settings().contradictions() == []
+    quick = Settings(stale_session_s=10, sync_interval_s=30)
+    [short_stale, slow_sync] = quick.contradictions()
+    assert "LEDGER_STALE_SESSION_S (10)" in short_stale and "heartbeat interval (30 s)" in short_stale
+    assert "LEDGER_SYNC_INTERVAL_S (30)" in slow_sync
+    with pytest.raises(ValidationError, match="LEDGER_STALE_SESSION_S"):
+        Settings(env="production", stale_session_s=10, **strong)  # type: ignore[arg-type]
+    assert Settings(env="production", **strong).contradictions() == []  # type: ignore[arg-type]
+    assert CLIENT_HEARTBEAT_INTERVAL_S == DEFAULT_HEARTBEAT_INTERVAL_S
