@@ -33,7 +33,7 @@ from gateway.middleware import (
     ListenerMiddleware,
     RequestLogMiddleware,
 )
-from gateway.routes import credits, holds, internal, ops, sessions, usage, webhooks
+from gateway.routes import credits, docs, holds, internal, ops, sessions, usage, webhooks
 from gateway.routes.common import no_unknown_query
 from gateway.runtime import Runtime
 from gateway.secrets import resolve_secrets
@@ -95,6 +95,8 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
         version=_package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from a package, not a CDN (gateway.routes.docs)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -114,6 +116,7 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
     for module in (usage, sessions, credits, holds, internal):
         app.include_router(module.router, dependencies=[Depends(no_unknown_query)])
     app.include_router(ops.router)
+    docs.install(app)
     app.include_router(webhooks.router, dependencies=[Depends(no_unknown_query)])
     in_flight = InFlight(max_requests=settings.max_requests_in_flight, metrics=metrics)
     app.add_middleware(InternalSignatureMiddleware, secret=secrets.internal_secret)
