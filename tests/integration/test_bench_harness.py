@@ -20,7 +20,15 @@ import pytest_asyncio
 
 from actors.plans import PlanCatalog
 from bench import floor
-from bench.__main__ import HOLD_METER, compare, render_benchmarks_md, reserve_and_capture
+from bench.__main__ import (
+    HOLD_METER,
+    README_GOALS_BEGIN,
+    README_GOALS_END,
+    compare,
+    render_benchmarks_md,
+    render_readme,
+    reserve_and_capture,
+)
 from bench.baseline import create_baseline_app
 from bench.client import run_clients
 from bench.loadgen import FlowSpec, LoadResult, LoadSpec, Step, UnloadedSpec, http_request, run_load
@@ -497,3 +505,36 @@ async def test_the_client_scenario_runs_sessions_through_the_python_client(serve
     assert row["heartbeats"] >= 5  # every session heartbeated in the background
     assert row["requests"] >= 5 * 3 + row["heartbeats"]  # start, usage, end, and the heartbeats
     assert 0 < row["start_p50_ms"] <= row["start_p99_ms"]
+
+
+def test_the_readmes_goals_are_the_ones_the_results_give(tmp_path: Path) -> None:
+    unloaded = {**_point(0, p50=0.4, p99=1.0, per_s=2000, writes=0), "closed_loop_connections": 1}
+    del unloaded["offered_per_s"]
+    _write(
+        tmp_path,
+        {
+            "scenario": "check",
+            "users": 10,
+            "unloaded": unloaded,
+            "points": [_point(250, p50=1.0, p99=3.0, per_s=250, writes=0)],
+            "baseline_unloaded": {**unloaded, "p50_ms": 1.0},
+            "baseline": [_point(250, p50=2.0, p99=16.0, per_s=250, writes=1)],
+        },
+    )
+    before = f"intro\n{README_GOALS_BEGIN}\n| stale | row |\n{README_GOALS_END}\nafter\n"
+    rendered = render_readme(before, tmp_path)
+    assert rendered.startswith(f"intro\n{README_GOALS_BEGIN}\n| goal |") and rendered.endswith(
+        f"{README_GOALS_END}\nafter\n"
+    )
+    assert "stale" not in rendered
+    assert _rows(rendered, "unloaded check p50")[0] == [
+        "unloaded check p50",
+        "0.4 ms",
+        "1 ms",
+        "0.4",
+        "ratio ≤ 0.5 (met)",
+    ]
+    assert render_readme(rendered, tmp_path) == rendered
+    # And the README on disk holds what the committed results give.
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert render_readme(readme) == readme, "run `python -m bench --regenerate`"
