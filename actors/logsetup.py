@@ -46,6 +46,8 @@ def configure_logging(*, log_format: LogFormat, level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)
+    # Python's warnings become log lines of this shape too (`py.warnings`), not raw stderr text.
+    logging.captureWarnings(True)
     # uvicorn installs its own handlers; route its records through ours instead.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)

@@ -95,7 +95,8 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
         version=_package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url=None,  # served from a package, not a CDN (gateway.routes.docs)
+        openapi_url=None,  # all three declared in gateway.routes.docs (the pages from a package)
+        docs_url=None,
         redoc_url=None,
     )
     app.state.settings = settings

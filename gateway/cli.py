@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NoReturn
 
 import httpx
+import structlog
 import typer
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
@@ -143,12 +144,21 @@ def _announce(application: Any, settings: Settings, sockets: Sequence[socket.soc
         settings.data_dir,
         serverfile.ServerInfo(pid=os.getpid(), url=url, internal_url=internal_url, database=embedded),
     )
+    where = "embedded Postgres (`usage-ledger db` prints its URL)" if embedded else "LEDGER_DATABASE_URL"
+    if settings.resolved_log_format == "json":  # every line of the output is a JSON object
+        structlog.get_logger("gateway.cli").info(
+            "listening",
+            url=url,
+            internal_url=internal_url,
+            data_dir=str(settings.data_dir.resolve()),
+            database="embedded" if embedded else "LEDGER_DATABASE_URL",
+        )
+        return
     typer.echo(
         f"usage-ledger {settings.env}: listening on {url}  "
         f"(data dir {settings.data_dir.resolve()}, ray {settings.ray_address or 'local'})",
         err=True,
     )
-    where = "embedded Postgres (`usage-ledger db` prints its URL)" if embedded else "LEDGER_DATABASE_URL"
     typer.echo(f"  database: {where}", err=True)
     if internal_url != url:
         typer.echo(f"  internal routes only on {internal_url}/internal/", err=True)
@@ -538,4 +548,9 @@ def main() -> None:
     # then kill the process before the lifespan has flushed the shards. It must
     # be switched off before Ray is first imported; nothing above imports Ray.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # The shards' lines reach this process's output through Ray: as they are (our renderer made
+    # them: console lines, or JSON lines that must stay JSON), without Ray's "(actor pid=...)"
+    # prefix, and each one (Ray's de-duplication would fold repeats into notices of its own).
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     sys.exit(app())

@@ -18,7 +18,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.asgi import BodyTooLarge, header, read_body, replaying
-from gateway.auth import INTERNAL_PATH_PREFIX
+from gateway.auth import INTERNAL_PATH_PREFIX, is_user_id
 from gateway.errors import PROBLEM_CONTENT_TYPE, problem, problem_bytes
 from gateway.metrics import Metrics
 
@@ -69,20 +69,39 @@ class RequestLogMiddleware:
                 error_code = _problem_code(message.get("body", b""))  # errors are few and small
             await send(message)
 
+        root_path = scope.get("root_path", "")
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
-                route = scope.get("route")
                 log_request(
                     self.metrics,
                     scope["method"],
-                    getattr(route, "path", None) or "unmatched",
+                    _template(scope, root_path),
                     status,
                     time.perf_counter() - started,
-                    user_id=state.get("user_id"),
+                    user_id=state.get("user_id") or _path_user(scope),
                     error_code=error_code,
                 )
+
+
+def _template(scope: Scope, root_path: str) -> str:
+    """The route a request matched (its template, so the label's values are few), the prefix of a
+    mount it went to (`/docs/static`), or `unmatched`."""
+    route = scope.get("route")
+    if route is not None:
+        return str(route.path)
+    mounted = scope.get("root_path", "")
+    return (
+        mounted[len(root_path) :] if mounted != root_path and mounted.startswith(root_path) else "unmatched"
+    )
+
+
+def _path_user(scope: Scope) -> str | None:
+    """The user an internal route names in its path (`/internal/v1/users/{user_id}/...`), when it
+    is a valid user id (anything else was refused, and is not worth a log field)."""
+    user_id = scope.get("path_params", {}).get("user_id")
+    return user_id if is_user_id(user_id) else None
 
 
 def request_id_of(scope: Scope) -> str:

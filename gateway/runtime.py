@@ -13,7 +13,12 @@ the other gateways. Then the pool closes and an embedded Postgres stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -134,8 +139,26 @@ def _connect_ray(settings: Settings) -> bool:
             log_to_driver=False,
         )
         return False
-    ray.init(**local_ray_options(settings))
+    # A local Ray of our own authenticates its callers with a token (Ray's default for a new local
+    # cluster), said explicitly so that Ray does not announce it on every start.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    with _signal_handlers_kept():
+        ray.init(**local_ray_options(settings))
     return True
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """`ray.init` installs a SIGTERM handler that exits at once (and, outside the main thread,
+    warns that it cannot): the server's own handler, which drains the shards first, is put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, kept)
 
 
 def local_ray_options(settings: Settings) -> dict[str, Any]:
@@ -205,7 +228,9 @@ class Runtime:
                 await asyncio.to_thread(database.embedded.stop)
             raise
         try:
-            owns_ray = await asyncio.to_thread(_connect_ray, settings)
+            # On the loop's (main) thread, not in a worker thread: see `_signal_handlers_kept`.
+            # Nothing is served yet, so blocking the loop for Ray's start costs nothing.
+            owns_ray = _connect_ray(settings)
             handles = await asyncio.to_thread(_get_shards, settings, plans, database.dsn)
         except BaseException:
             await pool.close()
@@ -279,7 +304,7 @@ class Runtime:
                 )
             for index, result in enumerate(results):
                 if isinstance(result, BaseException):
-                    log.error("shard_final_flush_failed", shard=index, error=repr(result))
+                    log.error("shard_final_flush_failed", shard=index, error=_plain(result))
         except TimeoutError:
             log.error("shard_final_flush_timed_out", timeout_s=SHUTDOWN_FLUSH_TIMEOUT_S)
         self.router.close()
@@ -290,6 +315,15 @@ class Runtime:
             await asyncio.to_thread(self.database.embedded.stop)
         self.state = "stopped"
         log.info("runtime_stopped")
+
+
+def _plain(error: BaseException) -> str:
+    """An error for a log line: a failed Ray task as what it raised (Ray's own text of it carries
+    a coloured traceback), anything else as its type and first line."""
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        return repr(error.cause)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _get_shards(settings: Settings, plans: PlanCatalog, dsn: str) -> list[Any]:

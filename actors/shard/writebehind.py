@@ -65,10 +65,11 @@ class WriteBehind(ShardPart):
             held_back = self.unwritable | self.durable.in_doubt.keys()
             users = [u for u in residency.dirty if u not in held_back and ledgers[u].is_dirty]
             for begin in range(0, len(users), FLUSH_BATCH_USERS):
-                # A busy user is written by the operation holding its turn (see the shard's
-                # docstring); a durable write's credit entries are numbered in its draft, so writing
-                # the live ledger beside it could number them twice. Checked as each is taken: a turn may begin meanwhile. Taken in slices that give
-                # the loop back between them, so a flush of thousands does not stall the answers.
+                # A busy user is written by the operation holding its turn (see the shard's docstring); a
+                # durable write's credit entries are numbered in its draft, so writing the live ledger beside
+                # it could number them twice. Checked as each is taken: a turn may begin meanwhile. Taken in
+                # slices that give the loop back between them, so a flush of thousands does not stall the
+                # answers.
                 snapshots: list[LedgerSnapshot] = []
                 for part in _slices(users[begin : begin + FLUSH_BATCH_USERS]):
                     snapshots.extend(

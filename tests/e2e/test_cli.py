@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,7 +55,7 @@ class Serve:
     def wait_ready(self) -> None:
         """Until serve says it listens; from that line on, its port must answer at once."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while "listening on" not in Path(self.log.name).read_text():
+        while not re.search(r'listening on|"event": "listening"', Path(self.log.name).read_text()):
             assert self.process.poll() is None, f"serve exited early; see {self.log.name}"
             assert time.monotonic() < deadline, "serve did not say it listens"
             time.sleep(0.2)
@@ -207,18 +208,16 @@ def test_the_readme_client_example_runs_as_written_and_ends_its_session(workdir:
 
 
 def json_lines(text: str) -> list[dict[str, object]]:
-    """The JSON log lines of a serve log, the shards' included (Ray prefixes theirs with the actor)."""
+    """Every line of a serve log run with LEDGER_LOG_FORMAT=json: each one must be a JSON object
+    (the shards' lines, Ray's and Python's warnings, the "listening" line included)."""
     found = []
     for line in text.splitlines():
-        start = line.find("{")
-        if start < 0:
-            continue
         try:
-            value = json.loads(line[start:])
+            value = json.loads(line)
         except ValueError:
-            continue
-        if isinstance(value, dict):
-            found.append(value)
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+        assert isinstance(value, dict), line
+        found.append(value)
     return found
 
 
@@ -260,5 +259,21 @@ def test_a_requests_log_line_and_its_shards_share_the_request_id(workdir: Path) 
             canonical["user_id"] == "dave"
             and by_event["session_started", "trace-start-1"]["user_id"] == "dave"
         )
+        # An internal call names its user in the path; the description is a route like any other.
+        run_cli("internal", "reconcile", "dave", cwd=workdir, env=env)
+        assert httpx.get(f"{server.base}/openapi.json", headers={"X-Request-ID": "spec-1"}).status_code == 200
+        deadline = time.monotonic() + 10
+        while True:
+            requests = [
+                line for line in json_lines(Path(server.log.name).read_text()) if line["event"] == "request"
+            ]
+            internal = [line for line in requests if str(line["route"]).startswith("/internal/")]
+            spec = [line for line in requests if line.get("request_id") == "spec-1"]
+            if (internal and spec) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert internal and internal[0]["user_id"] == "dave", internal
+        assert spec and spec[0]["route"] == "/openapi.json", spec
     finally:
         server.stop()
+    json_lines(Path(server.log.name).read_text())  # the drain's lines too
