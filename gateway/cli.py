@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
@@ -400,10 +401,23 @@ def _answer_or_exit(method: Literal["GET"], path: str, url: str | None) -> dict[
 @app.command()
 def db(
     psql: Annotated[bool, typer.Option("--psql", help="Open psql on it (if psql is installed).")] = False,
+    dashboard: Annotated[
+        bool,
+        typer.Option(
+            "--dashboard",
+            help="The URL of a read-only login for dashboards instead (made on first use): it reads "
+            "the views in schema `dashboards` and nothing else. Embedded database only.",
+        ),
+    ] = False,
 ) -> None:
     """Print the URL of the server's database (the embedded one while its server runs)."""
     settings = _settings()
     if settings.database_url is not None:
+        if dashboard:
+            _fail(
+                "--dashboard makes a login on the embedded database only; on your own Postgres, grant "
+                "role usage_ledger_dashboard to a login of yours (deploy/README.md, Postgres roles)"
+            )
         dsn = settings.database_url.get_secret_value()
     else:
         running = serverfile.read(settings.data_dir)
@@ -412,7 +426,7 @@ def db(
                 f"no server with an embedded database runs from {settings.data_dir.resolve()}: start one "
                 "with `usage-ledger serve` in this directory (the embedded Postgres runs while it does)"
             )
-        dsn = running.database
+        dsn = _dashboard_login(running.database) if dashboard else running.database
     if not psql:
         typer.echo(dsn)
         return
@@ -420,6 +434,40 @@ def db(
     if program is None:
         _fail(f"psql is not installed; the database is {dsn}")
     os.execv(program, [program, dsn])
+
+
+DASHBOARD_LOGIN = "usage_ledger_dashboard_login"
+
+
+def _dashboard_login(dsn: str) -> str:
+    """Make (once) a login that is a member of the read-only `usage_ledger_dashboard` role, looking
+    in schema `dashboards` first; its URL: the embedded server's, as that login (the embedded
+    server trusts its own socket, which only this machine's user can reach)."""
+    import asyncpg
+
+    async def make() -> None:
+        connection = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await connection.execute(
+                f"""
+                do $$ begin
+                    if not exists (select from pg_roles where rolname = '{DASHBOARD_LOGIN}') then
+                        create role {DASHBOARD_LOGIN} login in role usage_ledger_dashboard;
+                    end if;
+                end $$;
+                alter role {DASHBOARD_LOGIN} set search_path = dashboards;
+                """
+            )
+        finally:
+            await connection.close()
+
+    try:
+        asyncio.run(make())
+    except (OSError, asyncpg.PostgresError) as exc:
+        _fail(f"cannot make the dashboard login: {exc}")
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{DASHBOARD_LOGIN}@{host}"))
 
 
 @app.command()

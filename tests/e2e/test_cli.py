@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -120,6 +122,11 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
         answer = run_cli("internal", "plan", "alice", "pro", cwd=workdir, env=clean_env())
         assert '"applied": true' in answer
         assert run_cli("db", cwd=workdir, env=clean_env()).startswith("postgresql://")
+        reader = run_cli("db", "--dashboard", cwd=workdir, env=clean_env())
+        assert reader == run_cli("db", "--dashboard", cwd=workdir, env=clean_env()), (
+            "made once, then the same"
+        )
+        assert asyncio.run(read_as_dashboard(reader)) == ["alice"]
         bought = run_cli(
             "internal",
             "credits",
@@ -164,6 +171,17 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
     assert "runtime_stopped" in logged, "the logs were captured"
     for name, value in [*secrets.items(), ("user token", token)]:
         assert value not in logged, f"the {name} appears in the server's log"
+
+
+async def read_as_dashboard(dsn: str) -> list[str]:
+    """The users the dashboard login sees (its views), after checking it sees no table."""
+    connection = await asyncpg.connect(dsn, timeout=10)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await connection.fetch("select * from public.users")
+        return [row["user_id"] for row in await connection.fetch("select user_id from users")]
+    finally:
+        await connection.close()
 
 
 def test_migrate_command_prepares_an_embedded_database(workdir: Path) -> None:
