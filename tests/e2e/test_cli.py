@@ -171,6 +171,18 @@ def test_new_user_runs_a_session_and_usage_survives_restart(workdir: Path) -> No
     assert "runtime_stopped" in logged, "the logs were captured"
     for name, value in [*secrets.items(), ("user token", token)]:
         assert value not in logged, f"the {name} appears in the server's log"
+    # Nothing on the screen a user must learn to ignore: no colour codes in a file, no prefixes or
+    # notices of Ray's, no warnings that are not about the user's own configuration.
+    assert "\x1b[" not in logged
+    for noise in (
+        "pid=",
+        "repeated",
+        "Token authentication",
+        "SIGTERM handler",
+        "RuntimeDirWarning",
+        "Traceback",
+    ):
+        assert noise not in logged, f"{noise!r} in the server's output"
 
 
 async def read_as_dashboard(dsn: str) -> list[str]:
