@@ -102,6 +102,13 @@ def serve(
         if debug:
             raise
         _fail(f"invalid plans file: {exc}", code=2)
+    if settings.resolved_log_format == "console":
+        database = "LEDGER_DATABASE_URL" if settings.database_url else "embedded Postgres"
+        typer.echo(
+            f"usage-ledger {settings.env}: starting ({database}, Ray {settings.ray_address or 'local'}); "
+            "it says when it listens",
+            err=True,
+        )
     application = create_app(settings, owns_process=True)
     config = server_config(
         application, host=settings.host, port=settings.port, read_timeout_s=settings.request_read_timeout_s
