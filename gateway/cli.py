@@ -83,14 +83,14 @@ UrlOption = Annotated[
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Overrides LEDGER_HOST.")] = None,
-    port: Annotated[int | None, typer.Option(help="Overrides LEDGER_PORT.")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65_535, help="Overrides LEDGER_PORT.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of a start-up error.")] = False,
 ) -> None:
     """Run the server until interrupted (SIGINT/SIGTERM flush every ledger before exit)."""
     from actors.plans import PlansError
     from gateway.app import create_app
     from gateway.runtime import load_plans
-    from gateway.serving import BACKLOG, server_config
+    from gateway.serving import server_config
 
     settings = _settings()
     overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
@@ -109,28 +109,39 @@ def serve(
             "it says when it listens",
             err=True,
         )
-    application = create_app(settings, owns_process=True)
+    try:
+        application = create_app(settings, owns_process=True)
+    except (OSError, ValueError) as exc:  # the data dir or its secrets file
+        if debug:
+            raise
+        _fail(f"cannot start: {exc}", code=2)
     config = server_config(
         application, host=settings.host, port=settings.port, read_timeout_s=settings.request_read_timeout_s
     )
     try:
-        sockets = [_listen(settings.host, settings.port, backlog=BACKLOG)]
+        sockets = [_bound(settings.host, settings.port)]
         if settings.internal_port is not None:
-            sockets.append(_listen(settings.internal_host, settings.internal_port, backlog=BACKLOG))
+            sockets.append(_bound(settings.internal_host, settings.internal_port))
     except OSError as exc:
         _fail(f"cannot listen: {exc.strerror} ({exc.__class__.__name__})", code=2)
-    server = _announcing_server(config, on_started=lambda: _announce(application, settings, sockets))
+    server = _announcing_server(
+        config,
+        on_started=lambda: _announce(application, settings, sockets),
+        on_stopping=lambda: serverfile.remove(settings.data_dir, os.getpid()),
+    )
     try:
         server.run(sockets=sockets)
-    finally:
+    finally:  # (after SIGTERM, uvicorn re-raises the signal once drained: `on_stopping` ran before)
         serverfile.remove(settings.data_dir, os.getpid())
     if not server.started:
         sys.exit(3)  # startup failed (the log says why), as `uvicorn.run` exits
 
 
-def _announcing_server(config: Any, *, on_started: Callable[[], None]) -> Any:
-    """uvicorn's server, calling `on_started` once its sockets accept connections (uvicorn is
-    imported here, not for every CLI command)."""
+def _announcing_server(
+    config: Any, *, on_started: Callable[[], None], on_stopping: Callable[[], None]
+) -> Any:
+    """uvicorn's server, calling `on_started` once its sockets accept connections, and
+    `on_stopping` as it begins to stop (uvicorn is imported here, not for every CLI command)."""
     import uvicorn
 
     class AnnouncingServer(uvicorn.Server):
@@ -138,6 +149,10 @@ def _announcing_server(config: Any, *, on_started: Callable[[], None]) -> Any:
             await super().startup(sockets=sockets)
             if self.started:
                 on_started()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            on_stopping()
+            await super().shutdown(sockets=sockets)
 
     return AnnouncingServer(config)
 
@@ -148,10 +163,15 @@ def _announce(application: Any, settings: Settings, sockets: Sequence[socket.soc
     internal_url = _url_of(sockets[1]) if len(sockets) > 1 else url
     database = application.state.runtime.database
     embedded = database.dsn if database.embedded is not None else None
-    serverfile.write(
-        settings.data_dir,
-        serverfile.ServerInfo(pid=os.getpid(), url=url, internal_url=internal_url, database=embedded),
-    )
+    try:
+        serverfile.write(
+            settings.data_dir,
+            serverfile.ServerInfo(pid=os.getpid(), url=url, internal_url=internal_url, database=embedded),
+        )
+    except OSError as exc:  # the server serves all the same; only the CLI's finding it is lost
+        structlog.get_logger("gateway.cli").warning(
+            "server_file_not_written", path=str(settings.data_dir / serverfile.SERVER_FILE), error=str(exc)
+        )
     where = "embedded Postgres (`usage-ledger db` prints its URL)" if embedded else "LEDGER_DATABASE_URL"
     if settings.resolved_log_format == "json":  # every line of the output is a JSON object
         structlog.get_logger("gateway.cli").info(
@@ -178,13 +198,13 @@ def _url_of(listener: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _listen(host: str, port: int, *, backlog: int) -> socket.socket:
-    """A listening TCP socket for the internal routes (uvicorn serves every socket it is given)."""
+def _bound(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host:port`, not yet listening: uvicorn listens on every socket it is
+    given once the app has started, so until then a connection is refused, not left waiting."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
-    listener.listen(backlog)
     listener.set_inheritable(True)
     return listener
 
@@ -359,6 +379,8 @@ def _signed_call(
             f"no server answers at {base} ({exc.__class__.__name__}): start one with `usage-ledger serve` "
             "in this directory, or pass --url"
         )
+    except httpx.InvalidURL as exc:
+        _fail(f"{base} is not a URL to call ({exc}); pass --url http://host:port")
     try:
         answer = response.json()
     except ValueError:
@@ -375,16 +397,22 @@ def _secrets(settings: Settings) -> Secrets:
             "the directory `usage-ledger serve` runs in (or set LEDGER_DATA_DIR to its data dir, or set "
             "LEDGER_JWT_SECRET and LEDGER_INTERNAL_SECRET)"
         )
-    except ValueError as exc:
-        _fail(str(exc))
+    except (OSError, ValueError) as exc:  # not ours to read (another user's server?), or not ours at all
+        _fail(f"cannot read the secrets: {exc}")
 
 
 def _base_url(settings: Settings, url: str | None, *, internal: bool) -> str:
-    """--url; else the server started from this directory, unless the environment says where; else
-    the configured host and port."""
+    """--url; else the server started from this directory, unless the environment says where (a
+    port of 0 says nothing: the server picked one, and recorded it); else the configured host and
+    port."""
     if url:
         return url.rstrip("/")
-    if not {"host", "port", "internal_host", "internal_port"} & settings.model_fields_set:
+    said = {"host", "port", "internal_host", "internal_port"} & settings.model_fields_set
+    if settings.port == 0:
+        said.discard("port")
+    if not settings.internal_port:
+        said.discard("internal_port")
+    if not said:
         running = serverfile.read(settings.data_dir)
         if running is not None:
             return running.internal_url if internal else running.url
@@ -394,7 +422,7 @@ def _base_url(settings: Settings, url: str | None, *, internal: bool) -> str:
         if internal and settings.internal_port
         else (settings.host, settings.port)
     )
-    return f"http://{host}:{port}"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _answer_or_exit(method: Literal["GET"], path: str, url: str | None) -> dict[str, object]:
@@ -440,7 +468,14 @@ def db(
     program = shutil.which("psql")
     if program is None:
         _fail(f"psql is not installed; the database is {dsn}")
-    os.execv(program, [program, dsn])
+    # A password goes to psql in its environment, not its arguments (which other users can read).
+    parts = urlsplit(dsn)
+    environment = dict(os.environ)
+    if parts.password:
+        environment["PGPASSWORD"] = parts.password
+        user = f"{parts.username}@" if parts.username else ""
+        dsn = urlunsplit(parts._replace(netloc=user + parts.netloc.rsplit("@", 1)[-1]))
+    os.execve(program, [program, dsn], environment)
 
 
 DASHBOARD_LOGIN = "usage_ledger_dashboard_login"
@@ -608,4 +643,8 @@ def main() -> None:
     # prefix, and each one (Ray's de-duplication would fold repeats into notices of its own).
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not os.environ.get("LEDGER_RAY_ADDRESS"):
+        # The local Ray `serve` starts authenticates its callers with a token: Ray's default for a
+        # new local cluster, said here (Ray reads it at import) so that Ray does not announce it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     sys.exit(app())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -132,16 +131,14 @@ def _connect_ray(settings: Settings) -> bool:
     if ray.is_initialized():
         return False
     if settings.ray_address:
-        ray.init(
-            address=settings.ray_address,
-            namespace=settings.ray_namespace,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        with _signal_handlers_kept():
+            ray.init(
+                address=settings.ray_address,
+                namespace=settings.ray_namespace,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
         return False
-    # A local Ray of our own authenticates its callers with a token (Ray's default for a new local
-    # cluster), said explicitly so that Ray does not announce it on every start.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     with _signal_handlers_kept():
         ray.init(**local_ray_options(settings))
     return True

@@ -73,7 +73,7 @@ class WriteBehind(ShardPart):
                 snapshots: list[LedgerSnapshot] = []
                 for part in _slices(users[begin : begin + FLUSH_BATCH_USERS]):
                     snapshots.extend(
-                        ledgers[user_id].snapshot() for user_id in part if not self.turns.busy(user_id)
+                        ledgers[user_id].snapshot() for user_id in part if self._writable_now(user_id)
                     )
                     await asyncio.sleep(0)
                 try:
@@ -95,6 +95,14 @@ class WriteBehind(ShardPart):
             self.last_flush_at_ms = self.clock()
             self.last_flush_duration_ms = round((time.perf_counter() - began) * 1000, 3)
         return written
+
+    def _writable_now(self, user_id: str) -> bool:
+        """Checked as each user is taken, since the flush yields between slices: not busy, and not
+        newly in doubt or refused (a write in doubt is settled first: until then the live ledger
+        may number credit entries its draft already wrote)."""
+        return not (
+            self.turns.busy(user_id) or user_id in self.durable.in_doubt or user_id in self.unwritable
+        )
 
     async def _save_isolating_failures(self, snapshots: list[LedgerSnapshot]) -> list[LedgerSnapshot]:
         """Save a batch; if the store refuses it outright, halve it until the refused users are found.

@@ -186,3 +186,41 @@ def test_status_fits_80_columns_without_cutting_a_value() -> None:
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     for expected in ("4194304@10.0.0.4", "1000000", "250000", "12 s ago", "loading", "GetTimeoutError"):
         assert expected in text, (expected, text)
+
+
+def test_an_ipv6_host_a_bad_url_and_port_zero_are_handled_in_one_line(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made_secrets(clean_env)
+    port = free_port()
+    monkeypatch.setenv("LEDGER_HOST", "::1")
+    monkeypatch.setenv("LEDGER_PORT", str(port))
+    ipv6 = runner.invoke(app, ["internal", "reconcile", "alice"])
+    assert ipv6.exit_code == 1 and f"no server answers at http://[::1]:{port} " in ipv6.output
+    bad = runner.invoke(app, ["internal", "reconcile", "alice", "--url", "http://::1:8080"])
+    [line] = bad.output.strip().splitlines()
+    assert bad.exit_code == 1 and "is not a URL to call" in line
+    # A port of 0 says "any": the server picked one and recorded it, which the CLI then uses.
+    monkeypatch.delenv("LEDGER_HOST")
+    monkeypatch.setenv("LEDGER_PORT", "0")
+    recorded = f"http://127.0.0.1:{free_port()}"
+    serverfile.write(
+        clean_env, serverfile.ServerInfo(pid=os.getpid(), url=recorded, internal_url=recorded, database=None)
+    )
+    found = runner.invoke(app, ["internal", "reconcile", "alice"])
+    assert f"no server answers at {recorded} " in found.output
+
+
+def test_secrets_another_user_cannot_read_are_one_line(clean_env: Path) -> None:
+    made_secrets(clean_env)
+    secrets_file = clean_env / "dev-secrets.json"
+    secrets_file.unlink()
+    secrets_file.mkdir()  # unreadable as a file, whoever runs the test (root reads any file)
+    result = runner.invoke(app, ["token", "alice"])
+    [line] = result.output.strip().splitlines()
+    assert result.exit_code == 1 and line.startswith("usage-ledger: cannot read the secrets: ")
+
+
+def test_serve_refuses_an_impossible_port_before_starting_anything() -> None:
+    result = runner.invoke(app, ["serve", "--port", "70000"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
