@@ -81,7 +81,15 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.start(settings, metrics=metrics)
+        try:
+            runtime = await Runtime.start(settings, metrics=metrics)
+        except Exception as exc:
+            # One line that says what failed (`serve --debug` shows the traceback as well).
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            log.error(
+                "startup_failed", error=f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+            )
+            raise
         app.state.runtime = runtime
         if owns_process:
             freeze_long_lived()

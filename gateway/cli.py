@@ -84,7 +84,7 @@ UrlOption = Annotated[
 def serve(
     host: Annotated[str | None, typer.Option(help="Overrides LEDGER_HOST.")] = None,
     port: Annotated[int | None, typer.Option(min=0, max=65_535, help="Overrides LEDGER_PORT.")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of a start-up error.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error at start.")] = False,
 ) -> None:
     """Run the server until interrupted (SIGINT/SIGTERM flush every ledger before exit)."""
     from actors.plans import PlansError
@@ -118,6 +118,9 @@ def serve(
     config = server_config(
         application, host=settings.host, port=settings.port, read_timeout_s=settings.request_read_timeout_s
     )
+    if not debug:  # a failed start is the app's one `startup_failed` line, not uvicorn's traceback too
+        config.load()
+        config.lifespan_class = _quiet_startup_failure(config.lifespan_class)
     try:
         sockets = [_bound(settings.host, settings.port)]
         if settings.internal_port is not None:
@@ -135,6 +138,18 @@ def serve(
         serverfile.remove(settings.data_dir, os.getpid())
     if not server.started:
         sys.exit(3)  # startup failed (the log says why), as `uvicorn.run` exits
+
+
+def _quiet_startup_failure(lifespan_class: Any) -> Any:
+    """uvicorn's lifespan, without the traceback the app sends when its start fails."""
+
+    class QuietStartupFailure(lifespan_class):  # type: ignore[misc]
+        async def send(self, message: Any) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                message = {**message, "message": ""}
+            await super().send(message)
+
+    return QuietStartupFailure
 
 
 def _announcing_server(

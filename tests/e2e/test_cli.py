@@ -307,3 +307,19 @@ def test_a_requests_log_line_and_its_shards_share_the_request_id(workdir: Path) 
     finally:
         server.stop()
     json_lines(Path(server.log.name).read_text())  # the drain's lines too
+
+
+def test_a_database_that_cannot_be_reached_stops_serve_in_one_line(workdir: Path) -> None:
+    closed = free_port()  # nothing listens there
+    env = clean_env(
+        LEDGER_PORT=str(free_port()), LEDGER_DATABASE_URL=f"postgresql://ledger@127.0.0.1:{closed}/ledger"
+    )
+    done = subprocess.run(
+        [str(BIN), "serve"], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output, output
+    [failed] = [line for line in output.splitlines() if "startup_failed" in line]
+    assert str(closed) in failed or "refused" in failed.lower(), failed
+    assert "listening" not in output
