@@ -75,7 +75,10 @@ async def _prepare_users(
     `hold_meter`, so that the meter is in use too, or use `use_meter` once, so that the user is
     written at the next flush); returns user -> session id."""
     sessions: dict[str, str] = {}
-    limits = httpx.Limits(max_connections=32)
+    # A connection idle for 2 s is not reused: the servers close theirs after 5 s idle
+    # (`KEEPALIVE_S`), and a request sent just as one closes fails with a ReadError (which ended
+    # a full run once, preparing postgres-direct's holds).
+    limits = httpx.Limits(max_connections=32, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=60) as http:
         semaphore = asyncio.Semaphore(32)
 
@@ -627,6 +630,8 @@ def render_benchmarks_md(results: Path = RESULTS) -> str:
         for key, name in (("baseline", "postgres-direct"), ("floor", "floor")):
             if document.get(key):
                 lines += [f"{name}:", "", *_table(document[key], document.get(f"{key}_unloaded")), ""]
+            elif document.get(f"{key}_failed"):
+                lines += [f"{name}: not measured in this run (`{document[f'{key}_failed']}`).", ""]
     return "\n".join(lines)
 
 
@@ -806,7 +811,12 @@ def run_over_http(
             with start(database_url) as other:
                 for scenario in scenarios:
                     print(f"{scenario}, {name}:", flush=True)
-                    measured = SCENARIOS[scenario](other, sweep)
+                    try:
+                        measured = SCENARIOS[scenario](other, sweep)
+                    except Exception as exc:  # ours are measured: keep them, say what is missing
+                        print(f"  {name} failed: {exc!r}; the result has none of its figures", flush=True)
+                        bodies[scenario][f"{key}_failed"] = repr(exc)
+                        continue
                     bodies[scenario][key] = measured["points"]
                     bodies[scenario][f"{key}_unloaded"] = measured["unloaded"]
     for scenario, body in bodies.items():
