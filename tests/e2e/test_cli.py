@@ -190,7 +190,7 @@ async def read_as_dashboard(dsn: str) -> list[str]:
     connection = await asyncpg.connect(dsn, timeout=10)
     try:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await connection.fetch("select * from public.users")
+            await connection.fetch("select * from public.usage_users")
         return [row["user_id"] for row in await connection.fetch("select user_id from users")]
     finally:
         await connection.close()
