@@ -253,7 +253,9 @@ def json_lines(text: str) -> list[dict[str, object]]:
 
 def test_a_requests_log_line_and_its_shards_share_the_request_id(workdir: Path) -> None:
     port = free_port()
-    env = clean_env(LEDGER_PORT=str(port), LEDGER_LOG_FORMAT="json")
+    # A stale timeout under the client's heartbeat interval (and the flush's): warned of, in
+    # development, as one JSON line like every other.
+    env = clean_env(LEDGER_PORT=str(port), LEDGER_LOG_FORMAT="json", LEDGER_STALE_SESSION_S="20")
     server = serve(workdir, env, port)
     try:
         token = run_cli("token", "dave", cwd=workdir, env=env)
@@ -302,6 +304,12 @@ def test_a_requests_log_line_and_its_shards_share_the_request_id(workdir: Path) 
             if (internal and spec) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        warned = [
+            line
+            for line in json_lines(Path(server.log.name).read_text())
+            if line["event"] == "settings_contradict"
+        ]
+        assert len(warned) == 2 and "LEDGER_STALE_SESSION_S (20)" in str(warned[0]["problem"]), warned
         assert internal and internal[0]["user_id"] == "dave", internal
         assert spec and spec[0]["route"] == "/openapi.json", spec
     finally:

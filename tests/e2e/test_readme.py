@@ -114,3 +114,12 @@ def test_the_curl_walkthrough_runs_as_written_and_answers_as_shown(tmp_path: Pat
         if command.startswith("usage-ledger status"):
             assert "usage-ledger shards" in text and "running" in text, text
     assert shown == 2, "the README shows two answers: the usage object and a heartbeat's"
+
+
+def test_the_readme_is_an_entry_that_links_every_page_of_the_docs() -> None:
+    text = README.read_text()
+    assert len(text.encode()) < 25_000, "the README is an entry; reference goes to docs/"
+    pages = sorted(path.name for path in (README.parent / "docs").glob("*.md"))
+    assert pages and not [page for page in pages if f"](docs/{page}" not in text]
+    for page in pages:  # and each page links back
+        assert "](../README.md)" in (README.parent / "docs" / page).read_text(), page
