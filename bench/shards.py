@@ -214,7 +214,7 @@ MEMORY_USERS_SHORT = (10_000, 100_000)
 
 def scenario_memory(database_url: str, short: bool, shards: int) -> dict[str, Any]:
     """Resident memory per idle user: the shard processes' RSS grown by making N new users resident
-    (one usage read each, in batches as a gateway sends them, then idle), divided by N."""
+    (one usage read each, over the data plane as a gateway sends them, then idle), divided by N."""
     rows = []
     for count in MEMORY_USERS_SHORT if short else MEMORY_USERS_FULL:
         with shard_cluster(database_url, shards) as cluster:
