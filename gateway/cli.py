@@ -602,6 +602,7 @@ def user(
     url: UrlOption = None,
 ) -> None:
     """One user's usage (plan, period, minutes) and recent sessions."""
+    from rich import box
     from rich.console import Console
     from rich.progress_bar import ProgressBar
     from rich.table import Table
@@ -629,19 +630,29 @@ def user(
         "in a session", f"yes, since {active['started_at']}" if isinstance(active, dict) else "no"
     )
     console.print(summary)
-    sessions = Table(title=f"recent sessions of {user_id}")
-    for column in ("started", "ended", "minutes", "end reason", "topic"):
-        sessions.add_column(column)
+    sessions = Table(
+        title=f"recent sessions of {user_id}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
+    for column in ("started (UTC)", "ended", "minutes", "end reason", "topic"):
+        sessions.add_column(column, overflow="fold")
     items = page.get("sessions")
     for item in items if isinstance(items, list) else []:
         sessions.add_row(
-            str(item["started_at"]),
-            _cell(item.get("ended_at")) if item.get("ended_at") else "running",
+            _minute(item["started_at"]),
+            _minute(item.get("ended_at")) if item.get("ended_at") else "running",
             _cell(item.get("minutes_used")),
             _cell(item.get("end_reason")),
             _cell(item.get("topic")),
         )
     console.print(sessions)
+
+
+def _minute(moment: object) -> str:
+    """An RFC 3339 time to the minute, in UTC (`2026-12-06 13:51`), so a table row fits 80 columns."""
+    try:
+        return datetime.fromisoformat(str(moment)).astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return str(moment)
 
 
 def _cell(value: object) -> str:

@@ -53,8 +53,8 @@ def as_run_here(command: str, port: int) -> str:
     command = command.replace("localhost:8080", f"localhost:{port}")
     command = command.replace("export PATH=$PWD/.venv/bin:$PATH", f"export PATH={BIN.parent}:$PATH")
     command = re.sub(r"^sleep 30\b", "sleep 2", command)
-    if command.startswith("curl -N "):  # a stream: cut after 3 s (curl's exit status 28 then)
-        command = command.replace("curl -N ", "curl -N --max-time 3 ", 1) + " || test $? -eq 28"
+    if command.startswith("curl -sN "):  # a stream: cut after 3 s (curl's exit status 28 then)
+        command = command.replace("curl -sN ", "curl -sN --max-time 3 ", 1) + " || test $? -eq 28"
     return command
 
 
@@ -109,7 +109,7 @@ def test_the_curl_walkthrough_runs_as_written_and_answers_as_shown(tmp_path: Pat
                 assert name in answer, (command, name, answer)
                 if value is not None:
                     assert answer[name] == value, (command, name, answer[name], value)
-        if command.startswith("curl -N "):
+        if command.startswith("curl -sN "):
             assert text.startswith("event: usage\nid: ") and "\ndata: {" in text, text
         if command.startswith("usage-ledger status"):
             assert "usage-ledger shards" in text and "running" in text, text
