@@ -8,7 +8,7 @@ RFC 3339 UTC times. No Ray or asyncpg type appears here.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -226,6 +226,18 @@ class PlanChangeRequest(RequestModel):
         if start is not None and end is not None and start >= end:
             raise ValueError("period_start must be before period_end (by at least a millisecond)")
         return self
+
+    @model_validator(mode="after")
+    def _not_from_the_future(self) -> PlanChangeRequest:
+        # A change newer than every later one would be applied while they are all recorded as
+        # older: one event stamped years ahead would freeze the user's plan until then.
+        if self.occurred_at > datetime.now(UTC) + OCCURRED_AT_SKEW:
+            raise ValueError(f"occurred_at lies more than {OCCURRED_AT_SKEW} in the future (a clock?)")
+        return self
+
+
+# How far ahead of this server's clock a plan change's `occurred_at` may be (billing's clock).
+OCCURRED_AT_SKEW = timedelta(hours=1)
 
 
 # ----------------------------------------------------------------- responses

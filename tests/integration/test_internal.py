@@ -102,6 +102,12 @@ async def test_unknown_plan_and_bad_bodies_are_422_and_change_nothing(client: ht
         {"plan": "pro", "action": "promote", "occurred_at": datetime.now(UTC).isoformat()},
         {"plan": "pro", "action": "upgrade", "occurred_at": "2026-11-01T00:00:00"},
         {"plan": "pro", "action": "upgrade", "occurred_at": datetime.now(UTC).isoformat(), "minutes": 9999},
+        # Stamped years ahead, it would be newer than every real change to come.
+        {
+            "plan": "pro",
+            "action": "upgrade",
+            "occurred_at": (datetime.now(UTC) + timedelta(days=1800)).isoformat(),
+        },
         {
             "plan": "pro",
             "action": "upgrade",
