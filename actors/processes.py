@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 
 
 def alive(pid: int) -> bool:
-    """Whether process `pid` exists (as any user)."""
+    """Whether process `pid` exists (as any user) and has not exited: a killed process its parent
+    has not reaped yet (a zombie) still answers `kill(pid, 0)`, but holds nothing any more."""
     try:
         os.kill(pid, 0)  # no signal: only whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # it exists, as another user
-    return True
+        pass  # it exists, as another user
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): existing is all we can tell
+    return state != "Z"
 
 
 def freeze_long_lived() -> int:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import time
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,19 @@ def test_alive_tells_a_running_process_from_one_gone() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # reaped: its pid names no process now
     assert alive(1) and not alive(child.pid)
+
+
+def test_a_process_that_exited_but_is_not_reaped_yet_is_not_alive() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{child.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited; nobody has waited for it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert not alive(child.pid)
+    finally:
+        child.wait()
 
 
 @pytest.fixture
