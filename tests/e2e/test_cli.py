@@ -331,3 +331,36 @@ def test_a_database_that_cannot_be_reached_stops_serve_in_one_line(workdir: Path
     [failed] = [line for line in output.splitlines() if "startup_failed" in line]
     assert str(closed) in failed or "refused" in failed.lower(), failed
     assert "listening" not in output
+
+
+def test_a_newcomers_first_mistakes_are_one_line_each(workdir: Path) -> None:
+    """Run as a user runs them, in a directory no server has run in: each says what is wrong and
+    what to do, in one line on stderr, with a non-zero exit."""
+    env = clean_env(LEDGER_PORT=str(free_port()))  # nothing listens there
+
+    def fails(*args: str, extra: dict[str, str] | None = None) -> tuple[int, str]:
+        done = subprocess.run(
+            [str(BIN), *args],
+            cwd=workdir,
+            env={**env, **(extra or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("usage-ledger: "), done.stderr
+        return done.returncode, lines[0]
+
+    code, line = fails("token", "alice")
+    assert code == 1 and "no secrets in" in line and "usage-ledger serve" in line
+    assert not (workdir / ".usage-ledger" / "dev-secrets.json").exists(), "token made secrets"
+    code, line = fails("db")
+    assert code == 1 and "no server with an embedded database runs from" in line
+    plans = workdir / "plans.toml"
+    plans.write_text('default_plan = "free"\n[plans.free]\nminutess = 5\n')
+    code, line = fails("serve", extra={"LEDGER_PLANS_FILE": str(plans)})
+    assert code == 2 and str(plans) in line and "minutess" in line
+    assert not (workdir / ".usage-ledger" / "server.json").exists()
+    helped = subprocess.run([str(BIN), "internal", "plan", "--help"], env=env, capture_output=True, text=True)
+    assert helped.returncode == 0 and "<bool>" not in helped.stdout and "--reset-usage" in helped.stdout
