@@ -35,6 +35,7 @@ import typer
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
+from actors.logsetup import whole_lines_on_standard_streams
 from gateway import serverfile
 from gateway.secrets import Secrets, SecretsMissing, resolve_secrets
 from gateway.settings import Settings
@@ -668,6 +669,7 @@ def main() -> None:
     # them: console lines, or JSON lines that must stay JSON), without Ray's "(actor pid=...)"
     # prefix, and each one (Ray's de-duplication would fold repeats into notices of its own).
     os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    whole_lines_on_standard_streams()  # Ray prints them from a thread of its own (see WholeLines)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not os.environ.get("LEDGER_RAY_ADDRESS"):
         # The local Ray `serve` starts authenticates its callers with a token: Ray's default for a
