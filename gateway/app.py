@@ -35,7 +35,7 @@ from gateway.middleware import (
 )
 from gateway.routes import credits, docs, holds, internal, ops, sessions, usage, webhooks
 from gateway.routes.common import no_unknown_query
-from gateway.runtime import Runtime
+from gateway.runtime import Runtime, describe_error
 from gateway.secrets import resolve_secrets
 from gateway.settings import Settings
 
@@ -85,10 +85,13 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
             runtime = await Runtime.start(settings, metrics=metrics)
         except Exception as exc:
             # One line that says what failed (`serve --debug` shows the traceback as well).
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            log.error(
-                "startup_failed", error=f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+            hint = (
+                "a connection failed: is the database (LEDGER_DATABASE_URL) or Ray (LEDGER_RAY_ADDRESS) "
+                "reachable?"
+                if isinstance(exc, OSError)
+                else None
             )
+            log.error("startup_failed", error=describe_error(exc), hint=hint)
             raise
         app.state.runtime = runtime
         if owns_process:

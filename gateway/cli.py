@@ -211,6 +211,11 @@ def _announce(application: Any, settings: Settings, sockets: Sequence[socket.soc
 
 def _url_of(listener: socket.socket) -> str:
     host, port = listener.getsockname()[:2]
+    return _http_url(host, port)
+
+
+def _http_url(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address in brackets."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
@@ -438,7 +443,7 @@ def _base_url(settings: Settings, url: str | None, *, internal: bool) -> str:
         if internal and settings.internal_port
         else (settings.host, settings.port)
     )
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return _http_url(host, port)
 
 
 def _answer_or_exit(method: Literal["GET"], path: str, url: str | None) -> dict[str, object]:

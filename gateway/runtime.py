@@ -301,7 +301,7 @@ class Runtime:
                 )
             for index, result in enumerate(results):
                 if isinstance(result, BaseException):
-                    log.error("shard_final_flush_failed", shard=index, error=_plain(result))
+                    log.error("shard_final_flush_failed", shard=index, error=describe_error(result))
         except TimeoutError:
             log.error("shard_final_flush_timed_out", timeout_s=SHUTDOWN_FLUSH_TIMEOUT_S)
         self.router.close()
@@ -314,7 +314,7 @@ class Runtime:
         log.info("runtime_stopped")
 
 
-def _plain(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     """An error for a log line: a failed Ray task as what it raised (Ray's own text of it carries
     a coloured traceback), anything else as its type and first line."""
     if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:

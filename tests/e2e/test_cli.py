@@ -330,6 +330,7 @@ def test_a_database_that_cannot_be_reached_stops_serve_in_one_line(workdir: Path
     assert "Traceback" not in output, output
     [failed] = [line for line in output.splitlines() if "startup_failed" in line]
     assert str(closed) in failed or "refused" in failed.lower(), failed
+    assert "is the database (LEDGER_DATABASE_URL)" in failed, failed  # the hint of a failed connection
     assert "listening" not in output
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray
 
-from gateway.runtime import _plain
+from gateway.runtime import describe_error
 
 
 def test_a_failed_ray_task_is_logged_as_what_it_raised_without_rays_coloured_traceback() -> None:
@@ -12,6 +12,7 @@ def test_a_failed_ray_task_is_logged_as_what_it_raised_without_rays_coloured_tra
     failed = ray.exceptions.RayTaskError(
         "stop", "\x1b[36mTraceback (most recent call last):\x1b[0m ...", cause
     )
-    assert _plain(failed) == "ValueError('the store said no')"
-    assert _plain(ray.exceptions.GetTimeoutError("timed out\nand more")) == "GetTimeoutError: timed out"
-    assert _plain(TimeoutError()) == "TimeoutError"
+    assert describe_error(failed) == "ValueError('the store said no')"
+    timed_out = ray.exceptions.GetTimeoutError("timed out\nand more")
+    assert describe_error(timed_out) == "GetTimeoutError: timed out"
+    assert describe_error(TimeoutError()) == "TimeoutError"
