@@ -16,6 +16,8 @@
     └── RateLimited             the user's requests exceed their plan's rate limit
     ShardError                  the shard could not do the work; nothing changed
     ├── Unavailable             storage needed for a durable write is down
+    │   ├── UserMoving          the user is being handed to another shard (a resize)
+    │   └── UserMoved           the user belongs to another shard now (the gateway routes again)
     ├── Overloaded              the shard's bound on pending calls is reached
     └── IdempotencyInFlight     a request with this Idempotency-Key is still running
 
@@ -140,6 +142,14 @@ class Unavailable(ShardError):
         if changed:
             return cls(f"{what} failed during the write; retry shortly")
         return cls(f"{what} is unavailable; nothing was changed")
+
+
+class UserMoving(Unavailable):
+    """The user's slot is being handed to another shard (a resize): retry shortly (503)."""
+
+
+class UserMoved(Unavailable):
+    """The user's slot belongs to another shard now (carries `slot`): the gateway routes again."""
 
 
 class Overloaded(ShardError):

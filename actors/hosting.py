@@ -1,8 +1,9 @@
 """Hosting shards on Ray: the one module that applies `ray.remote`.
 
-Shards are named, detached actors (`ledger-shard-{index}-of-{count}` in the
-configured namespace), so every gateway process of a cluster reaches the same
-ones and a user has exactly one writer. Ray restarts a shard whose process
+Shards are named, detached actors (`ledger-shard-{index}` in the configured
+namespace), so every gateway process of a cluster reaches the same ones; which
+users each serves is the shard map (`actors.routing`), so a user has exactly
+one writer however many shards there are. Ray restarts a shard whose process
 dies (`max_restarts=-1`); tasks are never retried automatically
 (`max_task_retries=0`), because only the caller knows whether a call is safe
 to repeat. A restarted shard starts itself at once, so it rebuilds its users
@@ -38,6 +39,7 @@ from actors.channel import ChannelServer
 from actors.errors import Unavailable
 from actors.logsetup import LogFormat, configure_logging
 from actors.processes import alive, freeze_long_lived
+from actors.routing import shard_name
 from actors.shard import LedgerShard, ShardConfig
 from actors.store import LedgerStore
 
@@ -45,10 +47,6 @@ from actors.store import LedgerStore
 # (checked first) stays below it so overload is refused by name, not queued.
 RAY_MAX_CONCURRENCY = 20_000
 CHANNEL_SECRET_BYTES = 32
-
-
-def shard_name(index: int, count: int) -> str:
-    return f"ledger-shard-{index}-of-{count}"
 
 
 class _HostedShard(LedgerShard):
@@ -148,8 +146,7 @@ def get_or_create_shards(
     """Handles to the shards, creating those that do not exist yet. Blocking (talks to Ray's GCS)."""
     handles = []
     for config in configs:
-        assert config.shard_count == len(configs), "one config per shard"
-        name = shard_name(config.shard_index, config.shard_count)
+        name = shard_name(config.shard_index)
         handle = ShardActor.options(
             name=name,
             namespace=namespace,
@@ -166,18 +163,18 @@ def get_or_create_shards(
     return handles
 
 
-def other_shard_counts(namespace: str, count: int) -> set[int]:
-    """Shard counts other than `count` that have live shards in `namespace`. Blocking."""
-    found = set()
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry.get("namespace") != namespace:
-            continue
-        name = entry.get("name", "")
-        if name.startswith("ledger-shard-") and "-of-" in name:
-            other = int(name.rsplit("-of-", 1)[1])
-            if other != count:
-                found.add(other)
-    return found
+def get_shard(namespace: str, index: int) -> Any:
+    """The handle of a shard another process created (a resize's). Blocking; `ValueError` if none."""
+    return ray.get_actor(shard_name(index), namespace=namespace)
+
+
+def legacy_shards(namespace: str) -> list[str]:
+    """Shards of an older version in `namespace` (named `ledger-shard-i-of-n`, in no map). Blocking."""
+    return [
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry.get("namespace") == namespace and "-of-" in entry.get("name", "")
+    ]
 
 
 def kill_shards(handles: Sequence[Any]) -> None:

@@ -32,6 +32,7 @@ from actors.records import (
     StoredLedger,
     UserRecord,
 )
+from actors.routing import SLOTS, ShardMap, namespace_of, owner_name, shard_of_owner, slot_of
 
 
 class StoreError(Exception):
@@ -50,6 +51,11 @@ class StoreFenced(StoreUnavailable):
     refused whole, and every later one by this activation will be."""
 
 
+class StoreMoved(StoreUnavailable):
+    """The write holds a user whose slot this shard no longer owns (it was handed to another
+    shard: `LedgerStore.move_slots`): refused whole."""
+
+
 @dataclass(frozen=True, slots=True)
 class Fence:
     """A shard activation's claim on its users: writes carrying it land only while `epoch` is the
@@ -57,6 +63,16 @@ class Fence:
 
     owner: str
     epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """What the store says of a shard activation: whether its claim is still the newest, and the
+    slots its shard owns (None: its shard is in no shard map, so it owns what its index gives it
+    in a brand-new map of its count: tests, a shard run alone)."""
+
+    current: bool
+    slots: frozenset[int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +120,16 @@ class LedgerStore(Protocol):
         that are in progress, so nothing they write lands after the claim."""
         ...
 
-    async def holds(self, fence: Fence) -> bool:
-        """Whether `fence` is still its owner's newest claim."""
+    async def ownership(self, fence: Fence) -> Ownership:
+        """Whether `fence` is still its owner's newest claim, and the slots its shard owns now."""
+        ...
+
+    async def move_slots(self, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
+        """Hand `slots` from `fence`'s shard to shard `to_shard` of the same map, atomically, and
+        return the map's new epoch. Waits for the writes of `fence`'s shard under way; once done,
+        a write of that shard holding a user of those slots fails (`StoreMoved`). Slots the shard
+        no longer owns are left as they are (a repeated move changes nothing more); `StoreFenced`
+        if `fence` is not its owner's newest claim."""
         ...
 
     async def save(
@@ -119,7 +143,8 @@ class LedgerStore(Protocol):
         """Write snapshots (and a delivery record) atomically; older versions never overwrite newer
         ones, and a credit-ledger entry already written is not written again (one written again
         with other content is an error). With a `fence`, nothing is written (`StoreFenced`) unless
-        it is its owner's newest claim."""
+        it is its owner's newest claim, and (`StoreMoved`) unless its shard owns the slot of every
+        user written."""
         ...
 
     async def write_outcome(self, receipt: WriteReceipt) -> WriteOutcome:
@@ -157,6 +182,24 @@ class LedgerStore(Protocol):
     async def close(self) -> None: ...
 
 
+class ShardMapStore(Protocol):
+    """Where the shard maps are kept (one per Ray namespace): what gateways route by and resizes
+    change. The slots themselves move with `LedgerStore.move_slots`, by the shard that gives them."""
+
+    async def read_map(self, namespace: str) -> ShardMap | None:
+        """The namespace's map (None: none was made yet)."""
+        ...
+
+    async def create_map(self, namespace: str, count: int) -> ShardMap:
+        """The namespace's map, made first (`count` shards, `routing.initial_owners`) if there is none."""
+        ...
+
+    async def set_target(self, namespace: str, target: int | None) -> ShardMap:
+        """Record that a resize to `target` shards is under way (None: it is done, and the count is
+        now the shards that own slots)."""
+        ...
+
+
 class MemoryStore:
     """A `LedgerStore` in dicts: what tests and the simulation run shards on. (It has no fault
     switches: the tests' `FaultyMemoryStore` and the simulation's `FaultyStore` add them.)"""
@@ -175,6 +218,9 @@ class MemoryStore:
         self.events: dict[str, LedgerEvent] = {}  # the outbox, by event id
         self.hold_records: dict[str, HoldRecord] = {}
         self.epochs: dict[str, int] = {}  # the newest claim of each owner
+        # The shard maps (`ShardMapStore`): per namespace (epoch, count, target), per owner its slots.
+        self.maps: dict[str, tuple[int, int, int | None]] = {}
+        self.owned: dict[str, frozenset[int]] = {}
 
     async def load(
         self, user_ids: Sequence[str], *, now_ms: int
@@ -221,10 +267,56 @@ class MemoryStore:
 
     async def claim(self, owner: str) -> Fence:
         self.epochs[owner] = self.epochs.get(owner, 0) + 1
+        if namespace_of(owner) in self.maps and owner not in self.owned:
+            self.owned[owner] = frozenset()  # a shard new to its namespace's map owns nothing yet
         return Fence(owner, self.epochs[owner])
 
-    async def holds(self, fence: Fence) -> bool:
-        return self.epochs.get(fence.owner) == fence.epoch
+    async def ownership(self, fence: Fence) -> Ownership:
+        return Ownership(self.epochs.get(fence.owner) == fence.epoch, self.owned.get(fence.owner))
+
+    async def move_slots(self, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
+        if self.epochs.get(fence.owner) != fence.epoch:
+            raise StoreFenced(f"{fence.owner} was claimed after epoch {fence.epoch}")
+        namespace = namespace_of(fence.owner)
+        mine = self.owned.get(fence.owner, frozenset())
+        moving = mine & set(slots)
+        destination = owner_name(namespace, to_shard)
+        self.owned[fence.owner] = mine - moving
+        self.owned[destination] = self.owned.get(destination, frozenset()) | moving
+        epoch, count, target = self.maps[namespace]
+        self.maps[namespace] = (epoch + 1, count, target)
+        return epoch + 1
+
+    async def read_map(self, namespace: str) -> ShardMap | None:
+        if namespace not in self.maps:
+            return None
+        epoch, count, target = self.maps[namespace]
+        owners = [-1] * SLOTS
+        for owner, slots in self.owned.items():
+            if namespace_of(owner) == namespace:
+                for slot in slots:
+                    owners[slot] = shard_of_owner(owner)
+        return ShardMap(epoch, count, tuple(owners), target)
+
+    async def create_map(self, namespace: str, count: int) -> ShardMap:
+        if namespace not in self.maps:
+            self.maps[namespace] = (1, count, None)
+            for shard in range(count):
+                self.owned[owner_name(namespace, shard)] = frozenset(range(shard, SLOTS, count))
+        found = await self.read_map(namespace)
+        assert found is not None
+        return found
+
+    async def set_target(self, namespace: str, target: int | None) -> ShardMap:
+        epoch, count, _ = self.maps[namespace]
+        self.maps[namespace] = (
+            epoch + 1,
+            count if target is not None else _shards_owning(self, namespace),
+            target,
+        )
+        found = await self.read_map(namespace)
+        assert found is not None
+        return found
 
     async def open_session_users(self) -> list[str]:
         return sorted(
@@ -242,6 +334,10 @@ class MemoryStore:
     ) -> None:
         if fence is not None and self.epochs.get(fence.owner) != fence.epoch:
             raise StoreFenced(f"{fence.owner} was claimed after epoch {fence.epoch}")
+        if fence is not None and (owned := self.owned.get(fence.owner)) is not None:
+            strangers = [s.user.user_id for s in snapshots if slot_of(s.user.user_id) not in owned]
+            if strangers:
+                raise StoreMoved(f"{fence.owner} no longer owns the slot of {strangers[0]}")
         transaction = self._next_transaction
         self._next_transaction += 1
         if receipt is not None:
@@ -343,6 +439,15 @@ class MemoryStore:
         return None
 
 
+def _shards_owning(store: MemoryStore, namespace: str) -> int:
+    """The map's count once a resize is done: one past the highest shard that owns a slot."""
+    return 1 + max(
+        shard_of_owner(owner)
+        for owner, slots in store.owned.items()
+        if slots and namespace_of(owner) == namespace
+    )
+
+
 _Key = TypeVar("_Key")
 _Versioned = TypeVar("_Versioned", UserRecord, PeriodRecord, SessionRecord, MeterRecord, HoldRecord)
 
@@ -364,9 +469,13 @@ class CountingStore:
         self.calls["claim"] += 1
         return await self.inner.claim(owner)
 
-    async def holds(self, fence: Fence) -> bool:
-        self.calls["holds"] += 1
-        return await self.inner.holds(fence)
+    async def ownership(self, fence: Fence) -> Ownership:
+        self.calls["ownership"] += 1
+        return await self.inner.ownership(fence)
+
+    async def move_slots(self, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
+        self.calls["move_slots"] += 1
+        return await self.inner.move_slots(fence, slots, to_shard)
 
     async def load(
         self, user_ids: Sequence[str], *, now_ms: int

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
 from actors.logsetup import whole_lines_on_standard_streams
+from actors.routing import SLOTS, initial_owners, moved_fraction, rebalanced
 from gateway import serverfile
 from gateway.secrets import Secrets, SecretsMissing, resolve_secrets
 from gateway.settings import Settings
@@ -47,6 +48,13 @@ internal_app = typer.Typer(
     help="Signed calls to a running server's internal API.", no_args_is_help=True, rich_markup_mode=None
 )
 app.add_typer(internal_app, name="internal")
+shards_app = typer.Typer(
+    help="The shard map: how many shards, which users each serves; change it while serving.",
+    no_args_is_help=False,
+    invoke_without_command=True,
+    rich_markup_mode=None,
+)
+app.add_typer(shards_app, name="shards")
 
 
 def _fail(message: str, *, code: int = 1) -> NoReturn:
@@ -681,3 +689,86 @@ def main() -> None:
         # new local cluster, said here (Ray reads it at import) so that Ray does not announce it.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     sys.exit(app())
+
+
+# ------------------------------------------------------------------ the shard map
+
+# `shards resize` asks for the map this often until the resize is done.
+RESIZE_POLL_S = 0.5
+
+
+@shards_app.callback()
+def shards_status(ctx: typer.Context, url: UrlOption = None) -> None:
+    """The shard map of a running server: count, epoch, whether a resize is under way, and each
+    shard's slots and users."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _print_map(_answer_or_exit("GET", "/internal/v1/shards", url))
+
+
+@shards_app.command("resize")
+def shards_resize(
+    count: Annotated[int, typer.Argument(help="The shard count to go to.", min=1, max=SLOTS)],
+    wait: Annotated[bool, typer.Option(help="Wait until the resize is done, showing its progress.")] = True,
+    url: UrlOption = None,
+) -> None:
+    """Change the shard count while serving: only the users of the slots that move wait (briefly).
+    Run it again to resume an interrupted resize, or with the old count to roll it back."""
+    status_code, answer = _signed_call(
+        "POST", "/internal/v1/shards", {"count": count}, url=url, delivery_id=None
+    )
+    if status_code >= 400:
+        _fail(str(answer.get("detail", answer)))
+    typer.echo(f"resizing to {count} shards…", err=True)
+    while wait:
+        time.sleep(RESIZE_POLL_S)
+        answer = _answer_or_exit("GET", "/internal/v1/shards", url)
+        if answer.get("error"):
+            _fail(f"the resize stopped: {answer['error']}; run the same command again to resume it")
+        if not answer.get("moving"):
+            break
+    _print_map(answer)
+
+
+@shards_app.command("plan")
+def shards_plan(
+    from_count: Annotated[int, typer.Option("--from", help="Shards before.", min=1, max=SLOTS)],
+    to_count: Annotated[int, typer.Option("--to", help="Shards after.", min=1, max=SLOTS)],
+    users: Annotated[int, typer.Option(help="User ids to count (user-0, user-1, ...).", min=1)] = 100_000,
+) -> None:
+    """How many users a resize moves, from a brand-new map of --from shards to --to shards (no
+    server needed): slots and users moved, against the least possible."""
+    before = initial_owners(from_count)
+    after = rebalanced(before, to_count)
+    slots = sum(1 for old, new in zip(before, after, strict=True) if old != new)
+    moved, total = moved_fraction((f"user-{index}" for index in range(users)), before, after)
+    ideal = abs(to_count - from_count) / max(to_count, from_count)
+    typer.echo(
+        f"{from_count} -> {to_count} shards: {slots} of {SLOTS} slots move ({slots / SLOTS:.1%}); "
+        f"{moved:,} of {total:,} users ({moved / total:.1%}); least possible {ideal:.1%}"
+    )
+
+
+def _print_map(answer: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    moving = f", resizing to {answer['target']}" if answer.get("moving") else ""
+    table = Table(title=f"{answer.get('count')} shards, map epoch {answer.get('epoch')}{moving}")
+    for column in ("shard", "slots", "state", "users", "sessions", "handed off"):
+        table.add_column(column, justify="left" if column == "state" else "right")
+    for shard in answer.get("shards") or []:
+        table.add_row(
+            *(
+                str(value) if value is not None else "-"
+                for value in (
+                    shard.get("shard"),
+                    shard.get("slots"),
+                    shard.get("error") or shard.get("state"),
+                    shard.get("resident_users"),
+                    shard.get("active_sessions"),
+                    shard.get("users_handed_off"),
+                )
+            )
+        )
+    Console().print(table)

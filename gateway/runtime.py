@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -25,18 +26,22 @@ import asyncpg
 import ray
 import structlog
 
-from actors.hosting import get_or_create_shards, other_shard_counts
+from actors.errors import Unavailable
+from actors.hosting import get_or_create_shards, get_shard, kill_shards, legacy_shards
 from actors.ledger import LedgerPolicy
 from actors.plans import PlanCatalog
-from actors.shard import ShardConfig
+from actors.routing import ShardMap
+from actors.shard import LedgerShard, ShardConfig
 from actors.times import MS_PER_MINUTE, MS_PER_SECOND
 from gateway.events import EventDelivery
 from gateway.metrics import Metrics
+from gateway.resize import Resizer
 from gateway.settings import CALL_MARGIN_S, RESOLVE_TIMEOUT_S, WRITE_SLACK_S, Settings, SettingsError
 from gateway.shards import ShardClient, ShardRouter
 from persistence.database import PoolLimits, create_pool
 from persistence.embedded import DATABASE_NAME, EmbeddedPostgres, ensure_database
 from persistence.migrate import MigrationProgress, migrate
+from persistence.shardmap import PostgresShardMaps
 from persistence.store import PostgresStoreFactory
 
 log = structlog.get_logger("gateway.runtime")
@@ -58,6 +63,11 @@ READY_CALL_TIMEOUT_S = 15.0
 LOCAL_RAY_OBJECT_STORE_BYTES = 128 * 1024 * 1024
 # With LEDGER_RAY_DASHBOARD=true the dashboard listens on loopback only (port 8265, or the next free).
 LOCAL_RAY_DASHBOARD_HOST = "127.0.0.1"
+
+# How often a gateway reads the shard map, to route to shards another gateway's resize added.
+MAP_READ_EVERY_S = 5.0
+# pg_advisory_lock key held while a resize runs: the bytes of "resizing".
+RESIZE_LOCK_KEY = int.from_bytes(b"resizing", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 RuntimeState = Literal["running", "stopping", "stopped"]
 
@@ -99,7 +109,9 @@ def load_plans(settings: Settings) -> PlanCatalog:
     return PlanCatalog.from_file(settings.plans_file) if settings.plans_file else PlanCatalog.builtin()
 
 
-def shard_configs(settings: Settings, plans: PlanCatalog) -> list[ShardConfig]:
+def shard_configs(settings: Settings, plans: PlanCatalog, count: int | None = None) -> list[ShardConfig]:
+    """The configs of shards 0..count-1 (default: `LEDGER_SHARDS`)."""
+    count = settings.shards if count is None else count
     policy = LedgerPolicy(
         plans=plans,
         stale_session_ms=round(settings.stale_session_s * MS_PER_SECOND),
@@ -111,7 +123,7 @@ def shard_configs(settings: Settings, plans: PlanCatalog) -> list[ShardConfig]:
     configs = [
         ShardConfig(
             shard_index=index,
-            shard_count=settings.shards,
+            shard_count=count,
             policy=policy,
             sync_interval_s=settings.sync_interval_s,
             max_pending_calls=settings.shard_max_pending_calls,
@@ -120,7 +132,7 @@ def shard_configs(settings: Settings, plans: PlanCatalog) -> list[ShardConfig]:
             write_timeout_s=write_timeout_s,
             resolve_timeout_s=RESOLVE_TIMEOUT_S,
         )
-        for index in range(settings.shards)
+        for index in range(count)
     ]
     assert configs[0].durable_call_max_s < settings.actor_call_timeout_s
     return configs
@@ -202,6 +214,62 @@ class Runtime:
         self.owns_ray = owns_ray
         self.state: RuntimeState = "running"
         self.delivery: EventDelivery | None = None
+        self.resizer: Resizer | None = None
+        self.resizing: asyncio.Task[ShardMap] | None = None  # this process's resize, while it runs
+        self.resize_error: str | None = None  # why this process's last resize stopped, if it failed
+        self._map_follower: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ the shard map
+
+    async def _follow_map(self) -> None:
+        """Read the map every `MAP_READ_EVERY_S`, so this gateway routes to shards another one
+        added (a shard that says a user moved makes it read the map at once too)."""
+        while True:
+            await asyncio.sleep(MAP_READ_EVERY_S)
+            try:
+                await self.router.read_map()
+            except Exception as exc:
+                log.warning("shard_map_read_failed", error=repr(exc))
+
+    def resize(self, count: int) -> None:
+        """Begin resizing to `count` shards in the background (see `gateway.resize`);
+        `ResizeUnderWay` if this process is already resizing to another count."""
+        if self.resizing is not None and not self.resizing.done():
+            raise ResizeUnderWay(self.router.map.target or count)
+        assert self.resizer is not None
+        self.resize_error = None
+        self.resizing = asyncio.get_running_loop().create_task(self._resize(self.resizer, count))
+
+    async def _resize(self, resizer: Resizer, count: int) -> ShardMap:
+        async with self.pool.acquire() as connection:
+            # One resize at a time in the cluster: a session lock, let go if this process dies.
+            if not await connection.fetchval("select pg_try_advisory_lock($1)", RESIZE_LOCK_KEY):
+                self.resize_error = "another gateway is resizing the shards"
+                raise ResizeUnderWay(count)
+            try:
+                return await resizer.resize(count)
+            except Exception as exc:
+                self.resize_error = describe_error(exc)
+                log.error("resize_failed", count=count, error=self.resize_error)
+                raise
+            finally:
+                await connection.execute("select pg_advisory_unlock($1)", RESIZE_LOCK_KEY)
+
+    async def _start_shards(self, count: int) -> None:
+        handles = await asyncio.to_thread(_get_shards, self.settings, self.plans, self.database.dsn, count)
+        for index, handle in enumerate(handles):
+            self.router.add_shard(index, handle)
+        for index in range(count):
+            await self.router.call_shard(index, LedgerShard.ready)
+
+    async def _retire_shards(self, indexes: list[int]) -> None:
+        for index in indexes:
+            # It owns no slot: its stop writes nothing; once gone, gateways routing to it read the map.
+            with contextlib.suppress(Exception):
+                await self.router.call_shard(index, LedgerShard.stop)
+            handle = self.router.handle(index)
+            self.router.drop_shard(index)
+            await asyncio.to_thread(kill_shards, [handle])
 
     @classmethod
     async def start(cls, settings: Settings, *, metrics: Metrics) -> Runtime:
@@ -224,11 +292,22 @@ class Runtime:
             if database.embedded is not None:
                 await asyncio.to_thread(database.embedded.stop)
             raise
+        maps = PostgresShardMaps(pool)
         try:
+            # The shard count is the map's: `LEDGER_SHARDS` only sizes a brand-new one.
+            shard_map = await maps.create_map(settings.ray_namespace, settings.shards)
+            if shard_map.count != settings.shards or shard_map.moving:
+                log.info(
+                    "shard_count_from_map",
+                    count=shard_map.count,
+                    target=shard_map.target,
+                    ledger_shards=settings.shards,
+                    hint="the shard count is cluster state: `usage-ledger shards resize N` changes it",
+                )
             # On the loop's (main) thread, not in a worker thread: see `_signal_handlers_kept`.
             # Nothing is served yet, so blocking the loop for Ray's start costs nothing.
             owns_ray = _connect_ray(settings)
-            handles = await asyncio.to_thread(_get_shards, settings, plans, database.dsn)
+            handles = await asyncio.to_thread(_get_shards, settings, plans, database.dsn, shard_map.shards)
         except BaseException:
             await pool.close()
             if database.embedded is not None:
@@ -240,11 +319,22 @@ class Runtime:
             metrics=metrics,
             channels=settings.data_plane == "channel",
             node_id=ray.get_runtime_context().get_node_id(),
+            shard_map=shard_map,
+            load_map=functools.partial(_read_map, maps, settings.ray_namespace),
+            connect=functools.partial(_connect_shard, settings.ray_namespace),
         )
         runtime = cls(
             settings=settings, database=database, pool=pool, router=router, owns_ray=owns_ray, plans=plans
         )
+        runtime.resizer = Resizer(
+            namespace=settings.ray_namespace,
+            maps=maps,
+            shards=runtime.shards,
+            start_shards=runtime._start_shards,
+            retire_shards=runtime._retire_shards,
+        )
         await runtime._wait_for_shards()
+        runtime._map_follower = asyncio.get_running_loop().create_task(runtime._follow_map())
         if settings.events_webhook_url is not None:
             assert settings.events_webhook_secret is not None, "Settings checks this"
             runtime.delivery = EventDelivery(
@@ -258,7 +348,7 @@ class Runtime:
             runtime.delivery.start()
         log.info(
             "runtime_started",
-            shards=settings.shards,
+            shards=shard_map.count,
             migrations_applied=applied,
             embedded_postgres=database.embedded is not None,
             local_ray=owns_ray,
@@ -292,6 +382,10 @@ class Runtime:
         if self.state != "running":
             return
         self.state = "stopping"
+        for task in (self._map_follower, self.resizing):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.delivery is not None:
             await self.delivery.stop()
         try:
@@ -323,13 +417,32 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
-def _get_shards(settings: Settings, plans: PlanCatalog, dsn: str) -> list[Any]:
-    others = other_shard_counts(settings.ray_namespace, settings.shards)
-    if others:
+async def _read_map(maps: PostgresShardMaps, namespace: str) -> ShardMap:
+    found = await maps.read_map(namespace)
+    if found is None:
+        raise Unavailable("the shard map is gone from the database")
+    return found
+
+
+async def _connect_shard(namespace: str, index: int) -> Any:
+    try:
+        return await asyncio.to_thread(get_shard, namespace, index)
+    except ValueError:
+        raise Unavailable(f"shard {index} is not running (yet)") from None
+
+
+class ResizeUnderWay(Exception):
+    def __init__(self, target: int) -> None:
+        super().__init__(f"a resize to {target} shards is under way")
+        self.target = target
+
+
+def _get_shards(settings: Settings, plans: PlanCatalog, dsn: str, count: int) -> list[Any]:
+    legacy = legacy_shards(settings.ray_namespace)
+    if legacy:
         raise SettingsError(
-            f"shards for LEDGER_SHARDS={sorted(others)} are running in Ray namespace "
-            f"{settings.ray_namespace!r}; every gateway must use the same LEDGER_SHARDS "
-            f"(this one has {settings.shards}), or a user would have two writers"
+            f"shards of an older version ({', '.join(sorted(legacy))}) are running in Ray namespace "
+            f"{settings.ray_namespace!r}; stop them first, or a user could have two writers"
         )
     factory = PostgresStoreFactory(
         dsn=dsn,
@@ -341,7 +454,7 @@ def _get_shards(settings: Settings, plans: PlanCatalog, dsn: str) -> list[Any]:
     )
     return get_or_create_shards(
         namespace=settings.ray_namespace,
-        configs=shard_configs(settings, plans),
+        configs=shard_configs(settings, plans, count),
         store_factory=factory,
         log_format=settings.resolved_log_format,
         log_level=settings.log_level,

@@ -34,6 +34,7 @@ from actors.records import (
     PlanAction,
     PurchaseReason,
 )
+from actors.routing import SLOTS
 from actors.times import checked_instant, from_datetime, minutes_to_ms, rfc3339, to_datetime, to_minutes
 from actors.views import (
     ActiveSessionView,
@@ -679,6 +680,34 @@ class ShardStatus(ResponseModel):
 
 class Status(ResponseModel):
     shards: list[ShardStatus]
+
+
+class ResizeRequest(RequestModel):
+    count: int = Field(ge=1, le=SLOTS, description="the shard count to go to")
+
+
+class MapShard(ResponseModel):
+    """One shard of the map: the slots it owns, and what it says of itself."""
+
+    shard: int
+    slots: int
+    state: str
+    resident_users: int | None = None
+    active_sessions: int | None = None
+    slots_leaving: int | None = None
+    users_handed_off: int | None = None
+    error: str | None = None
+
+
+class ShardMapStatus(ResponseModel):
+    """`GET /internal/v1/shards`: the shard map as the database holds it (`usage-ledger shards`)."""
+
+    count: int
+    epoch: int
+    moving: bool
+    target: int | None = None
+    error: str | None = Field(default=None, description="why this gateway's last resize stopped")
+    shards: list[MapShard]
 
 
 class Readiness(ResponseModel):

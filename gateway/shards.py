@@ -52,10 +52,10 @@ import ray.exceptions
 import structlog
 
 from actors import views
-from actors.errors import DomainError, RateLimited, Unavailable
+from actors.errors import DomainError, RateLimited, Unavailable, UserMoved, UserMoving
 from actors.records import CreditEntry, Difficulty, PlanEvent
 from actors.replies import IdempotencyKey
-from actors.routing import shard_index
+from actors.routing import ShardMap
 from actors.shard import LedgerShard, Operation, Purchase, ShardStats, operation_of
 from gateway.channel import ShardChannel, ShardUnreachable
 from gateway.metrics import Metrics
@@ -150,30 +150,90 @@ class ShardRouter:
         metrics: Metrics,
         channels: bool = False,
         node_id: str | None = None,
+        shard_map: ShardMap | None = None,
+        load_map: Callable[[], Awaitable[ShardMap]] | None = None,
+        connect: Callable[[int], Awaitable[Any]] | None = None,
     ) -> None:
-        """`channels`: hot calls over the data plane (`node_id`: this process's Ray node), else
-        in Ray batches."""
+        """`handles`: the shards by index (those of `shard_map`, default: a brand-new map of as
+        many). `channels`: hot calls over the data plane (`node_id`: this process's Ray node), else
+        in Ray batches. `load_map` reads the current map (after a shard said a user moved);
+        `connect` finds a shard this router has no handle of yet (one a resize created)."""
         assert handles, "at least one shard"
-        self._handles = list(handles)
-        self._batchers = [ShardBatcher(handle, metrics) for handle in self._handles]
-        self._write_batchers = [ShardBatcher(handle, metrics) for handle in self._handles]
-        self.channels = (
-            [ShardChannel(handle.channel.remote, metrics, node_id=node_id) for handle in self._handles]
-            if channels
-            else None
-        )
+        self.map = shard_map or ShardMap.initial(len(handles))
+        self._load_map = load_map
+        self._connect = connect
+        self._use_channels = channels
+        self._node_id = node_id
+        self._handles: dict[int, Any] = {}
+        self._batchers: dict[int, ShardBatcher] = {}
+        self._write_batchers: dict[int, ShardBatcher] = {}
+        self.channels: dict[int, ShardChannel] | None = {} if channels else None
         self._timeout_s = call_timeout_s
         self._metrics = metrics
+        for index, handle in enumerate(handles):
+            self.add_shard(index, handle)
         self._refused_until: dict[str, float] = {}  # user id -> monotonic time their tokens return
         self._sweep_at = REFUSALS_SWEEP_AT
+        self._map_reading: asyncio.Task[ShardMap] | None = None
+
+    def add_shard(self, index: int, handle: Any) -> None:
+        """Route to `handle` as shard `index` from now on (a shard a resize created)."""
+        if index in self._handles:
+            return
+        self._handles[index] = handle
+        self._batchers[index] = ShardBatcher(handle, self._metrics)
+        self._write_batchers[index] = ShardBatcher(handle, self._metrics)
+        if self.channels is not None:
+            self.channels[index] = ShardChannel(handle.channel.remote, self._metrics, node_id=self._node_id)
+
+    def drop_shard(self, index: int) -> None:
+        """Stop routing to shard `index` (a resize retired it)."""
+        self._handles.pop(index, None)
+        self._batchers.pop(index, None)
+        self._write_batchers.pop(index, None)
+        if self.channels is not None and (channel := self.channels.pop(index, None)) is not None:
+            channel.close()
+
+    def handle(self, index: int) -> Any:
+        return self._handles[index]
+
+    def handles(self) -> list[Any]:
+        """The handles of the shards this router knows, by index."""
+        return [self._handles[index] for index in sorted(self._handles)]
 
     @property
     def shard_count(self) -> int:
-        return len(self._handles)
+        return self.map.shards
+
+    async def read_map(self) -> ShardMap:
+        """Read the current map (one read at a time: callers meanwhile share it) and route by it."""
+        if self._load_map is None:
+            return self.map
+        if self._map_reading is None:
+            self._map_reading = asyncio.get_running_loop().create_task(self._read_map(self._load_map))
+        return await asyncio.shield(self._map_reading)
+
+    async def _read_map(self, load: Callable[[], Awaitable[ShardMap]]) -> ShardMap:
+        try:
+            found = await load()
+            if found.epoch != self.map.epoch:
+                log.info("shard_map_changed", epoch=found.epoch, count=found.count, target=found.target)
+            self.map = found
+            return found
+        finally:
+            self._map_reading = None
+
+    async def _shard(self, index: int) -> int:
+        """`index`, once this router has a handle of that shard (found through `connect`)."""
+        if index not in self._handles:
+            if self._connect is None:
+                raise Unavailable(f"shard {index} is unknown to this gateway")
+            self.add_shard(index, await self._connect(index))
+        return index
 
     def close(self) -> None:
         """Close the data plane's connections (the shards keep running)."""
-        for channel in self.channels or ():
+        for channel in (self.channels or {}).values():
             channel.close()
 
     @property
@@ -191,10 +251,9 @@ class ShardRouter:
         operation = operation_of(method)
         if operation.rate_limited:
             self._refuse_if_still_limited(user_id)
-        index = shard_index(user_id, len(self._handles))
         repeatable = operation.repeatable or kwargs.get("idem") is not None
         try:
-            result: R = await self._call(index, operation, args, kwargs, timeout_s, repeatable=repeatable)
+            result: R = await self._call(user_id, operation, args, kwargs, timeout_s, repeatable=repeatable)
         except RateLimited as refused:
             if operation.rate_limited:
                 self._remember_refusal(user_id, refused.fields.get("wait_ms", 0) / 1000)
@@ -223,7 +282,7 @@ class ShardRouter:
 
     async def _call(
         self,
-        index: int,
+        to: int | str,
         operation: Operation,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -231,6 +290,8 @@ class ShardRouter:
         *,
         repeatable: bool,
     ) -> Any:
+        """Call shard `to` (an index), or the shard that owns user `to` (a user id: routed by the
+        map, and again, by a map read anew, when that shard says the user moved)."""
         method = operation.name
         started = time.perf_counter()
         outcome = "ok"
@@ -238,21 +299,28 @@ class ShardRouter:
             async with asyncio.timeout(timeout_s):
                 delay = RETRY_DELAY_MIN_S
                 while True:
+                    index = to if isinstance(to, int) else self.map.shard_of(to)
                     try:
-                        if operation.lane is not None and self.channels is not None:
-                            return await self.channels[index].call(method, args, kwargs)
-                        if operation.lane == "read":
-                            return await self._batchers[index].call(method, args, kwargs)
-                        if operation.lane == "write":
-                            return await self._write_batchers[index].call(method, args, kwargs)
-                        return await getattr(self._handles[index], method).remote(*args, **kwargs)
+                        return await self._send(await self._shard(index), operation, args, kwargs)
                     except (ray.exceptions.RayActorError, ShardUnreachable) as exc:
                         if not repeatable and getattr(exc, "sent", True):
                             raise
-                        # Dead or restarting: try again until the bound (then 503).
+                        # Dead or restarting (or retired by a resize): try again until the bound (then 503).
                         log.info("shard_call_retry", method=method, error=type(exc).__name__, delay_s=delay)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, RETRY_DELAY_MAX_S)
+                        if isinstance(to, str):
+                            await self._read_map_quietly()
+                    except (UserMoved, UserMoving) as exc:
+                        if isinstance(to, int):
+                            raise
+                        # Refused before anything was done, so any call may be sent again: at once
+                        # to the new owner the map names, else after a wait (a handoff under way).
+                        before = self.map.shard_of(to)
+                        await self._read_map_quietly()
+                        if isinstance(exc, UserMoving) or self.map.shard_of(to) == before:
+                            await asyncio.sleep(delay)
+                            delay = min(delay * 2, RETRY_DELAY_MAX_S)
         except TimeoutError:
             outcome = "timeout"
             raise Unavailable("the user's shard did not answer in time") from None
@@ -274,6 +342,40 @@ class ShardRouter:
         finally:
             self._metrics.shard_calls.labels(method, outcome).observe(time.perf_counter() - started)
 
+    async def _send(
+        self, index: int, operation: Operation, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        method = operation.name
+        if operation.lane is not None and self.channels is not None:
+            return await self.channels[index].call(method, args, kwargs)
+        if operation.lane == "read":
+            return await self._batchers[index].call(method, args, kwargs)
+        if operation.lane == "write":
+            return await self._write_batchers[index].call(method, args, kwargs)
+        return await getattr(self._handles[index], method).remote(*args, **kwargs)
+
+    async def _read_map_quietly(self) -> None:
+        """Read the map again; a failure leaves the one known (the caller retries, bounded)."""
+        try:
+            await self.read_map()
+        except Exception as exc:
+            log.warning("shard_map_read_failed", error=repr(exc))
+
+    async def call_shard(
+        self,
+        index: int,
+        method: Callable[Concatenate[LedgerShard, P], Awaitable[R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Call a declared shard-wide `method` on shard `index` (a resize's steps)."""
+        operation = operation_of(method)
+        result: R = await self._call(
+            index, operation, args, kwargs, self._timeout_s, repeatable=operation.repeatable
+        )
+        return result
+
     async def each(
         self, method: Callable[[LedgerShard], Awaitable[R]], *, timeout_s: float | None = None
     ) -> list[R | BaseException]:
@@ -286,7 +388,7 @@ class ShardRouter:
                 *(
                     # Not retried: a status asked of every shard reports a dead one at once.
                     self._call(index, operation, (), {}, bound_s, repeatable=False)
-                    for index in range(len(self._handles))
+                    for index in range(self.map.shards)
                 ),
                 return_exceptions=True,
             )
@@ -454,6 +556,14 @@ class ShardClient:
 
     async def list_holds(self, user_id: str) -> views.Page[views.HoldView]:
         return await self.router.call(user_id, LedgerShard.list_holds, user_id)
+
+    # The shard map (a resize's steps, by shard)
+
+    async def release(self, shard: int, slots: list[int], to_shard: int) -> int:
+        return await self.router.call_shard(shard, LedgerShard.release, slots, to_shard)
+
+    async def refresh_slots(self, shard: int) -> list[int]:
+        return await self.router.call_shard(shard, LedgerShard.refresh_slots)
 
     # Every shard
 

@@ -32,8 +32,28 @@ from actors.records import (
     SessionRecord,
     StoredLedger,
 )
-from actors.store import Fence, StoreFenced, UnreadableLedger, WriteOutcome, WriteReceipt
-from persistence import credit_ledger, events, holds, ledgers, meters, plan_events, replies, sessions, users
+from actors.routing import namespace_of, slot_of
+from actors.store import (
+    Fence,
+    Ownership,
+    StoreFenced,
+    StoreMoved,
+    UnreadableLedger,
+    WriteOutcome,
+    WriteReceipt,
+)
+from persistence import (
+    credit_ledger,
+    events,
+    holds,
+    ledgers,
+    meters,
+    plan_events,
+    replies,
+    sessions,
+    shardmap,
+    users,
+)
 from persistence.batch import Batch
 from persistence.database import PoolLimits, create_pool
 from persistence.decode import UnreadableRow
@@ -75,10 +95,12 @@ class PostgresStore:
     async def claim(self, owner: str) -> Fence:
         with translate_errors("claim"):
             async with self._connection() as connection:
+                # A shard new to its namespace's map owns no slot until one is moved to it.
                 epoch = await connection.fetchval(
                     """
-                    insert into shard_activations as a (owner, epoch, host, pid)
-                    values ($1, 1, $2, $3)
+                    insert into shard_activations as a (owner, epoch, host, pid, namespace, slots)
+                    values ($1, 1, $2, $3, $4,
+                            case when exists (select from shard_map where namespace = $4) then '{}'::integer[] end)
                     on conflict (owner) do update
                         set epoch = a.epoch + 1, host = excluded.host, pid = excluded.pid, claimed_at = now()
                     returning epoch
@@ -86,16 +108,19 @@ class PostgresStore:
                     owner,
                     socket.gethostname(),
                     os.getpid(),
+                    namespace_of(owner),
                 )
         return Fence(owner, epoch)
 
-    async def holds(self, fence: Fence) -> bool:
-        with translate_errors("holds"):
+    async def ownership(self, fence: Fence) -> Ownership:
+        with translate_errors("ownership"):
             async with self._connection() as connection:
-                epoch = await connection.fetchval(
-                    "select epoch from shard_activations where owner = $1", fence.owner
-                )
-        return bool(epoch == fence.epoch)
+                return await shardmap.ownership(connection, fence)
+
+    async def move_slots(self, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
+        with translate_errors("move_slots"):
+            async with self._connection() as connection:
+                return await shardmap.move_slots(connection, fence, slots, to_shard)
 
     async def open_session_users(self) -> list[str]:
         with translate_errors("open_session_users"):
@@ -127,9 +152,13 @@ class PostgresStore:
                     # One round trip: the fence (a share lock on the claim row: a newer claim waits
                     # for this transaction, and once it has committed no write of the older epoch gets
                     # past here) and this transaction's id (for `write_outcome`), as they apply.
-                    epoch, transaction_id = await _begin_write(connection, fence, with_id=receipt is not None)
+                    epoch, owns, transaction_id = await _begin_write(
+                        connection, fence, [s.user.user_id for s in snapshots], with_id=receipt is not None
+                    )
                     if fence is not None and epoch != fence.epoch:
                         raise StoreFenced(f"{fence.owner} is at epoch {epoch}; this write has {fence.epoch}")
+                    if not owns:
+                        raise StoreMoved("this shard no longer owns the slot of a user written")
                     if receipt is not None:
                         receipt.transaction_id = transaction_id
                     batch = Batch(connection)
@@ -232,23 +261,27 @@ class PostgresStore:
 
 
 async def _begin_write(
-    connection: Any, fence: Fence | None, *, with_id: bool
-) -> tuple[int | None, int | None]:
+    connection: Any, fence: Fence | None, user_ids: Sequence[str], *, with_id: bool
+) -> tuple[int | None, bool, int | None]:
     """The fence's epoch as this transaction sees it, share-locked (None: no fence, or no claim
-    row), and the transaction's id (None unless `with_id`), in one statement."""
+    row), whether its shard owns the slot of every user in `user_ids` (true for a shard of no map),
+    and the transaction's id (None unless `with_id`), in one statement."""
     if fence is None and not with_id:
-        return None, None
+        return None, True, None
     transaction_id = "pg_current_xact_id()::text::bigint" if with_id else "null::bigint"
     if fence is None:
-        return None, await connection.fetchval(f"select {transaction_id}")
+        return None, True, await connection.fetchval(f"select {transaction_id}")
     row = await connection.fetchrow(
         f"""
-        select (select epoch from shard_activations where owner = $1 for share) as epoch,
-               {transaction_id} as transaction_id
+        select epoch, slots is null or slots @> $2::integer[] as owns, {transaction_id} as transaction_id
+        from shard_activations where owner = $1 for share
         """,
         fence.owner,
+        sorted({slot_of(user_id) for user_id in user_ids}),
     )
-    return row["epoch"], row["transaction_id"]
+    if row is None:
+        return None, True, None
+    return row["epoch"], row["owns"], row["transaction_id"]
 
 
 async def _record_delivery(connection: Any, delivery: Delivery) -> bool:

@@ -73,6 +73,18 @@ class FaultyMemoryStore(MemoryStore):
             self.lose_next_commit_reply = False
             raise StoreOutcomeUnknown("the write landed but its acknowledgement was lost")
 
+    async def move_slots(self, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
+        """With `cut_next_write`, nothing moves; with `lose_next_commit_reply`, the slots move: either
+        way the caller gets `StoreOutcomeUnknown`."""
+        if self.cut_next_write:
+            self.cut_next_write = False
+            raise StoreOutcomeUnknown("connection lost during the handoff")
+        epoch = await super().move_slots(fence, slots, to_shard)
+        if self.lose_next_commit_reply:
+            self.lose_next_commit_reply = False
+            raise StoreOutcomeUnknown("the handoff landed but its acknowledgement was lost")
+        return epoch
+
     async def finish_pending_commit(self) -> None:
         """Let a held commit land (see `hold_next_commit`)."""
         assert self.pending_commit is not None
@@ -117,7 +129,8 @@ for _name in (
     "load",
     "open_session_users",
     "claim",
-    "holds",
+    "ownership",
+    "move_slots",
     "save",
     "prune_replies",
     "find_session",

@@ -132,7 +132,7 @@ class RunningServer:
         await self.task
 
     def shard_handles(self) -> list[Any]:
-        return list(self.runtime.router._handles)
+        return self.runtime.router.handles()
 
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]

@@ -116,3 +116,8 @@ class ShardStats:
     open_holds: int = 0
     held_minutes_ms: int = 0
     held_meter_units: int = 0
+    # The shard map (`actors.routing`): slots this shard owns, being handed off now, and the users
+    # it handed to other shards since it started.
+    slots: int = 0
+    slots_leaving: int = 0
+    users_handed_off: int = 0

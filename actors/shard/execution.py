@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from actors.errors import (
     IdempotencyInFlight,
@@ -31,6 +31,9 @@ from actors.ratelimit import TokenBucket
 from actors.records import ReplyRecord
 from actors.replies import IdempotencyKey, encode_outcome, encode_result, replay
 from actors.shard.config import USER_WAITERS_MAX
+
+if TYPE_CHECKING:
+    from actors.shard.placement import Placement
 from actors.shard.operations import Operation, Turn
 from actors.shard.parts import ShardPart
 from actors.turns import TooManyWaiters, UserTurns
@@ -74,6 +77,8 @@ class Execution(ShardPart):
     _claims: dict[tuple[str, str], str] = field(default_factory=dict, init=False)
     # Each resident user's request budget (see `actors.ratelimit`).
     _buckets: dict[str, TokenBucket] = field(default_factory=dict, init=False)
+    # Which users this shard serves (set by the shard once made; see `placement`).
+    placement: Placement | None = field(default=None, init=False)
 
     async def run(
         self,
@@ -157,6 +162,8 @@ class Execution(ShardPart):
         the ledger already holds ends here with `_Known` (see `_once`); a `rate_limited` one takes
         a token of the user's rate limit here (`RateLimited`); either way the turn is given back."""
         ledgers = self.residency.ledgers
+        if self.placement is not None and self.placement.leaving:
+            self.placement.check(user_id)  # its slot may be leaving (a handoff under way)
         if user_id not in ledgers or user_id in self.durable.in_doubt or not self.turns.try_take(user_id):
             await self._wait_for_turn(user_id, deadline if deadline is not None else self.begin_by())
         ledger = ledgers[user_id]
@@ -177,10 +184,14 @@ class Execution(ShardPart):
         try:
             async with asyncio.timeout_at(deadline):
                 await self.running()
+                await self._served_here(user_id)
                 await self.residency.activate(user_id)
                 if not self.turns.try_take(user_id):
                     await self.turns.take(user_id, deadline=deadline)
                 took = True
+                if user_id not in self.residency.ledgers:  # handed to another shard while it waited
+                    await self._served_here(user_id)
+                    raise _not_loaded()
                 if user_id in self.durable.in_doubt:
                     await self.durable.resolve(user_id)
         except TimeoutError:
@@ -204,10 +215,20 @@ class Execution(ShardPart):
         try:
             async with asyncio.timeout_at(deadline):
                 await self.running()
+                await self._served_here(user_id)
                 await self.residency.activate(user_id)
         except TimeoutError:
             raise _not_loaded() from None
         self._take_token(user_id, self.residency.ledgers[user_id])
+
+    async def _served_here(self, user_id: str) -> None:
+        """`UserMoving` or `UserMoved` unless this shard serves the user (see `placement`)."""
+        if self.placement is not None:
+            await self.placement.confirm(user_id)
+
+    def forget(self, user_id: str) -> None:
+        """The user was handed to another shard: their request budget goes with them."""
+        self._buckets.pop(user_id, None)
 
     def _take_token(self, user_id: str, ledger: UserLedger) -> None:
         """Take one of the user's tokens (their plan's `rate_limit`); `RateLimited` when none is left.

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from actors.records import Delivery, LedgerSnapshot
-from actors.store import Fence, LedgerStore, StoreFenced, WriteReceipt
+from actors.store import Fence, LedgerStore, Ownership, StoreFenced, WriteReceipt
 
 log = structlog.get_logger("actors.shard")
 
@@ -43,8 +43,12 @@ class Fencing:
             self._on_lost()
             raise
 
-    async def check(self) -> None:
-        """Whether a newer activation claimed this shard, asked even when there is nothing to write:
-        a replaced shard that only serves reads learns of it within one sync interval."""
-        if self.fence is not None and not await self._store().holds(self.fence):
+    async def ownership(self) -> Ownership | None:
+        """What the store says of this activation (None: unfenced). Asked even when there is nothing
+        to write: a replaced shard that only serves reads learns of it within one sync interval."""
+        if self.fence is None:
+            return None
+        found = await self._store().ownership(self.fence)
+        if not found.current:
             self._on_lost()
+        return found

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import structlog
 
 from actors.errors import Unavailable
 from actors.ledger import LedgerPolicy, StoredStateError, UserLedger
-from actors.routing import shard_index
+from actors.routing import slot_of
 from actors.shard.config import (
     ACTIVATION_BATCH_USERS,
     RETRY_DELAY_MAX_S,
@@ -50,6 +51,8 @@ class Residency:
         self._clock = clock
         self._watchers = watchers
         self._running = running  # waits (bounded) until the shard serves; `Unavailable` if it won't
+        # Whether this shard serves a user now (its slot is owned: `placement`); set by the shard.
+        self.mine: Callable[[str], bool] = lambda user_id: True
         self.store: LedgerStore | None = None  # set once the shard has connected
         self.ledgers: dict[str, UserLedger] = {}
         self.dirty: set[str] = set()  # users with changes the store does not have yet
@@ -169,8 +172,8 @@ class Residency:
             raise Unavailable.of_store() from exc
         now = self._clock()
         for user_id in user_ids:
-            if user_id in self.ledgers:
-                continue
+            if user_id in self.ledgers or not self.mine(user_id):
+                continue  # (a user whose slot was handed off while it loaded is not kept)
             found = stored.get(user_id)
             try:
                 if isinstance(found, UnreadableLedger):
@@ -218,14 +221,32 @@ class Residency:
             active_sessions=self.active_session_count(),
         )
 
-    async def _reactivate(self) -> None:
+    async def _reactivate(self, slots: Collection[int] | None = None) -> None:
+        """Load this shard's users with open sessions or holds (of `slots` only, if given)."""
         mine = [
             user_id
             for user_id in await self.require_store().open_session_users()
-            if shard_index(user_id, self._config.shard_count) == self._config.shard_index
+            if self.mine(user_id) and (slots is None or slot_of(user_id) in slots)
         ]
         for begin in range(0, len(mine), ACTIVATION_BATCH_USERS):
             await self.load(mine[begin : begin + ACTIVATION_BATCH_USERS])
+
+    async def reactivate_slots(self, slots: Sequence[int]) -> None:
+        """Slots this shard was just given: load their users with open sessions or holds (retried
+        while the store is down), so their alarms run here from now on."""
+        gained = frozenset(slots)
+        await retrying(
+            "reactivate_gained_slots", lambda: self._reactivate(gained), shard=self._config.shard_index
+        )
+
+    def evict(self, user_id: str) -> None:
+        """Forget a resident user (handed to another shard): their ledger, alarms and dirt."""
+        self.ledgers.pop(user_id, None)
+        self.dirty.discard(user_id)
+        self.unreadable.pop(user_id, None)
+        self.timers.arm(user_id, None)
+        # Streams waiting on the user wake, and are told where the user went when they ask again.
+        self._watchers.wake(user_id, sys.maxsize)
 
 
 async def retrying(what: str, operation: Callable[[], Awaitable[T]], *, shard: int) -> T:

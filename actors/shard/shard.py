@@ -69,6 +69,7 @@ from actors.shard.durable import Durable
 from actors.shard.execution import AfterTurn, Execution
 from actors.shard.fencing import Fencing
 from actors.shard.operations import Turn, declared, operation, shard_call
+from actors.shard.placement import Placement
 from actors.shard.residency import Residency, retrying
 from actors.shard.watchers import Watchers
 from actors.shard.writebehind import WriteBehind
@@ -131,6 +132,17 @@ class LedgerShard:
         self._turns = self.execution.turns
         self._write_behind = WriteBehind(*part, turns=self._turns, fencing=self._fencing)
         self._alarms = Alarms(*part, turns=self._turns)
+        self._placement = Placement(
+            *part,
+            turns=self._turns,
+            fencing=self._fencing,
+            flush_lock=self._write_behind.lock,
+            forget=self.execution.forget,
+            reactivate=self._residency.reactivate_slots,
+        )
+        self.execution.placement = self._placement
+        self._residency.mine = self._placement.owns
+        self._write_behind.refresh_placement = self._placement.refresh
         self._deliveries = Deliveries(*part)
         self._batches = Batches(lambda name: getattr(self, name) if name in BATCHABLE else None)
         self._host, self._pid = socket.gethostname(), os.getpid()  # a restart is a new process
@@ -162,6 +174,7 @@ class LedgerShard:
                 "store_claim", lambda: self._fencing.claim(owner), shard=self._config.shard_index
             )
             log.info("shard_claimed", shard=self._config.shard_index, owner=owner, epoch=fence.epoch)
+            await retrying("store_slots", self._placement.refresh, shard=self._config.shard_index)
         # Serving starts at once: the users with open sessions are loaded in the background (their
         # alarms must run even if no request comes for them), and a request for one of them loads
         # that user first, as any cold user is loaded. After a restart with 50k open sessions on a
@@ -717,6 +730,22 @@ class LedgerShard:
         """Called once the shard no longer serves (fenced, or stopping); for its host to close what
         it opened for it."""
 
+    @shard_call()
+    async def release(self, slots: list[int], to_shard: int) -> int:
+        """Hand `slots` (those this shard owns) to shard `to_shard`: their users' state written
+        through, then the slots moved in the store, then the users forgotten (`placement`).
+        Returns the users handed off. Repeating it after a failure is safe."""
+        await self._running()
+        return await self._placement.release(slots, to_shard)
+
+    @shard_call(repeatable=True)
+    async def refresh_slots(self) -> list[int]:
+        """Ask the store which slots this shard owns now, and serve them (the users of slots just
+        given are loaded if they have open sessions or holds). Returns the slots owned."""
+        await self._running()
+        await self._placement.refresh()
+        return self._placement.owned
+
     @shard_call(repeatable=True)
     async def stats(self) -> ShardStats:
         store, residency, write_behind = self._store, self._residency, self._write_behind
@@ -757,6 +786,9 @@ class LedgerShard:
             open_holds=open_holds,
             held_minutes_ms=held_minutes_ms,
             held_meter_units=held_units,
+            slots=len(self._placement.owned),
+            slots_leaving=self._placement.leaving,
+            users_handed_off=self._placement.handed_off,
         )
 
     @shard_call()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -52,7 +52,10 @@ class WriteBehind(ShardPart):
     failures: int = field(default=0, init=False)
     last_flush_at_ms: int | None = field(default=None, init=False)
     last_flush_duration_ms: float | None = field(default=None, init=False)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    # Held by a flush, and by a handoff of slots (`placement`) so that no flush interleaves.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    # Asks the store which slots the shard owns (and whether its claim still holds), each sync.
+    refresh_placement: Callable[[], Awaitable[object]] | None = field(default=None, init=False)
     _next_prune_ms: int = field(default=0, init=False)
 
     async def flush(self) -> int:
@@ -60,7 +63,7 @@ class WriteBehind(ShardPart):
         residency = self.residency
         ledgers = residency.ledgers
         written = 0
-        async with self._lock:
+        async with self.lock:
             began = time.perf_counter()
             held_back = self.unwritable | self.durable.in_doubt.keys()
             users = [u for u in residency.dirty if u not in held_back and ledgers[u].is_dirty]
@@ -156,7 +159,8 @@ class WriteBehind(ShardPart):
                 retry_s = 0.0
                 if written:
                     log.debug("flushed", shard=self.config.shard_index, users=written)
-                await self.fencing.check()
+                if self.refresh_placement is not None:
+                    await self.refresh_placement()
                 await self.durable.resolve_idle(self.turns)
                 await self._prune_replies_when_due()
             except Exception as exc:

@@ -14,18 +14,22 @@ from actors.replies import IdempotencyKey
 from actors.shard import Purchase, ShardStats
 from actors.times import minutes_to_ms, to_datetime, to_minutes
 from gateway.auth import USER_ID_MAX_LENGTH, USER_ID_PATTERN, delivery_id, webhook_signature_scheme
+from gateway.errors import ApiError
 from gateway.routes.common import idempotency_key, plan_event, problems, request_id, runtime
-from gateway.runtime import Runtime
+from gateway.runtime import ResizeUnderWay, Runtime
 from gateway.schemas import (
     SESSIONS_PAGE_DEFAULT,
     SESSIONS_PAGE_MAX,
     CreditsRequest,
     CreditsResponse,
+    MapShard,
     PlanChangeRequest,
     PlanChangeResponse,
     ReconciliationReport,
+    ResizeRequest,
     SessionItem,
     SessionList,
+    ShardMapStatus,
     ShardStatus,
     Status,
     Usage,
@@ -136,3 +140,59 @@ async def status(rt: Runtime = Depends(runtime)) -> Status:
             )
         )
     return Status(shards=shards)
+
+
+@router.get("/shards", response_model=ShardMapStatus, responses=problems(401, 503))
+async def shard_map(rt: Runtime = Depends(runtime)) -> ShardMapStatus:
+    """The shard map (count, epoch, whether a resize is under way) and each shard's part of it
+    (`usage-ledger shards`)."""
+    return await _map_status(rt)
+
+
+@router.post(
+    "/shards",
+    status_code=202,
+    response_model=ShardMapStatus,
+    responses=problems(401, 409, 413, 422, 503),
+)
+async def resize_shards(body: ResizeRequest, rt: Runtime = Depends(runtime)) -> ShardMapStatus:
+    """Begin changing the shard count to `count` while serving (`usage-ledger shards resize N`):
+    202 at once, then `GET` says `moving` until it is done. Asking again for the same count
+    resumes an interrupted resize; asking for the old count rolls it back."""
+    try:
+        rt.resize(body.count)
+    except ResizeUnderWay as exc:
+        raise ApiError(409, "resize_in_progress", f"{exc}; wait for it, then ask again") from None
+    return await _map_status(rt, moving=True)
+
+
+async def _map_status(rt: Runtime, *, moving: bool = False) -> ShardMapStatus:
+    found = await rt.router.read_map()
+    stats = await rt.shards.stats()
+    shards = []
+    for index, result in enumerate(stats):
+        slots = found.owners.count(index)
+        if not isinstance(result, ShardStats):
+            shards.append(
+                MapShard(shard=index, slots=slots, state="unreachable", error=type(result).__name__)
+            )
+            continue
+        shards.append(
+            MapShard(
+                shard=index,
+                slots=slots,
+                state=result.state,
+                resident_users=result.resident_users,
+                active_sessions=result.active_sessions,
+                slots_leaving=result.slots_leaving,
+                users_handed_off=result.users_handed_off,
+            )
+        )
+    return ShardMapStatus(
+        count=found.count,
+        epoch=found.epoch,
+        moving=found.moving or moving,
+        target=found.target,
+        error=rt.resize_error,
+        shards=shards,
+    )

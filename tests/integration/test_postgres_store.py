@@ -394,7 +394,7 @@ async def test_a_newer_claim_fences_the_older_one_whose_writes_then_land_nowhere
     await store.save([ledger.snapshot()], fence=old)  # the owner's newest claim: written
     new = await store.claim(owner)
     assert new.epoch == 2
-    assert await store.holds(new) and not await store.holds(old)
+    assert (await store.ownership(new)).current and not (await store.ownership(old)).current
     ledger.heartbeat(T0 + MS_PER_MINUTE, ledger.active_session_id or "")
     receipt = WriteReceipt()
     with pytest.raises(StoreFenced):

@@ -52,8 +52,7 @@ import ray
 import uvicorn
 from ray.cluster_utils import Cluster
 
-from actors.hosting import shard_name
-from actors.routing import shard_index
+from actors.routing import shard_index, shard_name
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.harness import INTERNAL_SECRET, JWT_SECRET, PLANS_FILE, SYNC_INTERVAL_S, auth, new_user, signed
@@ -210,7 +209,7 @@ def start_cluster() -> tuple[Any, Any]:
 
 
 def shard_handles() -> list[Any]:
-    return [ray.get_actor(shard_name(index, SHARDS), namespace=NAMESPACE) for index in range(SHARDS)]
+    return [ray.get_actor(shard_name(index), namespace=NAMESPACE) for index in range(SHARDS)]
 
 
 async def placement(handles: list[Any]) -> list[tuple[str, int]]:

@@ -22,6 +22,7 @@ The faults, each as Postgres shows it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +44,7 @@ from actors.records import (
 from actors.store import (
     Fence,
     MemoryStore,
+    Ownership,
     StoreError,
     StoreOutcomeUnknown,
     StoreUnavailable,
@@ -165,8 +167,33 @@ class FaultyStore:
     async def claim(self, owner: str) -> Fence:
         return await self._call(lambda: self.inner.claim(owner))
 
-    async def holds(self, fence: Fence) -> bool:
-        return await self._call(lambda: self.inner.holds(fence))
+    async def ownership(self, fence: Fence) -> Ownership:
+        return await self._call(lambda: self.inner.ownership(fence))
+
+    async def move_slots(self, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
+        """A handoff's commit, with the write faults: cut (not moved), lost reply (moved), held
+        (moved a little later); each answered `StoreOutcomeUnknown`."""
+        await self._wait()
+        self._check()
+        fault, self.faults.next_write = self.faults.next_write, None
+        if fault == "cut":
+            raise StoreOutcomeUnknown("connection lost during the handoff")
+        if fault == "hold":
+            low, high = self.faults.hold_s
+
+            async def land() -> None:
+                await asyncio.sleep(self._rng.uniform(low, high))
+                with contextlib.suppress(StoreError):
+                    await self.inner.move_slots(fence, slots, to_shard)
+
+            landing = asyncio.get_running_loop().create_task(land())
+            self._landing.add(landing)
+            landing.add_done_callback(self._landing.discard)
+            raise StoreOutcomeUnknown("no answer to COMMIT; the handoff is still in progress")
+        epoch = await self.inner.move_slots(fence, slots, to_shard)
+        if fault == "lose_reply":
+            raise StoreOutcomeUnknown("the handoff landed but its acknowledgement was lost")
+        return epoch
 
     async def prune_replies(self, now_ms: int) -> int:
         return await self._call(lambda: self.inner.prune_replies(now_ms))

@@ -1,0 +1,263 @@
+"""Placement: which users this shard serves (the slots it owns), and handing slots to another shard.
+
+The store says which slots a shard owns (`LedgerStore.ownership`; slots are
+kept with the shard's claim, see `actors.routing`). A call for a user of a
+slot this shard does not own is answered `UserMoved` once the store confirms
+it (a shard that was just given the slot learns it then), so the gateway
+routes it again; a call for a user of a slot being handed off is answered
+`UserMoving` (the gateway waits, bounded, and tries again).
+
+A handoff (`release`), per slot set, on the giving shard:
+
+1. the slots are marked leaving: new calls for their users are refused;
+2. the shard takes each of their resident users' turns (the operations under
+   way finish first; those that were waiting find the user leaving), and
+   settles any write in doubt;
+3. under the write-behind's lock (no flush interleaves), it writes those users'
+   state through, then moves the slots to the other shard in the store: one
+   transaction that waits for this shard's writes under way, after which the
+   store refuses any write of this shard holding one of those users
+   (`StoreMoved`): it can never write them again;
+4. the users are dropped from memory (their alarms with them), and their
+   streams woken, to be asked again of the new owner.
+
+If a step fails before the move commits, the slots are this shard's again and
+nothing changed. If the move's outcome is unknown, they stay leaving (refused)
+until the store is asked again (the next `refresh`, or `release` repeated).
+The receiving shard learns of its new slots from the store (`refresh`: on a
+call for one of their users, at every sync, or when the resize asks it) and
+loads their users with open sessions or holds, whose alarms must run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from actors.errors import Unavailable, UserMoved, UserMoving
+from actors.routing import SLOTS, initial_owners, slot_of
+from actors.shard.config import RETRY_DELAY_MAX_S, RETRY_DELAY_MIN_S
+from actors.shard.fencing import Fencing
+from actors.shard.parts import ShardPart
+from actors.store import Fence, StoreError, StoreOutcomeUnknown
+from actors.turns import UserTurns
+
+log = structlog.get_logger("actors.shard")
+
+# A slot's state on this shard.
+NOT_OWNED, OWNED, LEAVING = 0, 1, 2
+
+
+@dataclass(eq=False)
+class Placement(ShardPart):
+    turns: UserTurns
+    fencing: Fencing
+    flush_lock: asyncio.Lock  # the write-behind's: no flush runs while slots are handed off
+    forget: Callable[[str], None]  # drop what the shard keeps of a user beyond residency
+    reactivate: Callable[[Sequence[int]], Coroutine[Any, Any, None]]  # load open sessions of gained slots
+    _state: bytearray = field(init=False)
+    leaving: int = field(default=0, init=False)  # slots leaving now (begin re-checks while any)
+    handed_off: int = field(default=0, init=False)  # users handed to other shards since start
+    _release_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _refreshing: asyncio.Task[None] | None = field(default=None, init=False)
+    _asked: int = field(default=0, init=False)  # refreshes asked for, and done (`confirm`)
+    _done: int = field(default=0, init=False)
+    _background: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+
+    def __post_init__(self) -> None:
+        # A shard run alone (no owner: tests, one process) owns what a brand-new map of its count
+        # gives it; a hosted one owns nothing until the store says (`refresh`, before it serves).
+        owners = initial_owners(self.config.shard_count)
+        index = self.config.shard_index if self.config.owner is None else -1
+        self._state = bytearray(OWNED if owner == index else NOT_OWNED for owner in owners)
+
+    @property
+    def owned(self) -> list[int]:
+        return [slot for slot in range(SLOTS) if self._state[slot] == OWNED]
+
+    def owns(self, user_id: str) -> bool:
+        return self._state[slot_of(user_id)] == OWNED
+
+    def check(self, user_id: str) -> None:
+        """Refuse at once a call for a user of a slot leaving (`UserMoving`); else nothing (a slot
+        not owned is confirmed with the store by `confirm`)."""
+        if self._state[slot_of(user_id)] == LEAVING:
+            raise UserMoving("this user is moving to another shard; retry shortly", retry_after_s=1)
+
+    async def confirm(self, user_id: str) -> None:
+        """Return if this shard serves `user_id`; else `UserMoving`, or `UserMoved` once the store
+        has confirmed that this shard does not own the user's slot."""
+        slot = slot_of(user_id)
+        state = self._state[slot]
+        if state == OWNED:
+            return
+        if state == LEAVING:
+            raise UserMoving("this user is moving to another shard; retry shortly", retry_after_s=1)
+        await self._refreshed()
+        if self._state[slot] != OWNED:
+            raise UserMoved("this user is served by another shard", slot=slot)
+
+    async def _refreshed(self) -> None:
+        """Return once a refresh that began after this call was made has ended (one at a time:
+        calls that arrive meanwhile share the next)."""
+        self._asked += 1
+        asked = self._asked
+        while self._done < asked:
+            if self._refreshing is None:
+                self._refreshing = asyncio.get_running_loop().create_task(self._refresh_upto(self._asked))
+            refreshing = self._refreshing
+            try:
+                await asyncio.shield(refreshing)
+            except (StoreError, TimeoutError) as exc:
+                raise Unavailable.of_store() from exc
+
+    async def _refresh_upto(self, asked: int) -> None:
+        try:
+            async with asyncio.timeout(self.config.resolve_timeout_s):
+                await self.refresh()
+            self._done = max(self._done, asked)
+        finally:
+            self._refreshing = None
+
+    async def refresh(self) -> list[int]:
+        """Ask the store which slots this shard owns and follow it: slots gained are served from
+        now on (their users with open sessions are loaded in the background); slots lost without a
+        handoff of this shard's knowing (one whose outcome was unknown) are dropped. Returns the
+        slots gained."""
+        ownership = await self.fencing.ownership()
+        if ownership is None:
+            return []  # unfenced: its slots never change
+        owned = ownership.slots
+        if owned is None:  # a shard of no map: what a brand-new map of its count gives it
+            count, index = self.config.shard_count, self.config.shard_index
+            owned = frozenset(range(index, SLOTS, count))
+        gained = [slot for slot in sorted(owned) if self._state[slot] == NOT_OWNED]
+        if self._release_lock.locked():
+            # A handoff is under way: it decides its own slots; only gains are taken here.
+            lost: list[int] = []
+        else:
+            lost = [slot for slot in range(SLOTS) if self._state[slot] != NOT_OWNED and slot not in owned]
+            for slot in range(SLOTS):
+                if self._state[slot] == LEAVING and slot in owned:
+                    self._state[slot] = OWNED  # an unknown handoff that did not happen
+                    self.leaving -= 1
+        for slot in gained:
+            self._state[slot] = OWNED
+        if lost:
+            self._drop(set(lost))
+            log.info("slots_lost", shard=self.config.shard_index, slots=len(lost))
+        if gained:
+            log.info("slots_gained", shard=self.config.shard_index, slots=len(gained))
+            self._spawn(self.reactivate(gained))
+        return gained
+
+    async def release(self, slots: Sequence[int], to_shard: int) -> int:
+        """Hand `slots` (those of them this shard owns) to shard `to_shard` (see the module's
+        docstring). Returns the users handed off; `Unavailable` if the handoff could not be made
+        (then nothing changed, or, if its outcome is unknown, the slots stay leaving until the
+        store is asked again)."""
+        async with self._release_lock:
+            mine = sorted({slot for slot in slots if self._state[slot] == OWNED})
+            if not mine:
+                return 0
+            moving = set(mine)
+            for slot in mine:
+                self._state[slot] = LEAVING
+            self.leaving += len(mine)
+            users = [user_id for user_id in self.residency.ledgers if slot_of(user_id) in moving]
+            taken: list[str] = []
+            outcome = "kept"
+            try:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + self.config.durable_call_max_s
+                for user_id in users:
+                    await self.turns.take(user_id, deadline=deadline)
+                    taken.append(user_id)
+                    if user_id in self.durable.in_doubt:
+                        await self.durable.resolve(user_id)
+                async with self.flush_lock:
+                    await self._write_through(users)
+                    outcome = "unknown"
+                    async with asyncio.timeout(self.config.write_timeout_s):
+                        epoch = await self.residency.require_store().move_slots(self._fence(), mine, to_shard)
+                    outcome = "moved"
+            except (StoreError, TimeoutError, Unavailable) as exc:
+                if outcome == "unknown" and not isinstance(exc, StoreOutcomeUnknown | TimeoutError):
+                    outcome = "kept"  # refused before it could commit
+                if outcome == "kept":
+                    for slot in mine:
+                        self._state[slot] = OWNED
+                    self.leaving -= len(mine)
+                else:  # the move may have committed: the slots stay leaving until the store tells
+                    self._spawn(self._settle())
+                log.warning(
+                    "handoff_failed",
+                    shard=self.config.shard_index,
+                    to_shard=to_shard,
+                    slots=len(mine),
+                    outcome=outcome,
+                    error=repr(exc),
+                )
+                raise Unavailable("the handoff failed; nothing moved (or, if unsure, retry it)") from exc
+            finally:
+                if outcome == "moved":
+                    self._drop(moving)
+                for user_id in taken:
+                    self.turns.release(user_id)
+            self.handed_off += len(users)
+            log.info(
+                "slots_handed_off",
+                shard=self.config.shard_index,
+                to_shard=to_shard,
+                slots=len(mine),
+                users=len(users),
+                map_epoch=epoch,
+            )
+            return len(users)
+
+    async def _settle(self) -> None:
+        """After a handoff of unknown outcome: ask the store until it answers (`refresh`)."""
+        delay = RETRY_DELAY_MIN_S
+        while self.leaving and not self._release_lock.locked():
+            try:
+                await self.refresh()
+                return
+            except (StoreError, OSError) as exc:
+                log.warning("handoff_unsettled", shard=self.config.shard_index, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_DELAY_MAX_S)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write_through(self, users: Sequence[str]) -> None:
+        ledgers = self.residency.ledgers
+        snapshots = [ledgers[user_id].snapshot() for user_id in users if ledgers[user_id].is_dirty]
+        if not snapshots:
+            return
+        async with asyncio.timeout(self.config.write_timeout_s):
+            await self.fencing.save(snapshots)
+        for snapshot in snapshots:
+            ledgers[snapshot.user.user_id].mark_synced(snapshot.version)
+
+    def _fence(self) -> Fence:
+        fence = self.fencing.fence
+        if fence is None:
+            raise Unavailable("this shard is in no shard map: its slots cannot move")
+        return fence
+
+    def _drop(self, slots: set[int]) -> None:
+        """This shard no longer owns `slots`: forget their users (and wake their streams)."""
+        for slot in slots:
+            if self._state[slot] == LEAVING:
+                self.leaving -= 1
+            self._state[slot] = NOT_OWNED
+        for user_id in [user_id for user_id in self.residency.ledgers if slot_of(user_id) in slots]:
+            self.residency.evict(user_id)
+            self.forget(user_id)
