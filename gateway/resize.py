@@ -20,18 +20,28 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
 from actors.routing import SLOTS, ShardMap, moves, rebalanced
 from actors.store import ShardMapStore
-from gateway.shards import ShardClient
 
 log = structlog.get_logger("gateway.resize")
 
 # Slots handed over per step: the users of 32 slots (1/32 of a 1-shard cluster's) wait at most
 # about one write of their state.
 STEP_SLOTS = 32
+
+
+class ShardSteps(Protocol):
+    """What a resize asks of the shards (`gateway.shards.ShardClient`, or the simulation's)."""
+
+    async def release(self, shard: int, slots: list[int], to_shard: int) -> int: ...
+
+    async def refresh_slots(self, shard: int) -> list[int]: ...
+
+    async def read_map(self) -> ShardMap: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +66,7 @@ class Resizer:
         *,
         namespace: str,
         maps: ShardMapStore,
-        shards: ShardClient,
+        shards: ShardSteps,
         start_shards: Callable[[int], Awaitable[None]],
         retire_shards: Callable[[list[int]], Awaitable[None]],
     ) -> None:
@@ -71,11 +81,10 @@ class Resizer:
 
     async def resize(self, count: int) -> ShardMap:
         assert 1 <= count <= SLOTS, f"a shard count is between 1 and {SLOTS}"
-        router = self._shards.router
         current = await self._maps.set_target(self._namespace, count)
         log.info("resize_started", count=count, from_count=current.count, epoch=current.epoch)
         await self._start_shards(max(count, current.shards))
-        current = await router.read_map()
+        current = await self._shards.read_map()
         # A resize interrupted between a handoff and its receiver's refresh: every shard asks now.
         for index in range(current.shards):
             await self._shards.refresh_slots(index)
@@ -94,7 +103,7 @@ class Resizer:
                 users=users,
             )
         finished = await self._maps.set_target(self._namespace, None)
-        await router.read_map()
+        await self._shards.read_map()
         retired = [index for index in range(count, current.shards)]
         if retired:
             await self._retire_shards(retired)

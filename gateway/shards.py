@@ -559,6 +559,9 @@ class ShardClient:
 
     # The shard map (a resize's steps, by shard)
 
+    async def read_map(self) -> ShardMap:
+        return await self.router.read_map()
+
     async def release(self, shard: int, slots: list[int], to_shard: int) -> int:
         return await self.router.call_shard(shard, LedgerShard.release, slots, to_shard)
 

@@ -73,7 +73,7 @@ from actors.shard.placement import Placement
 from actors.shard.residency import Residency, retrying
 from actors.shard.watchers import Watchers
 from actors.shard.writebehind import WriteBehind
-from actors.store import CountingStore, LedgerStore
+from actors.store import CountingStore, LedgerStore, StoreError
 from actors.times import wall_clock_ms
 from actors.views import (
     BalanceCheck,
@@ -743,7 +743,11 @@ class LedgerShard:
         """Ask the store which slots this shard owns now, and serve them (the users of slots just
         given are loaded if they have open sessions or holds). Returns the slots owned."""
         await self._running()
-        await self._placement.refresh()
+        try:
+            async with asyncio.timeout(self._config.resolve_timeout_s):
+                await self._placement.refresh()
+        except (StoreError, TimeoutError) as exc:
+            raise Unavailable.of_store() from exc
         return self._placement.owned
 
     @shard_call(repeatable=True)

@@ -41,6 +41,7 @@ from actors.records import (
     SessionRecord,
     StoredLedger,
 )
+from actors.routing import ShardMap
 from actors.store import (
     Fence,
     MemoryStore,
@@ -194,6 +195,15 @@ class FaultyStore:
         if fault == "lose_reply":
             raise StoreOutcomeUnknown("the handoff landed but its acknowledgement was lost")
         return epoch
+
+    async def read_map(self, namespace: str) -> ShardMap | None:
+        return await self._call(lambda: self.inner.read_map(namespace))
+
+    async def create_map(self, namespace: str, count: int) -> ShardMap:
+        return await self._call(lambda: self.inner.create_map(namespace, count))
+
+    async def set_target(self, namespace: str, target: int | None) -> ShardMap:
+        return await self._call(lambda: self.inner.set_target(namespace, target))
 
     async def prune_replies(self, now_ms: int) -> int:
         return await self._call(lambda: self.inner.prune_replies(now_ms))

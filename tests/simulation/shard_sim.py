@@ -16,7 +16,10 @@ client for all (purchases and plan changes, redelivered and conflicting,
 billing anchors of short periods, reconciliations); and a nemesis that makes
 the store slow, takes it down, loses a commit's reply, cuts a write, holds a
 commit in flight, and kills the shard (its connections severed, its calls
-lost) for a new one to start from the store. Calls are made as Ray makes them
+lost) for a new one to start from the store. The shard count changes as the run goes (between 1
+and `MAX_SHARDS`, by the gateway's own `Resizer`), and a resize is cut short at any point: the
+gateway running it dies, a shard dies under a handoff, the store loses a handoff's answer or goes
+down; the next resize resumes it or rolls it back. Calls are made as Ray makes them
 (`tests.simulation.calls`): a caller that stops waiting does not cancel the
 shard's work; the hot ones (checks, heartbeats, meter uses, keyed starts) go
 through the gateway's own `ShardBatcher`, as in production, so users share
@@ -62,6 +65,12 @@ Safety
   L5  once the clients stop, every hold is resolved by its deadline at the
       latest (expired by the shard's own alarm, even across a restart).
 
+Placement
+  P1  every slot has exactly one owner in the store, at every step; a user is
+      served (resident, its slot owned) by one shard at most;
+  P2  a resize cut short is finished, or rolled back, by asking again once
+      the store is healthy.
+
 Run one seed: `LEDGER_SIM_SEED=123 pytest tests/simulation -q`; a failure
 prints its seed, the broken invariant and the trace's last lines.
 """
@@ -88,16 +97,20 @@ from actors.errors import (
     SessionEnded,
     SessionNotFound,
     Unavailable,
+    UserMoved,
+    UserMoving,
 )
 from actors.ledger import LedgerPolicy
 from actors.plans import parse_plans
 from actors.records import MONTHLY_BUCKET, PURCHASED_BUCKET
 from actors.replies import IdempotencyKey
+from actors.routing import SLOTS, ShardMap, owner_name, slot_of
 from actors.shard import LANES, LedgerShard, PlanEvent, Purchase, ShardConfig
 from actors.store import LedgerStore, MemoryStore
 from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
 from actors.views import CreditsAdded, HoldView, PlanChangeResult, SessionProgress, SessionStarted
 from gateway.metrics import Metrics
+from gateway.resize import Resizer
 from gateway.shards import ShardBatcher
 from tests.simulation.calls import RemoteHandle, ShardDied
 from tests.simulation.faults import Faults, FaultyStore
@@ -142,6 +155,8 @@ EXPECTED = (LedgerError, Unavailable, Overloaded, IdempotencyInFlight)
 BYSTANDER_WAIT_MAX_S = 0.1
 BYSTANDER = "bystander"
 TRACE_LINES_KEPT = 60
+NAMESPACE = "sim"
+MAX_SHARDS = 3  # resizes go between 1 and this many shards
 
 
 class Violation(AssertionError):
@@ -155,6 +170,19 @@ class SimConfig:
     call_timeout_s: float = 12.0  # the gateway's bound on a call (L1)
     step_s: float = 0.001  # the virtual CPU cost of one loop iteration
     crashes: bool = True
+    resizes: bool = True  # the nemesis changes the shard count (and crashes things mid-way)
+
+
+@dataclass
+class ShardGen:
+    """One activation of shard `index`: its process, connection and the gateway's batchers to it."""
+
+    index: int
+    generation: int
+    shard: LedgerShard
+    connection: FaultyStore
+    reads: ShardBatcher
+    writes: ShardBatcher
 
 
 @dataclass
@@ -191,6 +219,10 @@ class SimReport:
     virtual_s: float = 0.0
     busy_iterations: int = 0
     digest: str = ""
+    # Resizes: finished, stopped part way (a gateway, shard or the store failed under one), and the
+    # users they moved; handoffs whose commit's answer was lost (the shard asked the store after).
+    resizes: Counter[str] = field(default_factory=Counter)
+    users_moved: int = 0
 
 
 class Simulation:
@@ -215,13 +247,14 @@ class Simulation:
         self.plan_events: dict[str, tuple[str, PlanEvent, PlanChangeResult]] = {}
         self.keyed: dict[tuple[str, str], tuple[str, Any]] = {}  # (user, key) -> (hash, first answer)
         self.clients_done = False
-        self.generation = 0
+        self.generation = 0  # of shard activations, across shards
         self.loop: VirtualLoop | None = None
-        self.shard: LedgerShard | None = None
+        self.live: dict[int, ShardGen] = {}  # the running activation of each shard
+        self.retired: list[FaultyStore] = []  # connections of shards gone (their commits may land)
+        self.map: ShardMap | None = None  # the shard map as the gateway knows it
+        self.resizing: asyncio.Task[Any] | None = None
+        self.map_changes = 0  # resizes begun and ended (a bystander that moved is loaded again)
         self.metrics = Metrics()
-        self.reads: ShardBatcher | None = None
-        self.writes: ShardBatcher | None = None
-        self.connection: FaultyStore | None = None
         # Per shard generation, its calls under way (a dict, not a set: the order they are
         # cancelled in when the shard dies must not depend on where tasks live in memory).
         self._calls_in_flight: dict[int, dict[asyncio.Task[Any], None]] = {}
@@ -279,7 +312,8 @@ class Simulation:
 
     async def _main(self) -> None:
         try:
-            await self._start_shard()
+            self.map = await self.memory.create_map(NAMESPACE, 1)
+            await self._start_shard(0)
             clients = [self._voice(user, 0) for user in self.users]
             clients += [self._tab(user, tab) for user in self.users for tab in range(2)]
             clients += [self._app(user) for user in self.users]
@@ -297,21 +331,21 @@ class Simulation:
 
     # ----------------------------------------------------------------- the shard
 
-    def _new_shard(self) -> LedgerShard:
+    def _new_shard(self, index: int) -> ShardGen:
         self.generation += 1
-        connection = self.connection = FaultyStore(self.memory, self.faults, random.Random(self.rng.random()))
+        connection = FaultyStore(self.memory, self.faults, random.Random(self.rng.random()))
 
         async def factory() -> LedgerStore:
             return connection
 
         config = ShardConfig(
-            shard_index=0,
-            shard_count=1,
+            shard_index=index,
+            shard_count=MAX_SHARDS,
             policy=POLICY,
             sync_interval_s=SYNC_INTERVAL_S,
             max_pending_calls=10_000,
             start_wait_s=3.0,
-            owner="sim/shard-0",
+            owner=owner_name(NAMESPACE, index),
         )
         shard = LedgerShard(
             config,
@@ -323,44 +357,91 @@ class Simulation:
         in_flight = self._calls_in_flight[self.generation] = {}
         handle = RemoteHandle(shard, in_flight)
         # As a gateway does: hot calls in batches, starts and ends in batches of their own.
-        self.reads = ShardBatcher(handle, self.metrics)
-        self.writes = ShardBatcher(handle, self.metrics)
-        return shard
+        return ShardGen(
+            index,
+            self.generation,
+            shard,
+            connection,
+            ShardBatcher(handle, self.metrics),
+            ShardBatcher(handle, self.metrics),
+        )
 
-    async def _start_shard(self) -> None:
-        self.shard = self._new_shard()
-        self.note(f"shard generation {self.generation} starting")
-        starting = asyncio.get_running_loop().create_task(self.shard.start())
+    async def _start_shard(self, index: int) -> None:
+        gen = self.live[index] = self._new_shard(index)
+        self.note(f"shard {index} generation {gen.generation} starting")
+        starting = asyncio.get_running_loop().create_task(gen.shard.start())
         self._background(starting)
 
     def _background(self, task: asyncio.Task[Any]) -> None:
         task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
 
-    async def _crash(self) -> None:
-        """The shard's process dies: its connection is severed, its calls are lost, a new one starts."""
-        assert self.shard is not None and self.connection is not None
+    async def _crash(self, index: int) -> None:
+        """Shard `index`'s process dies: its connection is severed, its calls are lost, a new one starts."""
         self.report.crashes += 1
-        old, generation = self.shard, self.generation
-        self.note(f"shard generation {generation} killed")
-        self.connection.sever()
-        for task in self._calls_in_flight.pop(generation):
+        old = self.live.pop(index)
+        self.note(f"shard {index} generation {old.generation} killed")
+        self._kill(old)
+        await self._start_shard(index)
+
+    def _kill(self, gen: ShardGen) -> None:
+        gen.connection.sever()
+        self.retired.append(gen.connection)
+        for task in self._calls_in_flight.pop(gen.generation):
             task.cancel()
-        stopping = asyncio.get_running_loop().create_task(old.stop())
+        stopping = asyncio.get_running_loop().create_task(gen.shard.stop())
         self._background(stopping)
-        await self._start_shard()
 
     # ------------------------------------------------------------------ calls
 
     async def call(
-        self, label: str, operation: Callable[[LedgerShard], Awaitable[Any]], *, bound_s: float = 0.0
+        self,
+        label: str,
+        operation: Callable[[LedgerShard], Awaitable[Any]],
+        *,
+        user: str,
+        bound_s: float = 0.0,
     ) -> Outcome:
-        """Call the live shard as Ray would: the caller's timeout does not cancel the shard's work."""
+        """Call the shard that owns `user` as the gateway would (see `route`)."""
+        return await self.route(label, user, lambda gen: operation(gen.shard), bound_s=bound_s)
+
+    async def route(
+        self, label: str, user: str, operation: Callable[[ShardGen], Awaitable[Any]], *, bound_s: float = 0.0
+    ) -> Outcome:
+        """Send a call for `user` to the shard the gateway's map names, as `ShardRouter` does: told
+        the user moved (or is moving), read the map and send it again, within the gateway's bound
+        (then the last refusal is the answer: a 503)."""
+        assert self.loop is not None and self.map is not None
+        self.report.calls[label.split(" ")[0]] += 1
+        give_up_at = self.loop.time() + self.config.call_timeout_s
+        delay = 0.05
+        while True:
+            index = self.map.shard_of(user)
+            gen = self.live.get(index)
+            if gen is None:  # retired by a resize the gateway has not heard of yet
+                outcome = Outcome(error=UserMoved("the shard is gone", slot=slot_of(user)))
+            else:
+                outcome = await self._call_on(gen, label, operation, bound_s=bound_s)
+            if not isinstance(outcome.error, UserMoved | UserMoving) or self.loop.time() >= give_up_at:
+                return outcome
+            self.map = await self.memory.read_map(NAMESPACE)
+            assert self.map is not None
+            if isinstance(outcome.error, UserMoving) or self.map.shard_of(user) == index:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _call_on(
+        self,
+        gen: ShardGen,
+        label: str,
+        operation: Callable[[ShardGen], Awaitable[Any]],
+        *,
+        bound_s: float = 0.0,
+    ) -> Outcome:
+        """Call one shard activation as Ray would: the caller's timeout does not cancel the shard's work."""
         if self._violation is not None:
             raise self._violation
-        assert self.shard is not None
-        shard, generation = self.shard, self.generation
-        self.report.calls[label.split(" ")[0]] += 1
-        task = asyncio.get_running_loop().create_task(operation(shard))
+        generation = gen.generation
+        task = asyncio.get_running_loop().create_task(operation(gen))
         in_flight = self._calls_in_flight[generation]
         in_flight[task] = None
         task.add_done_callback(lambda done: in_flight.pop(done, None))
@@ -369,7 +450,7 @@ class Simulation:
         busy_before = self.loop.busy_iterations
         done, _ = await asyncio.wait({task}, timeout=bound)
         if not done:
-            if generation != self.generation:
+            if self.live.get(gen.index) is not gen:
                 outcome = Outcome(lost=True)
             else:
                 busy = self.loop.busy_iterations - busy_before
@@ -390,10 +471,11 @@ class Simulation:
 
     async def hot(self, label: str, method: str, *args: Any, **kwargs: Any) -> Outcome:
         """A call the gateway batches (declared with a lane; the "write" lane in batches of its
-        own), through the live shard generation's batchers."""
-        batcher = self.writes if LANES[method] == "write" else self.reads
-        assert batcher is not None
-        return await self.call(label, lambda _: batcher.call(method, args, kwargs))
+        own), through the batchers of the live activation of the user's shard (`args[0]`)."""
+        write = LANES[method] == "write"
+        return await self.route(
+            label, args[0], lambda gen: (gen.writes if write else gen.reads).call(method, args, kwargs)
+        )
 
     async def think(self, rng: random.Random, low_s: float, high_s: float) -> None:
         await asyncio.sleep(rng.uniform(low_s, high_s))
@@ -541,6 +623,7 @@ class Simulation:
             outcome = await self.call(
                 f"watch {user} after={after}",
                 lambda shard, after=after, timeout_s=timeout_s: shard.watch(user, after, timeout_s),
+                user=user,
                 bound_s=timeout_s,
             )
             if outcome.ok and outcome.value is not None:
@@ -572,7 +655,7 @@ class Simulation:
                 continue
             label, read = rng.choice(reads)
             burst = rng.choice((1, 1, 1, 3))  # a page that fires several reads at once
-            await asyncio.gather(*(self.call(f"{label} {user}", read) for _ in range(burst)))
+            await asyncio.gather(*(self.call(f"{label} {user}", read, user=user) for _ in range(burst)))
 
     async def _ai(self, user: str) -> None:
         """An AI app: reserves before the work, then captures what it cost (or gives up)."""
@@ -656,8 +739,8 @@ class Simulation:
     def _check_meter_limit(self, user: str, view: HoldView) -> None:
         """H2: right after a hold of the meter, with nothing else changed since (a plan lowered
         under what was used or held is no new use past the limit), used + held is within it."""
-        assert self.shard is not None
-        ledger = self.shard._residency.ledgers.get(user)
+        gen = self.live.get(self.map.shard_of(user)) if self.map is not None else None
+        ledger = gen.shard._residency.ledgers.get(user) if gen is not None else None
         if ledger is None or ledger.version != view.version or view.meter is None:
             return
         meter = ledger.credits(self.now_ms()).meters.get("generations")
@@ -670,20 +753,35 @@ class Simulation:
         """L4: a user who only reads, timed: nothing the others do may keep it waiting."""
         rng = random.Random(self.rng.random())
         assert self.loop is not None
-        resident_in = 0  # the shard generation that has it in memory
+        resident_in: tuple[int, int] | None = None  # (shard generation, map changes) it was loaded in
         while self.clients_go_on():
             await self.think(rng, 0.2, 3)
-            generation, began = self.generation, self.loop.time()
+            began = self.loop.time()
+            generation = self._serving(BYSTANDER)
             method = rng.choice(("usage", "has_credits", "credits"))
             outcome = await self.hot(f"{method} {BYSTANDER}", method, BYSTANDER)
             took = self.loop.time() - began
-            if outcome.ok and resident_in == generation == self.generation and took > BYSTANDER_WAIT_MAX_S:
+            if (
+                outcome.ok
+                and generation is not None
+                and resident_in == generation == self._serving(BYSTANDER)
+                and took > BYSTANDER_WAIT_MAX_S
+            ):
                 raise self.violated(
                     f"L4: a bystander's {method} took {took * 1000:.0f} ms "
                     f"(at most {BYSTANDER_WAIT_MAX_S * 1000:.0f} ms)"
                 )
-            if outcome.ok and generation == self.generation:
+            if outcome.ok and generation == self._serving(BYSTANDER):
                 resident_in = generation
+
+    def _serving(self, user: str) -> tuple[int, int] | None:
+        """Which activation serves `user` now, and how many map changes there were (a bystander
+        loaded by one activation, with no resize since, is answered from memory)."""
+        assert self.map is not None
+        gen = self.live.get(self.map.shard_of(user))
+        if gen is None or (self.resizing is not None and not self.resizing.done()):
+            return None
+        return gen.generation, self.map_changes
 
     # ---------------------------------------------------------------- billing
 
@@ -698,7 +796,9 @@ class Simulation:
             elif choice < 0.8:
                 await self._plan_change(user, rng)
             else:
-                outcome = await self.call(f"reconcile {user}", lambda shard, user=user: shard.reconcile(user))
+                outcome = await self.call(
+                    f"reconcile {user}", lambda shard, user=user: shard.reconcile(user), user=user
+                )
                 if outcome.ok and outcome.value.drifting:
                     raise self.violated(f"S3: reconcile of {user} found drift: {outcome.value.drifting}")
 
@@ -709,7 +809,9 @@ class Simulation:
             if rng.random() < 0.3:
                 purchase = Purchase(delivery_id, purchase.minutes_ms + MS_PER_MINUTE, "purchase")
             outcome = await self.call(
-                f"purchase {owner} {delivery_id} again", lambda shard: shard.add_credits(owner, purchase)
+                f"purchase {owner} {delivery_id} again",
+                lambda shard: shard.add_credits(owner, purchase),
+                user=owner,
             )
             if outcome.ok and outcome.value != first:
                 raise self.violated(f"S5: redelivered purchase {delivery_id} answered otherwise")
@@ -721,7 +823,9 @@ class Simulation:
         purchase = Purchase(delivery_id, minutes_ms, rng.choice(("purchase", "grant")), reference=delivery_id)
         for _attempt in range(3):
             outcome = await self.call(
-                f"purchase {user} {delivery_id} {minutes_ms}", lambda shard: shard.add_credits(user, purchase)
+                f"purchase {user} {delivery_id} {minutes_ms}",
+                lambda shard: shard.add_credits(user, purchase),
+                user=user,
             )
             if outcome.ok:
                 if delivery_id not in self.memory.purchases:
@@ -752,6 +856,7 @@ class Simulation:
             outcome = await self.call(
                 f"plan {user} {event.delivery_id} {action} {plan} try={attempt}",
                 lambda shard: shard.change_plan(user, event),
+                user=user,
             )
             if outcome.ok:
                 if event.delivery_id not in self.memory.plan_events:
@@ -785,50 +890,160 @@ class Simulation:
             elif choice < 0.75:
                 faults.next_write = rng.choice(("lose_reply", "cut", "hold"))
                 self.note(f"nemesis: next write {faults.next_write}")
+            elif self.config.resizes and choice < 0.87:
+                self._resize_or_interrupt(rng)
             elif self.config.crashes:
-                await self._crash()
+                await self._crash(rng.choice(sorted(self.live)))
+            self._check_owners()
+
+    # ----------------------------------------------------------------- resizes
+
+    def _resize_or_interrupt(self, rng: random.Random) -> None:
+        """Begin a resize (to another count; while one was cut short: resume it, roll it back, or
+        go elsewhere); or, while one runs, kill the gateway running it."""
+        if self.resizing is not None and not self.resizing.done():
+            if rng.random() < 0.5:
+                self.note("nemesis: the resizing gateway dies")
+                self.resizing.cancel()
+            return
+        _, count, target = self.memory.maps[NAMESPACE]
+        if target is not None and rng.random() < 0.7:
+            to = rng.choice((target, count))  # run it again, or roll it back
+        else:
+            to = rng.choice([n for n in range(1, MAX_SHARDS + 1) if n != count])
+        self.note(f"nemesis: resize {count} -> {to} (target was {target})")
+        self.resizing = asyncio.get_running_loop().create_task(self._resize(to))
+        self._background(self.resizing)
+        if rng.random() < 0.6:  # a crash point of the resize, somewhere in its steps
+            interrupting = asyncio.get_running_loop().create_task(self._interrupt(self.resizing, rng))
+            self._background(interrupting)
+
+    async def _interrupt(self, resizing: asyncio.Task[Any], rng: random.Random) -> None:
+        """Fail something part way through a resize: the gateway running it dies, a shard dies
+        (giving or taking slots, or neither), or the store loses a handoff's answer or goes down."""
+        await asyncio.sleep(rng.uniform(0.0, 0.2))
+        if resizing.done():
+            return
+        what = rng.choice(("gateway", "shard", "write", "down"))
+        self.note(f"nemesis: during the resize, {what}")
+        if what == "gateway":
+            resizing.cancel()
+        elif what == "shard" and self.config.crashes:
+            await self._crash(rng.choice(sorted(self.live)))
+        elif what == "write":
+            self.faults.next_write = rng.choice(("lose_reply", "cut", "hold"))
+        elif what == "down":
+            self.faults.down = True
+            await asyncio.sleep(rng.uniform(0.1, 5.0))
+            self.faults.down = False
+
+    async def _resize(self, count: int) -> None:
+        """Resize as a gateway does (`gateway.resize.Resizer`), its steps sent to the live shards."""
+        self.map_changes += 1
+        steps = _SimSteps(self)
+        resizer = Resizer(
+            namespace=NAMESPACE,
+            maps=FaultyStore(self.memory, self.faults, random.Random(self.rng.random())),
+            shards=steps,
+            start_shards=steps.start_shards,
+            retire_shards=steps.retire_shards,
+        )
+        try:
+            done = await resizer.resize(count)
+            self.note(f"resize to {count} done: map epoch {done.epoch}, {resizer.moved_users} users moved")
+            self.report.resizes["finished"] += 1
+        except BaseException as exc:
+            self.note(f"resize to {count} stopped: {exc!r}")
+            self.report.resizes[f"stopped: {type(exc).__name__}"] += 1
+            raise
+        finally:
+            self.report.users_moved += resizer.moved_users
+            self.map_changes += 1
+            self._check_owners()
+
+    def _check_owners(self) -> None:
+        """P1: every slot has exactly one owner in the store; a user is served (resident, its slot
+        owned) by one shard at most."""
+        owned: Counter[int] = Counter()
+        for owner, slots in self.memory.owned.items():
+            if owner.startswith(f"{NAMESPACE}/"):
+                owned.update(slots)
+        if sorted(owned) != list(range(SLOTS)) or max(owned.values()) != 1:
+            twice = sorted(slot for slot, n in owned.items() if n > 1)
+            raise self.violated(f"P1: slots owned twice {twice[:5]}, unowned {SLOTS - len(owned)}")
+        serving: Counter[str] = Counter()
+        for gen in self.live.values():
+            placement = gen.shard._placement
+            serving.update(user for user in gen.shard._residency.ledgers if placement.owns(user))
+        for user, shards in serving.items():
+            if shards > 1:
+                raise self.violated(f"P1: {user} is served by {shards} shards at once")
 
     # -------------------------------------------------------------- the end
 
     async def _heal_and_settle(self) -> None:
-        assert self.loop is not None and self.connection is not None
+        assert self.loop is not None
         self.faults.down = False
         self.faults.latency_s = (0.0, 0.0)
         self.faults.next_write = None
         self.note("clients stopped, store healed")
-        await self.connection.settle()
+        if self.resizing is not None and not self.resizing.done():
+            self.note("the resizing gateway dies with the clients")
+            self.resizing.cancel()
+            await asyncio.gather(self.resizing, return_exceptions=True)
+        for gen in list(self.live.values()):
+            await gen.connection.settle()
+        for connection in self.retired:
+            await connection.settle()
+        # A resize cut short is finished (or rolled back) by asking again, as an operator would.
+        _, count, target = self.memory.maps[NAMESPACE]
+        if target is not None:
+            to = target if self.rng.random() < 0.5 else count
+            for _attempt in range(5):
+                self.resizing = asyncio.get_running_loop().create_task(self._resize(to))
+                try:
+                    await self.resizing
+                    break
+                except Exception:
+                    await asyncio.sleep(SYNC_INTERVAL_S)
+            else:
+                raise self.violated(
+                    f"P2: a resize cut short could not be finished, to {to}, with the store healthy"
+                )
+            self.resizing = None
         # L3: silent sessions end stale (and their held tails are resolved), every user is written
         # within a few sync intervals of its last change (a period may roll at any time).
         await asyncio.sleep(STALE_S + 30)
-        shard = self.shard
-        assert shard is not None
-        stats = await shard.stats()
         for _ in range(int(3 * SYNC_INTERVAL_S)):
-            if not (stats.active_sessions or stats.dirty_users or stats.users_in_doubt):
+            stats = [await gen.shard.stats() for gen in self.live.values()]
+            left = [(st.active_sessions, st.dirty_users, st.users_in_doubt, st.slots_leaving) for st in stats]
+            if not any(any(counts) for counts in left):
                 break
             await asyncio.sleep(1.0)
-            stats = await shard.stats()
         else:
             raise self.violated(
-                f"L3: clients gone for {STALE_S + 30 + 3 * SYNC_INTERVAL_S:.0f} s, yet "
-                f"{stats.active_sessions} sessions are open, {stats.dirty_users} users unwritten, "
-                f"{stats.users_in_doubt} in doubt"
+                f"L3: clients gone for {STALE_S + 30 + 3 * SYNC_INTERVAL_S:.0f} s, yet per shard "
+                f"(open sessions, unwritten users, in doubt, slots leaving): {left}"
             )
+        self._check_owners()
         # L2: nothing but the timer and the flush wakes the loop now.
         before, quiet_s = self.loop.busy_iterations, 300.0
         await asyncio.sleep(quiet_s)
         busy = self.loop.busy_iterations - before
-        allowed = 40 * quiet_s / SYNC_INTERVAL_S
+        allowed = 40 * quiet_s / SYNC_INTERVAL_S * len(self.live)
         if busy > allowed:
             raise self.violated(f"L2: the shard's loop ran {busy} busy iterations in {quiet_s:.0f} quiet s")
         await self._check_store()
         for user in self.users:
-            outcome = await self.call(f"reconcile {user}", lambda shard, user=user: shard.reconcile(user))
+            outcome = await self.call(
+                f"reconcile {user}", lambda shard, user=user: shard.reconcile(user), user=user
+            )
             if not outcome.ok:
                 raise self.violated(f"S3: reconcile of {user} failed with the store healthy: {outcome}")
             if outcome.value.drifting:
                 raise self.violated(f"S3: reconcile of {user} found drift: {outcome.value.drifting}")
-        await shard.stop()
+        for gen in self.live.values():
+            await gen.shard.stop()
 
     async def _check_store(self) -> None:
         memory = self.memory
@@ -935,3 +1150,54 @@ def _describe(outcome: Outcome) -> str:
         return f"hold {value.hold_id} {value.state} {value.captured}/{value.amount} v{value.version}"
     version = getattr(value, "version", None)
     return f"{type(value).__name__} v{version}" if version is not None else type(value).__name__
+
+
+class _SimSteps:
+    """A resize's steps (`gateway.resize.ShardSteps`), sent to the simulation's live shards as Ray
+    calls (a shard that dies under one fails the step, as `RayActorError` would)."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self._sim = sim
+
+    async def _ask(self, index: int, label: str, operation: Callable[[LedgerShard], Awaitable[Any]]) -> Any:
+        gen = self._sim.live.get(index)
+        if gen is None:
+            raise Unavailable(f"shard {index} is not running")
+        outcome = await self._sim._call_on(gen, label, lambda gen: operation(gen.shard))
+        if outcome.lost:
+            raise ShardDied(f"shard {index} died under {label}")
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
+
+    async def release(self, shard: int, slots: list[int], to_shard: int) -> int:
+        return int(
+            await self._ask(
+                shard, f"release {shard}->{to_shard} {len(slots)} slots", lambda s: s.release(slots, to_shard)
+            )
+        )
+
+    async def refresh_slots(self, shard: int) -> list[int]:
+        found: list[int] = await self._ask(shard, f"refresh_slots {shard}", lambda s: s.refresh_slots())
+        return found
+
+    async def read_map(self) -> ShardMap:
+        found = await self._sim.memory.read_map(NAMESPACE)
+        assert found is not None
+        self._sim.map = found
+        return found
+
+    async def start_shards(self, count: int) -> None:
+        for index in range(count):
+            if index not in self._sim.live:
+                await self._sim._start_shard(index)
+        for index in range(count):
+            await self._ask(index, f"ready {index}", lambda s: s.ready())
+
+    async def retire_shards(self, indexes: list[int]) -> None:
+        for index in indexes:
+            gen = self._sim.live.pop(index, None)
+            if gen is not None:
+                self._sim.note(f"shard {index} generation {gen.generation} retired")
+                await gen.shard.stop()
+                self._sim._kill(gen)

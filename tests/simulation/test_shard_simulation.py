@@ -8,6 +8,7 @@ CI runs `SEEDS_IN_CI` seeds; `pytest -m soak tests/simulation` runs
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 
@@ -36,3 +37,18 @@ def test_a_seed_replays_exactly() -> None:
     first, second = Simulation(7).run(), Simulation(7).run()
     assert first.digest == second.digest
     assert first.calls == second.calls
+
+
+def test_the_seeds_resize_and_cut_resizes_short_at_every_kind_of_point() -> None:
+    """The resizes the nemesis makes finish, and are cut short by each kind of failure (the gateway
+    running one dies, a shard dies under a step, the store fails one), and users move: the crash
+    points of a resize are what the seeds run through, not a hope."""
+    resizes: Counter[str] = Counter()
+    moved = 0
+    for seed in range(40):
+        report = Simulation(seed).run()
+        resizes.update(report.resizes)
+        moved += report.users_moved
+    assert resizes["finished"] > 0 and moved > 0, resizes
+    assert resizes["stopped: CancelledError"] > 0, resizes  # the resizing gateway died
+    assert resizes["stopped: ShardDied"] + resizes["stopped: Unavailable"] > 0, resizes
