@@ -25,6 +25,7 @@ from typing import Protocol
 import structlog
 
 from actors.routing import SLOTS, ShardMap, moves, rebalanced
+from actors.shard import Handoff
 from actors.store import ShardMapStore
 
 log = structlog.get_logger("gateway.resize")
@@ -37,9 +38,9 @@ STEP_SLOTS = 32
 class ShardSteps(Protocol):
     """What a resize asks of the shards (`gateway.shards.ShardClient`, or the simulation's)."""
 
-    async def release(self, shard: int, slots: list[int], to_shard: int) -> int: ...
+    async def release(self, shard: int, slots: list[int], to_shard: int) -> Handoff: ...
 
-    async def refresh_slots(self, shard: int) -> list[int]: ...
+    async def refresh_slots(self, shard: int, alarmed: list[str] | None = None) -> list[int]: ...
 
     async def read_map(self) -> ShardMap: ...
 
@@ -90,9 +91,10 @@ class Resizer:
             await self._shards.refresh_slots(index)
         steps = plan(current, count)
         for number, step in enumerate(steps, 1):
-            users = await self._shards.release(step.from_shard, step.slots, step.to_shard)
-            await self._shards.refresh_slots(step.to_shard)
-            self.moved_users += users
+            handoff = await self._shards.release(step.from_shard, step.slots, step.to_shard)
+            alarmed = list(handoff.alarmed) if handoff.alarmed is not None else None
+            await self._shards.refresh_slots(step.to_shard, alarmed)
+            self.moved_users += handoff.users
             log.info(
                 "resize_step",
                 step=number,
@@ -100,7 +102,7 @@ class Resizer:
                 from_shard=step.from_shard,
                 to_shard=step.to_shard,
                 slots=len(step.slots),
-                users=users,
+                users=handoff.users,
             )
         finished = await self._maps.set_target(self._namespace, None)
         await self._shards.read_map()

@@ -56,7 +56,7 @@ from actors.errors import DomainError, RateLimited, Unavailable, UserMoved, User
 from actors.records import CreditEntry, Difficulty, PlanEvent
 from actors.replies import IdempotencyKey
 from actors.routing import ShardMap
-from actors.shard import LedgerShard, Operation, Purchase, ShardStats, operation_of
+from actors.shard import Handoff, LedgerShard, Operation, Purchase, ShardStats, operation_of
 from gateway.channel import ShardChannel, ShardUnreachable
 from gateway.metrics import Metrics
 
@@ -562,11 +562,11 @@ class ShardClient:
     async def read_map(self) -> ShardMap:
         return await self.router.read_map()
 
-    async def release(self, shard: int, slots: list[int], to_shard: int) -> int:
+    async def release(self, shard: int, slots: list[int], to_shard: int) -> Handoff:
         return await self.router.call_shard(shard, LedgerShard.release, slots, to_shard)
 
-    async def refresh_slots(self, shard: int) -> list[int]:
-        return await self.router.call_shard(shard, LedgerShard.refresh_slots)
+    async def refresh_slots(self, shard: int, alarmed: list[str] | None = None) -> list[int]:
+        return await self.router.call_shard(shard, LedgerShard.refresh_slots, alarmed)
 
     # Every shard
 

@@ -145,7 +145,9 @@ async def move_slots(connection: Any, fence: Fence, slots: Sequence[int], to_sha
     try:
         await transaction.commit()
     except TRANSIENT_ERRORS as exc:  # the handoff may or may not have landed: its caller asks again
-        raise CommitOutcomeUnknown("move_slots", f"COMMIT got no answer: {type(exc).__name__}: {exc}") from exc
+        raise CommitOutcomeUnknown(
+            "move_slots", f"COMMIT got no answer: {type(exc).__name__}: {exc}"
+        ) from exc
     return epoch
 
 

@@ -100,7 +100,8 @@ class PostgresStore:
                     """
                     insert into shard_activations as a (owner, epoch, host, pid, namespace, slots)
                     values ($1, 1, $2, $3, $4,
-                            case when exists (select from shard_map where namespace = $4) then '{}'::integer[] end)
+                            case when exists (select from shard_map where namespace = $4)
+                                 then '{}'::integer[] end)
                     on conflict (owner) do update
                         set epoch = a.epoch + 1, host = excluded.host, pid = excluded.pid, claimed_at = now()
                     returning epoch

@@ -14,6 +14,7 @@ from actors.records import PlanEvent
 from actors.shard.config import (
     ACTIVATION_BATCH_USERS,
     USER_WAITERS_MAX,
+    Handoff,
     Purchase,
     ShardConfig,
     ShardState,
@@ -27,6 +28,7 @@ __all__ = [
     "BATCHABLE",
     "LANES",
     "USER_WAITERS_MAX",
+    "Handoff",
     "LedgerShard",
     "Operation",
     "PlanEvent",

@@ -81,6 +81,16 @@ class Purchase:
 
 
 @dataclass(frozen=True, slots=True)
+class Handoff:
+    """What a shard handed off (`LedgerShard.release`): how many users, and those of them with
+    alarms to run (open sessions, held tails, holds), for the receiving shard to load at once
+    (None: the giving shard could not tell, still loading its own; the receiver looks them up)."""
+
+    users: int
+    alarmed: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
 class ShardStats:
     shard_index: int
     shard_count: int

@@ -40,7 +40,7 @@ import structlog
 
 from actors.errors import Unavailable, UserMoved, UserMoving
 from actors.routing import SLOTS, initial_owners, slot_of
-from actors.shard.config import RETRY_DELAY_MAX_S, RETRY_DELAY_MIN_S
+from actors.shard.config import RETRY_DELAY_MAX_S, RETRY_DELAY_MIN_S, Handoff
 from actors.shard.fencing import Fencing
 from actors.shard.parts import ShardPart
 from actors.store import Fence, StoreError, StoreOutcomeUnknown
@@ -58,7 +58,8 @@ class Placement(ShardPart):
     fencing: Fencing
     flush_lock: asyncio.Lock  # the write-behind's: no flush runs while slots are handed off
     forget: Callable[[str], None]  # drop what the shard keeps of a user beyond residency
-    reactivate: Callable[[Sequence[int]], Coroutine[Any, Any, None]]  # load open sessions of gained slots
+    # Load the users of gained slots with alarms: those named (a handoff's), else found in the store.
+    reactivate: Callable[[Sequence[int], Sequence[str] | None], Coroutine[Any, Any, None]]
     _state: bytearray = field(init=False)
     leaving: int = field(default=0, init=False)  # slots leaving now (begin re-checks while any)
     handed_off: int = field(default=0, init=False)  # users handed to other shards since start
@@ -123,11 +124,11 @@ class Placement(ShardPart):
         finally:
             self._refreshing = None
 
-    async def refresh(self) -> list[int]:
+    async def refresh(self, alarmed: Sequence[str] | None = None) -> list[int]:
         """Ask the store which slots this shard owns and follow it: slots gained are served from
-        now on (their users with open sessions are loaded in the background); slots lost without a
-        handoff of this shard's knowing (one whose outcome was unknown) are dropped. Returns the
-        slots gained."""
+        now on (their users with alarms are loaded in the background: `alarmed`, as the handoff
+        named them, else those the store finds); slots lost without a handoff of this shard's
+        knowing (one whose outcome was unknown) are dropped. Returns the slots gained."""
         ownership = await self.fencing.ownership()
         if ownership is None:
             return []  # unfenced: its slots never change
@@ -152,23 +153,26 @@ class Placement(ShardPart):
             log.info("slots_lost", shard=self.config.shard_index, slots=len(lost))
         if gained:
             log.info("slots_gained", shard=self.config.shard_index, slots=len(gained))
-            self._spawn(self.reactivate(gained))
+            self._spawn(self.reactivate(gained, alarmed))
         return gained
 
-    async def release(self, slots: Sequence[int], to_shard: int) -> int:
+    async def release(self, slots: Sequence[int], to_shard: int) -> Handoff:
         """Hand `slots` (those of them this shard owns) to shard `to_shard` (see the module's
-        docstring). Returns the users handed off; `Unavailable` if the handoff could not be made
+        docstring). Returns what was handed off; `Unavailable` if the handoff could not be made
         (then nothing changed, or, if its outcome is unknown, the slots stay leaving until the
         store is asked again)."""
         async with self._release_lock:
             mine = sorted({slot for slot in slots if self._state[slot] == OWNED})
             if not mine:
-                return 0
+                return Handoff(0, ())
             moving = set(mine)
             for slot in mine:
                 self._state[slot] = LEAVING
             self.leaving += len(mine)
             users = [user_id for user_id in self.residency.ledgers if slot_of(user_id) in moving]
+            # Every user with an alarm is resident once the shard has reactivated (until then, the
+            # receiver looks them up itself).
+            complete = not self.residency.reactivating
             taken: list[str] = []
             outcome = "kept"
             try:
@@ -179,6 +183,11 @@ class Placement(ShardPart):
                     taken.append(user_id)
                     if user_id in self.durable.in_doubt:
                         await self.durable.resolve(user_id)
+                alarmed = tuple(
+                    user_id
+                    for user_id in users
+                    if self.residency.ledgers[user_id].next_deadline_ms() is not None
+                )
                 async with self.flush_lock:
                     await self._write_through(users)
                     outcome = "unknown"
@@ -217,7 +226,7 @@ class Placement(ShardPart):
                 users=len(users),
                 map_epoch=epoch,
             )
-            return len(users)
+            return Handoff(len(users), alarmed if complete else None)
 
     async def _settle(self) -> None:
         """After a handoff of unknown outcome: ask the store until it answers (`refresh`)."""

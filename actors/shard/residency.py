@@ -231,13 +231,20 @@ class Residency:
         for begin in range(0, len(mine), ACTIVATION_BATCH_USERS):
             await self.load(mine[begin : begin + ACTIVATION_BATCH_USERS])
 
-    async def reactivate_slots(self, slots: Sequence[int]) -> None:
-        """Slots this shard was just given: load their users with open sessions or holds (retried
-        while the store is down), so their alarms run here from now on."""
+    async def reactivate_slots(self, slots: Sequence[int], alarmed: Sequence[str] | None = None) -> None:
+        """Slots this shard was just given: load their users with alarms (open sessions, held tails,
+        holds), retried while the store is down, so that their alarms run here from now on:
+        `alarmed` if the handoff named them (no scan of every open session), else as the store
+        finds them."""
         gained = frozenset(slots)
-        await retrying(
-            "reactivate_gained_slots", lambda: self._reactivate(gained), shard=self._config.shard_index
-        )
+        load: Callable[[], Awaitable[None]]
+        if alarmed is None:
+            load = functools.partial(self._reactivate, gained)
+        else:
+            load = functools.partial(
+                self.load, [user_id for user_id in alarmed if slot_of(user_id) in gained]
+            )
+        await retrying("reactivate_gained_slots", load, shard=self._config.shard_index)
 
     def evict(self, user_id: str) -> None:
         """Forget a resident user (handed to another shard): their ledger, alarms and dirt."""

@@ -59,6 +59,7 @@ from actors.replies import IdempotencyKey, encode_outcome, encode_result
 from actors.shard.alarms import Alarms
 from actors.shard.batching import Batches
 from actors.shard.config import (
+    Handoff,
     Purchase,
     ShardConfig,
     ShardState,
@@ -731,21 +732,22 @@ class LedgerShard:
         it opened for it."""
 
     @shard_call()
-    async def release(self, slots: list[int], to_shard: int) -> int:
+    async def release(self, slots: list[int], to_shard: int) -> Handoff:
         """Hand `slots` (those this shard owns) to shard `to_shard`: their users' state written
         through, then the slots moved in the store, then the users forgotten (`placement`).
-        Returns the users handed off. Repeating it after a failure is safe."""
+        Returns what was handed off. Repeating it after a failure is safe."""
         await self._running()
         return await self._placement.release(slots, to_shard)
 
     @shard_call(repeatable=True)
-    async def refresh_slots(self) -> list[int]:
+    async def refresh_slots(self, alarmed: list[str] | None = None) -> list[int]:
         """Ask the store which slots this shard owns now, and serve them (the users of slots just
-        given are loaded if they have open sessions or holds). Returns the slots owned."""
+        given that have alarms are loaded: `alarmed`, a handoff's, else found in the store).
+        Returns the slots owned."""
         await self._running()
         try:
             async with asyncio.timeout(self._config.resolve_timeout_s):
-                await self._placement.refresh()
+                await self._placement.refresh(alarmed)
         except (StoreError, TimeoutError) as exc:
             raise Unavailable.of_store() from exc
         return self._placement.owned

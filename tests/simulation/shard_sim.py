@@ -105,7 +105,7 @@ from actors.plans import parse_plans
 from actors.records import MONTHLY_BUCKET, PURCHASED_BUCKET
 from actors.replies import IdempotencyKey
 from actors.routing import SLOTS, ShardMap, owner_name, slot_of
-from actors.shard import LANES, LedgerShard, PlanEvent, Purchase, ShardConfig
+from actors.shard import LANES, Handoff, LedgerShard, PlanEvent, Purchase, ShardConfig
 from actors.store import LedgerStore, MemoryStore
 from actors.times import MS_PER_MINUTE, MS_PER_SECOND, from_datetime
 from actors.views import CreditsAdded, HoldView, PlanChangeResult, SessionProgress, SessionStarted
@@ -1170,15 +1170,16 @@ class _SimSteps:
             raise outcome.error
         return outcome.value
 
-    async def release(self, shard: int, slots: list[int], to_shard: int) -> int:
-        return int(
-            await self._ask(
-                shard, f"release {shard}->{to_shard} {len(slots)} slots", lambda s: s.release(slots, to_shard)
-            )
+    async def release(self, shard: int, slots: list[int], to_shard: int) -> Handoff:
+        handoff: Handoff = await self._ask(
+            shard, f"release {shard}->{to_shard} {len(slots)} slots", lambda s: s.release(slots, to_shard)
         )
+        return handoff
 
-    async def refresh_slots(self, shard: int) -> list[int]:
-        found: list[int] = await self._ask(shard, f"refresh_slots {shard}", lambda s: s.refresh_slots())
+    async def refresh_slots(self, shard: int, alarmed: list[str] | None = None) -> list[int]:
+        found: list[int] = await self._ask(
+            shard, f"refresh_slots {shard}", lambda s: s.refresh_slots(alarmed)
+        )
         return found
 
     async def read_map(self) -> ShardMap:

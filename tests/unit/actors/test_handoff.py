@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from actors.errors import Unavailable, UserMoved, UserMoving
 from actors.routing import SLOTS, owner_name, slot_of
-from actors.shard import LedgerShard
+from actors.shard import Handoff, LedgerShard
 from actors.store import StoreMoved
 from tests.faulty_store import FaultyMemoryStore
 from tests.unit.actors.support import MIN, SEC, STALE_MS, FakeClock
@@ -62,7 +62,7 @@ async def test_a_user_handed_off_is_served_by_the_new_owner_with_their_session_a
 
     handed = await giving.release([slot_of(USER)], 1)
 
-    assert handed == 1
+    assert handed == Handoff(users=1, alarmed=(USER,))  # its session and hold have alarms
     assert slot_of(USER) in store.owned[owner_name(NAMESPACE, 1)]
     assert slot_of(USER) not in store.owned[owner_name(NAMESPACE, 0)]
     with pytest.raises(UserMoved):
@@ -100,9 +100,10 @@ async def test_the_receiving_shard_runs_the_alarms_of_what_it_was_given(
     started = await giving.start_session(USER)
     clock.now += 20 * SEC
     await giving.heartbeat(USER, started.session_id)
-    await giving.release([slot_of(USER)], 1)
-    # Asked to refresh (as a resize does), it loads the users of its new slots with open sessions.
-    assert slot_of(USER) in await taking.refresh_slots()
+    handoff = await giving.release([slot_of(USER)], 1)
+    # Asked to refresh (as a resize does), it loads the users the handoff named, whose alarms run.
+    assert handoff.alarmed is not None
+    assert slot_of(USER) in await taking.refresh_slots(list(handoff.alarmed))
     await asyncio.sleep(0.05)
     assert USER in taking._residency.ledgers
     clock.now += STALE_MS + SEC
@@ -127,7 +128,7 @@ async def test_a_handoff_waits_for_the_operation_under_way_and_refuses_what_come
     assert not handing.done()
     store.release.set()
     started = await starting  # the write under way finished first, and is in the store
-    assert await handing == 1
+    assert (await handing).users == 1
     assert store.sessions[started.session_id].is_open
     usage = await taking.usage(USER)
     assert usage.active_session is not None and usage.active_session.session_id == started.session_id
@@ -176,14 +177,31 @@ async def test_a_handoff_cut_before_it_committed_leaves_the_user_where_it_was(
     assert (await giving.usage(USER)).active_session is not None
     with pytest.raises(UserMoved):
         await taking.usage(USER)
-    assert await giving.release([slot_of(USER)], 1) == 1  # asked again, it goes
+    assert (await giving.release([slot_of(USER)], 1)).users == 1  # asked again, it goes
     assert (await taking.usage(USER)).active_session is not None
 
 
 async def test_releasing_slots_already_given_is_a_no_op(pair: tuple[LedgerShard, LedgerShard]) -> None:
     giving, taking = pair
     await giving.start_session(USER)
-    assert await giving.release([slot_of(USER)], 1) == 1
-    assert await giving.release([slot_of(USER)], 1) == 0
+    assert (await giving.release([slot_of(USER)], 1)).users == 1
+    assert await giving.release([slot_of(USER)], 1) == Handoff(0, ())
     assert len(await taking.refresh_slots()) == 1
     assert len(await giving.refresh_slots()) == SLOTS - 1
+
+
+async def test_a_receiver_not_told_which_users_have_alarms_finds_them_in_the_store(
+    pair: tuple[LedgerShard, LedgerShard], store: FaultyMemoryStore, clock: FakeClock
+) -> None:
+    """A resize cut short after a handoff: the receiver hears of its slots at its next sync (or a
+    call), with no list of users, and still runs their alarms."""
+    giving, taking = pair
+    started = await giving.start_session(USER)
+    await giving.release([slot_of(USER)], 1)
+    await taking._placement.refresh()  # what its write-behind loop does every sync
+    await asyncio.sleep(0.05)
+    assert USER in taking._residency.ledgers
+    clock.now += STALE_MS + SEC
+    taking.fire_due_alarms()
+    await taking.flush()
+    assert not store.sessions[started.session_id].is_open
