@@ -772,3 +772,11 @@ def _print_map(answer: dict[str, Any]) -> None:
             )
         )
     Console().print(table)
+    if answer.get("moving"):
+        count, target = answer.get("count"), answer.get("target")
+        stopped = f"it stopped: {answer['error']}; " if answer.get("error") else ""
+        typer.echo(
+            f"a resize to {target} shards is under way or was cut short; {stopped}`usage-ledger shards "
+            f"resize {target}` resumes it, `usage-ledger shards resize {count}` rolls it back",
+            err=True,
+        )

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # `pip install 'ray[default]'`; without it Ray refuses to start.
     ray_dashboard: bool = False
     shards: int = Field(default=4, ge=1, le=1_024)
+    # The most shards a resize may ask for: each is a process (~100 MB with its users' memory on
+    # top), so a mistyped count must not start hundreds of them.
+    shards_max: int = Field(default=64, ge=1, le=1_024)
     # How hot calls reach the shards: "channel", the direct data plane (`gateway.channel`); "ray",
     # batched Ray calls (the way everything cold travels).
     data_plane: Literal["channel", "ray"] = "channel"
@@ -112,6 +115,14 @@ class Settings(BaseSettings):
             raise SettingsError(
                 f"LEDGER_ACTOR_CALL_TIMEOUT_S must be at least LEDGER_DB_STATEMENT_TIMEOUT_S + "
                 f"{DURABLE_OVERHEAD_S:g} (= {needed:g}); it is {self.actor_call_timeout_s:g}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _shards_within_their_bound(self) -> Settings:
+        if self.shards > self.shards_max:
+            raise SettingsError(
+                f"LEDGER_SHARDS ({self.shards}) is more than LEDGER_SHARDS_MAX ({self.shards_max})"
             )
         return self
 

@@ -12,6 +12,9 @@
 `--check` starts a session for one user through gateway 1, heartbeats it alternately through
 both gateways, ends it through gateway 2, and checks that every answer came from the same
 ledger (the same session, a version that only goes up) and that the cluster has two nodes.
+Then it resizes the shards 4 -> 6 through gateway 1 and 6 -> 3 through gateway 2 while eight
+users heartbeat through both gateways, and checks that every answer was a 200 (or a retried 503,
+at most 2%), that each session was billed once, and that both gateways route by the same map.
 Only the processes this script started are stopped (never `ray stop`, which would stop every
 Ray on the machine).
 """
@@ -28,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -190,7 +194,102 @@ def _check(env: dict[str, str], jwt_secret: str) -> int:
         f"data-plane connections {connects}. OK",
         flush=True,
     )
+    asyncio.run(_check_resize(env, jwt_secret))
     return 0
+
+
+async def _check_resize(env: dict[str, str], jwt_secret: str) -> None:
+    """Users heartbeat through both gateways while gateway 1 resizes 4 -> 6 and gateway 2 resizes
+    6 -> 3: every answer is a 200 or a retried 503 (at most 2%), each session is billed once for the
+    time it ran, and both gateways end up routing by the same map."""
+    from standardwebhooks.webhooks import Webhook
+
+    from gateway.auth import issue_token
+
+    secret = env["LEDGER_INTERNAL_SECRET"]
+    gateways = [f"http://127.0.0.1:{port}" for port, _ in GATEWAYS]
+    internals = [f"http://127.0.0.1:{internal}" for _, internal in GATEWAYS]
+    users = [f"resize-{index}" for index in range(8)]
+    tokens = {user: issue_token(secret=jwt_secret, user_id=user, ttl_s=600) for user in users}
+    statuses: dict[int, int] = {}
+
+    def signed(body: str) -> dict[str, str]:
+        message_id = f"msg_{secrets.token_hex(8)}"
+        moment = datetime.now(UTC)
+        return {
+            "content-type": "application/json",
+            "webhook-id": message_id,
+            "webhook-timestamp": str(int(moment.timestamp())),
+            "webhook-signature": Webhook(secret).sign(message_id, moment, body),
+        }
+
+    async def resize(http: httpx.AsyncClient, internal: str, count: int) -> dict[str, object]:
+        body = json.dumps({"count": count})
+        answer = await http.post(f"{internal}/internal/v1/shards", content=body, headers=signed(body))
+        assert answer.status_code == 202, answer.text
+        while True:
+            await asyncio.sleep(0.3)
+            found: dict[str, object] = (
+                await http.get(f"{internal}/internal/v1/shards", headers=signed(""))
+            ).json()
+            assert found["error"] is None, found
+            if not found["moving"]:
+                return found
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        began, sessions = time.monotonic(), {}
+        for user in users:
+            started = await http.post(
+                f"{gateways[0]}/v1/sessions", json={}, headers={"Authorization": f"Bearer {tokens[user]}"}
+            )
+            assert started.status_code == 201, started.text
+            sessions[user] = started.json()["session_id"]
+        beating = True
+
+        async def beat(user: str) -> None:
+            turn = 0
+            while beating:
+                turn += 1
+                url = f"{gateways[turn % 2]}/v1/sessions/{sessions[user]}/heartbeat"
+                for _ in range(20):
+                    answer = await http.post(
+                        url, json={}, headers={"Authorization": f"Bearer {tokens[user]}"}
+                    )
+                    statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+                    if answer.status_code != 503:
+                        break
+                    await asyncio.sleep(0.1)
+                assert answer.status_code == 200 and answer.json()["state"] == "active", answer.text
+                await asyncio.sleep(0.3)
+
+        beaters = [asyncio.create_task(beat(user)) for user in users]
+        grown = await resize(http, internals[0], 6)
+        shrunk = await resize(http, internals[1], 3)
+        beating = False
+        await asyncio.gather(*beaters)
+        ran_min = (time.monotonic() - began) / 60
+        for index, user in enumerate(users):
+            ended = await http.post(
+                f"{gateways[index % 2]}/v1/sessions/{sessions[user]}/end",
+                json={},
+                headers={"Authorization": f"Bearer {tokens[user]}"},
+            )
+            assert ended.status_code == 200, ended.text
+            billed = ended.json()["session_minutes"]
+            assert abs(billed - ran_min) < 0.05, (user, billed, ran_min)
+        maps = [
+            (await http.get(f"{internal}/internal/v1/shards", headers=signed(""))).json()
+            for internal in internals
+        ]
+    answered = sum(statuses.values())
+    assert set(statuses) <= {200, 503} and statuses.get(503, 0) <= 0.02 * answered, statuses
+    assert grown["count"] == 6 and shrunk["count"] == 3, (grown, shrunk)
+    assert maps[0]["epoch"] == maps[1]["epoch"] and maps[0]["count"] == maps[1]["count"] == 3, maps
+    print(
+        f"resized 4 -> 6 through gateway 1 and 6 -> 3 through gateway 2 while {len(users)} users "
+        f"heartbeat through both: answers {statuses}; sessions billed once ({ran_min:.2f} min). OK",
+        flush=True,
+    )
 
 
 def _metric(text: str, via: str) -> float:

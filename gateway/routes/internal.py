@@ -159,14 +159,22 @@ async def resize_shards(body: ResizeRequest, rt: Runtime = Depends(runtime)) -> 
     """Begin changing the shard count to `count` while serving (`usage-ledger shards resize N`):
     202 at once, then `GET` says `moving` until it is done. Asking again for the same count
     resumes an interrupted resize; asking for the old count rolls it back."""
+    if body.count > rt.settings.shards_max:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{body.count} shards is more than LEDGER_SHARDS_MAX ({rt.settings.shards_max}); raise it first "
+            "if this cluster has the memory for them (each shard is a process)",
+        )
     try:
         rt.resize(body.count)
     except ResizeUnderWay as exc:
         raise ApiError(409, "resize_in_progress", f"{exc}; wait for it, then ask again") from None
-    return await _map_status(rt, moving=True)
+    return await _map_status(rt, target=body.count)
 
 
-async def _map_status(rt: Runtime, *, moving: bool = False) -> ShardMapStatus:
+async def _map_status(rt: Runtime, *, target: int | None = None) -> ShardMapStatus:
+    """The map as the database holds it (`target`: a resize this call just began)."""
     found = await rt.router.read_map()
     stats = await rt.shards.stats()
     shards = []
@@ -191,8 +199,8 @@ async def _map_status(rt: Runtime, *, moving: bool = False) -> ShardMapStatus:
     return ShardMapStatus(
         count=found.count,
         epoch=found.epoch,
-        moving=found.moving or moving,
-        target=found.target,
+        moving=found.moving or target is not None,
+        target=target if target is not None else found.target,
         error=rt.resize_error,
         shards=shards,
     )

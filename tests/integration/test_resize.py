@@ -151,7 +151,7 @@ async def test_a_resize_is_refused_with_a_clear_error_when_the_count_is_impossib
     server: RunningServer,
 ) -> None:
     async with server.client() as http:
-        for count in (0, SLOTS + 1, "four"):
+        for count in (0, server.settings.shards_max + 1, SLOTS + 1, "four"):
             content, headers = signed({"count": count})
             answer = await http.post("/internal/v1/shards", content=content, headers=headers)
             assert answer.status_code == 422, answer.text
