@@ -219,6 +219,8 @@ class ShardRouter:
             if found.epoch != self.map.epoch:
                 log.info("shard_map_changed", epoch=found.epoch, count=found.count, target=found.target)
             self.map = found
+            for index in [index for index in self._handles if index >= found.shards]:
+                self.drop_shard(index)  # retired by a resize
             return found
         finally:
             self._map_reading = None
@@ -303,6 +305,10 @@ class ShardRouter:
                     try:
                         return await self._send(await self._shard(index), operation, args, kwargs)
                     except (ray.exceptions.RayActorError, ShardUnreachable) as exc:
+                        if isinstance(exc, ray.exceptions.ActorDiedError) and self._connect is not None:
+                            # Dead for good (a resize retired it; one may since have been made anew
+                            # under its name): the next attempt looks the shard up again.
+                            self.drop_shard(index)
                         if not repeatable and getattr(exc, "sent", True):
                             raise
                         # Dead or restarting (or retired by a resize): try again until the bound (then 503).
@@ -383,16 +389,27 @@ class ShardRouter:
         (default: `call_timeout_s`); each result is the value or the exception it raised."""
         bound_s = timeout_s if timeout_s is not None else self._timeout_s
         operation = operation_of(method)
-        return list(
-            await asyncio.gather(
-                *(
-                    # Not retried: a status asked of every shard reports a dead one at once.
-                    self._call(index, operation, (), {}, bound_s, repeatable=False)
-                    for index in range(self.map.shards)
-                ),
-                return_exceptions=True,
+
+        async def ask_every_shard() -> list[R | BaseException]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        # Not retried: a status asked of every shard reports a dead one at once.
+                        self._call(index, operation, (), {}, bound_s, repeatable=False)
+                        for index in range(self.map.shards)
+                    ),
+                    return_exceptions=True,
+                )
             )
-        )
+
+        results = await ask_every_shard()
+        if any(isinstance(result, BaseException) for result in results):
+            # A shard a resize retired since this process last read the map is not a failure.
+            epoch = self.map.epoch
+            await self._read_map_quietly()
+            if self.map.epoch != epoch:
+                results = await ask_every_shard()
+        return results
 
 
 class ShardClient:

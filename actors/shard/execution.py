@@ -217,6 +217,9 @@ class Execution(ShardPart):
                 await self.running()
                 await self._served_here(user_id)
                 await self.residency.activate(user_id)
+                if user_id not in self.residency.ledgers:  # handed to another shard as it loaded
+                    await self._served_here(user_id)
+                    raise _not_loaded()
         except TimeoutError:
             raise _not_loaded() from None
         self._take_token(user_id, self.residency.ledgers[user_id])

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import ray.exceptions
 
-from actors.errors import RateLimited, SessionNotFound, Unavailable
+from actors.errors import RateLimited, SessionNotFound, Unavailable, UserMoved, UserMoving
 from actors.records import PlanEvent
 from actors.replies import IdempotencyKey
+from actors.routing import SLOTS, ShardMap, slot_of
 from actors.shard import LedgerShard, declared
 from gateway.metrics import Metrics
 from gateway.shards import MAX_BATCHES_IN_FLIGHT, ShardClient, ShardRouter
@@ -158,3 +159,73 @@ def test_a_method_that_is_not_a_declared_operation_cannot_be_called() -> None:
     router = ShardRouter([FakeShard(echo)], call_timeout_s=1.0, metrics=Metrics())
     with pytest.raises(TypeError, match="not a declared shard operation"):
         asyncio.run(router.call("u1", LedgerShard.batch, []))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the shard map
+
+
+def _moved_to_one(user: str) -> tuple[ShardMap, ShardMap]:
+    """A map of two shards where `user` is on shard 0, and the same once its slot went to shard 1."""
+    before = ShardMap(epoch=1, count=2, owners=tuple(0 for _ in range(SLOTS)))
+    owners = list(before.owners)
+    owners[slot_of(user)] = 1
+    return before, ShardMap(epoch=2, count=2, owners=tuple(owners))
+
+
+async def test_a_call_a_shard_says_moved_is_sent_again_where_the_map_now_says() -> None:
+    before, after = _moved_to_one("u1")
+
+    def moved(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise UserMoved("served by another shard", slot=slot_of("u1"))
+
+    async def load() -> ShardMap:
+        return after
+
+    old, new = FakeShard(moved), FakeShard(echo)
+    router = ShardRouter([old, new], call_timeout_s=2.0, metrics=Metrics(), shard_map=before, load_map=load)
+    client = ShardClient(router)
+    # Even a start without a key: the old owner refused it before doing anything.
+    started = await client.start_session("u1", topic=None, difficulty=None, request_id=None, idem=None)
+    assert started == ("start_session", ("u1",))
+    assert router.map is after
+    assert await client.usage("u1") == ("usage", ("u1",))  # straight to the new owner now
+    assert sum(len(calls) for _, calls in old.ray_calls) == 1
+
+
+async def test_a_call_for_a_user_being_moved_waits_for_the_handoff_within_its_bound() -> None:
+    before, after = _moved_to_one("u1")
+    maps = [before, before, after]
+
+    def moving(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise UserMoving("moving", retry_after_s=1)
+
+    async def load() -> ShardMap:
+        return maps.pop(0) if len(maps) > 1 else maps[0]
+
+    router = ShardRouter(
+        [FakeShard(moving), FakeShard(echo)],
+        call_timeout_s=2.0,
+        metrics=Metrics(),
+        shard_map=before,
+        load_map=load,
+    )
+    assert await ShardClient(router).usage("u1") == ("usage", ("u1",))
+
+    stuck = ShardRouter([FakeShard(moving)], call_timeout_s=0.3, metrics=Metrics())
+    with pytest.raises(Unavailable):  # a handoff that outlasts the bound is a 503, not a hang
+        await ShardClient(stuck).usage("u1")
+
+
+async def test_asking_every_shard_follows_a_map_that_shrank() -> None:
+    def dead(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise ray.exceptions.RayActorError()
+
+    shrunk = ShardMap(epoch=5, count=1, owners=tuple(0 for _ in range(SLOTS)))
+
+    async def load() -> ShardMap:
+        return shrunk
+
+    router = ShardRouter(
+        [FakeShard(echo), FakeShard(dead)], call_timeout_s=1.0, metrics=Metrics(), load_map=load
+    )
+    assert await ShardClient(router).stats() == [("stats", ())]  # the retired shard is not a failure
