@@ -73,6 +73,7 @@ class Ownership:
 
     current: bool
     slots: frozenset[int] | None
+    version: int = 0  # grows with every change of `slots` (an older answer is stale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +127,11 @@ class LedgerStore(Protocol):
 
     async def move_slots(self, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
         """Hand `slots` from `fence`'s shard to shard `to_shard` of the same map, atomically, and
-        return the map's new epoch. Waits for the writes of `fence`'s shard under way; once done,
-        a write of that shard holding a user of those slots fails (`StoreMoved`). Slots the shard
-        no longer owns are left as they are (a repeated move changes nothing more); `StoreFenced`
-        if `fence` is not its owner's newest claim."""
+        return the new version of the giving shard's slots (`Ownership.version`). Waits for the
+        writes of `fence`'s shard under way; once done, a write of that shard holding a user of
+        those slots fails (`StoreMoved`). Slots the shard no longer owns are left as they are (a
+        repeated move changes nothing more); `StoreFenced` if `fence` is not its owner's newest
+        claim."""
         ...
 
     async def save(
@@ -221,6 +223,7 @@ class MemoryStore:
         # The shard maps (`ShardMapStore`): per namespace (epoch, count, target), per owner its slots.
         self.maps: dict[str, tuple[int, int, int | None]] = {}
         self.owned: dict[str, frozenset[int]] = {}
+        self.slot_versions: Counter[str] = Counter()
 
     async def load(
         self, user_ids: Sequence[str], *, now_ms: int
@@ -272,7 +275,11 @@ class MemoryStore:
         return Fence(owner, self.epochs[owner])
 
     async def ownership(self, fence: Fence) -> Ownership:
-        return Ownership(self.epochs.get(fence.owner) == fence.epoch, self.owned.get(fence.owner))
+        return Ownership(
+            self.epochs.get(fence.owner) == fence.epoch,
+            self.owned.get(fence.owner),
+            self.slot_versions[fence.owner],
+        )
 
     async def move_slots(self, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
         if self.epochs.get(fence.owner) != fence.epoch:
@@ -280,12 +287,16 @@ class MemoryStore:
         namespace = namespace_of(fence.owner)
         mine = self.owned.get(fence.owner, frozenset())
         moving = mine & set(slots)
+        if not moving:  # moved already (a repeat): nothing changes
+            return self.slot_versions[fence.owner]
         destination = owner_name(namespace, to_shard)
         self.owned[fence.owner] = mine - moving
         self.owned[destination] = self.owned.get(destination, frozenset()) | moving
+        self.slot_versions[fence.owner] += 1
+        self.slot_versions[destination] += 1
         epoch, count, target = self.maps[namespace]
         self.maps[namespace] = (epoch + 1, count, target)
-        return epoch + 1
+        return self.slot_versions[fence.owner]
 
     async def read_map(self, namespace: str) -> ShardMap | None:
         if namespace not in self.maps:

@@ -24,12 +24,15 @@ from typing import Protocol
 
 import structlog
 
+from actors.errors import Unavailable
 from actors.routing import SLOTS, ShardMap, moves, rebalanced
 from actors.shard import Handoff
 from actors.store import ShardMapStore
 
 log = structlog.get_logger("gateway.resize")
 
+# How many times a resize plans again from the map before it gives up (see `resize`).
+PLANS_MAX = 3
 # Slots handed over per step: the users of 32 slots (1/32 of a 1-shard cluster's) wait at most
 # about one write of their state.
 STEP_SLOTS = 32
@@ -89,24 +92,35 @@ class Resizer:
         # A resize interrupted between a handoff and its receiver's refresh: every shard asks now.
         for index in range(current.shards):
             await self._shards.refresh_slots(index)
-        steps = plan(current, count)
-        for number, step in enumerate(steps, 1):
-            handoff = await self._shards.release(step.from_shard, step.slots, step.to_shard)
-            alarmed = list(handoff.alarmed) if handoff.alarmed is not None else None
-            await self._shards.refresh_slots(step.to_shard, alarmed)
-            self.moved_users += handoff.users
-            log.info(
-                "resize_step",
-                step=number,
-                steps=len(steps),
-                from_shard=step.from_shard,
-                to_shard=step.to_shard,
-                slots=len(step.slots),
-                users=handoff.users,
-            )
+        # Planned again from the map as it stands until nothing is left to move: a handoff an earlier,
+        # interrupted resize left running on a shard may have moved slots meanwhile.
+        for _ in range(PLANS_MAX):
+            steps = plan(current, count)
+            if not steps:
+                break
+            for number, step in enumerate(steps, 1):
+                handoff = await self._shards.release(step.from_shard, step.slots, step.to_shard)
+                alarmed = list(handoff.alarmed) if handoff.alarmed is not None else None
+                await self._shards.refresh_slots(step.to_shard, alarmed)
+                self.moved_users += handoff.users
+                log.info(
+                    "resize_step",
+                    step=number,
+                    steps=len(steps),
+                    from_shard=step.from_shard,
+                    to_shard=step.to_shard,
+                    slots=len(step.slots),
+                    users=handoff.users,
+                )
+            current = await self._shards.read_map()
+        else:
+            raise Unavailable(f"the shard map did not settle at {count} shards; ask again")
         finished = await self._maps.set_target(self._namespace, None)
         await self._shards.read_map()
-        retired = [index for index in range(count, current.shards)]
+        # Retired: the shards past the count that own no slot, as each confirms itself.
+        retired = [
+            index for index in range(count, current.shards) if not await self._shards.refresh_slots(index)
+        ]
         if retired:
             await self._retire_shards(retired)
         log.info("resize_finished", count=finished.count, epoch=finished.epoch, retired=retired)

@@ -267,8 +267,11 @@ class Runtime:
             # It owns no slot: its stop writes nothing; once gone, gateways routing to it read the map.
             with contextlib.suppress(Exception):
                 await self.router.call_shard(index, LedgerShard.stop)
-            handle = self.router.handle(index)
             self.router.drop_shard(index)
+            try:
+                handle = await asyncio.to_thread(get_shard, self.settings.ray_namespace, index)
+            except ValueError:
+                continue  # gone already
             await asyncio.to_thread(kill_shards, [handle])
 
     @classmethod

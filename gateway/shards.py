@@ -303,6 +303,14 @@ class ShardRouter:
                 while True:
                     index = to if isinstance(to, int) else self.map.shard_of(to)
                     try:
+                        if isinstance(to, str) and index not in self._handles:
+                            try:
+                                await self._shard(index)
+                            except Unavailable:  # retired, or not made yet: the map is behind
+                                await self._read_map_quietly()
+                                await asyncio.sleep(delay)
+                                delay = min(delay * 2, RETRY_DELAY_MAX_S)
+                                continue
                         return await self._send(await self._shard(index), operation, args, kwargs)
                     except (ray.exceptions.RayActorError, ShardUnreachable) as exc:
                         if isinstance(exc, ray.exceptions.ActorDiedError) and self._connect is not None:

@@ -95,13 +95,17 @@ async def set_target(connection: Any, namespace: str, target: int | None) -> Sha
 
 
 async def ownership(connection: Any, fence: Fence) -> Ownership:
+    # FOR SHARE: a handoff of this shard's slots still committing (its answer lost, say) is waited
+    # for, so what is read is what it did, never the state from before it.
     row = await connection.fetchrow(
-        "select epoch, slots from shard_activations where owner = $1", fence.owner
+        "select epoch, slots, slots_version from shard_activations where owner = $1 for share", fence.owner
     )
     if row is None:
         return Ownership(False, None)
     slots = row["slots"]
-    return Ownership(row["epoch"] == fence.epoch, frozenset(slots) if slots is not None else None)
+    return Ownership(
+        row["epoch"] == fence.epoch, frozenset(slots) if slots is not None else None, row["slots_version"]
+    )
 
 
 async def move_slots(connection: Any, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
@@ -111,14 +115,21 @@ async def move_slots(connection: Any, fence: Fence, slots: Sequence[int], to_sha
     try:
         # First the giving row, locked for update: this waits for its shard's writes under way.
         row = await connection.fetchrow(
-            "select epoch, slots from shard_activations where owner = $1 for update", fence.owner
+            "select epoch, slots, slots_version from shard_activations where owner = $1 for update",
+            fence.owner,
         )
         if row is None or row["epoch"] != fence.epoch:
             raise StoreFenced(f"{fence.owner} was claimed after epoch {fence.epoch}")
         mine = set(row["slots"] or ())
         moving = sorted(mine & set(slots))
-        await connection.execute(
-            "update shard_activations set slots = $2 where owner = $1",
+        if not moving:  # moved already (a repeat): nothing changes
+            await transaction.rollback()
+            return int(row["slots_version"])
+        version: int = await connection.fetchval(
+            """
+            update shard_activations set slots = $2, slots_version = slots_version + 1
+            where owner = $1 returning slots_version
+            """,
             fence.owner,
             sorted(mine - set(moving)),
         )
@@ -127,7 +138,7 @@ async def move_slots(connection: Any, fence: Fence, slots: Sequence[int], to_sha
             insert into shard_activations as a (owner, epoch, namespace, shard, slots)
             values ($1, 0, $2, $3, $4)
             on conflict (owner) do update
-                set namespace = $2, shard = $3,
+                set namespace = $2, shard = $3, slots_version = a.slots_version + 1,
                     slots = array(select distinct s from unnest(coalesce(a.slots, '{}') || $4) s order by s)
             """,
             owner_name(namespace, to_shard),
@@ -135,9 +146,8 @@ async def move_slots(connection: Any, fence: Fence, slots: Sequence[int], to_sha
             to_shard,
             moving,
         )
-        epoch: int = await connection.fetchval(
-            "update shard_map set epoch = epoch + 1, updated_at = now() where namespace = $1 returning epoch",
-            namespace,
+        await connection.execute(
+            "update shard_map set epoch = epoch + 1, updated_at = now() where namespace = $1", namespace
         )
     except BaseException:
         await transaction.rollback()
@@ -148,7 +158,7 @@ async def move_slots(connection: Any, fence: Fence, slots: Sequence[int], to_sha
         raise CommitOutcomeUnknown(
             "move_slots", f"COMMIT got no answer: {type(exc).__name__}: {exc}"
         ) from exc
-    return epoch
+    return version
 
 
 class PostgresShardMaps:

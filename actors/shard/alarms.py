@@ -58,6 +58,11 @@ class Alarms(ShardPart):
 
     def _fire(self, user_id: str, now: int) -> int:
         """Fire the user's alarms due at `now` (the caller holds, or could take, the user's turn)."""
+        if not self.residency.mine(user_id):
+            # Its slot is being handed off: the shard that gets it fires them (a handoff that fails
+            # gives the slot back, and they fire here a moment later).
+            self.residency.timers.arm(user_id, now + DOUBT_RETRY_MS)
+            return 0
         try:
             return self.residency.advance(user_id, self.residency.ledgers[user_id], now)
         except Exception:

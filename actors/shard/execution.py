@@ -192,6 +192,8 @@ class Execution(ShardPart):
                 if user_id not in self.residency.ledgers:  # handed to another shard while it waited
                     await self._served_here(user_id)
                     raise _not_loaded()
+                if self.placement is not None:
+                    self.placement.check(user_id)  # its slot may have begun to leave while it waited
                 if user_id in self.durable.in_doubt:
                     await self.durable.resolve(user_id)
         except TimeoutError:

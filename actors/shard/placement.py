@@ -61,6 +61,10 @@ class Placement(ShardPart):
     # Load the users of gained slots with alarms: those named (a handoff's), else found in the store.
     reactivate: Callable[[Sequence[int], Sequence[str] | None], Coroutine[Any, Any, None]]
     _state: bytearray = field(init=False)
+    # Per slot, how many times its state changed: a load that began before a change is not kept.
+    _stamps: list[int] = field(default_factory=lambda: [0] * SLOTS, init=False)
+    _version: int = field(default=-1, init=False)  # of the newest ownership applied (older: stale)
+    _loading_slots: set[int] = field(default_factory=set, init=False)  # gained, users still loading
     leaving: int = field(default=0, init=False)  # slots leaving now (begin re-checks while any)
     handed_off: int = field(default=0, init=False)  # users handed to other shards since start
     _release_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
@@ -82,6 +86,18 @@ class Placement(ShardPart):
 
     def owns(self, user_id: str) -> bool:
         return self._state[slot_of(user_id)] == OWNED
+
+    def stamp(self, user_id: str) -> int:
+        """Changes so far of the user's slot (a load keeps what it read only if none came since)."""
+        return self._stamps[slot_of(user_id)]
+
+    def _set(self, slot: int, state: int) -> None:
+        if self._state[slot] == LEAVING:
+            self.leaving -= 1
+        if state == LEAVING:
+            self.leaving += 1
+        self._state[slot] = state
+        self._stamps[slot] += 1
 
     def check(self, user_id: str) -> None:
         """Refuse at once a call for a user of a slot leaving (`UserMoving`); else nothing (a slot
@@ -124,37 +140,57 @@ class Placement(ShardPart):
         finally:
             self._refreshing = None
 
-    async def refresh(self, alarmed: Sequence[str] | None = None) -> list[int]:
+    async def refresh(
+        self,
+        alarmed: Sequence[str] | None = None,
+        *,
+        load_gained: bool = True,
+        settling: bool = False,
+    ) -> list[int]:
         """Ask the store which slots this shard owns and follow it: slots gained are served from
-        now on (their users with alarms are loaded in the background: `alarmed`, as the handoff
-        named them, else those the store finds); slots lost without a handoff of this shard's
-        knowing (one whose outcome was unknown) are dropped. Returns the slots gained."""
+        now on (their users with alarms are loaded in the background, unless `load_gained` is
+        false: `alarmed`, as the handoff named them, else those the store finds); slots lost
+        without a handoff of this shard's knowing (one whose outcome was unknown) are dropped.
+        An answer older than one already applied (read before a handoff committed) changes
+        nothing. Returns the slots gained."""
         ownership = await self.fencing.ownership()
         if ownership is None:
             return []  # unfenced: its slots never change
+        if ownership.version < self._version:
+            return []  # read before a change this shard has applied since: stale
+        self._version = ownership.version
         owned = ownership.slots
         if owned is None:  # a shard of no map: what a brand-new map of its count gives it
             count, index = self.config.shard_count, self.config.shard_index
             owned = frozenset(range(index, SLOTS, count))
         gained = [slot for slot in sorted(owned) if self._state[slot] == NOT_OWNED]
-        if self._release_lock.locked():
+        if self._release_lock.locked() and not settling:
             # A handoff is under way: it decides its own slots; only gains are taken here.
             lost: list[int] = []
         else:
             lost = [slot for slot in range(SLOTS) if self._state[slot] != NOT_OWNED and slot not in owned]
             for slot in range(SLOTS):
                 if self._state[slot] == LEAVING and slot in owned:
-                    self._state[slot] = OWNED  # an unknown handoff that did not happen
-                    self.leaving -= 1
+                    self._set(slot, OWNED)  # an unknown handoff that did not happen
         for slot in gained:
-            self._state[slot] = OWNED
+            self._set(slot, OWNED)
         if lost:
             self._drop(set(lost))
             log.info("slots_lost", shard=self.config.shard_index, slots=len(lost))
         if gained:
             log.info("slots_gained", shard=self.config.shard_index, slots=len(gained))
-            self._spawn(self.reactivate(gained, alarmed))
+            if load_gained:
+                self._spawn(self._load_gained(gained, alarmed))
         return gained
+
+    async def _load_gained(self, gained: list[int], alarmed: Sequence[str] | None) -> None:
+        """Load the users with alarms of slots just gained; until done, a handoff of those slots
+        cannot name them all (the receiver then looks them up itself)."""
+        self._loading_slots.update(gained)
+        try:
+            await self.reactivate(gained, alarmed)
+        finally:
+            self._loading_slots.difference_update(gained)
 
     async def release(self, slots: Sequence[int], to_shard: int) -> Handoff:
         """Hand `slots` (those of them this shard owns) to shard `to_shard` (see the module's
@@ -167,12 +203,11 @@ class Placement(ShardPart):
                 return Handoff(0, ())
             moving = set(mine)
             for slot in mine:
-                self._state[slot] = LEAVING
-            self.leaving += len(mine)
+                self._set(slot, LEAVING)
             users = [user_id for user_id in self.residency.ledgers if slot_of(user_id) in moving]
-            # Every user with an alarm is resident once the shard has reactivated (until then, the
+            # Every user with an alarm is resident once the shard has loaded them (until then, the
             # receiver looks them up itself).
-            complete = not self.residency.reactivating
+            complete = not self.residency.reactivating and not (moving & self._loading_slots)
             taken: list[str] = []
             outcome = "kept"
             try:
@@ -192,15 +227,21 @@ class Placement(ShardPart):
                     await self._write_through(users)
                     outcome = "unknown"
                     async with asyncio.timeout(self.config.write_timeout_s):
-                        epoch = await self.residency.require_store().move_slots(self._fence(), mine, to_shard)
+                        version = await self.residency.require_store().move_slots(
+                            self._fence(), mine, to_shard
+                        )
+                    self._version = max(self._version, version)
                     outcome = "moved"
-            except (StoreError, TimeoutError, Unavailable) as exc:
-                if outcome == "unknown" and not isinstance(exc, StoreOutcomeUnknown | TimeoutError):
+            except BaseException as exc:
+                if (
+                    outcome == "unknown"
+                    and isinstance(exc, StoreError)
+                    and not isinstance(exc, StoreOutcomeUnknown)
+                ):
                     outcome = "kept"  # refused before it could commit
                 if outcome == "kept":
                     for slot in mine:
-                        self._state[slot] = OWNED
-                    self.leaving -= len(mine)
+                        self._set(slot, OWNED)
                 else:  # the move may have committed: the slots stay leaving until the store tells
                     self._spawn(self._settle())
                 log.warning(
@@ -211,6 +252,8 @@ class Placement(ShardPart):
                     outcome=outcome,
                     error=repr(exc),
                 )
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: as it is
                 raise Unavailable("the handoff failed; nothing moved (or, if unsure, retry it)") from exc
             finally:
                 if outcome == "moved":
@@ -224,16 +267,17 @@ class Placement(ShardPart):
                 to_shard=to_shard,
                 slots=len(mine),
                 users=len(users),
-                map_epoch=epoch,
+                slots_version=version,
             )
             return Handoff(len(users), alarmed if complete else None)
 
     async def _settle(self) -> None:
         """After a handoff of unknown outcome: ask the store until it answers (`refresh`)."""
         delay = RETRY_DELAY_MIN_S
-        while self.leaving and not self._release_lock.locked():
+        while self.leaving:
             try:
-                await self.refresh()
+                async with self._release_lock:  # (waits for a handoff under way)
+                    await self.refresh(settling=True)
                 return
             except (StoreError, OSError) as exc:
                 log.warning("handoff_unsettled", shard=self.config.shard_index, error=repr(exc))
@@ -264,9 +308,7 @@ class Placement(ShardPart):
     def _drop(self, slots: set[int]) -> None:
         """This shard no longer owns `slots`: forget their users (and wake their streams)."""
         for slot in slots:
-            if self._state[slot] == LEAVING:
-                self.leaving -= 1
-            self._state[slot] = NOT_OWNED
+            self._set(slot, NOT_OWNED)
         for user_id in [user_id for user_id in self.residency.ledgers if slot_of(user_id) in slots]:
             self.residency.evict(user_id)
             self.forget(user_id)

@@ -51,8 +51,10 @@ class Residency:
         self._clock = clock
         self._watchers = watchers
         self._running = running  # waits (bounded) until the shard serves; `Unavailable` if it won't
-        # Whether this shard serves a user now (its slot is owned: `placement`); set by the shard.
+        # Whether this shard serves a user now (its slot is owned: `placement`), and how many times
+        # the user's slot changed hands here so far; set by the shard.
         self.mine: Callable[[str], bool] = lambda user_id: True
+        self.stamp: Callable[[str], int] = lambda user_id: 0
         self.store: LedgerStore | None = None  # set once the shard has connected
         self.ledgers: dict[str, UserLedger] = {}
         self.dirty: set[str] = set()  # users with changes the store does not have yet
@@ -166,14 +168,17 @@ class Residency:
         await self.load(users)
 
     async def load(self, user_ids: list[str]) -> None:
+        stamps = [self.stamp(user_id) for user_id in user_ids]
         try:
             stored = await self.require_store().load(user_ids, now_ms=self._clock())
         except StoreError as exc:
             raise Unavailable.of_store() from exc
         now = self._clock()
-        for user_id in user_ids:
-            if user_id in self.ledgers or not self.mine(user_id):
-                continue  # (a user whose slot was handed off while it loaded is not kept)
+        for user_id, stamp in zip(user_ids, stamps, strict=True):
+            if user_id in self.ledgers or not self.mine(user_id) or self.stamp(user_id) != stamp:
+                # Its slot was handed off (or away and back) while it loaded: what was read may
+                # predate the other shard's writes. It is loaded again when next asked for.
+                continue
             found = stored.get(user_id)
             try:
                 if isinstance(found, UnreadableLedger):

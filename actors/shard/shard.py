@@ -143,6 +143,7 @@ class LedgerShard:
         )
         self.execution.placement = self._placement
         self._residency.mine = self._placement.owns
+        self._residency.stamp = self._placement.stamp
         self._write_behind.refresh_placement = self._placement.refresh
         self._deliveries = Deliveries(*part)
         self._batches = Batches(lambda name: getattr(self, name) if name in BATCHABLE else None)
@@ -175,7 +176,12 @@ class LedgerShard:
                 "store_claim", lambda: self._fencing.claim(owner), shard=self._config.shard_index
             )
             log.info("shard_claimed", shard=self._config.shard_index, owner=owner, epoch=fence.epoch)
-            await retrying("store_slots", self._placement.refresh, shard=self._config.shard_index)
+            # (Its users with alarms are loaded by the reactivation below, not once more per slot.)
+            await retrying(
+                "store_slots",
+                lambda: self._placement.refresh(load_gained=False),
+                shard=self._config.shard_index,
+            )
         # Serving starts at once: the users with open sessions are loaded in the background (their
         # alarms must run even if no request comes for them), and a request for one of them loads
         # that user first, as any cold user is loaded. After a restart with 50k open sessions on a

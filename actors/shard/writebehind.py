@@ -103,7 +103,7 @@ class WriteBehind(ShardPart):
         """Checked as each user is taken, since the flush yields between slices: not busy, and not
         newly in doubt or refused (a write in doubt is settled first: until then the live ledger
         may number credit entries its draft already wrote)."""
-        return not (
+        return self.residency.mine(user_id) and not (
             self.turns.busy(user_id) or user_id in self.durable.in_doubt or user_id in self.unwritable
         )
 
@@ -155,12 +155,13 @@ class WriteBehind(ShardPart):
                     await asyncio.sleep(ALARM_FLUSH_DELAY_S)
             soon.clear()
             try:
+                if self.refresh_placement is not None:
+                    # First: what the store says this shard owns decides what it may write.
+                    await self.refresh_placement()
                 written = await self.flush()
                 retry_s = 0.0
                 if written:
                     log.debug("flushed", shard=self.config.shard_index, users=written)
-                if self.refresh_placement is not None:
-                    await self.refresh_placement()
                 await self.durable.resolve_idle(self.turns)
                 await self._prune_replies_when_due()
             except Exception as exc:

@@ -10,8 +10,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Security
 
+from actors.errors import Unavailable
 from actors.replies import IdempotencyKey
 from actors.shard import Purchase, ShardStats
+from actors.store import StoreError
 from actors.times import minutes_to_ms, to_datetime, to_minutes
 from gateway.auth import USER_ID_MAX_LENGTH, USER_ID_PATTERN, delivery_id, webhook_signature_scheme
 from gateway.errors import ApiError
@@ -166,16 +168,20 @@ async def resize_shards(body: ResizeRequest, rt: Runtime = Depends(runtime)) -> 
             f"{body.count} shards is more than LEDGER_SHARDS_MAX ({rt.settings.shards_max}); raise it first "
             "if this cluster has the memory for them (each shard is a process)",
         )
+    before = await _map_status(rt)  # (503 with the database down: nothing is begun)
     try:
         rt.resize(body.count)
     except ResizeUnderWay as exc:
         raise ApiError(409, "resize_in_progress", f"{exc}; wait for it, then ask again") from None
-    return await _map_status(rt, target=body.count)
+    return before.model_copy(update={"moving": True, "target": body.count, "error": None})
 
 
-async def _map_status(rt: Runtime, *, target: int | None = None) -> ShardMapStatus:
-    """The map as the database holds it (`target`: a resize this call just began)."""
-    found = await rt.router.read_map()
+async def _map_status(rt: Runtime) -> ShardMapStatus:
+    """The map as the database holds it, and what each shard says of itself."""
+    try:
+        found = await rt.router.read_map()
+    except StoreError as exc:
+        raise Unavailable.of_store("the database") from exc
     stats = await rt.shards.stats()
     shards = []
     for index, result in enumerate(stats):
@@ -199,8 +205,8 @@ async def _map_status(rt: Runtime, *, target: int | None = None) -> ShardMapStat
     return ShardMapStatus(
         count=found.count,
         epoch=found.epoch,
-        moving=found.moving or target is not None,
-        target=target if target is not None else found.target,
+        moving=found.moving,
+        target=found.target,
         error=rt.resize_error,
         shards=shards,
     )

@@ -50,7 +50,9 @@ async def readyz(rt: Runtime = Depends(runtime)) -> JSONResponse:
             )
         else:
             shards.append(ShardReadiness(shard=index, ready=False, error=type(result).__name__))
-    ready = database and all(shard.ready for shard in shards) and rt.state == "running"
+    # The shards that own slots must be ready; one a resize is starting, or retiring, need not be.
+    owning = set(rt.router.map.owners)
+    ready = database and all(s.ready for s in shards if s.shard in owning) and rt.state == "running"
     body = Readiness(status="ready" if ready else "unavailable", database=database, shards=shards)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
 

@@ -17,7 +17,9 @@ create table shard_map (
 alter table shard_activations
     add column namespace text,
     add column shard integer check (shard between 0 and 1023),
-    add column slots integer[];  -- NULL: a shard of no map (an older version's)
+    add column slots integer[],  -- NULL: a shard of no map (an older version's)
+    -- Grows with every change of `slots`: a shard ignores an answer older than one it has applied.
+    add column slots_version bigint not null default 0;
 
 -- A shard's row is made with the map (or by a resize) before it ever claims it: epoch 0.
 alter table shard_activations drop constraint shard_activations_epoch_check;

@@ -16,11 +16,13 @@ from actors.ledger import LedgerPolicy, UserLedger
 from actors.plans import Plan, PlanCatalog
 from actors.records import PlanEvent, PlanEventRecord
 from actors.replies import REPLY_TTL_MS, IdempotencyKey
-from actors.store import StoreFenced, WriteReceipt
+from actors.routing import owner_name, slot_of
+from actors.store import StoreFenced, StoreMoved, WriteReceipt
 from actors.times import MS_PER_MINUTE, from_datetime
 from persistence.database import PoolLimits, create_pool
 from persistence.errors import DatabaseUnavailable, PersistenceError
 from persistence.migrate import discover, migrate
+from persistence.shardmap import PostgresShardMaps
 from persistence.store import PostgresStore, PostgresStoreFactory
 from tests.harness import eventually
 
@@ -424,3 +426,33 @@ async def test_a_claim_waits_for_a_write_of_the_older_epoch_in_progress(
         assert (await asyncio.wait_for(claiming, 10)).epoch == 2
     finally:
         await writer.close()
+
+
+async def test_a_handoff_moves_slots_in_postgres_and_the_giver_can_never_write_those_users_again(
+    store: PostgresStore,
+) -> None:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    maps = PostgresShardMaps(store._pool)
+    start = await maps.create_map(namespace, 1)
+    assert start.count == 1 and set(start.owners) == {0}
+    giver = await store.claim(owner_name(namespace, 0))
+    taker = await store.claim(owner_name(namespace, 1))
+    assert (await store.ownership(taker)).slots == frozenset()  # new to the map: owns nothing yet
+    user = user_id()
+    ledger = UserLedger.new(user, POLICY, T0)
+    await store.save([ledger.snapshot()], fence=giver)
+    before = await store.ownership(giver)
+
+    version = await store.move_slots(giver, [slot_of(user)], 1)
+
+    after = await store.ownership(giver)
+    assert version == after.version > before.version and slot_of(user) not in (after.slots or ())
+    assert (await store.ownership(taker)).slots == frozenset({slot_of(user)})
+    ledger.start_session(T0, str(uuid.uuid4()))
+    with pytest.raises(StoreMoved):
+        await store.save([ledger.snapshot()], fence=giver)
+    await store.save([ledger.snapshot()], fence=taker)  # the new owner writes them
+    assert await store.move_slots(giver, [slot_of(user)], 1) == after.version  # again: nothing more moves
+    moved = await maps.read_map(namespace)
+    assert moved is not None and moved.owners[slot_of(user)] == 1 and moved.epoch > start.epoch
+    assert (await maps.set_target(namespace, None)).count == 2

@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from actors.credits import CreditKey
@@ -65,6 +65,9 @@ class Faults:
     latency_s: tuple[float, float] = (0.0, 0.0)  # each call waits uniformly within this
     next_write: WriteFault | None = None  # applied to the next save, then cleared
     hold_s: tuple[float, float] = (0.2, 3.0)  # how long a held commit takes to land
+    # Handoffs whose commit is still landing: a read of ownership waits for them, as Postgres's
+    # `FOR SHARE` read waits for the row lock of a transaction still committing.
+    moves_landing: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class FaultyStore:
@@ -169,6 +172,8 @@ class FaultyStore:
         return await self._call(lambda: self.inner.claim(owner))
 
     async def ownership(self, fence: Fence) -> Ownership:
+        if self.faults.moves_landing:
+            await asyncio.gather(*self.faults.moves_landing, return_exceptions=True)
         return await self._call(lambda: self.inner.ownership(fence))
 
     async def move_slots(self, fence: Fence, slots: Sequence[int], to_shard: int) -> int:
@@ -190,6 +195,8 @@ class FaultyStore:
             landing = asyncio.get_running_loop().create_task(land())
             self._landing.add(landing)
             landing.add_done_callback(self._landing.discard)
+            self.faults.moves_landing.add(landing)
+            landing.add_done_callback(self.faults.moves_landing.discard)
             raise StoreOutcomeUnknown("no answer to COMMIT; the handoff is still in progress")
         epoch = await self.inner.move_slots(fence, slots, to_shard)
         if fault == "lose_reply":

@@ -16,7 +16,7 @@ import pytest_asyncio
 from actors.errors import Unavailable, UserMoved, UserMoving
 from actors.routing import SLOTS, owner_name, slot_of
 from actors.shard import Handoff, LedgerShard
-from actors.store import StoreMoved
+from actors.store import Fence, Ownership, StoreMoved
 from tests.faulty_store import FaultyMemoryStore
 from tests.unit.actors.support import MIN, SEC, STALE_MS, FakeClock
 from tests.unit.actors.test_shard import HeldStore, make_shard
@@ -205,3 +205,42 @@ async def test_a_receiver_not_told_which_users_have_alarms_finds_them_in_the_sto
     taking.fire_due_alarms()
     await taking.flush()
     assert not store.sessions[started.session_id].is_open
+
+
+class SlowOwnershipStore(HeldStore):
+    """A store whose answer about ownership is read at once but arrives only when `answer` is set:
+    an answer overtaken by a handoff that commits meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+        self.answer.set()
+
+    async def ownership(self, fence: Fence) -> Ownership:
+        found = await super().ownership(fence)
+        await self.answer.wait()
+        return found
+
+
+async def test_an_answer_about_slots_read_before_a_handoff_committed_changes_nothing_after_it(
+    clock: FakeClock,
+) -> None:
+    store = SlowOwnershipStore()
+    await store.create_map(NAMESPACE, 1)
+    giving = make_shard(store, clock, index=0, count=1, owner=owner_name(NAMESPACE, 0))
+    taking = make_shard(store, clock, index=1, count=2, owner=owner_name(NAMESPACE, 1))
+    await giving.start()
+    await taking.start()
+    await giving.start_session(USER)
+    store.answer.clear()
+    stale = asyncio.create_task(giving._placement.refresh())  # reads: the slot is still its own
+    await asyncio.sleep(0.01)
+    await giving.release([slot_of(USER)], 1)  # commits meanwhile
+    store.answer.set()
+    assert await stale == []  # the answer arrives after the handoff: it gains nothing back
+    assert not giving._placement.owns(USER)
+    with pytest.raises(UserMoved):
+        await giving.usage(USER)
+    assert (await taking.usage(USER)).active_session is not None
+    for shard in (giving, taking):
+        await shard.stop()
