@@ -23,8 +23,10 @@ import asyncio
 import binascii
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
 import httpx
@@ -235,6 +237,21 @@ def issue_token(
     if issuer is not None:
         claims["iss"] = issuer
     return jwt.encode(claims, secret, algorithm=JWT_ALGORITHMS[0])
+
+
+def signed_headers(
+    secret: str, content: str, *, message_id: str | None = None, timestamp: datetime | None = None
+) -> dict[str, str]:
+    """The Standard Webhooks headers that sign `content` for an internal call (for `usage-ledger
+    internal ...`, tests and the deploy scripts): a fresh `webhook-id` unless one is given."""
+    message_id = message_id or f"msg_{uuid.uuid4().hex}"
+    moment = timestamp or datetime.now(UTC)
+    return {
+        "content-type": "application/json",
+        "webhook-id": message_id,
+        "webhook-timestamp": str(int(moment.timestamp())),
+        "webhook-signature": Webhook(secret).sign(message_id, moment, content),
+    }
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -23,7 +23,6 @@ import shutil
 import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NoReturn
@@ -33,7 +32,6 @@ import httpx
 import structlog
 import typer
 from pydantic import ValidationError
-from standardwebhooks.webhooks import Webhook
 
 from actors.logsetup import whole_lines_on_standard_streams
 from actors.routing import SLOTS, initial_owners, moved_fraction, rebalanced
@@ -383,24 +381,18 @@ def _signed_call(
     delivery_id: str | None,
 ) -> tuple[int, dict[str, object]]:
     """A Standard Webhooks-signed call to the running server: (status, JSON answer)."""
+    from gateway.auth import signed_headers
+
     settings = _settings()
     secrets = _secrets(settings)
     content = json.dumps(body) if body is not None else ""
-    message_id = delivery_id or f"msg_{uuid.uuid4().hex}"
-    timestamp = datetime.fromtimestamp(int(time.time()), tz=UTC)
-    signature = Webhook(secrets.internal_secret).sign(message_id, timestamp, content)
     base = _base_url(settings, url, internal=True)
     try:
         response = httpx.request(
             method,
             f"{base}{path}",
             content=content,
-            headers={
-                "content-type": "application/json",
-                "webhook-id": message_id,
-                "webhook-timestamp": str(int(timestamp.timestamp())),
-                "webhook-signature": signature,
-            },
+            headers=signed_headers(secrets.internal_secret, content, message_id=delivery_id),
             timeout=30,
         )
     except httpx.TransportError as exc:

@@ -34,11 +34,10 @@ import pytest
 import pytest_asyncio
 import ray
 import uvicorn
-from standardwebhooks.webhooks import Webhook
 
 from actors.hosting import kill_shards
 from gateway.app import create_app
-from gateway.auth import issue_token
+from gateway.auth import issue_token, signed_headers
 from gateway.runtime import LOCAL_RAY_OBJECT_STORE_BYTES
 from gateway.serving import server_config
 from gateway.settings import Settings
@@ -253,16 +252,7 @@ def signed(
 ) -> tuple[bytes, dict[str, str]]:
     """A body and the Standard Webhooks headers that sign it."""
     text = body if isinstance(body, str) else json.dumps(body)
-    message_id = webhook_id or f"msg_{uuid.uuid4().hex}"
-    moment = timestamp or datetime.now(UTC)
-    signature = Webhook(secret).sign(message_id, moment, text)
-    headers = {
-        "content-type": "application/json",
-        "webhook-id": message_id,
-        "webhook-timestamp": str(int(moment.timestamp())),
-        "webhook-signature": signature,
-    }
-    return text.encode(), headers
+    return text.encode(), signed_headers(secret, text, message_id=webhook_id, timestamp=timestamp)
 
 
 async def change_plan(

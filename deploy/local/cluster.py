@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -202,9 +201,7 @@ async def _check_resize(env: dict[str, str], jwt_secret: str) -> None:
     """Users heartbeat through both gateways while gateway 1 resizes 4 -> 6 and gateway 2 resizes
     6 -> 3: every answer is a 200 or a retried 503 (at most 2%), each session is billed once for the
     time it ran, and both gateways end up routing by the same map."""
-    from standardwebhooks.webhooks import Webhook
-
-    from gateway.auth import issue_token
+    from gateway.auth import issue_token, signed_headers
 
     secret = env["LEDGER_INTERNAL_SECRET"]
     gateways = [f"http://127.0.0.1:{port}" for port, _ in GATEWAYS]
@@ -214,14 +211,7 @@ async def _check_resize(env: dict[str, str], jwt_secret: str) -> None:
     statuses: dict[int, int] = {}
 
     def signed(body: str) -> dict[str, str]:
-        message_id = f"msg_{secrets.token_hex(8)}"
-        moment = datetime.now(UTC)
-        return {
-            "content-type": "application/json",
-            "webhook-id": message_id,
-            "webhook-timestamp": str(int(moment.timestamp())),
-            "webhook-signature": Webhook(secret).sign(message_id, moment, body),
-        }
+        return signed_headers(secret, body)
 
     async def resize(http: httpx.AsyncClient, internal: str, count: int) -> dict[str, object]:
         body = json.dumps({"count": count})
