@@ -37,7 +37,7 @@ from gateway.events import EventDelivery
 from gateway.metrics import Metrics
 from gateway.resize import Resizer
 from gateway.settings import CALL_MARGIN_S, RESOLVE_TIMEOUT_S, WRITE_SLACK_S, Settings, SettingsError
-from gateway.shards import ShardClient, ShardRouter
+from gateway.shards import ShardClient, ShardRouter, ShardUnknown
 from persistence.database import PoolLimits, create_pool
 from persistence.embedded import DATABASE_NAME, EmbeddedPostgres, ensure_database
 from persistence.migrate import MigrationProgress, migrate
@@ -431,7 +431,7 @@ async def _connect_shard(namespace: str, index: int) -> Any:
     try:
         return await asyncio.to_thread(get_shard, namespace, index)
     except ValueError:
-        raise Unavailable(f"shard {index} is not running (yet)") from None
+        raise ShardUnknown(f"shard {index} is not running (yet)") from None
 
 
 class ResizeUnderWay(Exception):

@@ -76,6 +76,10 @@ RETRY_DELAY_MIN_S = 0.05
 RETRY_DELAY_MAX_S = 1.0
 
 
+class ShardUnknown(Unavailable):
+    """No shard of that index runs (yet, or any more): this gateway's map is behind the cluster's."""
+
+
 class ShardBatcher:
     """The hot calls from this process to one shard, sent in batches (see the module's docstring)."""
 
@@ -157,7 +161,8 @@ class ShardRouter:
         """`handles`: the shards by index (those of `shard_map`, default: a brand-new map of as
         many). `channels`: hot calls over the data plane (`node_id`: this process's Ray node), else
         in Ray batches. `load_map` reads the current map (after a shard said a user moved);
-        `connect` finds a shard this router has no handle of yet (one a resize created)."""
+        `connect` finds a shard this router has no handle of yet (one a resize created), or raises
+        `ShardUnknown`."""
         assert handles, "at least one shard"
         self.map = shard_map or ShardMap.initial(len(handles))
         self._load_map = load_map
@@ -229,7 +234,7 @@ class ShardRouter:
         """`index`, once this router has a handle of that shard (found through `connect`)."""
         if index not in self._handles:
             if self._connect is None:
-                raise Unavailable(f"shard {index} is unknown to this gateway")
+                raise ShardUnknown(f"shard {index} is unknown to this gateway")
             self.add_shard(index, await self._connect(index))
         return index
 
@@ -303,14 +308,6 @@ class ShardRouter:
                 while True:
                     index = to if isinstance(to, int) else self.map.shard_of(to)
                     try:
-                        if isinstance(to, str) and index not in self._handles:
-                            try:
-                                await self._shard(index)
-                            except Unavailable:  # retired, or not made yet: the map is behind
-                                await self._read_map_quietly()
-                                await asyncio.sleep(delay)
-                                delay = min(delay * 2, RETRY_DELAY_MAX_S)
-                                continue
                         return await self._send(await self._shard(index), operation, args, kwargs)
                     except (ray.exceptions.RayActorError, ShardUnreachable) as exc:
                         if isinstance(exc, ray.exceptions.ActorDiedError) and self._connect is not None:
@@ -321,20 +318,20 @@ class ShardRouter:
                             raise
                         # Dead or restarting (or retired by a resize): try again until the bound (then 503).
                         log.info("shard_call_retry", method=method, error=type(exc).__name__, delay_s=delay)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, RETRY_DELAY_MAX_S)
-                        if isinstance(to, str):
-                            await self._read_map_quietly()
-                    except (UserMoved, UserMoving) as exc:
+                        wait = True
+                    except (UserMoved, UserMoving, ShardUnknown) as exc:
                         if isinstance(to, int):
                             raise
-                        # Refused before anything was done, so any call may be sent again: at once
-                        # to the new owner the map names, else after a wait (a handoff under way).
-                        before = self.map.shard_of(to)
+                        # Refused before anything was done (or never sent: a shard this gateway cannot
+                        # find, its map behind), so any call may be sent again: at once to a new owner
+                        # the map names, else after a wait (a handoff under way).
+                        wait = not isinstance(exc, UserMoved)
+                    if isinstance(to, str):
                         await self._read_map_quietly()
-                        if isinstance(exc, UserMoving) or self.map.shard_of(to) == before:
-                            await asyncio.sleep(delay)
-                            delay = min(delay * 2, RETRY_DELAY_MAX_S)
+                        wait = wait or self.map.shard_of(to) == index
+                    if wait:
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, RETRY_DELAY_MAX_S)
         except TimeoutError:
             outcome = "timeout"
             raise Unavailable("the user's shard did not answer in time") from None

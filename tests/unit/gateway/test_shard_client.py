@@ -229,3 +229,19 @@ async def test_asking_every_shard_follows_a_map_that_shrank() -> None:
         [FakeShard(echo), FakeShard(dead)], call_timeout_s=1.0, metrics=Metrics(), load_map=load
     )
     assert await ShardClient(router).stats() == [("stats", ())]  # the retired shard is not a failure
+
+
+async def test_a_call_routed_to_a_shard_this_gateway_cannot_find_follows_the_map_anew() -> None:
+    """A map naming a shard retired since (or not made yet) is behind: the call goes where the map
+    read anew says, not to a 503."""
+    before, after = _moved_to_one("u1")  # `after` routes u1 to shard 1, which no longer runs
+    maps = [before]
+
+    async def load() -> ShardMap:
+        return maps[0]
+
+    router = ShardRouter(
+        [FakeShard(echo)], call_timeout_s=2.0, metrics=Metrics(), shard_map=after, load_map=load
+    )
+    assert await ShardClient(router).usage("u1") == ("usage", ("u1",))
+    assert router.map is before
