@@ -33,6 +33,11 @@ def initial_owners(count: int) -> tuple[int, ...]:
     return tuple(slot % count for slot in range(SLOTS))
 
 
+def initial_slots(shard: int, count: int) -> list[int]:
+    """The slots shard `shard` owns in a brand-new map of `count` shards (`initial_owners`)."""
+    return [slot for slot, owner in enumerate(initial_owners(count)) if owner == shard]
+
+
 def rebalanced(owners: Sequence[int], count: int) -> tuple[int, ...]:
     """`owners` reassigned to shards 0..count-1 with the fewest slots moved, each shard ending with
     ⌊SLOTS/count⌋ or ⌈SLOTS/count⌉ slots. Deterministic: the same map and count give the same

@@ -32,7 +32,15 @@ from actors.records import (
     StoredLedger,
     UserRecord,
 )
-from actors.routing import SLOTS, ShardMap, namespace_of, owner_name, shard_of_owner, slot_of
+from actors.routing import (
+    SLOTS,
+    ShardMap,
+    initial_slots,
+    namespace_of,
+    owner_name,
+    shard_of_owner,
+    slot_of,
+)
 
 
 class StoreError(Exception):
@@ -313,7 +321,7 @@ class MemoryStore:
         if namespace not in self.maps:
             self.maps[namespace] = (1, count, None)
             for shard in range(count):
-                self.owned[owner_name(namespace, shard)] = frozenset(range(shard, SLOTS, count))
+                self.owned[owner_name(namespace, shard)] = frozenset(initial_slots(shard, count))
         found = await self.read_map(namespace)
         assert found is not None
         return found

@@ -20,6 +20,7 @@ import json
 import statistics
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from actors.routing import owner_name
@@ -92,12 +93,7 @@ def _shard(config: ShardConfig, factory: PostgresStoreFactory, namespace: str) -
     async def store() -> LedgerStore:
         return await factory()
 
-    owned = ShardConfig(**{**_fields(config), "owner": owner_name(namespace, config.shard_index)})
-    return LedgerShard(owned, store)
-
-
-def _fields(config: ShardConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in ShardConfig.__dataclass_fields__}
+    return LedgerShard(replace(config, owner=owner_name(namespace, config.shard_index)), store)
 
 
 def main() -> None:

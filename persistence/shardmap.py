@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from actors.routing import SLOTS, ShardMap, initial_owners, namespace_of, owner_name
+from actors.routing import SLOTS, ShardMap, initial_slots, namespace_of, owner_name
 from actors.store import Fence, Ownership, StoreFenced
 from persistence.errors import TRANSIENT_ERRORS, CommitOutcomeUnknown, translate_errors
 
@@ -46,7 +46,6 @@ async def create_map(connection: Any, namespace: str, count: int) -> ShardMap:
             count,
         )
         if made:
-            owners = initial_owners(count)
             await connection.executemany(
                 """
                 insert into shard_activations as a (owner, epoch, namespace, shard, slots)
@@ -54,12 +53,7 @@ async def create_map(connection: Any, namespace: str, count: int) -> ShardMap:
                 on conflict (owner) do update set namespace = $2, shard = $3, slots = $4
                 """,
                 [
-                    (
-                        owner_name(namespace, shard),
-                        namespace,
-                        shard,
-                        [s for s in range(SLOTS) if owners[s] == shard],
-                    )
+                    (owner_name(namespace, shard), namespace, shard, initial_slots(shard, count))
                     for shard in range(count)
                 ],
             )

@@ -31,12 +31,12 @@ from actors.ratelimit import TokenBucket
 from actors.records import ReplyRecord
 from actors.replies import IdempotencyKey, encode_outcome, encode_result, replay
 from actors.shard.config import USER_WAITERS_MAX
-
-if TYPE_CHECKING:
-    from actors.shard.placement import Placement
 from actors.shard.operations import Operation, Turn
 from actors.shard.parts import ShardPart
 from actors.turns import TooManyWaiters, UserTurns
+
+if TYPE_CHECKING:
+    from actors.shard.placement import Placement
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -189,9 +189,7 @@ class Execution(ShardPart):
                 if not self.turns.try_take(user_id):
                     await self.turns.take(user_id, deadline=deadline)
                 took = True
-                if user_id not in self.residency.ledgers:  # handed to another shard while it waited
-                    await self._served_here(user_id)
-                    raise _not_loaded()
+                await self._still_resident(user_id)  # (handed to another shard while it waited?)
                 if self.placement is not None:
                     self.placement.check(user_id)  # its slot may have begun to leave while it waited
                 if user_id in self.durable.in_doubt:
@@ -219,9 +217,7 @@ class Execution(ShardPart):
                 await self.running()
                 await self._served_here(user_id)
                 await self.residency.activate(user_id)
-                if user_id not in self.residency.ledgers:  # handed to another shard as it loaded
-                    await self._served_here(user_id)
-                    raise _not_loaded()
+                await self._still_resident(user_id)  # (handed to another shard as it loaded?)
         except TimeoutError:
             raise _not_loaded() from None
         self._take_token(user_id, self.residency.ledgers[user_id])
@@ -230,6 +226,13 @@ class Execution(ShardPart):
         """`UserMoving` or `UserMoved` unless this shard serves the user (see `placement`)."""
         if self.placement is not None:
             await self.placement.confirm(user_id)
+
+    async def _still_resident(self, user_id: str) -> None:
+        """After a wait: the user is resident, or the call is refused (`UserMoved`/`UserMoving` if
+        the user's slot left meanwhile, else `Unavailable`)."""
+        if user_id not in self.residency.ledgers:
+            await self._served_here(user_id)
+            raise _not_loaded()
 
     def forget(self, user_id: str) -> None:
         """The user was handed to another shard: their request budget goes with them."""

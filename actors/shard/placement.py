@@ -39,7 +39,7 @@ from typing import Any
 import structlog
 
 from actors.errors import Unavailable, UserMoved, UserMoving
-from actors.routing import SLOTS, initial_owners, slot_of
+from actors.routing import SLOTS, initial_slots, slot_of
 from actors.shard.config import RETRY_DELAY_MAX_S, RETRY_DELAY_MIN_S, Handoff
 from actors.shard.fencing import Fencing
 from actors.shard.parts import ShardPart
@@ -76,9 +76,14 @@ class Placement(ShardPart):
     def __post_init__(self) -> None:
         # A shard run alone (no owner: tests, one process) owns what a brand-new map of its count
         # gives it; a hosted one owns nothing until the store says (`refresh`, before it serves).
-        owners = initial_owners(self.config.shard_count)
-        index = self.config.shard_index if self.config.owner is None else -1
-        self._state = bytearray(OWNED if owner == index else NOT_OWNED for owner in owners)
+        self._state = bytearray(SLOTS)  # NOT_OWNED
+        if self.config.owner is None:
+            for slot in self._first_slots():
+                self._state[slot] = OWNED
+
+    def _first_slots(self) -> list[int]:
+        """What a brand-new map of the configured count gives this shard."""
+        return initial_slots(self.config.shard_index, self.config.shard_count)
 
     @property
     def owned(self) -> list[int]:
@@ -103,7 +108,7 @@ class Placement(ShardPart):
         """Refuse at once a call for a user of a slot leaving (`UserMoving`); else nothing (a slot
         not owned is confirmed with the store by `confirm`)."""
         if self._state[slot_of(user_id)] == LEAVING:
-            raise UserMoving("this user is moving to another shard; retry shortly", retry_after_s=1)
+            raise _moving()
 
     async def confirm(self, user_id: str) -> None:
         """Return if this shard serves `user_id`; else `UserMoving`, or `UserMoved` once the store
@@ -113,7 +118,7 @@ class Placement(ShardPart):
         if state == OWNED:
             return
         if state == LEAVING:
-            raise UserMoving("this user is moving to another shard; retry shortly", retry_after_s=1)
+            raise _moving()
         await self._refreshed()
         if self._state[slot] != OWNED:
             raise UserMoved("this user is served by another shard", slot=slot)
@@ -161,8 +166,7 @@ class Placement(ShardPart):
         self._version = ownership.version
         owned = ownership.slots
         if owned is None:  # a shard of no map: what a brand-new map of its count gives it
-            count, index = self.config.shard_count, self.config.shard_index
-            owned = frozenset(range(index, SLOTS, count))
+            owned = frozenset(self._first_slots())
         gained = [slot for slot in sorted(owned) if self._state[slot] == NOT_OWNED]
         if self._release_lock.locked() and not settling:
             # A handoff is under way: it decides its own slots; only gains are taken here.
@@ -312,3 +316,7 @@ class Placement(ShardPart):
         for user_id in [user_id for user_id in self.residency.ledgers if slot_of(user_id) in slots]:
             self.residency.evict(user_id)
             self.forget(user_id)
+
+
+def _moving() -> UserMoving:
+    return UserMoving("this user is moving to another shard; retry shortly", retry_after_s=1)
